@@ -1,0 +1,46 @@
+"""The one exception tree of xmc-serve.
+
+::
+
+    XMCError                      anything this package raises on purpose
+    ├── BundleError               a bundle folder is missing, corrupt or of another format_version
+    ├── DataError                 an input file (JSONL / XC format) has a malformed line
+    └── InvalidInputError         a call's arguments are wrong (top_k < 1, empty batch, ...)
+        └── NoTextEncoderError    text given to a bundle that was built from feature vectors only
+
+The service maps each class to one HTTP status (``service/errors.py``); callers that only
+want "did xmc refuse this?" catch ``XMCError``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class XMCError(Exception):
+    """Base class of every error raised on purpose by xmc-serve."""
+
+
+class BundleError(XMCError):
+    """A model bundle cannot be used; the message names the offending file."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class DataError(XMCError):
+    """A malformed line in an input file; ``path`` and ``line_no`` (1-based) say where."""
+
+    def __init__(self, message: str, path: str | Path, line_no: int) -> None:
+        self.path = str(path)
+        self.line_no = line_no
+        super().__init__(f"{path}:{line_no}: {message}")
+
+
+class InvalidInputError(XMCError):
+    """The arguments of a prediction or build call are not acceptable."""
+
+
+class NoTextEncoderError(InvalidInputError):
+    """The bundle has no text encoder (built from XC feature files): predict from features."""
