@@ -1,0 +1,144 @@
+"""The service's errors and the one map from error type to HTTP status.
+
+Everything the service refuses on purpose is an :class:`models.XMCError`; routes raise and
+the handlers installed by :func:`install_error_handlers` turn it into an
+``application/problem+json`` body (RFC 9457). Bad input never becomes a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.errors import BundleError, DataError, InvalidInputError, XMCError
+
+log = logging.getLogger("xmc.service")
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class ServiceError(XMCError):
+    """A request the HTTP layer refuses; ``errors`` lists field-level details if any."""
+
+    def __init__(self, detail: str, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+
+
+class MalformedRequestError(ServiceError):
+    """The body is not JSON (or not a JSON object)."""
+
+
+class PayloadTooLargeError(ServiceError):
+    """The body, a text or a batch is over its configured limit."""
+
+
+class RequestValidationFailed(ServiceError, InvalidInputError):
+    """A field is missing, of the wrong type or out of range."""
+
+
+class UnauthorizedError(ServiceError):
+    """API keys are configured and the request has none or a wrong one."""
+
+
+class NotReadyError(ServiceError):
+    """The bundle is not loaded (yet)."""
+
+
+# Most specific first: the first class in a raised error's MRO that is here decides.
+STATUS_BY_ERROR: dict[type[BaseException], tuple[int, str]] = {
+    MalformedRequestError: (400, "Malformed request"),
+    UnauthorizedError: (401, "Unauthorized"),
+    PayloadTooLargeError: (413, "Payload too large"),
+    RequestValidationFailed: (422, "Invalid request"),
+    NotReadyError: (503, "Model not ready"),
+    InvalidInputError: (422, "Invalid input"),  # includes NoTextEncoderError
+    DataError: (422, "Invalid data"),
+    BundleError: (503, "Model unavailable"),
+    XMCError: (500, "Internal error"),
+}
+
+
+def status_for(exc: BaseException) -> tuple[int, str]:
+    """HTTP status and title of ``exc``; unknown exceptions are 500s."""
+    for cls in type(exc).__mro__:
+        found = STATUS_BY_ERROR.get(cls)
+        if found is not None:
+            return found
+    return 500, "Internal error"
+
+
+def problem_response(
+    request: Request,
+    status: int,
+    title: str,
+    detail: str,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """An RFC 9457 problem document; ``request_id`` lets a user quote it in a bug report."""
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+    }
+    request_id = request.scope.get("state", {}).get("request_id")
+    if request_id:
+        body["request_id"] = request_id
+    if errors:
+        body["errors"] = errors
+    return Response(
+        orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON, headers=headers
+    )
+
+
+async def _xmc_error(request: Request, exc: Exception) -> Response:
+    status, title = status_for(exc)
+    if status >= 500:
+        log.error("request failed: %s", exc, exc_info=status == 500)
+    errors = exc.errors if isinstance(exc, ServiceError) else None
+    headers = None
+    if isinstance(exc, UnauthorizedError):
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif status == 503:
+        headers = {"Retry-After": "1"}
+    detail = exc.detail if isinstance(exc, ServiceError) else str(exc)
+    return problem_response(request, status, title, detail, errors, headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    return problem_response(
+        request, exc.status_code, str(exc.detail), str(exc.detail), headers=exc.headers
+    )
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    return problem_response(request, 422, "Invalid request", "request validation failed", errors)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error")
+    return problem_response(request, 500, "Internal error", "internal error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception through the problem+json shape."""
+    app.add_exception_handler(XMCError, _xmc_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

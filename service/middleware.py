@@ -1,0 +1,167 @@
+"""Per-request plumbing as one pure ASGI middleware: request id, body-size gate, metrics,
+structured access log, and a last-resort 500 that still carries the request id.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) because it sits on every request's hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import uuid
+from typing import Any
+
+import orjson
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import metrics
+from service.errors import PROBLEM_JSON
+
+access_log = logging.getLogger("xmc.access")
+log = logging.getLogger("xmc.service")
+
+# A client-sent id is echoed only if it is short and harmless in logs and headers.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line; ``extra={"fields": {...}}`` adds keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr for the service's loggers and uvicorn's."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter())
+    for name in ("xmc", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(level.upper())
+        logger.propagate = False
+    # uvicorn's own access log is replaced by ours (JSON, with request id and timings).
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, access_log_enabled: bool) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.access_log_enabled = access_log_enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = None
+        content_length = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _REQUEST_ID.match(candidate):
+                    request_id = candidate
+            elif name == b"content-length":
+                content_length = value
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = 500
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+            await send(message)
+
+        try:
+            if content_length is not None and _too_long(content_length, self.max_body_bytes):
+                # Refuse before reading a byte of an oversized body.
+                await _send_problem(
+                    send_with_id,
+                    scope,
+                    413,
+                    "Payload too large",
+                    f"request body is over the limit of {self.max_body_bytes} bytes",
+                    request_id,
+                )
+            else:
+                await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+            if started:
+                raise
+            await _send_problem(
+                send_with_id, scope, 500, "Internal error", "internal error", request_id
+            )
+        finally:
+            elapsed = time.perf_counter() - start
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            metrics.REQUESTS.labels(endpoint, str(status)).inc()
+            metrics.REQUEST_LATENCY.labels(endpoint).observe(elapsed)
+            if self.access_log_enabled:
+                fields: dict[str, Any] = {
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                }
+                client = scope.get("client")
+                if client:
+                    fields["client"] = client[0]
+                fields.update(state.get("log", {}))
+                access_log.info("request", extra={"fields": fields})
+
+
+def _too_long(content_length: bytes, limit: int) -> bool:
+    try:
+        return int(content_length) > limit
+    except ValueError:
+        return False  # a bad header: the server (h11/httptools) rejects it
+
+
+async def _send_problem(
+    send: Send, scope: Scope, status: int, title: str, detail: str, request_id: str
+) -> None:
+    body = orjson.dumps(
+        {
+            "type": "about:blank",
+            "title": title,
+            "status": status,
+            "detail": detail,
+            "instance": scope["path"],
+            "request_id": request_id,
+        }
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_JSON.encode()),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,110 @@
+"""Request and response shapes of the HTTP API.
+
+Requests are validated with pydantic (``model_validate_json`` on the raw body, one pass in
+Rust). Responses are built as plain dicts and serialized with orjson: these classes only
+document them in the OpenAPI schema, since pydantic serialization dominated a cache hit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PredictParams(BaseModel):
+    """Knobs shared by single and batch prediction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(default=5, ge=1, description="How many labels to return at most.")
+    beam_size: int = Field(
+        default=10,
+        ge=1,
+        description="Tree nodes kept per level of the beam search: wider is slower and "
+        "recalls more.",
+    )
+    min_score: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Drop labels scoring below this."
+    )
+
+
+class PredictRequest(PredictParams):
+    """One document to label."""
+
+    text: str = Field(description="The document; not empty, at most XMC_MAX_TEXT_BYTES bytes.")
+
+
+class Document(BaseModel):
+    """One document of a batch; ``id`` is echoed back untouched."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | int | None = Field(default=None, description="Your reference, echoed as given.")
+    text: str = Field(description="The document; not empty, at most XMC_MAX_TEXT_BYTES bytes.")
+
+
+class BatchRequest(PredictParams):
+    """Several documents scored in one vectorized call."""
+
+    documents: list[Document] = Field(
+        min_length=1, description="At most XMC_MAX_BATCH_SIZE documents."
+    )
+
+
+class Label(BaseModel):
+    label: str = Field(description="Label name as in the training data.")
+    score: float = Field(
+        description="Estimated probability that the label applies, in (0, 1]; the product "
+        "of the calibrated node probabilities on the label's path in the tree."
+    )
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str = Field(description="Content hash of the bundle.")
+
+
+class PredictResponse(BaseModel):
+    labels: list[Label] = Field(description="Best first.")
+    model: ModelRef
+    cached: bool = Field(description="True when the answer came from the cache.")
+
+
+class BatchResult(BaseModel):
+    id: str | int | None
+    labels: list[Label]
+    cached: bool
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchResult] = Field(description="In request order.")
+    model: ModelRef
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    created_at: str
+    n_labels: int
+    n_features: int
+    trees: Any = Field(description="Label tree(s) of the bundle, from its manifest.")
+    encoder: Any = Field(description="Text encoder(s) of the bundle, from its manifest.")
+    params: Any = Field(default=None, description="Build parameters from the manifest.")
+    metrics: Any = Field(description="Evaluation metrics recorded at build time (may be {}).")
+
+
+class CacheState(BaseModel):
+    backend: str = Field(description="redis, in-process or none.")
+    state: str = Field(description="ok, degraded (Redis failing: bypassed) or off.")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready, loading or failed.")
+    model: ModelRef | None
+    cache: CacheState
+    detail: str | None = None

@@ -1,0 +1,114 @@
+"""Every knob of the prediction service, read from ``XMC_*`` environment variables.
+
+One class so that ``xmc serve``, uvicorn workers (which re-read the environment in each
+process) and tests all see the same names and defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service settings; each field is read from ``XMC_<FIELD NAME>`` (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix="XMC_", extra="ignore")
+
+    bundle_path: Path | None = Field(
+        default=None,
+        description="Folder written by `xmc build`; memory-mapped so workers share one copy.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address uvicorn binds to.")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port uvicorn binds to.")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="uvicorn worker processes (>1 switches metrics to multi-process mode).",
+    )
+    predict_threads: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Threads per worker that run predictions, off the event loop.",
+    )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        default="info", description="Level of the service's and uvicorn's logs."
+    )
+    access_log: bool = Field(
+        default=True, description="Write one structured JSON line per request."
+    )
+    log_text: bool = Field(
+        default=False,
+        description="Include document text in access logs (off: texts may be private).",
+    )
+    graceful_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, how long in-flight requests may run before the worker exits.",
+    )
+
+    redis_url: str | None = Field(
+        default=None,
+        description="redis://host:port/db of the shared answer cache; unset = in-process LRU.",
+    )
+    redis_timeout_ms: float = Field(
+        default=50.0,
+        gt=0,
+        le=50,
+        description="Connect and socket timeout of every Redis call, so a sick Redis "
+        "never slows a request by more than this.",
+    )
+    redis_max_connections: int = Field(
+        default=64, ge=1, description="Size of each worker's Redis connection pool."
+    )
+    cache_ttl_seconds: int = Field(
+        default=3600, ge=1, description="Lifetime of one cached answer in Redis or the LRU."
+    )
+    cache_prefix: str = Field(
+        default="xmc:", description="Prefix of every cache key (the model version follows)."
+    )
+    lru_size: int = Field(
+        default=10_000,
+        ge=0,
+        description="Answers kept by the in-process LRU when no Redis is set; 0 = no cache.",
+    )
+    cache_backoff_initial_seconds: float = Field(
+        default=1.0, gt=0, description="First pause before Redis is tried again after an error."
+    )
+    cache_backoff_max_seconds: float = Field(
+        default=30.0, gt=0, description="Longest pause; each further error doubles the pause."
+    )
+
+    max_text_bytes: int = Field(
+        default=65_536, ge=1, description="Longest accepted text (UTF-8 bytes); longer = 413."
+    )
+    max_batch_size: int = Field(
+        default=1024, ge=1, description="Most documents in one batch request; more = 413."
+    )
+    max_top_k: int = Field(default=100, ge=1, description="Largest accepted top_k; more = 422.")
+    max_beam_size: int = Field(
+        default=200, ge=1, description="Largest accepted beam_size; more = 422."
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1, description="Largest request body in bytes; more = 413."
+    )
+
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="Comma-separated bearer keys; when set, predict and model endpoints "
+        "need `Authorization: Bearer <key>`. Health and metrics stay open.",
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        # The environment gives one string; a comma list is friendlier than JSON there.
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
