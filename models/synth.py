@@ -1,0 +1,464 @@
+"""Realistic synthetic XMC corpora (``xmc synth``).
+
+The generative process, in the spirit of the public XMC benchmarks:
+
+* a hidden three-level tree, topics → subtopics → labels, with uneven branch sizes;
+* every node owns a few characteristic pseudo-words ("kelomar"); sibling labels draw their
+  own words from one shared subtopic pool, so siblings overlap and confuse like real ones;
+* label popularity is Zipfian over a random ranking, so a few head labels are frequent and
+  most labels sit in the tail (< 5 training documents);
+* a document takes 1-10 labels clustered around one or two anchor labels (mostly the same
+  subtopic or topic), and its words mix the labels' words (own, subtopic, topic), words of
+  related but unassigned labels, and a Zipfian background vocabulary;
+* test documents come from the same process, so a few test labels never occur in training.
+
+Everything is vectorized numpy over fixed blocks of documents, each with its own random
+stream, so the output is byte-identical for a seed whatever the caller does, memory stays
+bounded by the block size plus a few arrays per label, and 1M labels take minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import InvalidInputError
+
+# Documents per random stream. Part of the output's definition: changing it changes files.
+_BLOCK_DOCS = 2048
+# Candidate label draws per document; more than max_labels_per_doc so that after dropping
+# repeats a document still reaches its target label count.
+_CANDIDATES = 24
+_ONSETS = b"bdfgklmnprstvz"
+_VOWELS = b"aeiou"
+_CODAS = b"\x00nrslmkt"  # \x00: no final consonant
+_N_SYL = len(_ONSETS) * len(_VOWELS)
+_STRUCTURE_STREAM = 0x5EED
+_SPLIT_STREAM = {"train": 1, "test": 2}
+
+
+@dataclass
+class SynthParams:
+    """Knobs of the synthetic corpus; defaults are tuned so that at 5k labels / 20k training
+    documents the default model lands at P@1 ≈ 0.8 and most labels are tail labels."""
+
+    n_labels: int = 5000
+    """Labels in the hidden tree (not all need occur in the corpus)."""
+    n_train: int = 20000
+    """Documents in train.jsonl."""
+    n_test: int = 5000
+    """Documents in test.jsonl (ids continue after the training ids)."""
+    seed: int = 0
+    """Same seed and knobs → byte-identical files."""
+    mean_doc_words: int = 150
+    """Mean document length in words (lognormal lengths)."""
+    doc_words_sigma: float = 0.4
+    """Shape of the lognormal length distribution (0 = every document the same length)."""
+    min_doc_words: int = 10
+    """Shortest document."""
+    zipf_exponent: float = 1.2
+    """Label popularity ∝ (rank + zipf_offset) ** -zipf_exponent."""
+    zipf_offset: float = 5.0
+    """Flattens the very head, so the top label is not in a third of all documents."""
+    min_labels_per_doc: int = 1
+    """Fewest labels of a document."""
+    max_labels_per_doc: int = 10
+    """Most labels of a document."""
+    mean_labels_per_doc: float = 3.5
+    """Mean of the (geometric, truncated) number of labels per document."""
+    p_second_anchor: float = 0.3
+    """Share of a document's extra labels clustered around a second, unrelated anchor label
+    instead of the first one: documents span one or two subtrees."""
+    p_same_subtopic: float = 0.6
+    """Share of extra labels drawn from the anchor's subtopic (popularity-weighted)."""
+    p_same_topic: float = 0.3
+    """Share drawn from the anchor's topic; the rest come from the whole label set."""
+    background_share: float = 0.7
+    """Share of a document's words from the background vocabulary."""
+    confuser_share: float = 0.15
+    """Share of words belonging to unassigned labels of the first label's topic (documents
+    mention related concepts; this is what makes siblings hard to tell apart)."""
+    level_mix: tuple[float, float, float] = (0.6, 0.25, 0.15)
+    """How a label's words split between its own words, its subtopic's and its topic's."""
+    background_vocab: int = 30000
+    """Size of the background vocabulary."""
+    background_zipf: float = 1.05
+    """Zipf exponent of background word frequencies."""
+    words_per_topic: int = 40
+    """Characteristic words of a topic."""
+    words_per_subtopic: int = 15
+    """Characteristic words of a subtopic."""
+    words_per_label: int = 6
+    """Own words of a label, drawn from its subtopic's shared pool."""
+    label_word_sharing: float = 1.5
+    """Average number of sibling labels that use one label-level word (1 = no sharing)."""
+    node_word_zipf: float = 0.7
+    """Skew of word use within a node's word list (a node has a few signature words)."""
+    fanout: int = 0
+    """Mean children per tree node; 0 = cube root of n_labels (three balanced levels)."""
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidInputError` on knobs the generator cannot honour."""
+        problems = []
+        if self.n_labels < 1:
+            problems.append("n_labels must be >= 1")
+        if self.n_train < 0 or self.n_test < 0:
+            problems.append("n_train and n_test must be >= 0")
+        if not 1 <= self.min_labels_per_doc <= self.max_labels_per_doc <= _CANDIDATES:
+            problems.append(f"need 1 <= min_labels_per_doc <= max_labels_per_doc <= {_CANDIDATES}")
+        if not self.min_labels_per_doc <= self.mean_labels_per_doc <= self.max_labels_per_doc:
+            problems.append("mean_labels_per_doc must lie between the min and the max")
+        if self.mean_doc_words < 1 or self.min_doc_words < 1:
+            problems.append("mean_doc_words and min_doc_words must be >= 1")
+        for name in ("background_share", "confuser_share", "p_second_anchor",
+                     "p_same_subtopic", "p_same_topic"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must lie in [0, 1]")
+        if self.background_share + self.confuser_share > 1.0:
+            problems.append("background_share + confuser_share must be <= 1")
+        if self.p_same_subtopic + self.p_same_topic > 1.0:
+            problems.append("p_same_subtopic + p_same_topic must be <= 1")
+        if len(self.level_mix) != 3 or min(self.level_mix) < 0 or sum(self.level_mix) <= 0:
+            problems.append("level_mix must be three non-negative weights")
+        for name in ("background_vocab", "words_per_topic", "words_per_subtopic",
+                     "words_per_label"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.label_word_sharing < 1.0:
+            problems.append("label_word_sharing must be >= 1")
+        if self.zipf_exponent < 0 or self.zipf_offset < 0 or self.doc_words_sigma < 0:
+            problems.append("zipf_exponent, zipf_offset and doc_words_sigma must be >= 0")
+        if self.fanout < 0 or self.fanout == 1:
+            problems.append("fanout must be 0 (automatic) or >= 2")
+        if problems:
+            raise InvalidInputError("bad synth parameters: " + "; ".join(problems))
+
+    def to_json(self) -> dict:
+        """Plain JSON-serializable dict (level_mix becomes a list)."""
+        d = asdict(self)
+        d["level_mix"] = list(self.level_mix)
+        return d
+
+
+class _Structure:
+    """The hidden tree, label popularity and the vocabulary, shared by both splits."""
+
+    def __init__(self, p: SynthParams) -> None:
+        rng = np.random.default_rng([p.seed, _STRUCTURE_STREAM])
+        n = p.n_labels
+        b = p.fanout or max(2, math.ceil(n ** (1.0 / 3.0)))
+        # Label ids are contiguous per subtopic and subtopics contiguous per topic, so every
+        # subtree is an id range and drawing "from the anchor's subtree" is one searchsorted.
+        n_sub = math.ceil(n / b)
+        n_top = math.ceil(n_sub / b)
+        sub_start = _random_cuts(rng, n, n_sub)
+        top_start_sub = _random_cuts(rng, n_sub, n_top)
+        self.n_labels, self.n_sub, self.n_top = n, n_sub, n_top
+        self.sub_of = (np.searchsorted(sub_start, np.arange(n), side="right") - 1).astype(np.int32)
+        top_of_sub = np.searchsorted(top_start_sub, np.arange(n_sub), side="right") - 1
+        self.top_of = top_of_sub[self.sub_of].astype(np.int32)
+        sub_bounds = np.append(sub_start, n)
+        top_bounds = np.append(sub_bounds[top_start_sub], n)
+        self.sub_lo = sub_bounds[:-1][self.sub_of]
+        self.sub_hi = sub_bounds[1:][self.sub_of]
+        self.top_lo = top_bounds[:-1][self.top_of]
+        self.top_hi = top_bounds[1:][self.top_of]
+
+        # Popularity follows a random ranking, independent of the tree.
+        rank = rng.permutation(n)
+        weight = (rank + 1.0 + p.zipf_offset) ** -p.zipf_exponent
+        self.cum = np.concatenate([[0.0], np.cumsum(weight)])
+
+        # Word ids: [background | topic words | subtopic words | label-level pools].
+        self.bg_cdf = _zipf_cdf(p.background_vocab, p.background_zipf)
+        self.top_base = p.background_vocab
+        self.sub_base = self.top_base + n_top * p.words_per_topic
+        self.pool_base = self.sub_base + n_sub * p.words_per_subtopic
+        sub_size = np.diff(sub_bounds)
+        pool_size = np.maximum(
+            1, np.ceil(sub_size * p.words_per_label / p.label_word_sharing)
+        ).astype(np.int64)
+        pool_start = self.pool_base + np.concatenate([[0], np.cumsum(pool_size)[:-1]])
+        self.label_words = (
+            pool_start[self.sub_of, None]
+            + (rng.random((n, p.words_per_label)) * pool_size[self.sub_of, None]).astype(np.int64)
+        ).astype(np.int32)
+        n_words = self.pool_base + int(pool_size.sum())
+        # Frequent background words are short, topic words medium, label words long (as in
+        # natural language, where rarer words are longer).
+        syllables = np.full(n_words, 4, dtype=np.int8)
+        syllables[: p.background_vocab] = 3
+        syllables[: min(p.background_vocab, 4000)] = 2
+        syllables[: min(p.background_vocab, 150)] = 1
+        syllables[self.top_base : self.sub_base] = 3
+        self.vocab, self.vocab_len = _pseudo_words(rng, syllables)
+
+        self.level_cdfs = [
+            _zipf_cdf(w, p.node_word_zipf)
+            for w in (p.words_per_label, p.words_per_subtopic, p.words_per_topic)
+        ]
+        self.names, self.names_len = _label_names(
+            self.top_of, self.sub_of - top_start_sub[top_of_sub[self.sub_of]], n_top, b
+        )
+
+    def label_names(self) -> list[str]:
+        """Label names in id order."""
+        pairs = zip(self.names, self.names_len, strict=True)
+        return [bytes(row[:k]).decode("ascii") for row, k in pairs]
+
+
+def _random_cuts(rng: np.random.Generator, n_items: int, n_groups: int) -> np.ndarray:
+    """Start offsets of n_groups non-empty contiguous groups over n_items, random sizes."""
+    if n_groups <= 1:
+        return np.zeros(1, dtype=np.int64)
+    cuts = np.sort(rng.choice(np.arange(1, n_items), size=n_groups - 1, replace=False))
+    return np.concatenate([[0], cuts]).astype(np.int64)
+
+
+def _zipf_cdf(n: int, exponent: float) -> np.ndarray:
+    w = np.arange(1, n + 1, dtype=np.float64) ** -exponent
+    cdf = np.cumsum(w)
+    return cdf / cdf[-1]
+
+
+def _pseudo_words(rng: np.random.Generator, syllables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct pronounceable words (consonant-vowel syllables, optional final consonant) as
+    a zero-padded byte matrix plus lengths; word i has ``syllables[i]`` syllables."""
+    n = len(syllables)
+    k_max = int(syllables.max()) if n else 1
+    out = np.zeros((n, 2 * k_max + 1), dtype=np.uint8)
+    syl = np.array([[o, v] for o in _ONSETS for v in _VOWELS], dtype=np.uint8)
+    codas = np.frombuffer(_CODAS, dtype=np.uint8)
+    for k in range(1, k_max + 1):
+        idx = np.flatnonzero(syllables == k)
+        if len(idx) == 0:
+            continue
+        space = _N_SYL**k * len(_CODAS)
+        if len(idx) > space:
+            raise InvalidInputError(f"too many {k}-syllable words; lower the vocabulary sizes")
+        # Word i of this length gets a random code in its own stride of the code space, so
+        # codes are distinct without a global uniqueness pass; a seeded bijective mixing of
+        # the digits then keeps one node's consecutive words from sharing syllables.
+        stride = space // len(idx)
+        first = rng.permutation(_N_SYL)
+        shifts = rng.integers(0, _N_SYL, size=(k, _N_SYL))
+        coda_shift = rng.integers(0, len(_CODAS), size=_N_SYL)
+        for lo in range(0, len(idx), 1 << 20):
+            part = idx[lo : lo + (1 << 20)]
+            code = (np.arange(lo, lo + len(part), dtype=np.int64) * stride
+                    + rng.integers(0, stride, size=len(part)))
+            prev = None
+            for j in range(k):
+                digit = code % _N_SYL
+                code //= _N_SYL
+                prev = first[digit] if j == 0 else (digit + shifts[j, prev]) % _N_SYL
+                out[part, 2 * j : 2 * j + 2] = syl[prev]
+            out[part, 2 * k] = codas[(code % len(_CODAS) + coda_shift[prev]) % len(_CODAS)]
+    lengths = (out != 0).sum(axis=1).astype(np.int64)
+    return out, lengths
+
+
+def _label_names(top: np.ndarray, sub_in_top: np.ndarray, n_top: int, fanout: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Names like ``t03/s12/l00457`` as a zero-padded byte matrix plus lengths."""
+    n = len(top)
+    wt = len(str(max(n_top - 1, 0)))
+    ws = max(2, len(str(int(sub_in_top.max()) if n else 0)))
+    wl = len(str(max(n - 1, 0)))
+    names = np.char.add(
+        np.char.add(np.char.add(b"t", np.char.zfill(top.astype("S"), wt)), b"/s"),
+        np.char.add(np.char.zfill(sub_in_top.astype("S"), ws), b"/l"),
+    )
+    names = np.char.add(names, np.char.zfill(np.arange(n).astype("S"), wl))
+    width = names.dtype.itemsize
+    mat = np.frombuffer(names.tobytes(), dtype=np.uint8).reshape(n, width).copy()
+    return mat, (mat != 0).sum(axis=1).astype(np.int64)
+
+
+def _draw_in_range(rng: np.random.Generator, cum: np.ndarray, lo: np.ndarray, hi: np.ndarray
+                   ) -> np.ndarray:
+    """One popularity-weighted label id from each id range [lo, hi)."""
+    u = cum[lo] + rng.random(lo.shape) * (cum[hi] - cum[lo])
+    return np.clip(np.searchsorted(cum, u, side="right") - 1, lo, hi - 1)
+
+
+def _join_rows(mat: np.ndarray, lengths: np.ndarray, ids: np.ndarray, sep: bytes,
+               prefix: bytes = b"", suffix: bytes = b"") -> tuple[bytes, np.ndarray]:
+    """Concatenate ``prefix + row + suffix + sep`` for the given rows of a zero-padded byte
+    matrix, in one buffer; returns the buffer and each piece's end offset."""
+    pieces = []
+    if prefix:
+        pieces.append(np.broadcast_to(np.frombuffer(prefix, np.uint8), (len(ids), len(prefix))))
+    pieces.append(mat[ids])
+    tail = suffix + sep
+    pieces.append(np.broadcast_to(np.frombuffer(tail, np.uint8), (len(ids), len(tail))))
+    full = np.concatenate(pieces, axis=1)
+    # Word bytes are never zero, so the zero padding is exactly what the mask drops.
+    mask = full != 0
+    buf = full[mask].tobytes()
+    ends = np.cumsum(lengths[ids] + len(prefix) + len(tail))
+    return buf, ends
+
+
+def _iter_blocks(
+    st: _Structure, p: SynthParams, split: str
+) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray, np.ndarray]]:
+    """One split, a block of documents at a time: JSONL lines, the block's label ids
+    (concatenated), labels per document and words per document."""
+    n_docs = p.n_train if split == "train" else p.n_test
+    id_base = 0 if split == "train" else p.n_train
+    geo_p = 1.0 / (1.0 + p.mean_labels_per_doc - p.min_labels_per_doc)
+    mu = math.log(p.mean_doc_words) - p.doc_words_sigma**2 / 2.0
+    max_len = max(4 * p.mean_doc_words, p.min_doc_words)
+    level_p = np.asarray(p.level_mix, dtype=np.float64) / sum(p.level_mix)
+    for block, start in enumerate(range(0, n_docs, _BLOCK_DOCS)):
+        rng = np.random.default_rng([p.seed, _SPLIT_STREAM[split], block])
+        n = min(_BLOCK_DOCS, n_docs - start)
+        # --- labels -------------------------------------------------------------------
+        want = np.clip(
+            p.min_labels_per_doc + rng.geometric(geo_p, size=n) - 1,
+            p.min_labels_per_doc, p.max_labels_per_doc,
+        )
+        full = (np.zeros(n, np.int64), np.full(n, st.n_labels, np.int64))
+        anchors = np.stack([_draw_in_range(rng, st.cum, *full) for _ in range(2)], axis=1)
+        cand = np.empty((n, _CANDIDATES), dtype=np.int64)
+        cand[:, 0] = anchors[:, 0]
+        anchor = anchors[np.arange(n)[:, None],
+                         (rng.random((n, _CANDIDATES - 1)) < p.p_second_anchor).astype(int)]
+        level = rng.random(anchor.shape)
+        in_sub = level < p.p_same_subtopic
+        in_top = ~in_sub & (level < p.p_same_subtopic + p.p_same_topic)
+        lo = np.where(in_sub, st.sub_lo[anchor], np.where(in_top, st.top_lo[anchor], 0))
+        hi = np.where(in_sub, st.sub_hi[anchor], np.where(in_top, st.top_hi[anchor], st.n_labels))
+        cand[:, 1:] = _draw_in_range(rng, st.cum, lo, hi)
+        # Keep the first `want` distinct candidates of each row, in draw order.
+        order = np.argsort(cand, axis=1, kind="stable")
+        srt = np.take_along_axis(cand, order, axis=1)
+        first_sorted = np.ones_like(srt, dtype=bool)
+        first_sorted[:, 1:] = srt[:, 1:] != srt[:, :-1]
+        first = np.empty_like(first_sorted)
+        np.put_along_axis(first, order, first_sorted, axis=1)
+        rank = np.cumsum(first, axis=1) - 1
+        keep = first & (rank < want[:, None])
+        n_lab = keep.sum(axis=1)
+        labs = cand[keep]  # row-major: each document's labels, contiguous, in draw order
+        lab_start = np.concatenate([[0], np.cumsum(n_lab)[:-1]])
+
+        # --- words --------------------------------------------------------------------
+        n_words = np.clip(
+            np.rint(rng.lognormal(mu, p.doc_words_sigma, size=n)), p.min_doc_words, max_len
+        ).astype(np.int64)
+        doc = np.repeat(np.arange(n), n_words)
+        kind = rng.random(len(doc))
+        words = np.empty(len(doc), dtype=np.int64)
+        is_bg = kind < p.background_share
+        words[is_bg] = np.searchsorted(st.bg_cdf, rng.random(int(is_bg.sum())), side="right")
+        is_conf = ~is_bg & (kind < p.background_share + p.confuser_share)
+        d = doc[is_conf]
+        primary = cand[d, 0]
+        other = _draw_in_range(rng, st.cum, st.top_lo[primary], st.top_hi[primary])
+        words[is_conf] = _own_word(rng, st, other)
+        is_lab = ~(is_bg | is_conf)
+        d = doc[is_lab]
+        lab = labs[lab_start[d] + (rng.random(len(d)) * n_lab[d]).astype(np.int64)]
+        lvl = np.searchsorted(np.cumsum(level_p)[:-1], rng.random(len(d)), side="right")
+        w = np.empty(len(d), dtype=np.int64)
+        m = lvl == 0
+        w[m] = _own_word(rng, st, lab[m])
+        m = lvl == 1
+        j = np.searchsorted(st.level_cdfs[1], rng.random(int(m.sum())), side="right")
+        w[m] = st.sub_base + st.sub_of[lab[m]].astype(np.int64) * p.words_per_subtopic + j
+        m = lvl == 2
+        j = np.searchsorted(st.level_cdfs[2], rng.random(int(m.sum())), side="right")
+        w[m] = st.top_base + st.top_of[lab[m]].astype(np.int64) * p.words_per_topic + j
+        words[is_lab] = w
+
+        # --- bytes --------------------------------------------------------------------
+        # Pseudo-words and label names are plain ASCII letters, digits and "/", so they go
+        # into JSON strings without escaping.
+        text, t_end = _join_rows(st.vocab, st.vocab_len, words, b" ")
+        t_end = t_end[np.cumsum(n_words) - 1]
+        t_start = np.concatenate([[0], t_end[:-1]])
+        names, n_end = _join_rows(st.names, st.names_len, labs, b", ", b'"', b'"')
+        n_end = n_end[np.cumsum(n_lab) - 1]
+        n_start = np.concatenate([[0], n_end[:-1]])
+        lines = [
+            b'{"id": %d, "text": "%s", "labels": [%s]}\n'
+            % (id_base + start + i, text[ts:te - 1], names[ns:ne - 2])
+            for i, (ts, te, ns, ne) in enumerate(
+                zip(t_start.tolist(), t_end.tolist(), n_start.tolist(), n_end.tolist(), strict=True)
+            )
+        ]
+        yield lines, labs, n_lab, n_words
+
+
+def _own_word(rng: np.random.Generator, st: _Structure, labels: np.ndarray) -> np.ndarray:
+    j = np.searchsorted(st.level_cdfs[0], rng.random(len(labels)), side="right")
+    return st.label_words[labels, j].astype(np.int64)
+
+
+def generate(params: SynthParams) -> tuple[list[dict], list[dict]]:
+    """Both splits in memory, as ``{"id", "text", "labels"}`` dicts (for small sizes; the
+    documents are exactly those :func:`write_corpus` writes)."""
+    params.validate()
+    st = _Structure(params)
+    out = []
+    for split in ("train", "test"):
+        docs = []
+        for lines, *_ in _iter_blocks(st, params, split):
+            docs.extend(json.loads(line) for line in lines)
+        out.append(docs)
+    return out[0], out[1]
+
+
+def write_corpus(out_dir: str | Path, params: SynthParams) -> dict:
+    """Stream ``out_dir/train.jsonl`` and ``out_dir/test.jsonl``; return corpus statistics.
+
+    ``share_labels_lt5_train`` is over the labels that occur in train.jsonl (a label with no
+    training document does not count as a tail label); ``test_labels_unseen_share`` is the
+    share of test label occurrences whose label never occurs in training.
+    """
+    params.validate()
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    st = _Structure(params)
+    stats: dict = {"params": params.to_json()}
+    counts = {}
+    for split in ("train", "test"):
+        freq = np.zeros(params.n_labels, dtype=np.int64)
+        n_docs = n_label_occ = n_word_occ = 0
+        max_labels = 0
+        with (out_dir / f"{split}.jsonl").open("wb") as fh:
+            for lines, labs, n_lab, n_words in _iter_blocks(st, params, split):
+                fh.write(b"".join(lines))
+                freq += np.bincount(labs, minlength=params.n_labels)
+                n_docs += len(lines)
+                n_label_occ += int(n_lab.sum())
+                n_word_occ += int(n_words.sum())
+                max_labels = max(max_labels, int(n_lab.max()))
+        counts[split] = freq
+        stats[f"n_{split}"] = n_docs
+        stats[f"mean_labels_per_doc_{split}"] = n_label_occ / max(n_docs, 1)
+        stats[f"mean_words_per_doc_{split}"] = n_word_occ / max(n_docs, 1)
+        stats[f"max_labels_per_doc_{split}"] = max_labels
+    train, test = counts["train"], counts["test"]
+    used = train > 0
+    stats["n_labels"] = params.n_labels
+    stats["n_labels_used"] = int(used.sum())
+    stats["n_labels_used_test"] = int((test > 0).sum())
+    stats["share_labels_lt5_train"] = float((train[used] < 5).mean()) if used.any() else 0.0
+    stats["share_labels_lt5_train_all"] = float((train < 5).mean())
+    stats["median_label_freq_train"] = float(np.median(train[used])) if used.any() else 0.0
+    stats["max_label_freq_train"] = int(train.max())
+    stats["test_labels_unseen_share"] = (
+        float(test[~used].sum() / test.sum()) if test.sum() else 0.0
+    )
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    return stats
