@@ -1,0 +1,81 @@
+"""``xmc eval``: accuracy of a bundle on a test set, and its prediction speed.
+
+* ``batch_docs_per_s``: the whole test set from raw text (encoding included) in batches of 256.
+* ``latency_ms_p50`` / ``latency_ms_p99``: one document at a time from raw text after warm-up.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from models.data import Corpus
+from models.metrics import evaluate
+from models.predictor import Predictor
+
+BATCH_SIZE = 256
+
+
+def predict_corpus(predictor: Predictor, corpus: Corpus, *, top_k: int, beam_size: int,
+                   batch_size: int = BATCH_SIZE) -> tuple[list[list[str]], float]:
+    """Ranked label names for every document, and the seconds it took (encoding included)."""
+    out: list[list[str]] = []
+    t0 = time.perf_counter()
+    for start in range(0, corpus.n_docs, batch_size):
+        stop = min(start + batch_size, corpus.n_docs)
+        if corpus.is_text:
+            X = predictor.encode(corpus.texts[start:stop])
+        else:
+            X = corpus.features[start:stop]
+        labels, _, counts = predictor.predict_ids(X, top_k=top_k, beam_size=beam_size)
+        names = predictor.label_names
+        out.extend([names[j] for j in row[:c]] for row, c in zip(labels.tolist(), counts))
+    return out, time.perf_counter() - t0
+
+
+def single_latencies(predictor: Predictor, corpus: Corpus, *, top_k: int, beam_size: int,
+                     n_docs: int = 1000, n_warm: int = 50) -> np.ndarray:
+    """Seconds per single-document call (encoding included), after ``n_warm`` warm-up calls."""
+    n = min(n_docs, corpus.n_docs)
+    times = np.empty(n)
+    if corpus.is_text:
+        docs = corpus.texts
+        for i in range(min(n_warm, n)):
+            predictor.predict([docs[i]], top_k=top_k, beam_size=beam_size)
+        for i in range(n):
+            t0 = time.perf_counter()
+            predictor.predict([docs[i]], top_k=top_k, beam_size=beam_size)
+            times[i] = time.perf_counter() - t0
+    else:
+        X = corpus.features
+        for i in range(min(n_warm, n)):
+            predictor.predict_ids(X[i], top_k=top_k, beam_size=beam_size)
+        for i in range(n):
+            row = X[i]
+            t0 = time.perf_counter()
+            predictor.predict_ids(row, top_k=top_k, beam_size=beam_size)
+            times[i] = time.perf_counter() - t0
+    return times
+
+
+def evaluate_predictor(predictor: Predictor, corpus: Corpus, *, top_k: int = 5,
+                       beam_size: int = 10, measure_speed: bool = True) -> dict[str, Any]:
+    """Metrics of :mod:`models.metrics` (fractions in 0..1) plus, optionally, speed."""
+    predictor.warm_up()
+    preds, secs = predict_corpus(predictor, corpus, top_k=max(top_k, 5), beam_size=beam_size)
+    counts = dict(zip(predictor.label_names, predictor.label_counts.tolist()))
+    result: dict[str, Any] = evaluate(
+        preds, corpus.labels, ks=(1, 3, 5), label_counts=counts,
+        n_train_docs=int(predictor.manifest.get("n_train_docs", 0)) or None,
+    )
+    result = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}
+    result["top_k"] = top_k
+    result["beam_size"] = beam_size
+    if measure_speed:
+        result["batch_docs_per_s"] = round(corpus.n_docs / secs, 1) if secs > 0 else None
+        lat = single_latencies(predictor, corpus, top_k=top_k, beam_size=beam_size)
+        result["latency_ms_p50"] = round(float(np.percentile(lat, 50)) * 1e3, 4)
+        result["latency_ms_p99"] = round(float(np.percentile(lat, 99)) * 1e3, 4)
+    return result

@@ -1,0 +1,143 @@
+"""Build parameters: nested dataclasses that print their defaults as JSON and read them back.
+
+``xmc build --print-default-params > params.json`` gives a file to edit; ``--params`` reads it
+back, and CLI flags override what it says. Unknown keys are refused, so a typo never passes
+silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from models.errors import InvalidInputError
+
+
+@dataclass
+class ClusterParams:
+    """How labels are organised into trees."""
+
+    branching_factor: int = 16
+    """Children per internal node (a power of two: the tree is cut from balanced binary
+    splits, log2(branching_factor) binary levels per tree layer)."""
+    max_leaf_size: int = 100
+    """Most labels under one bottom cluster. A value >= the number of labels gives the
+    one-level (one-vs-all) model the literature compares against."""
+    kmeans_max_iter: int = 20
+    """Iterations of spherical 2-means per split (it stops earlier when assignments settle)."""
+
+
+@dataclass
+class RankerParams:
+    """The linear one-vs-rest classifier trained at every node."""
+
+    loss: str = "squared_hinge"
+    """``squared_hinge`` (L2-regularized L2-loss SVM, dual coordinate descent)."""
+    C: float = 1.0
+    """Inverse regularization strength."""
+    max_iter: int = 100
+    """Passes of dual coordinate descent per node classifier."""
+    eps: float = 0.1
+    """Stopping tolerance on the projected-gradient gap (liblinear's rule)."""
+    bias: float = 1.0
+    """Value of the constant feature appended to every document (0 disables the bias)."""
+    weight_threshold: float = 0.1
+    """Weights with |w| below this are pruned after training; it trades model size and
+    speed against accuracy."""
+
+
+@dataclass
+class BuildParams:
+    """Everything ``xmc build`` needs besides the data."""
+
+    tfidf: Any = None
+    """TF-IDF encoder settings (models.tfidf.TfidfParams); ignored for feature input."""
+    cluster: ClusterParams = field(default_factory=ClusterParams)
+    ranker: RankerParams = field(default_factory=RankerParams)
+    n_trees: int = 3
+    """Trees in the ensemble, each clustered with its own seed; their scores are averaged."""
+    seed: int = 0
+    """Seed of the first tree (tree t uses seed + t); same seed, same data: same bundle."""
+    post_processor: str = "l3-hinge"
+    """Turns a node's margin z into a score in (0, 1]: ``l3-hinge`` exp(-max(0, 1 - z)^3) or
+    ``sigmoid`` 1 / (1 + exp(-z)); a label's path score is the product along its path."""
+    beam_size: int = 10
+    """Default beam width at prediction time (a per-call argument overrides it)."""
+    top_k: int = 5
+    """Default number of labels returned (a per-call argument overrides it)."""
+    threads: int = 0
+    """Training threads; 0 means all cores."""
+    dense_encoder: str | None = None
+    """``minilm`` (the packaged all-MiniLM-L6-v2, exported to ONNX at build time) or a path
+    to an ONNX sentence encoder with ``tokenizer.json`` beside it; None for TF-IDF only."""
+    dense_weight: float = 1.0
+    """alpha in features = [tfidf ; alpha * dense], rows l2-normalized."""
+    int8: bool = False
+    """Quantize the dense encoder to int8 (dynamic, per-channel)."""
+
+    def __post_init__(self) -> None:
+        if self.tfidf is None:
+            from models.tfidf import TfidfParams
+
+            self.tfidf = TfidfParams()
+
+    def validate(self) -> None:
+        c = self.cluster
+        if c.branching_factor < 2 or c.branching_factor & (c.branching_factor - 1):
+            raise InvalidInputError("cluster.branching_factor must be a power of two >= 2")
+        if c.max_leaf_size < 1:
+            raise InvalidInputError("cluster.max_leaf_size must be >= 1")
+        if self.n_trees < 1:
+            raise InvalidInputError("n_trees must be >= 1")
+        if self.ranker.loss != "squared_hinge":
+            raise InvalidInputError("ranker.loss must be 'squared_hinge'")
+        if self.ranker.C <= 0:
+            raise InvalidInputError("ranker.C must be > 0")
+        if self.post_processor not in POST_PROCESSORS:
+            raise InvalidInputError(f"post_processor must be one of {sorted(POST_PROCESSORS)}")
+        if self.beam_size < 1 or self.top_k < 1:
+            raise InvalidInputError("beam_size and top_k must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildParams:
+        from models.tfidf import TfidfParams
+
+        return _from_dict(cls, data, {"tfidf": TfidfParams})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BuildParams:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"{path}: cannot read parameters: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"{path}: parameters must be a JSON object")
+        return cls.from_dict(data)
+
+
+POST_PROCESSORS = {"l3-hinge": 0, "sigmoid": 1}
+
+
+def _from_dict(cls: type, data: dict[str, Any], overrides: dict[str, type] | None = None):
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise InvalidInputError(f"unknown parameter(s) for {cls.__name__}: {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        sub = (overrides or {}).get(name) or hints.get(name)
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            kwargs[name] = _from_dict(sub, value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

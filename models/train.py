@@ -1,0 +1,291 @@
+"""Ranker training: one linear one-vs-rest classifier per tree node, teacher-forced.
+
+The children of one parent are trained together on the documents of that parent (a document
+belongs to a node when one of its labels lies below it), each by dual coordinate descent on
+the L2-regularized squared hinge loss (liblinear's solver 1 with its shrinking and stopping
+rule). Features are renumbered to the ones those documents use, so a small node costs little
+whatever the vocabulary size. Weights below ``weight_threshold`` are pruned, and the result
+is laid out directly as the parent's chunk (see :mod:`models.tree`).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from models.cluster import LabelTree
+from models.params import RankerParams
+from models.tree import ENSEMBLE_ARRAYS, Ensemble
+
+log = logging.getLogger(__name__)
+
+
+@numba.njit(nogil=True, cache=True)
+def _train_chunk(indptr, indices, data, n_local, pos_indptr, pos_child, n_children,
+                 C, eps, max_iter, bias, threshold, seed):  # pragma: no cover - compiled
+    n = indptr.shape[0] - 1
+    y = np.full((n_children, n), -1, dtype=np.int8)
+    for i in range(n):
+        for k in range(pos_indptr[i], pos_indptr[i + 1]):
+            y[pos_child[k], i] = 1
+    diag = 0.5 / C
+    qd = np.empty(n)
+    for i in range(n):
+        s = bias * bias + diag
+        for k in range(indptr[i], indptr[i + 1]):
+            s += data[k] * data[k]
+        qd[i] = s
+    w = np.zeros(n_local)
+    alpha = np.zeros(n)
+    index = np.empty(n, dtype=np.int64)
+    cap = max(16, n_children * 32)
+    out_child = np.empty(cap, dtype=np.int32)
+    out_feat = np.empty(cap, dtype=np.int32)
+    out_val = np.empty(cap, dtype=np.float32)
+    bias_terms = np.zeros(n_children, dtype=np.float32)
+    n_out = 0
+    for c in range(n_children):
+        w[:] = 0.0
+        alpha[:] = 0.0
+        wb = 0.0
+        yc = y[c]
+        for i in range(n):
+            index[i] = i
+        active = n
+        pg_max_old = np.inf
+        state = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(c + 1)
+        for _ in range(max_iter):
+            pg_max_new = -np.inf
+            pg_min_new = np.inf
+            # Fisher-Yates with xorshift64: deterministic whatever thread runs this
+            for j in range(active - 1, 0, -1):
+                state ^= state << np.uint64(13)
+                state ^= state >> np.uint64(7)
+                state ^= state << np.uint64(17)
+                r = np.int64(state % np.uint64(j + 1))
+                tmp = index[j]
+                index[j] = index[r]
+                index[r] = tmp
+            s = 0
+            while s < active:
+                i = index[s]
+                yi = yc[i]
+                g = wb * bias
+                for k in range(indptr[i], indptr[i + 1]):
+                    g += w[indices[k]] * data[k]
+                g = yi * g - 1.0 + diag * alpha[i]
+                pg = 0.0
+                if alpha[i] == 0.0:
+                    if g > pg_max_old:
+                        active -= 1
+                        tmp = index[s]
+                        index[s] = index[active]
+                        index[active] = tmp
+                        continue
+                    elif g < 0.0:
+                        pg = g
+                else:
+                    pg = g
+                pg_max_new = max(pg_max_new, pg)
+                pg_min_new = min(pg_min_new, pg)
+                if abs(pg) > 1e-12:
+                    a_old = alpha[i]
+                    alpha[i] = max(a_old - g / qd[i], 0.0)
+                    d = (alpha[i] - a_old) * yi
+                    for k in range(indptr[i], indptr[i + 1]):
+                        w[indices[k]] += d * data[k]
+                    wb += d * bias
+                s += 1
+            if pg_max_new - pg_min_new <= eps:
+                if active == n:
+                    break
+                active = n
+                pg_max_old = np.inf
+                continue
+            # the upper bound is infinite (squared hinge), so only the max side shrinks
+            pg_max_old = pg_max_new if pg_max_new > 0 else np.inf
+        bias_terms[c] = wb * bias
+        for f in range(n_local):
+            if abs(w[f]) >= threshold:
+                if n_out == cap:
+                    cap *= 2
+                    out_child = np.concatenate((out_child, np.empty(cap - n_out, np.int32)))
+                    out_feat = np.concatenate((out_feat, np.empty(cap - n_out, np.int32)))
+                    out_val = np.concatenate((out_val, np.empty(cap - n_out, np.float32)))
+                out_child[n_out] = c
+                out_feat[n_out] = f
+                out_val[n_out] = w[f]
+                n_out += 1
+    # counting sort by feature: rows of the chunk, children ascending within a row
+    counts = np.zeros(n_local + 1, dtype=np.int64)
+    for e in range(n_out):
+        counts[out_feat[e] + 1] += 1
+    n_rows = 0
+    for f in range(n_local):
+        if counts[f + 1] > 0:
+            n_rows += 1
+    rows = np.empty(n_rows, dtype=np.int32)
+    row_len = np.empty(n_rows, dtype=np.int64)
+    r = 0
+    for f in range(n_local):
+        if counts[f + 1] > 0:
+            rows[r] = f
+            row_len[r] = counts[f + 1]
+            r += 1
+    for f in range(n_local):
+        counts[f + 1] += counts[f]
+    entry_child = np.empty(n_out, dtype=np.int32)
+    entry_val = np.empty(n_out, dtype=np.float32)
+    for e in range(n_out):
+        pos = counts[out_feat[e]]
+        entry_child[pos] = out_child[e]
+        entry_val[pos] = out_val[e]
+        counts[out_feat[e]] += 1
+    return rows, row_len, entry_child, entry_val, bias_terms
+
+
+def _layer_structure(tree: LabelTree) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer below the root (top first, labels last): (node of each label, parent of each
+    node), both as indices local to their layer."""
+    n_labels = tree.n_labels
+    layers = []
+    prev_codes = np.zeros(n_labels, dtype=np.int64)
+    prev_bits = 0
+    for bits, codes in zip(tree.layer_bits, tree.layer_codes()):
+        n_nodes = 1 << bits
+        parent_of_node = np.arange(n_nodes, dtype=np.int64) >> (bits - prev_bits)
+        layers.append((codes, parent_of_node))
+        prev_codes, prev_bits = codes, bits
+    # labels: ordered by bottom cluster, then by label id
+    order = np.lexsort((np.arange(n_labels), prev_codes))
+    position = np.empty(n_labels, dtype=np.int64)
+    position[order] = np.arange(n_labels)
+    layers.append((position, prev_codes[order]))
+    return layers
+
+
+def train_tree(
+    X: sp.csr_matrix,
+    Y: sp.csr_matrix,
+    tree: LabelTree,
+    params: RankerParams,
+    *,
+    seed: int,
+    threads: int,
+    desc: str = "tree",
+) -> Ensemble:
+    """Train every node classifier of one tree; returns it as a one-tree :class:`Ensemble`.
+
+    ``X`` is (n_docs, n_features) float32 CSR with sorted indices; ``Y`` (n_docs, n_labels)
+    binary CSR.
+    """
+    n_docs = X.shape[0]
+    n_labels = Y.shape[1]
+    X = X.astype(np.float32)
+    Y = sp.csr_matrix(Y, dtype=np.float32)
+    layers = _layer_structure(tree)
+    n_layer_nodes = [len(parent_of_node) for _, parent_of_node in layers]
+    offsets = np.concatenate(([1], 1 + np.cumsum(n_layer_nodes)))
+    n_nodes = int(offsets[-1])
+
+    parent = np.full(n_nodes, -1, dtype=np.int64)
+    child_ptr = np.zeros(n_nodes + 1, dtype=np.int64)
+    bias = np.zeros(n_nodes, dtype=np.float32)
+    node_label = np.full(n_nodes, -1, dtype=np.int32)
+    chunk_rows: list[np.ndarray | None] = [None] * n_nodes
+    chunk_row_len: list[np.ndarray | None] = [None] * n_nodes
+    chunk_child: list[np.ndarray | None] = [None] * n_nodes
+    chunk_val: list[np.ndarray | None] = [None] * n_nodes
+
+    parent_docs = sp.csc_matrix(np.ones((n_docs, 1), dtype=np.float32))  # the root holds all
+    for depth, (node_of_label, parent_of_node) in enumerate(layers):
+        n_here = len(parent_of_node)
+        first = int(offsets[depth])
+        parent_first = 0 if depth == 0 else int(offsets[depth - 1])
+        parent[first : first + n_here] = parent_first + parent_of_node
+        counts = np.bincount(parent_of_node, minlength=parent_docs.shape[1])
+        child_ptr[parent_first + 1 : parent_first + 1 + len(counts)] = counts
+        M = sp.csr_matrix(
+            (np.ones(n_labels, dtype=np.float32), (np.arange(n_labels), node_of_label)),
+            shape=(n_labels, n_here),
+        )
+        node_docs = (Y @ M).tocsr()
+        node_docs.data[:] = 1.0
+        child_start = np.concatenate(([0], np.cumsum(counts)))
+        jobs = sorted(
+            range(parent_docs.shape[1]),
+            key=lambda p: -(parent_docs.indptr[p + 1] - parent_docs.indptr[p]),
+        )
+
+        def run(p: int, node_docs=node_docs, child_start=child_start, pd=parent_docs):
+            docs = pd.indices[pd.indptr[p] : pd.indptr[p + 1]]
+            Xp = X[docs]
+            used, local = np.unique(Xp.indices, return_inverse=True)
+            pos = node_docs[docs][:, child_start[p] : child_start[p + 1]].tocsr()
+            pos.sort_indices()
+            out = _train_chunk(
+                Xp.indptr.astype(np.int64), local.astype(np.int32), Xp.data, len(used),
+                pos.indptr.astype(np.int64), pos.indices.astype(np.int32),
+                int(child_start[p + 1] - child_start[p]), params.C, params.eps,
+                params.max_iter, params.bias, params.weight_threshold, seed * 1_000_003 + p,
+            )
+            rows, row_len, e_child, e_val, b = out
+            return p, used[rows].astype(np.int32), row_len, e_child, e_val, b
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            results = pool.map(run, jobs)
+            for p, rows, row_len, e_child, e_val, b in tqdm(
+                results, total=len(jobs), desc=f"{desc} layer {depth + 1}/{len(layers)}",
+                leave=False, mininterval=1.0,
+            ):
+                node = parent_first + p
+                chunk_rows[node], chunk_row_len[node] = rows, row_len
+                chunk_child[node], chunk_val[node] = e_child, e_val
+                bias[first + child_start[p] : first + child_start[p + 1]] = b
+        log.info(
+            "%s layer %d/%d: %d nodes, %.2fs, peak RSS %.0f MB", desc, depth + 1, len(layers),
+            n_here, time.perf_counter() - t0,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        )
+        parent_docs = node_docs.tocsc()
+        parent_docs.sort_indices()
+
+    # breadth-first numbering: the children of node i start after the root and after the
+    # children of nodes 0 .. i-1
+    child_ptr = 1 + np.cumsum(child_ptr)
+    label_first = int(offsets[-2])
+    node_of_label = layers[-1][0]
+    node_label[label_first + node_of_label] = np.arange(n_labels, dtype=np.int32)
+    empty_i32, empty_i64 = np.empty(0, np.int32), np.empty(0, np.int64)
+    rows = [r if r is not None else empty_i32 for r in chunk_rows]
+    row_len = [r if r is not None else empty_i64 for r in chunk_row_len]
+    chunk_ptr = np.concatenate(([0], np.cumsum([len(r) for r in rows]))).astype(np.int64)
+    all_len = np.concatenate(row_len) if rows else empty_i64
+    row_ptr = np.concatenate(([0], np.cumsum(all_len))).astype(np.int64)
+    entry_child = np.concatenate([c for c in chunk_child if c is not None] or [empty_i32])
+    entry_val = np.concatenate([v for v in chunk_val if v is not None] or [np.empty(0, np.float32)])
+    arrays = dict(
+        tree_root=np.zeros(1, np.int64),
+        tree_depth=np.array([len(layers)], np.int32),
+        child_ptr=child_ptr,
+        parent=parent,
+        chunk_ptr=chunk_ptr,
+        chunk_feat=np.concatenate(rows),
+        row_ptr=row_ptr,
+        entry_child=entry_child,
+        entry_val=entry_val,
+        bias=bias,
+        node_label=node_label,
+        label_node=(label_first + node_of_label)[None, :],
+    )
+    return Ensemble(
+        **{k: np.ascontiguousarray(v, dtype=ENSEMBLE_ARRAYS[k]) for k, v in arrays.items()}
+    )
