@@ -1,0 +1,173 @@
+"""Fixtures of the service tests: apps on the real tiny bundle, real Redis servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+import models
+from service.app import create_app
+from service.settings import Settings
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need(reason: str) -> None:
+    """A missing service fails the run in CI and skips the test elsewhere."""
+    if IN_CI:
+        pytest.fail(f"{reason} (required under CI=true)")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(client: TestClient, deadline_s: float = 180.0) -> None:
+    """Poll /readyz until the background load finished (a deadline, not a timing assertion)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        r = client.get("/readyz")
+        if r.status_code == 200:
+            return
+        if r.json().get("status") == "failed":
+            raise AssertionError(f"bundle failed to load: {r.json()}")
+        time.sleep(0.02)
+    raise AssertionError("service never became ready")
+
+
+@pytest.fixture(scope="session")
+def predictor(tiny_bundle: Path) -> Any:
+    """One loaded predictor for the whole session: apps reuse it instead of re-loading."""
+    p = models.load_bundle(str(tiny_bundle), mmap=True)
+    p.warm_up()
+    return p
+
+
+@pytest.fixture(scope="session")
+def sample_texts(tiny_bundle: Path) -> list[str]:
+    """Distinct texts made of the bundle's own vocabulary (when it has a TF-IDF one), so
+    that they get real, differing answers; the tests compare with ``predictor.predict``."""
+    words: list[str] = []
+    vocab = tiny_bundle / "tfidf_vocab.json"
+    if vocab.is_file():
+        words = [w for w in json.loads(vocab.read_text()) if " " not in w]
+    if len(words) < 40:
+        words = [f"word{i}" for i in range(40)]
+    step = max(1, len(words) // 40)
+    picked = words[::step]
+    return [" ".join(picked[i : i + 5]) for i in range(0, 40, 5)]
+
+
+@pytest.fixture
+def make_client(tiny_bundle: Path, predictor: Any) -> Iterator[Callable[..., TestClient]]:
+    """Factory: ``make_client(**settings)`` -> a TestClient whose app is ready."""
+    stack = ExitStack()
+
+    def factory(loader: Callable[[str], Any] | None = None, **overrides: Any) -> TestClient:
+        fields: dict[str, Any] = {"bundle_path": tiny_bundle, "access_log": False}
+        fields.update(overrides)
+        app = create_app(Settings(**fields), loader=loader or (lambda path: predictor))
+        client = stack.enter_context(TestClient(app))
+        wait_ready(client)
+        return client
+
+    yield factory
+    stack.close()
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The shared Redis at 127.0.0.1:6379."""
+    import redis
+
+    url = "redis://127.0.0.1:6379/0"
+    try:
+        redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping()
+    except redis.RedisError as exc:
+        need(f"no Redis at {url}: {exc}")
+    return url
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test alone; its keys are deleted afterwards."""
+    import redis
+
+    prefix = f"xmc-test:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    r = redis.Redis.from_url(redis_url)
+    keys = list(r.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+class RedisProcess:
+    """A redis-server of our own on a free port, to stop, pause and resume."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            need("redis-server is not installed")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        argv = [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._wait_up()
+
+    def _wait_up(self) -> None:
+        import redis
+
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            try:
+                redis.Redis.from_url(self.url, socket_timeout=0.5).ping()
+                return
+            except redis.RedisError:
+                time.sleep(0.02)
+        raise AssertionError("own redis-server did not start")
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path)
+    yield server
+    server.stop()
