@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
-from itertools import islice, pairwise, repeat
+from functools import partial
+from itertools import chain, islice, pairwise, repeat
 from math import hypot, log
 from pathlib import Path
 
@@ -93,9 +94,28 @@ class TfidfEncoder:
         """``terms[i]`` is the n-gram of feature ``i``; ``idf[i]`` its weight (kept as given,
         so a read-only memory map stays shared between processes)."""
         self.params = params if params is not None else TfidfParams()
-        self._vocab: dict[str, int] = {t: i for i, t in enumerate(terms)}
+        pattern = self.params.token_pattern
+        ngram_max = self.params.ngram_max
+        # Default-pattern tokens are runs of \w, never holding a space, so an n-gram term splits
+        # back into its tokens and can be keyed by the token tuple: looking up the tuples
+        # pairwise() yields is ~40% cheaper than building and hashing " ".join strings. Other
+        # patterns may match spaces, so their n-grams stay joined strings, as in sklearn.
+        self._tuple_keys = pattern == DEFAULT_TOKEN_PATTERN and ngram_max > 1
+        self._vocab: dict[str | tuple[str, ...], int] = (
+            _tuple_keyed(terms) if self._tuple_keys else {t: i for i, t in enumerate(terms)}
+        )
         if len(self._vocab) != len(terms):
             raise InvalidInputError("terms contain duplicates")
+        # toks -> lookup keys of its 2..ngram_max-grams (None: unigrams only).
+        self._ngram_keys: Callable[[list[str]], Iterable] | None
+        if ngram_max == 1:
+            self._ngram_keys = None
+        elif self._tuple_keys and ngram_max == 2:
+            self._ngram_keys = pairwise
+        else:
+            self._ngram_keys = partial(
+                _tuple_ngrams if self._tuple_keys else _joined_ngrams, n_max=ngram_max
+            )
         idf = np.asarray(idf)  # drops the np.memmap subclass (slow to index), keeps the mapping
         if idf.shape != (len(terms),) or idf.dtype != np.float32:
             raise InvalidInputError(
@@ -104,7 +124,6 @@ class TfidfEncoder:
         self._idf = idf
         # Indexing a memoryview yields Python floats without creating numpy scalars.
         self._idf_py = memoryview(idf)
-        pattern = self.params.token_pattern
         if pattern == DEFAULT_TOKEN_PATTERN:
             pattern = _FAST_DEFAULT_PATTERN
         self._findall = re.compile(pattern).findall
@@ -112,6 +131,10 @@ class TfidfEncoder:
     @property
     def n_features(self) -> int:
         return len(self._vocab)
+
+    def feature_names(self) -> list[str]:
+        """The term of each feature id, as sklearn writes it (n-grams joined by a space)."""
+        return [k if isinstance(k, str) else " ".join(k) for k in self._vocab]
 
     # ------------------------------------------------------------------ fit
 
@@ -156,12 +179,6 @@ class TfidfEncoder:
 
     # ------------------------------------------------------------ transform
 
-    def _higher_ngrams(self, toks: list[str]) -> Iterator[str]:
-        """The 2..ngram_max-grams of ``toks``, as sklearn builds them (space-joined)."""
-        join = " ".join
-        for n in range(2, self.params.ngram_max + 1):
-            yield from map(join, zip(*(toks[k:] for k in range(n)), strict=False))
-
     def transform_one(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """One document -> (feature ids int32 ascending, values float32, l2-normalized).
 
@@ -176,11 +193,9 @@ class TfidfEncoder:
         toks = self._findall(text)
         get = self._vocab.get
         counts = Counter(map(get, toks))
-        ngram_max = self.params.ngram_max
-        if ngram_max == 2:
-            counts.update(map(get, map(" ".join, pairwise(toks))))
-        elif ngram_max > 2:
-            counts.update(map(get, self._higher_ngrams(toks)))
+        ngram_keys = self._ngram_keys
+        if ngram_keys is not None:
+            counts.update(map(get, ngram_keys(toks)))
         counts.pop(None, None)
         n = len(counts)
         if n == 0:
@@ -253,8 +268,7 @@ class TfidfEncoder:
         get = self._vocab.get
         findall = self._findall
         lowercase = self.params.lowercase
-        ngram_max = self.params.ngram_max
-        join = " ".join
+        ngram_keys = self._ngram_keys
         unknown = repeat(-1)  # infinite: map() stops at the shorter iterable
         flat: list[int] = []
         extend = flat.extend
@@ -263,10 +277,8 @@ class TfidfEncoder:
             for text in texts:
                 toks = findall(text.lower() if lowercase else text)
                 extend(map(get, toks, unknown))
-                if ngram_max == 2:
-                    extend(map(get, map(join, pairwise(toks)), unknown))
-                elif ngram_max > 2:
-                    extend(map(get, self._higher_ngrams(toks), unknown))
+                if ngram_keys is not None:
+                    extend(map(get, ngram_keys(toks), unknown))
                 ends.append(len(flat))
         except (AttributeError, TypeError) as exc:
             raise InvalidInputError(f"texts must be strings: {exc}") from exc
@@ -295,7 +307,7 @@ class TfidfEncoder:
         """Write the vocabulary and idf into the bundle ``folder``; returns the manifest entry."""
         folder = Path(folder)
         with (folder / VOCAB_FILE).open("w", encoding="utf-8") as fh:
-            json.dump(list(self._vocab), fh, ensure_ascii=False)  # dict order = feature id
+            json.dump(self.feature_names(), fh, ensure_ascii=False)
         np.save(folder / IDF_FILE, np.ascontiguousarray(self._idf, dtype=np.float32))
         return {
             "kind": self.kind,
@@ -347,6 +359,32 @@ class TfidfEncoder:
         if not (np.isfinite(idf).all() and (idf > 0).all()):
             raise BundleError("TF-IDF idf has non-finite or non-positive weights", path=idf_path)
         return cls(terms, idf, params)
+
+
+def _tuple_keyed(terms: Sequence[str]) -> dict[str | tuple[str, ...], int]:
+    """term -> feature id, with each n-gram keyed by its token tuple."""
+    # One string object per distinct token: 200k bigrams share a few 10k words.
+    tokens: dict[str, str] = {}
+    intern = tokens.setdefault
+    vocab: dict[str | tuple[str, ...], int] = {}
+    for i, term in enumerate(terms):
+        if " " in term:
+            vocab[tuple(intern(t, t) for t in term.split(" "))] = i
+        else:
+            vocab[intern(term, term)] = i
+    return vocab
+
+
+def _tuple_ngrams(toks: list[str], n_max: int) -> Iterator[tuple[str, ...]]:
+    """The 2..n_max-grams of ``toks`` as token tuples."""
+    return chain.from_iterable(
+        zip(*(toks[k:] for k in range(n)), strict=False) for n in range(2, n_max + 1)
+    )
+
+
+def _joined_ngrams(toks: list[str], n_max: int) -> Iterator[str]:
+    """The 2..n_max-grams of ``toks`` as sklearn writes them (tokens joined by a space)."""
+    return map(" ".join, _tuple_ngrams(toks, n_max))
 
 
 def _params_from_entry(folder: Path, entry: dict) -> TfidfParams:

@@ -118,7 +118,7 @@ def test_matches_sklearn(params: TfidfParams) -> None:
 
     assert encoder.n_features == len(ref.vocabulary_)
     assert encoder.n_features <= params.max_features
-    assert list(encoder._vocab) == ref.get_feature_names_out().tolist()
+    assert encoder.feature_names() == ref.get_feature_names_out().tolist()
     np.testing.assert_allclose(encoder._idf, ref.idf_, rtol=1e-6)
 
     assert_matches(train_matrix, ref_train)
@@ -193,7 +193,7 @@ def test_save_load_roundtrip(tmp_path: Path, mmap: bool) -> None:
     assert sorted(entry["files"]) == sorted([VOCAB_FILE, IDF_FILE])
     json.dumps(entry)  # goes into the manifest as is
     vocab = json.loads((tmp_path / VOCAB_FILE).read_text(encoding="utf-8"))
-    assert vocab == list(encoder._vocab)
+    assert vocab == encoder.feature_names()
     assert np.load(tmp_path / IDF_FILE, allow_pickle=False).dtype == np.float32
 
     loaded = TfidfEncoder.load(tmp_path, json.loads(json.dumps(entry)), mmap=mmap)

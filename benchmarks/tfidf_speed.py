@@ -1,0 +1,121 @@
+"""Serving speed of the TF-IDF encoder against scikit-learn's own transform.
+
+Usage: ``python -m benchmarks.tfidf_speed [DATA_DIR]`` (default: ``../shared/data`` next to
+the repository). For cooking (question titles) and reuters (articles) it fits on train.jsonl,
+then times on test.jsonl: ``transform_one`` and sklearn's ``transform([doc])`` per document
+(p50 / p99 µs over documents, each document's time being its best of three calls so that other
+processes on a shared machine do not decide the tail), the batch ``transform`` of the whole
+test set (docs/s, best of three), and the largest difference to sklearn's values (must stay
+below 1e-6). For reuters it adds the p50 of documents of 130-170 words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from models.data import read_corpus
+from models.tfidf import TfidfEncoder, TfidfParams
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATASETS = {"cooking": "cooking_stackexchange", "reuters": "reuters21578_modapte"}
+# sklearn needs ~0.5 ms a call: a sample of this many documents bounds the run time.
+SKLEARN_SAMPLE = 600
+
+
+def per_call_us(fn: Callable[[str], object], texts: Sequence[str], passes: int) -> np.ndarray:
+    """Best wall time of ``fn(text)`` over ``passes`` calls, for every text, in µs."""
+    for text in texts[:50]:  # warm caches and lazy imports out of the measurement
+        fn(text)
+    out = []
+    clock = time.perf_counter_ns
+    for _ in range(passes):
+        for text in texts:
+            t0 = clock()
+            fn(text)
+            out.append(clock() - t0)
+    return np.asarray(out, dtype=np.float64).reshape(passes, len(texts)).min(axis=0) / 1e3
+
+
+def batch_docs_per_s(fn: Callable[[Sequence[str]], object], texts: Sequence[str]) -> float:
+    """Best of three runs of ``fn(texts)``, in documents per second."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn(texts)
+        best = min(best, time.perf_counter() - t0)
+    return len(texts) / best
+
+
+def run(name: str, folder: Path) -> None:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    train = read_corpus(folder / "train.jsonl").texts
+    test = read_corpus(folder / "test.jsonl").texts
+    words = np.array([len(t.split()) for t in test])
+    params = TfidfParams()
+
+    t0 = time.perf_counter()
+    encoder, _ = TfidfEncoder.fit(train, params)
+    fit_s = time.perf_counter() - t0
+    reference = TfidfVectorizer(
+        ngram_range=(1, params.ngram_max),
+        min_df=params.min_df,
+        max_features=params.max_features,
+        sublinear_tf=params.sublinear_tf,
+        smooth_idf=params.smooth_idf,
+    ).fit(train)
+
+    ours = encoder.transform(test)
+    diff = abs(ours - reference.transform(test).astype(np.float32)).max()
+
+    gc.collect()
+    ours_us = per_call_us(encoder.transform_one, test, passes=3)
+    sample = test[:: max(1, len(test) // SKLEARN_SAMPLE)]
+    sk_us = per_call_us(lambda text: reference.transform([text]), sample, passes=3)
+    ours_batch = batch_docs_per_s(encoder.transform, test)
+    sk_batch = batch_docs_per_s(reference.transform, test)
+
+    print(
+        f"\n## {name}: {len(train)} train / {len(test)} test docs, "
+        f"test words/doc median {np.median(words):.0f} (p99 {np.percentile(words, 99):.0f}), "
+        f"{encoder.n_features} features, fit {fit_s:.1f} s, max |ours - sklearn| {diff:.1e}"
+    )
+    print(f"{'one document (µs)':<34}{'p50':>9}{'p99':>9}")
+    print(f"{'TfidfEncoder.transform_one':<34}{np.median(ours_us):>9.1f}"
+          f"{np.percentile(ours_us, 99):>9.1f}")
+    print(f"{'sklearn transform([doc])':<34}{np.median(sk_us):>9.1f}"
+          f"{np.percentile(sk_us, 99):>9.1f}")
+    mid = (words >= 130) & (words <= 170)
+    if mid.sum() >= 20:
+        sk_words = words[:: max(1, len(test) // SKLEARN_SAMPLE)]
+        sk_mid = sk_us[(sk_words >= 130) & (sk_words <= 170)]
+        print(f"{'  p50 at 130-170 words, ours/sk':<34}{np.median(ours_us[mid]):>9.1f}"
+              f"{np.median(sk_mid):>9.1f}   ({mid.sum()} docs)")
+    print(f"{'batch, whole test set':<34}{'docs/s':>18}")
+    print(f"{'TfidfEncoder.transform':<34}{ours_batch:>18,.0f}")
+    print(f"{'sklearn transform':<34}{sk_batch:>18,.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data_dir", nargs="?", type=Path, default=DEFAULT_DATA_DIR)
+    args = parser.parse_args()
+    print(f"# TF-IDF encoder speed ({platform.processor() or platform.machine()}, "
+          f"Python {platform.python_version()}); data: {args.data_dir}")
+    for name, sub in DATASETS.items():
+        folder = args.data_dir / sub
+        if not (folder / "train.jsonl").is_file():
+            print(f"\n## {name}: skipped, {folder}/train.jsonl not found")
+            continue
+        run(name, folder)
+
+
+if __name__ == "__main__":
+    main()
