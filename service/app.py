@@ -287,9 +287,7 @@ class _Scorer:
         cached = [answer is not None for answer in found]
         if not miss_texts:
             return found, cached, None  # type: ignore[return-value]
-        start = time.perf_counter()
         scored = await runtime.predict(miss_texts, params.top_k, params.beam_size)
-        metrics.STAGE_LATENCY.labels("predict").observe(time.perf_counter() - start)
         answers = [
             answer if answer is not None else scored[miss_index[key]]
             for key, answer in zip(keys, found, strict=True)

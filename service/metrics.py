@@ -37,8 +37,8 @@ REQUEST_LATENCY = Histogram(
 )
 STAGE_LATENCY = Histogram(
     "xmc_stage_duration_seconds",
-    "Wall time of one stage of a prediction request: parse, cache, encode, search "
-    "(predict when the model does not time encode and search apart).",
+    "Wall time of one stage of a prediction request: parse, cache, encode, search; "
+    "a single uncached text runs encode+search fused, timed as predict.",
     ["stage"],
     buckets=_LATENCY_BUCKETS,
 )

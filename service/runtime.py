@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any
 
 import models
@@ -88,13 +88,32 @@ class Runtime:
         """Score ``texts`` as one batch in a prediction thread (the kernels release the GIL)."""
         predictor = self.require_predictor()
         loop = asyncio.get_running_loop()
-        raw = await loop.run_in_executor(
-            self.executor,
-            partial(predictor.predict, list(texts), top_k=top_k, beam_size=beam_size),
+        answers, stages = await loop.run_in_executor(
+            self.executor, _predict_staged, predictor, list(texts), top_k, beam_size
         )
-        # float(): numpy scalars would not survive the cache's JSON round trip identically.
-        return [[(str(label), float(score)) for label, score in answer] for answer in raw]
+        for stage, seconds in stages:
+            metrics.STAGE_LATENCY.labels(stage).observe(seconds)
+        return answers
 
     async def close(self) -> None:
         await self.cache.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _predict_staged(
+    predictor: Any, texts: list[str], top_k: int, beam_size: int
+) -> tuple[list[Answer], list[tuple[str, float]]]:
+    """Predict and time the stages. One text takes the model's fused path (encode and
+    search in one call, ~3x cheaper than apart), timed as stage ``predict``; a batch is
+    encoded, then searched, each timed."""
+    start = time.perf_counter()
+    if len(texts) == 1:
+        raw = predictor.predict(texts, top_k=top_k, beam_size=beam_size)
+        stages = [("predict", time.perf_counter() - start)]
+    else:
+        features = predictor.encode(texts)
+        encoded = time.perf_counter()
+        raw = predictor.predict_features(features, top_k=top_k, beam_size=beam_size)
+        stages = [("encode", encoded - start), ("search", time.perf_counter() - encoded)]
+    # float(): numpy scalars would not survive the cache's JSON round trip identically.
+    return [[(str(label), float(score)) for label, score in answer] for answer in raw], stages
