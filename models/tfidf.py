@@ -184,13 +184,11 @@ class TfidfEncoder:
 
         The per-request path: no sparse matrix, no sklearn; unknown terms are dropped and a
         text with no known term gives two empty arrays."""
-        if self.params.lowercase:
-            try:
-                text = text.lower()
-            except AttributeError:
-                kind = type(text).__name__
-                raise InvalidInputError(f"text must be a string, got {kind}") from None
-        toks = self._findall(text)
+        try:  # free on the happy path (3.11 zero-cost exceptions); no isinstance check
+            toks = self._findall(text.lower() if self.params.lowercase else text)
+        except (AttributeError, TypeError):
+            kind = type(text).__name__
+            raise InvalidInputError(f"text must be a string, got {kind}") from None
         get = self._vocab.get
         counts = Counter(map(get, toks))
         ngram_keys = self._ngram_keys

@@ -173,6 +173,11 @@ def test_bad_inputs() -> None:
         encoder.transform(["ok", None])
     with pytest.raises(InvalidInputError):
         encoder.transform_one(None)
+    raw, _ = TfidfEncoder.fit(make_corpus(100, seed=6), TfidfParams(lowercase=False))
+    with pytest.raises(InvalidInputError):
+        raw.transform_one(b"bytes")
+    with pytest.raises(InvalidInputError):
+        raw.transform([b"bytes"])
     with pytest.raises(InvalidInputError):
         TfidfEncoder.fit(["a b", "c d"])  # nothing survives the token pattern / min_df
     with pytest.raises(InvalidInputError):
@@ -296,3 +301,16 @@ def test_real_cooking_titles() -> None:
     ref_test = ref.transform(test)
     assert_matches(encoder.transform(test), ref_test)
     assert_one_matches(encoder, test, ref_test)
+
+
+def test_fast_token_pattern_matches_default() -> None:
+    # The encoder swaps the default pattern for an equivalent faster one: fuzz the claim.
+    import re
+
+    encoder, _ = TfidfEncoder.fit(make_corpus(100, seed=10))
+    alphabet = "ab_Z9é\u0301\u00b2\u2167日 \t\n.,'-!\u200b\U0001f600İß"
+    rng = random.Random(11)
+    reference = re.compile(TfidfParams().token_pattern).findall
+    for _ in range(3000):
+        text = "".join(rng.choices(alphabet, k=rng.randint(0, 30)))
+        assert encoder._findall(text) == reference(text), repr(text)
