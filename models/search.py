@@ -107,7 +107,8 @@ def _predict_doc(xi, xv, xdense, tree_root, tree_depth, child_ptr, parent, chunk
     z = np.empty(max_children)
     beam_id = np.empty(width, dtype=np.int64)
     beam_score = np.empty(width)
-    next_id = np.empty(width, dtype=np.int64)
+    # the last layer keeps top_k candidates, the others width
+    next_id = np.empty(max(width, top_k), dtype=np.int64)
     next_score = np.empty(width)
     top_id = np.empty((n_trees, top_k), dtype=np.int64)
     top_n = np.zeros(n_trees, dtype=np.int64)

@@ -1,0 +1,70 @@
+"""Session fixtures: one tiny synthetic corpus and one bundle built from it, for all tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# The compiled kernels trust their indices; under test, numba checks every one of them (an
+# out-of-bounds access raises IndexError instead of corrupting memory). Its own cache folder
+# keeps these checked builds apart from the fast ones.
+os.environ.setdefault("NUMBA_BOUNDSCHECK", "1")
+os.environ.setdefault(
+    "NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".numba_cache" / "tests"))
+
+import pytest  # noqa: E402
+
+from models.data import Corpus  # noqa: E402
+from models.params import BuildParams, ClusterParams  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# small enough to build in seconds, deep enough (3 layers, 3 trees) to exercise the beam
+TINY_BUILD = dict(n_trees=3, seed=0,
+                  cluster=ClusterParams(branching_factor=4, max_leaf_size=6))
+
+
+def tiny_params(**overrides) -> BuildParams:
+    return BuildParams(**{**TINY_BUILD, **overrides})
+
+
+def corpus_from_docs(docs: list[dict]) -> Corpus:
+    return Corpus(labels=[d["labels"] for d in docs], texts=[d["text"] for d in docs],
+                  ids=[d.get("id") for d in docs])
+
+
+@pytest.fixture(scope="session")
+def tiny_docs() -> tuple[list[dict], list[dict]]:
+    from models.synth import SynthParams, generate
+
+    return generate(SynthParams(n_labels=120, n_train=1500, n_test=200, seed=7,
+                                mean_doc_words=40))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tiny_docs) -> tuple[Corpus, Corpus]:
+    train, test = tiny_docs
+    return corpus_from_docs(train), corpus_from_docs(test)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_corpus) -> Path:
+    """Path of a 3-tree bundle built once per session from the tiny corpus."""
+    from models.builder import build
+
+    train, _ = tiny_corpus
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    return build(train, out, tiny_params(), name="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_predictor(tiny_bundle):
+    import models
+
+    return models.load_bundle(tiny_bundle)
+
+
+def redis_required() -> bool:
+    """Under CI a missing Redis is a failure, elsewhere a skip."""
+    return os.environ.get("CI", "").lower() == "true"

@@ -1,0 +1,126 @@
+"""Bundle round trips, content hashing and refusal of bad bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import models
+from models.builder import build
+from models.errors import BundleError
+from tests.conftest import tiny_params
+
+
+def copy_bundle(src, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_load_with_and_without_mmap_gives_identical_scores(tiny_bundle, tiny_corpus):
+    _, test = tiny_corpus
+    a = models.load_bundle(tiny_bundle, mmap=True)
+    b = models.load_bundle(tiny_bundle, mmap=False)
+    assert isinstance(a.ensemble.entry_val, np.memmap)
+    assert not isinstance(b.ensemble.entry_val, np.memmap)
+    assert a.predict(test.texts[:50], top_k=5) == b.predict(test.texts[:50], top_k=5)
+
+
+def test_manifest_holds_what_the_service_reports(tiny_predictor):
+    m = tiny_predictor.manifest
+    assert m["format_version"] == 1 and m["name"] == "tiny"
+    assert len(m["version"]) == 16 and m["created_at"]
+    assert m["n_labels"] == tiny_predictor.n_labels == len(tiny_predictor.label_names)
+    assert [e["kind"] for e in m["encoders"]] == ["tfidf"]
+    assert m["params"]["n_trees"] == 3 and len(m["trees"]) == 3
+    assert m["metrics"] == {}
+
+
+def test_same_seed_same_version_other_seed_other_version(tmp_path, tiny_corpus, tiny_bundle,
+                                                         tiny_predictor):
+    train, test = tiny_corpus
+    again = models.load_bundle(build(train, tmp_path / "again", tiny_params(), name="other"))
+    assert again.version == tiny_predictor.version  # name and created_at are not hashed
+    assert again.predict(test.texts[:20]) == tiny_predictor.predict(test.texts[:20])
+    other = models.load_bundle(build(train, tmp_path / "seed1", tiny_params(seed=1)))
+    assert other.version != tiny_predictor.version
+
+
+def test_existing_folder_is_refused_unless_forced(tmp_path, tiny_corpus):
+    train, _ = tiny_corpus
+    out = tmp_path / "b"
+    build(train, out, tiny_params(n_trees=1))
+    with pytest.raises(BundleError, match="--force"):
+        build(train, out, tiny_params(n_trees=1))
+    build(train, out, tiny_params(n_trees=1, seed=3), force=True)
+    assert json.loads((out / "manifest.json").read_text())["params"]["seed"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_wrong_format_version_is_refused(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path)
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format_version") as err:
+        models.load_bundle(b)
+    assert "manifest.json" in str(err.value)
+
+
+def test_object_array_is_refused_without_unpickling(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path)
+    target = b / "ensemble.entry_val.npy"
+    np.save(target, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(BundleError) as err:
+        models.load_bundle(b)
+    assert "ensemble.entry_val.npy" in str(err.value)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_truncated_array_is_refused(tiny_bundle, tmp_path, mmap):
+    b = copy_bundle(tiny_bundle, tmp_path)
+    target = b / "ensemble.row_ptr.npy"
+    target.write_bytes(target.read_bytes()[:-40])
+    with pytest.raises(BundleError) as err:
+        models.load_bundle(b, mmap=mmap)
+    assert "ensemble.row_ptr.npy" in str(err.value)
+
+
+def test_out_of_range_index_is_refused(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path)
+    target = b / "ensemble.chunk_feat.npy"
+    arr = np.load(target)
+    arr[0] = 10**8
+    np.save(target, arr)
+    with pytest.raises(BundleError, match="feature id out of range"):
+        models.load_bundle(b)
+
+
+@pytest.mark.parametrize("victim", ["manifest.json", "labels.json", "tfidf_vocab.json",
+                                    "ensemble.bias.npy", "label_counts.npy"])
+def test_missing_file_is_refused_naming_it(tiny_bundle, tmp_path, victim):
+    b = copy_bundle(tiny_bundle, tmp_path)
+    (b / victim).unlink()
+    with pytest.raises(BundleError) as err:
+        models.load_bundle(b)
+    assert victim in str(err.value)
+
+
+def test_missing_folder_and_garbled_manifest(tmp_path, tiny_bundle):
+    with pytest.raises(BundleError, match="no such bundle"):
+        models.load_bundle(tmp_path / "nope")
+    b = copy_bundle(tiny_bundle, tmp_path)
+    (b / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="manifest"):
+        models.load_bundle(b)
+
+
+def test_no_pickle_in_a_bundle(tiny_bundle):
+    for f in tiny_bundle.iterdir():
+        if f.suffix == ".npy":
+            assert np.load(f, allow_pickle=False).dtype != object
+        else:
+            assert f.suffix == ".json", f
