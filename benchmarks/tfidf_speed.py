@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -107,8 +108,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", nargs="?", type=Path, default=DEFAULT_DATA_DIR)
     args = parser.parse_args()
+    # Wall-clock figures: a busy shared machine inflates them, so say how busy it was.
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"# TF-IDF encoder speed ({platform.processor() or platform.machine()}, "
-          f"Python {platform.python_version()}); data: {args.data_dir}")
+          f"{os.cpu_count()} cores, load average {load}, Python {platform.python_version()}); "
+          f"data: {args.data_dir}")
     for name, sub in DATASETS.items():
         folder = args.data_dir / sub
         if not (folder / "train.jsonl").is_file():

@@ -40,8 +40,9 @@ DEFAULT_TOKEN_PATTERN = r"(?u)\b\w\w+\b"
 _FAST_DEFAULT_PATTERN = r"\w\w+"
 
 # Below this many distinct features per document, plain Python float math beats the fixed
-# cost (~1 µs each) of the ten numpy calls of the array path; above it numpy wins.
-_SMALL_DOC_TERMS = 48
+# cost (~1 µs each) of the ten numpy calls of the array path; above it numpy wins (measured
+# crossover: ~30 terms, about a 15-word text).
+_SMALL_DOC_TERMS = 32
 # Batch transforms work in chunks so the flat Python list of term ids stays small.
 _BATCH_CHUNK = 4096
 
