@@ -1,0 +1,51 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Each creates .venv and
+# installs what it needs from pyproject.toml.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO_DATA := artifacts/demo-data
+DEMO      := artifacts/demo
+PORT ?= 8000
+
+.PHONY: demo test lint bench-peers bench-http bench-encoders clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+
+# serving + builder
+$(VENV)/.demo-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[build]'
+	touch $@
+
+# everything the tests exercise, the MiniLM export (CPU torch) included
+$(VENV)/.test-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[build,dev,export]'
+	touch $@ $(VENV)/.demo-deps
+
+## demo: synthetic corpus -> bundle -> eval -> predict -> serve on http://127.0.0.1:$(PORT)
+demo: $(VENV)/.demo-deps
+	$(BIN)/xmc synth --labels 2000 --train 8000 --test 1000 --seed 0 --out $(DEMO_DATA)
+	$(BIN)/xmc build $(DEMO_DATA)/train.jsonl --out $(DEMO) --name demo --force
+	$(BIN)/xmc eval $(DEMO) $(DEMO_DATA)/test.jsonl
+	head -n 2 $(DEMO_DATA)/test.jsonl | $(BIN)/python -c \
+	  'import json,sys; [print(json.loads(l)["text"][:300]) for l in sys.stdin]' \
+	  | $(BIN)/xmc predict $(DEMO) --top-k 3
+	@echo "serving $(DEMO) on http://127.0.0.1:$(PORT) (docs at /docs); Ctrl-C stops"
+	$(BIN)/xmc serve $(DEMO) --port $(PORT)
+
+## test: the whole suite (the same command CI runs)
+test: $(VENV)/.test-deps
+	$(BIN)/ruff check models service tests benchmarks
+	$(BIN)/pytest -q
+
+lint: $(VENV)/.test-deps
+	$(BIN)/ruff check models service tests benchmarks
+
+bench-peers: $(VENV)/.test-deps
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m benchmarks.peers ../shared/data/cooking_stackexchange \
+	  ../shared/data/reuters21578_modapte ../shared/data/delicious_mulan_bow
+
+clean:
+	rm -rf artifacts .numba_cache .pytest_cache
