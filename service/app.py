@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator
@@ -51,7 +50,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def create_app(settings: Settings | None = None, loader: Loader = default_loader) -> FastAPI:
-    """Build the ASGI app; the bundle loads in the background once the server starts.
+    """Build the ASGI app; the bundle loads (and warms up) during startup.
 
     ``loader`` maps a bundle path to a predictor (tests pass fakes; production uses
     :func:`models.load_bundle` memory-mapped).
@@ -61,11 +60,11 @@ def create_app(settings: Settings | None = None, loader: Loader = default_loader
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        load_task = asyncio.create_task(runtime.load())
         try:
+            await runtime.load()
             yield
         finally:
-            load_task.cancel()
+            runtime.status = "stopping"
             await runtime.close()
 
     app = FastAPI(

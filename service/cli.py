@@ -1,6 +1,7 @@
 """``xmc serve BUNDLE_DIR``: run the prediction service with uvicorn.
 
-``models/cli.py`` imports this lazily, so the builder's CLI never pays for the web stack.
+``models/cli.py`` imports this module to build its parser: keep the top-level imports cheap
+(the web stack is imported only when serving).
 """
 
 from __future__ import annotations
@@ -8,11 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
-
-from pydantic import ValidationError
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,12 +49,22 @@ def serve_command(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[name] = value
 
+    from pydantic import ValidationError
+
+    import models
     from service.settings import Settings
 
     try:
         settings = Settings()
     except ValidationError as exc:
         print(f"xmc serve: bad setting: {exc}", file=sys.stderr)
+        return 2
+    # Fail fast on a corrupt bundle here, once, rather than in every worker (uvicorn would
+    # restart workers that die at startup). Memory-mapped: this costs little.
+    try:
+        models.load_bundle(str(bundle), mmap=True).close()
+    except models.XMCError as exc:
+        print(f"xmc serve: cannot load {bundle}: {exc}", file=sys.stderr)
         return 2
 
     metrics_dir = None
@@ -68,6 +78,10 @@ def serve_command(args: argparse.Namespace) -> int:
     from service.middleware import configure_logging
 
     configure_logging(settings.log_level)
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was
+    # there before it: make that a clean exit, so `finally` runs and the status is 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     try:
         uvicorn.run(
             "service.app:create_app_from_env",
@@ -86,6 +100,10 @@ def serve_command(args: argparse.Namespace) -> int:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,9 @@
 """The one object routes talk to: the loaded predictor, the cache and the prediction threads.
 
-Loading runs in the background at startup so liveness answers at once and readiness turns
-true only when the bundle is loaded *and* one warm-up prediction ran (kernels compiled).
+The bundle is loaded and warmed up (kernels compiled, one prediction run) during the app's
+startup, before uvicorn accepts a connection. With several workers sharing one socket this
+is what keeps a still-loading worker from taking requests; a bundle that cannot load stops
+the server with its error instead of leaving it alive and never ready.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ class Runtime:
         self.status = "loading"
         self.detail: str | None = None
         self.model_ref: dict[str, str] | None = None
-        self.ready = asyncio.Event()
         self.executor = ThreadPoolExecutor(
             max_workers=settings.predict_threads, thread_name_prefix="xmc-predict"
         )
@@ -52,7 +53,8 @@ class Runtime:
         )
 
     async def load(self) -> None:
-        """Load the bundle and warm it up off the event loop; never raises."""
+        """Load the bundle and warm it up off the event loop; raises what the loader raised
+        (:class:`models.BundleError` for a missing or corrupt bundle)."""
         loop = asyncio.get_running_loop()
         path = self.settings.bundle_path
         try:
@@ -64,14 +66,13 @@ class Runtime:
             self.status = "failed"
             self.detail = str(exc)
             log.error("bundle failed to load: %s", exc)
-            return
+            raise
         self.predictor = predictor
         self.model_ref = {"name": predictor.name, "version": predictor.version}
         metrics.MODEL_INFO.labels(
             predictor.name, predictor.version, str(predictor.n_labels), str(predictor.n_features)
         ).set(1)
         self.status = "ready"
-        self.ready.set()
         log.info(
             "model ready",
             extra={"fields": {"model": predictor.name, "version": predictor.version}},

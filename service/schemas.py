@@ -104,7 +104,7 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: str = Field(description="ready, loading or failed.")
+    status: str = Field(description="ready; loading, failed or stopping answer 503.")
     model: ModelRef | None
     cache: CacheState
     detail: str | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -103,10 +102,24 @@ def test_health_and_ready(client: TestClient, predictor: Any) -> None:
     assert body["cache"] == {"backend": "in-process", "state": "ok"}
 
 
-def test_not_ready_until_loaded(make_client: Callable[..., TestClient], tmp_path: Any) -> None:
-    """A bundle that fails to load: alive, never ready, predict answers 503."""
-    from fastapi.testclient import TestClient as TC
+def test_ready_only_after_warm_up(make_client: Callable[..., TestClient], predictor: Any) -> None:
+    events: list[str] = []
 
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(predictor, name)
+
+        def warm_up(self) -> None:
+            events.append("warm_up")
+            predictor.warm_up()
+
+    c = make_client(loader=lambda path: Recording())
+    assert events == ["warm_up"]
+    assert c.get("/readyz").json()["status"] == "ready"
+
+
+def test_bad_bundle_stops_startup(tmp_path: Any) -> None:
+    """A bundle that cannot load fails startup with its BundleError (fail fast)."""
     import models
     from service.app import create_app
     from service.settings import Settings
@@ -115,17 +128,8 @@ def test_not_ready_until_loaded(make_client: Callable[..., TestClient], tmp_path
         Settings(bundle_path=tmp_path / "missing", access_log=False),
         loader=lambda path: models.load_bundle(path),
     )
-    with TC(app) as c:
-        for _ in range(1000):
-            ready = c.get("/readyz")
-            if ready.json()["status"] != "loading":
-                break
-            time.sleep(0.01)
-        assert ready.status_code == 503
-        assert ready.json()["status"] == "failed"
-        assert c.get("/healthz").status_code == 200
-        r = c.post("/v1/predict", json={"text": "anything"})
-        assert_problem(r, 503)
+    with pytest.raises(models.BundleError), TestClient(app):
+        pass
 
 
 def test_cache_state_none(make_client: Callable[..., TestClient]) -> None:
