@@ -17,11 +17,13 @@ from models import bundle as bundle_io
 from models.errors import BundleError, InvalidInputError
 from models.features import FeatureEncoder, require_text
 from models.params import POST_PROCESSORS
-from models.search import predict_rows
+from models.search import build_dense_maps, predict_rows
 from models.tree import Ensemble
 
 #: below this many documents a batch runs on the calling thread
 _PARALLEL_MIN_DOCS = 64
+#: per-process memory for direct feature maps of the widest chunks (see build_dense_maps)
+DENSE_MAP_MB = 128
 
 
 class Predictor:
@@ -33,7 +35,8 @@ class Predictor:
 
     def __init__(self, path: Path, manifest: dict[str, Any], ensemble: Ensemble,
                  label_names: list[str], encoder: FeatureEncoder | None,
-                 label_counts: np.ndarray, *, threads: int | None = None) -> None:
+                 label_counts: np.ndarray, *, threads: int | None = None,
+                 dense_map_mb: int = DENSE_MAP_MB) -> None:
         self.path = path
         self.manifest = manifest
         self.ensemble = ensemble
@@ -46,14 +49,19 @@ class Predictor:
         self.default_beam_size = int(params.get("beam_size", 10))
         self.max_children = ensemble.max_children()
         self.threads = threads or min(2, os.cpu_count() or 1)
+        dense_off, dense_map = build_dense_maps(
+            np.asarray(ensemble.chunk_ptr), np.asarray(ensemble.chunk_feat),
+            np.asarray(ensemble.row_ptr), self.n_features, dense_map_mb << 20)
         self._scratch = threading.local()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._arrays = (
+        # plain ndarray views of the (memory-mapped) arrays: numba types an exact ndarray on
+        # its fast path, a np.memmap subclass on a slow one, at every call
+        self._arrays = tuple(np.asarray(a) for a in (
             ensemble.tree_root, ensemble.tree_depth, ensemble.child_ptr, ensemble.parent,
             ensemble.chunk_ptr, ensemble.chunk_feat, ensemble.row_ptr, ensemble.entry_child,
             ensemble.entry_val, ensemble.bias, ensemble.node_label, ensemble.label_node,
-        )
+        )) + (dense_off, dense_map)
 
     # ----------------------------------------------------------------- loading
     @classmethod
