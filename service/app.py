@@ -286,7 +286,10 @@ class _Scorer:
         cached = [answer is not None for answer in found]
         if not miss_texts:
             return found, cached, None  # type: ignore[return-value]
-        scored = await runtime.predict(miss_texts, params.top_k, params.beam_size)
+        if len(miss_texts) == 1 and len(texts) == 1:
+            scored = [await runtime.predict_one(miss_texts[0], params.top_k, params.beam_size)]
+        else:
+            scored = await runtime.predict(miss_texts, params.top_k, params.beam_size)
         answers = [
             answer if answer is not None else scored[miss_index[key]]
             for key, answer in zip(keys, found, strict=True)

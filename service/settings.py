@@ -36,6 +36,12 @@ class Settings(BaseSettings):
         le=64,
         description="Threads per worker that run predictions, off the event loop.",
     )
+    coalesce_max_docs: int = Field(
+        default=64,
+        ge=1,
+        description="Most single-text requests scored together in one predict call when "
+        "they arrive while every prediction thread is busy (1 = never group).",
+    )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         default="info", description="Level of the service's and uvicorn's logs."
     )
