@@ -224,15 +224,23 @@ def _num(value: float | None, fmt: str) -> str:
     return format(value, fmt)
 
 
+def _load(row: Mapping) -> str:
+    """1-minute load average when the runner started and ended: above the core count, other
+    jobs on the shared machine were competing for it and the timings are pessimistic."""
+    start, end = row.get("loadavg_start"), row.get("loadavg_end")
+    return f"{start[0]:.1f}→{end[0]:.1f}" if start and end else "–"
+
+
 def markdown_table(fs: FeatureSet, rows: Mapping[str, dict]) -> str:
     head = ("| library | P@1 | P@3 | P@5 | nDCG@5 | PSP@5 | train s (after features) "
-            "| peak RSS MB | model MB | 1-doc p50 ms | 1-doc p99 ms | batch docs/s |")
-    lines = [head, "|" + "---|" * 12]
+            "| peak RSS MB | model MB | 1-doc p50 ms | 1-doc p99 ms | batch docs/s "
+            "| load avg |")
+    lines = [head, "|" + "---|" * 13]
     for peer in PEERS:
         row = rows.get(peer, {"missing": "pending"})
         title = PEER_TITLES[peer]
         if "missing" in row:
-            lines.append(f"| {title} | {row['missing']} |" + " |" * 10)
+            lines.append(f"| {title} | {row['missing']} |" + " |" * 11)
             continue
         acc = [_num(100 * row[k], ".1f") for k in ACCURACY_KEYS]
         if peer == "ours" and row.get("n_runs", 1) > 1:
@@ -245,7 +253,7 @@ def markdown_table(fs: FeatureSet, rows: Mapping[str, dict]) -> str:
             f"| {title} | " + " | ".join(acc) + f" | {train} | "
             f"{_num(row['peak_rss_mb'], '.0f')} | {_num(row['model_mb'], '.1f')} | "
             f"{_num(row['latency_p50_ms'], '.3f')} | {_num(row['latency_p99_ms'], '.3f')} | "
-            f"{_num(row['batch_docs_per_s'], ',.0f')} |"
+            f"{_num(row['batch_docs_per_s'], ',.0f')} | {_load(row)} |"
         )
     return "\n".join(lines)
 
@@ -269,6 +277,12 @@ def dataset_block(fs: FeatureSet, rows: Mapping[str, dict]) -> str:
         markdown_table(fs, rows),
         "",
     ]
+    pecos = rows.get("pecos", {})
+    if pecos.get("latency_1thread_p50_ms") is not None:
+        lines[-1:-1] = [
+            f"PECOS one-document latency with 1 thread instead of {pecos.get('threads', 'all')}"
+            f" (no OpenMP barrier): p50 {pecos['latency_1thread_p50_ms']:.3f} ms, "
+            f"p99 {pecos['latency_1thread_p99_ms']:.3f} ms.", ""]
     return "\n".join(lines)
 
 
@@ -305,8 +319,9 @@ def replace_section(text: str, heading: str, body: str) -> str:
 def section_body(blocks: Sequence[str], commands: Sequence[str], threads: int) -> str:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     intro = f"""Machine: {machine_description()}; run {now}; {threads} thread(s) for every
-library. The machine is shared with other jobs, so timings carry noise (each runner records
-the load average in its `result.json`).
+library. The machine is shared with other jobs, so timings carry noise: the last column is
+the 1-minute load average when each runner started and ended; above {os.cpu_count()} other
+jobs were competing for the cores and that row's timings are pessimistic.
 
 How it is run: features are built once per dataset (`benchmarks/features.py`) and written as
 npz; each library then trains and predicts in its own subprocess
@@ -324,7 +339,8 @@ test labels never seen in training count as misses. Training seconds start from 
 feature matrix (the peers' TF-IDF fit is given once per dataset); ours builds from the raw
 text and its TF-IDF fit time is shown beside its training time. Peak RSS is the runner
 process's maximum resident set (`resource.getrusage`, training included). Model MB is the
-saved model on disk. Single-document latency (p50/p99 over up to 1,000 test documents, one
+saved model on disk (ours: the whole bundle, TF-IDF vocabulary included; the peers' models
+hold no vectorizer). Single-document latency (p50/p99 over up to 1,000 test documents, one
 at a time, after 50 warm-up calls): **ours from raw text, encoding included**; the peers
 from the feature vector (search only). Batch docs/s: the whole test set in one call (omikuji
 has no batch call: its one-document calls from as many Python threads as cores); ours
@@ -342,11 +358,34 @@ def dataset_registry(root: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def register_dataset(root: Path, name: str, data_dir: Path, label_field: str) -> None:
+def synth_name(n_labels: int) -> str:
+    size = f"{n_labels // 1000}k" if n_labels % 1000 == 0 else str(n_labels)
+    return f"synth_{size}_labels"
+
+
+def synth_corpus(root: Path, n_labels: int, n_test: int = 5000) -> tuple[Path, str]:
+    """Write (once) the synthetic corpus of the brief: N labels, 4N train, 5,000 test docs."""
+    out = root.parent / "synth" / synth_name(n_labels)
+    cmd = [str(Path(sys.executable).with_name("xmc")), "synth", "--labels", str(n_labels),
+           "--train", str(4 * n_labels), "--test", str(n_test), "--seed", "0", "--out",
+           str(out)]
+    shown = "xmc " + " ".join(cmd[1:-1]) + f" {out.relative_to(HERE.parent)}"
+    if not ((out / "train.jsonl").is_file() and (out / "test.jsonl").is_file()):
+        print(f"== writing {shown}", flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out, shown
+
+
+def register_dataset(root: Path, name: str, data_dir: Path, label_field: str,
+                     made_by: str | None = None) -> None:
     """Remember every benchmarked dataset (in first-run order) for the RESULTS section."""
     entries = [e for e in dataset_registry(root) if e["name"] != name]
     old = [e for e in dataset_registry(root) if e["name"] == name]
     entry = {"name": name, "data_dir": str(data_dir), "label_field": label_field}
+    if made_by:
+        entry["made_by"] = made_by
+    elif old and old[0].get("made_by"):
+        entry["made_by"] = old[0]["made_by"]
     if old:
         entries.insert(dataset_registry(root).index(old[0]), entry)
     else:
@@ -368,8 +407,11 @@ def all_commands(root: Path) -> list[str]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data_dirs", nargs="+", type=Path,
+    ap.add_argument("data_dirs", nargs="*", type=Path,
                     help="dataset folders: train/test .jsonl (text) or .txt (XC features)")
+    ap.add_argument("--synth", nargs="+", type=int, default=[], metavar="N_LABELS",
+                    help="also benchmark synthetic corpora made by `xmc synth --labels N "
+                         "--train 4N --test 5000 --seed 0` (written once under the work dir)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                     help="seeds of our builds (accuracy is their mean); peers run once with "
                          "the first")
@@ -386,6 +428,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work-dir", type=Path, default=WORK_ROOT)
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     args = ap.parse_args(argv)
+    if not args.data_dirs and not args.synth:
+        ap.error("give at least one DATA_DIR or --synth N")
     args.peers = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(args.peers) - set(PEERS)
     if unknown:
@@ -398,9 +442,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     command_line = ".venv/bin/python -m benchmarks.peers " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     root: Path = args.work_dir
-    for data_dir in args.data_dirs:
+    made_by: dict[Path, str] = {}
+    for n_labels in args.synth:
+        data_dir, cmd = synth_corpus(root, n_labels)
+        made_by[data_dir] = cmd
+    for data_dir in [*args.data_dirs, *made_by]:
         fs = prepare(data_dir, root, label_field=args.label_field)
-        register_dataset(root, fs.name, fs.data_dir, args.label_field)
+        register_dataset(root, fs.name, fs.data_dir, args.label_field,
+                         made_by.get(Path(data_dir)))
         print(f"== {fs.name}: {fs.n_train_docs} train / {fs.n_test_docs} test docs, "
               f"{len(fs.label_names)} labels, {fs.n_features} features", flush=True)
         for peer in args.peers:
@@ -417,10 +466,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_write:
         return 0
     blocks = []
+    synth_cmds = [e["made_by"] for e in dataset_registry(root) if e.get("made_by")]
     for entry in dataset_registry(root):
         fs = prepare(entry["data_dir"], root, label_field=entry["label_field"])
         blocks.append(dataset_block(fs, collect(root / fs.name, fs)))
-    body = section_body(blocks, all_commands(root), args.threads)
+    body = section_body(blocks, [*synth_cmds, *all_commands(root)], args.threads)
     RESULTS_MD.write_text(replace_section(RESULTS_MD.read_text(), SECTION, body))
     print(f"wrote {RESULTS_MD.relative_to(HERE.parent)} ({SECTION[3:]})")
     return 0

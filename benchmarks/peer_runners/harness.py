@@ -32,6 +32,8 @@ WARMUP_DOCS = 50
 
 # The machine is shared: the load average at start and end says how busy it was.
 _LOAD_AT_START = os.getloadavg()
+# The run's settings, recorded with every result.
+_RUN: dict[str, int] = {}
 
 
 def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
@@ -49,6 +51,7 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
         extra(ap)
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    _RUN.update(threads=args.threads, top_k=args.top_k, beam=args.beam, seed=args.seed)
     return args
 
 
@@ -149,6 +152,7 @@ def write_result(out_dir: Path, *, peer: str, version: str, params: dict, train_
         "latency_p99_ms": p99,
         "latency_docs": n_lat,
         "batch_docs_per_s": batch_docs_per_s,
+        **_RUN,
         "notes": list(notes),
         "loadavg_start": list(_LOAD_AT_START),
         "loadavg_end": list(os.getloadavg()),
