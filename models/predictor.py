@@ -57,11 +57,11 @@ class Predictor:
         self._pool_lock = threading.Lock()
         # plain ndarray views of the (memory-mapped) arrays: numba types an exact ndarray on
         # its fast path, a np.memmap subclass on a slow one, at every call
-        self._arrays = tuple(np.asarray(a) for a in (
+        self._arrays = (*(np.asarray(a) for a in (
             ensemble.tree_root, ensemble.tree_depth, ensemble.child_ptr, ensemble.parent,
             ensemble.chunk_ptr, ensemble.chunk_feat, ensemble.row_ptr, ensemble.entry_child,
             ensemble.entry_val, ensemble.bias, ensemble.node_label, ensemble.label_node,
-        )) + (dense_off, dense_map)
+        )), dense_off, dense_map)
 
     # ----------------------------------------------------------------- loading
     @classmethod

@@ -195,10 +195,10 @@ def _predict_doc(xi, xv, xdense, tree_root, tree_depth, child_ptr, parent, chunk
         lab = union[u]
         total = 0.0
         for t in range(n_trees):
-            total += np.exp(_path_log_score(t, label_node[t, lab], xi, xv, xdense, tree_depth, child_ptr,
-                                 parent, chunk_ptr, chunk_feat, row_ptr, entry_child,
-                                 entry_val, bias, dense_off, dense_map, post, exp_parent,
-                                 exp_path, exp_off, n_exp, node_score, z))
+            total += np.exp(_path_log_score(
+                t, label_node[t, lab], xi, xv, xdense, tree_depth, child_ptr, parent,
+                chunk_ptr, chunk_feat, row_ptr, entry_child, entry_val, bias, dense_off,
+                dense_map, post, exp_parent, exp_path, exp_off, n_exp, node_score, z))
         n_out = _insert_top(out_label, out_score, n_out, top_k, lab, total / n_trees)
     return n_out
 
@@ -266,7 +266,7 @@ def build_dense_maps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_ptr: np.
     for k, node in enumerate(chosen):
         r0, r1 = int(chunk_ptr[node]), int(chunk_ptr[node + 1])
         first_row = np.searchsorted(chunk_feat[r0:r1], grid)  # first row with feature >= f
-        dense_map[k * (n_features + 1):(k + 1) * (n_features + 1)] = (
-            row_ptr[r0 + first_row] - row_ptr[r0])
+        span = slice(k * (n_features + 1), (k + 1) * (n_features + 1))
+        dense_map[span] = row_ptr[r0 + first_row] - row_ptr[r0]
         dense_off[node] = k * (n_features + 1)
     return dense_off, dense_map

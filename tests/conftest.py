@@ -12,21 +12,19 @@ os.environ.setdefault("NUMBA_BOUNDSCHECK", "1")
 os.environ.setdefault(
     "NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".numba_cache" / "tests"))
 
-import pytest  # noqa: E402
+import pytest
 
-from models.data import Corpus  # noqa: E402
-from models.params import BuildParams, ClusterParams  # noqa: E402
+from models.data import Corpus
+from models.params import BuildParams, ClusterParams
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# small enough to build in seconds, deep enough (3 layers, 3 trees) to exercise the beam
-TINY_BUILD = dict(n_trees=3, seed=0,
-                  cluster=ClusterParams(branching_factor=4, max_leaf_size=6))
-
-
 def tiny_params(**overrides) -> BuildParams:
-    return BuildParams(**{**TINY_BUILD, **overrides})
+    """Small enough to build in seconds, deep enough (3 layers, 3 trees) to exercise the
+    beam; a fresh object each call, so a test may change it freely."""
+    base = dict(n_trees=3, seed=0, cluster=ClusterParams(branching_factor=4, max_leaf_size=6))
+    return BuildParams(**{**base, **overrides})
 
 
 def corpus_from_docs(docs: list[dict]) -> Corpus:

@@ -53,7 +53,7 @@ def as_dense(result: list[list[tuple[str, float]]], predictor) -> list[dict[int,
 @pytest.fixture(scope="module")
 def test_rows(tiny_predictor, tiny_corpus):
     _, test = tiny_corpus
-    texts = test.texts[:25] + ["", "qqqq zzzz unknownword"]
+    texts = [*test.texts[:25], "", "qqqq zzzz unknownword"]
     return texts, tiny_predictor.encode(texts)
 
 
