@@ -114,7 +114,7 @@ def test_xc_format_reader_and_feature_bundle(tmp_path):
     ranked = predictor.predict_features(corpus.features[:1], top_k=2)
     assert len(ranked[0]) == 2
     bad = write_lines(tmp_path / "bad.txt", ["1 5 3", "0 9:1"])
-    with pytest.raises(DataError, match="bad.txt:2"):
+    with pytest.raises(DataError, match=r"bad\.txt:2"):
         read_corpus(bad)
 
 
