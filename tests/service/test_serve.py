@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,10 +18,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service.conftest import free_port
-
 REPO = Path(__file__).resolve().parents[2]
 XMC = Path(sys.executable).parent / "xmc"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_http_ready(base: str, proc: subprocess.Popen[bytes], deadline_s: float = 180) -> None:
