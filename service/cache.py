@@ -141,12 +141,15 @@ class RedisCache:
         backoff_initial: float = 1.0,
         backoff_max: float = 30.0,
     ) -> None:
-        from redis.asyncio import ConnectionPool, Redis
+        from redis.asyncio import BlockingConnectionPool, Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        pool = ConnectionPool.from_url(
+        # Blocking pool: a burst waits (at most the timeout) for a free connection instead
+        # of failing with "too many connections", which would trip the back-off.
+        pool = BlockingConnectionPool.from_url(
             url,
+            timeout=timeout_seconds,
             socket_timeout=timeout_seconds,
             socket_connect_timeout=timeout_seconds,
             max_connections=max_connections,

@@ -55,8 +55,9 @@ class BatchRequest(PredictParams):
 class Label(BaseModel):
     label: str = Field(description="Label name as in the training data.")
     score: float = Field(
-        description="Estimated probability that the label applies, in (0, 1]; the product "
-        "of the calibrated node probabilities on the label's path in the tree."
+        description="Confidence in (0, 1], higher is better: the mean over the bundle's "
+        "trees of the product of the node scores on the label's root-to-leaf path. "
+        "Comparable within one model version; not a calibrated probability."
     )
 
 

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         "never slows a request by more than this.",
     )
     redis_max_connections: int = Field(
-        default=64, ge=1, description="Size of each worker's Redis connection pool."
+        default=128, ge=1, description="Size of each worker's Redis connection pool."
     )
     cache_ttl_seconds: int = Field(
         default=3600, ge=1, description="Lifetime of one cached answer in Redis or the LRU."
