@@ -116,7 +116,10 @@ def build(
             manifest: dict[str, Any] = {
                 "format_version": bundle_io.FORMAT_VERSION,
                 "name": name or out_dir.name,
-                "version": bundle_io.content_hash(tmp, param_dict, encoder_files),
+                # threads changes how fast, never what is built: not part of the identity
+                "version": bundle_io.content_hash(
+                    tmp, {k: v for k, v in param_dict.items() if k != "threads"},
+                    encoder_files),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "params": param_dict,
                 "n_labels": len(label_names),

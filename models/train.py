@@ -14,6 +14,7 @@ import logging
 import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 
 import numba
 import numpy as np
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @numba.njit(nogil=True, cache=True)
 def _train_chunk(indptr, indices, data, n_local, pos_indptr, pos_child, n_children,
-                 C, eps, max_iter, bias, threshold, seed):  # pragma: no cover - compiled
+                 C, eps, max_iter, bias, threshold, seed, child_offset):
     n = indptr.shape[0] - 1
     y = np.full((n_children, n), -1, dtype=np.int8)
     for i in range(n):
@@ -60,7 +61,8 @@ def _train_chunk(indptr, indices, data, n_local, pos_indptr, pos_child, n_childr
             index[i] = i
         active = n
         pg_max_old = np.inf
-        state = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(c + 1)
+        # seeded by the child's own index, so the model is the same however jobs are split
+        state = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(child_offset + c + 1)
         for _ in range(max_iter):
             pg_max_new = -np.inf
             pg_min_new = np.inf
@@ -171,6 +173,36 @@ def _layer_structure(tree: LabelTree) -> list[tuple[np.ndarray, np.ndarray]]:
     return layers
 
 
+def _plan_jobs(parent_docs: sp.csc_matrix, counts: np.ndarray,
+               threads: int) -> list[tuple[int, int, int]]:
+    """(parent, first child, end child) jobs, biggest first. A parent whose work (documents x
+    children) exceeds a fair share is split by children, so that a layer with few parents
+    (the root's) still keeps every thread busy."""
+    n_docs = np.diff(parent_docs.indptr)
+    work = n_docs * counts
+    share = max(1, int(work.sum() // (4 * threads)))
+    jobs = []
+    for p in np.argsort(-work, kind="stable"):
+        n_groups = int(min(counts[p], max(1, -(-int(work[p]) // share))))
+        bounds = np.linspace(0, counts[p], n_groups + 1).astype(int)
+        jobs.extend((int(p), int(lo), int(hi)) for lo, hi in pairwise(bounds) if hi > lo)
+    return jobs
+
+
+def _merge_pieces(pieces: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Join the chunk parts of one parent trained by several jobs (rows sorted by feature,
+    children ascending within a row)."""
+    if len(pieces) == 1:
+        _, rows, row_len, e_child, e_val = pieces[0]
+        return rows, row_len, e_child, e_val
+    feat = np.concatenate([np.repeat(rows, row_len) for _, rows, row_len, _, _ in pieces])
+    child = np.concatenate([c for *_, c, _ in pieces])
+    val = np.concatenate([v for *_, v in pieces])
+    order = np.lexsort((child, feat))
+    rows, row_len = np.unique(feat[order], return_counts=True)
+    return rows.astype(np.int32), row_len.astype(np.int64), child[order], val[order]
+
+
 def train_tree(
     X: sp.csr_matrix,
     Y: sp.csr_matrix,
@@ -219,37 +251,48 @@ def train_tree(
         node_docs = (Y @ M).tocsr()
         node_docs.data[:] = 1.0
         child_start = np.concatenate(([0], np.cumsum(counts)))
-        jobs = sorted(
-            range(parent_docs.shape[1]),
-            key=lambda p: -(parent_docs.indptr[p + 1] - parent_docs.indptr[p]),
-        )
+        jobs = _plan_jobs(parent_docs, counts, threads)
+        prepared: dict[int, tuple] = {}
 
-        def run(p: int, node_docs=node_docs, child_start=child_start, pd=parent_docs):
+        def prepare(p: int, pd=parent_docs, node_docs=node_docs, child_start=child_start):
             docs = pd.indices[pd.indptr[p] : pd.indptr[p + 1]]
             Xp = X[docs]
             used, local = np.unique(Xp.indices, return_inverse=True)
-            pos = node_docs[docs][:, child_start[p] : child_start[p + 1]].tocsr()
-            pos.sort_indices()
-            out = _train_chunk(
-                Xp.indptr.astype(np.int64), local.astype(np.int32), Xp.data, len(used),
-                pos.indptr.astype(np.int64), pos.indices.astype(np.int32),
-                int(child_start[p + 1] - child_start[p]), params.C, params.eps,
-                params.max_iter, params.bias, params.weight_threshold, seed * 1_000_003 + p,
+            pos = node_docs[docs][:, child_start[p] : child_start[p + 1]].tocsc()
+            return Xp.indptr.astype(np.int64), local.astype(np.int32), Xp.data, used, pos
+
+        # parents split over several jobs share one preparation, made up front
+        for p in {p for p, lo, hi in jobs if hi - lo < counts[p]}:
+            prepared[p] = prepare(p)
+
+        def run(job: tuple[int, int, int], prepared=prepared, prepare=prepare,
+                child_start=child_start, first=first):
+            p, lo, hi = job
+            indptr, local, data, used, pos = prepared.get(p) or prepare(p)
+            part = pos[:, lo:hi].tocsr()
+            part.sort_indices()
+            rows, row_len, e_child, e_val, b = _train_chunk(
+                indptr, local, data, len(used), part.indptr.astype(np.int64),
+                part.indices.astype(np.int32), hi - lo, params.C, params.eps,
+                params.max_iter, params.bias, params.weight_threshold, seed,
+                first + int(child_start[p]) + lo,
             )
-            rows, row_len, e_child, e_val, b = out
-            return p, used[rows].astype(np.int32), row_len, e_child, e_val, b
+            return p, lo, used[rows].astype(np.int32), row_len, e_child + lo, e_val, b
 
         t0 = time.perf_counter()
+        parts: dict[int, list] = {}
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            results = pool.map(run, jobs)
-            for p, rows, row_len, e_child, e_val, b in tqdm(
-                results, total=len(jobs), desc=f"{desc} layer {depth + 1}/{len(layers)}",
-                leave=False, mininterval=1.0,
+            for p, lo, rows, row_len, e_child, e_val, b in tqdm(
+                pool.map(run, jobs), total=len(jobs),
+                desc=f"{desc} layer {depth + 1}/{len(layers)}", leave=False, mininterval=1.0,
             ):
-                node = parent_first + p
-                chunk_rows[node], chunk_row_len[node] = rows, row_len
-                chunk_child[node], chunk_val[node] = e_child, e_val
-                bias[first + child_start[p] : first + child_start[p + 1]] = b
+                parts.setdefault(p, []).append((lo, rows, row_len, e_child, e_val))
+                bias[first + child_start[p] + lo : first + child_start[p] + lo + len(b)] = b
+        for p, pieces in parts.items():
+            node = parent_first + p
+            rows, row_len, e_child, e_val = _merge_pieces(pieces)
+            chunk_rows[node], chunk_row_len[node] = rows, row_len
+            chunk_child[node], chunk_val[node] = e_child, e_val
         log.info(
             "%s layer %d/%d: %d nodes, %.2fs, peak RSS %.0f MB", desc, depth + 1, len(layers),
             n_here, time.perf_counter() - t0,

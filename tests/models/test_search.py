@@ -136,3 +136,12 @@ def test_one_level_tree_is_one_vs_all(tmp_path, tiny_corpus):
     for d, row in enumerate(got):
         top = np.argsort(-ref[d], kind="stable")[:3]
         assert np.allclose(sorted(row.values(), reverse=True), ref[d, top], atol=1e-6)
+
+
+def test_model_does_not_depend_on_thread_count(tmp_path, tiny_corpus, tiny_predictor):
+    train, _ = tiny_corpus
+    one = models.load_bundle(build(train, tmp_path / "one", tiny_params(threads=1)))
+    three = models.load_bundle(build(train, tmp_path / "three", tiny_params(threads=3)))
+    for name, arr in one.ensemble.arrays().items():
+        assert np.array_equal(arr, three.ensemble.arrays()[name]), name
+    assert one.version == three.version == tiny_predictor.version
