@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
+from models.errors import NoTextEncoderError
 from service import metrics
 from service.cache import Answer, cache_key, normalize_text
 from service.errors import (
@@ -264,8 +265,13 @@ class _Scorer:
         self, texts: list[str], params: PredictParams
     ) -> tuple[list[Answer], list[bool], BackgroundTask | None]:
         runtime, settings = self.runtime, self.settings
+        predictor = runtime.require_predictor()
+        if not predictor.has_text_encoder:
+            raise NoTextEncoderError(
+                "this bundle was built from feature vectors and has no text encoder"
+            )
         normalized = [normalize_text(t) for t in texts]
-        version = runtime.require_predictor().version
+        version = predictor.version
         keys = [
             cache_key(settings.cache_prefix, version, t, params.top_k, params.beam_size)
             for t in normalized

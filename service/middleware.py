@@ -6,11 +6,12 @@ Pure ASGI (not ``BaseHTTPMiddleware``) because it sits on every request's hot pa
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -25,6 +26,15 @@ log = logging.getLogger("xmc.service")
 
 # A client-sent id is echoed only if it is short and harmless in logs and headers.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+# Our own ids: a random per-process prefix and a counter, 32 hex digits like a uuid4 but
+# without a urandom call per request (uuid4 showed up in the request-path profile).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count()
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class JSONFormatter(logging.Formatter):
@@ -79,7 +89,7 @@ class RequestContextMiddleware:
             elif name == b"content-length":
                 content_length = value
         if request_id is None:
-            request_id = uuid.uuid4().hex
+            request_id = _new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500

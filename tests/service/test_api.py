@@ -274,3 +274,36 @@ def test_docs_render_offline(client: TestClient) -> None:
         "beam_size",
         "min_score",
     }
+
+
+def test_bundle_without_text_encoder_gives_422(
+    make_client: Callable[..., TestClient], predictor: Any
+) -> None:
+    class FeaturesOnly:
+        has_text_encoder = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(predictor, name)
+
+    c = make_client(loader=lambda path: FeaturesOnly())
+    problem = assert_problem(c.post("/v1/predict", json={"text": "some text"}), 422)
+    assert "text encoder" in problem["detail"]
+    assert_problem(c.post("/v1/predict/batch", json={"documents": [{"text": "x"}]}), 422)
+    assert c.get("/v1/model").status_code == 200
+
+
+def test_model_error_maps_to_its_status(
+    make_client: Callable[..., TestClient], predictor: Any
+) -> None:
+    import models
+
+    class Refusing:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(predictor, name)
+
+        def predict(self, texts: Any, **kwargs: Any) -> Any:
+            raise models.InvalidInputError("refused by the model")
+
+    c = make_client(loader=lambda path: Refusing())
+    problem = assert_problem(c.post("/v1/predict", json={"text": "some text"}), 422)
+    assert problem["detail"] == "refused by the model"
