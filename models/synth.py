@@ -81,7 +81,7 @@ class SynthParams:
     """Share drawn from the anchor's topic; the rest come from the whole label set."""
     background_share: float = 0.7
     """Share of a document's words from the background vocabulary."""
-    confuser_share: float = 0.15
+    confuser_share: float = 0.16
     """Share of words belonging to unassigned labels of the first label's topic (documents
     mention related concepts; this is what makes siblings hard to tell apart)."""
     level_mix: tuple[float, float, float] = (0.6, 0.25, 0.15)
