@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -101,16 +102,19 @@ def build(
         with stages("pifa"):
             Z = pifa_embeddings(X, Y)
         trees = []
+        cpu_train = time.process_time()
         for t in range(params.n_trees):
             with stages(f"cluster_tree{t}"):
                 tree = build_tree(Z, params.cluster, seed=params.seed + t)
             with stages(f"train_tree{t}"):
                 trees.append(train_tree(X, Y, tree, params.ranker, seed=params.seed + t,
                                         threads=threads, desc=f"tree {t + 1}/{params.n_trees}"))
+        cpu_train = time.process_time() - cpu_train
         ensemble = Ensemble.concatenate(trees) if len(trees) > 1 else trees[0]
         with stages("write"):
             bundle_io.write_arrays(tmp, ensemble, label_names, label_counts)
             entries = encoder.save(tmp) if encoder is not None else []
+            shutil.rmtree(tmp / "_export", ignore_errors=True)  # the dense export's scratch
             encoder_files = [f for e in entries for f in e.get("files", [])]
             param_dict = params.to_dict()
             manifest: dict[str, Any] = {
@@ -134,6 +138,7 @@ def build(
             "seconds": round(build_seconds, 3),
             "threads": threads,
             "stages": stages.records,
+            "cpu_seconds_train": round(cpu_train, 3),
             "n_weights": int(ensemble.entry_val.shape[0]),
         }
         if test is not None:
@@ -146,8 +151,6 @@ def build(
             predictor.close()
         bundle_io.finalize(tmp, out_dir, manifest, force=force)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("bundle %s (version %s) built in %.1fs", out_dir, manifest["version"],
@@ -190,9 +193,12 @@ def _dense_encoder(params: BuildParams, folder: Path):
         model, tokenizer = Path(info["model_path"]), Path(info["tokenizer_path"])
     else:
         model = Path(spec)
-        tokenizer = model.parent / "tokenizer.json"
-        if not model.is_file() or not tokenizer.is_file():
-            raise InvalidInputError(f"{spec}: need an .onnx file with tokenizer.json beside it")
+        candidates = [model.parent / "tokenizer.json", model.with_suffix(".tokenizer.json")]
+        tokenizer = next((c for c in candidates if c.is_file()), None)
+        if not model.is_file() or tokenizer is None:
+            raise InvalidInputError(
+                f"{spec}: need an .onnx file with tokenizer.json (or "
+                f"{model.stem}.tokenizer.json) beside it")
         if params.int8:
             from models.export import quantize_int8
 

@@ -1,0 +1,96 @@
+"""TF-IDF fused with a dense ONNX encoder: build, save, load, predict (tiny ONNX model)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import models
+from models.builder import build
+from models.errors import BundleError
+from tests.conftest import corpus_from_docs, tiny_params
+from tests.models.test_builder import learnable_docs
+from tests.models.tiny_onnx import make_tiny_encoder
+
+
+@pytest.fixture(scope="module")
+def fused_bundle(tmp_path_factory, tiny_corpus):
+    folder = tmp_path_factory.mktemp("fused")
+    model, _ = make_tiny_encoder(folder / "enc")
+    train, _ = tiny_corpus
+    params = tiny_params(dense_encoder=str(model), dense_weight=2.0)
+    return build(train, folder / "bundle", params)
+
+
+def test_manifest_lists_both_encoders_with_weight(fused_bundle):
+    manifest = json.loads((fused_bundle / "manifest.json").read_text())
+    kinds = [e["kind"] for e in manifest["encoders"]]
+    assert kinds == ["tfidf", "onnx"]
+    dense = manifest["encoders"][1]
+    assert dense["weight"] == 2.0 and dense["dim"] == 8
+    tfidf_n = manifest["encoders"][0]["n_features"]
+    assert manifest["n_features"] == tfidf_n + 8
+    assert not (fused_bundle / "_export").exists()
+    for name in dense["files"]:
+        assert (fused_bundle / name).is_file()
+
+
+def test_fused_features_are_normalized_and_weighted(fused_bundle, tiny_corpus):
+    _, test = tiny_corpus
+    predictor = models.load_bundle(fused_bundle)
+    X = predictor.encode(test.texts[:20])
+    norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
+    assert np.allclose(norms, 1.0, atol=1e-5)
+    enc = predictor.encoder
+    tf = enc.tfidf.transform(test.texts[:20])
+    dense = enc.dense.encode(test.texts[:20])
+    expected = sp.hstack([tf, sp.csr_matrix(2.0 * dense)]).toarray()
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert np.allclose(X.toarray(), expected, atol=1e-5)
+    for i, text in enumerate(test.texts[:20]):  # the single-document path agrees
+        idx, val = enc.transform_one(text)
+        assert np.allclose(sp.csr_matrix((val, idx, [0, len(idx)]),
+                                         shape=(1, X.shape[1])).toarray(), X[i].toarray(),
+                           atol=1e-5)
+
+
+def test_fused_bundle_predicts_like_its_features(fused_bundle, tiny_corpus):
+    _, test = tiny_corpus
+    predictor = models.load_bundle(fused_bundle)
+    texts = test.texts[:30]
+    by_text = predictor.predict(texts, top_k=5)
+    by_features = predictor.predict_features(predictor.encode(texts), top_k=5)
+    assert [[lab for lab, _ in r] for r in by_text] == [[lab for lab, _ in r] for r in
+                                                         by_features]
+    singles = [predictor.predict([t], top_k=5)[0] for t in texts[:5]]
+    for a, b in zip(singles, by_text[:5]):
+        assert [lab for lab, _ in a] == [lab for lab, _ in b]
+        assert np.allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+
+
+def test_dense_only_vocabulary_still_learns(tmp_path):
+    """A corpus whose words the tiny encoder knows: the fused model still reaches P@1 = 1."""
+    from models.evaluate import evaluate_predictor
+
+    model, _ = make_tiny_encoder(tmp_path / "enc")
+    train = corpus_from_docs(learnable_docs(200, seed=1))
+    test = corpus_from_docs(learnable_docs(40, seed=2))
+    params = tiny_params(n_trees=1, dense_encoder=str(model), dense_weight=0.5)
+    predictor = models.load_bundle(build(train, tmp_path / "b", params))
+    assert evaluate_predictor(predictor, test, measure_speed=False)["P@1"] == 1.0
+
+
+def test_tampered_dense_model_is_refused(fused_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fused_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    model_file = copy / manifest["encoders"][1]["files"][0]
+    model_file.write_bytes(model_file.read_bytes() + b"\0")
+    with pytest.raises(BundleError) as err:
+        models.load_bundle(copy)
+    assert model_file.name in str(err.value)
