@@ -33,7 +33,7 @@ DEFAULT_VARIANTS = [
 
 def split(corpus: Corpus, share: float, seed: int) -> tuple[Corpus, Corpus]:
     order = np.random.default_rng(seed).permutation(corpus.n_docs)
-    n_valid = int(round(share * corpus.n_docs))
+    n_valid = round(share * corpus.n_docs)
     return corpus.subset(np.sort(order[n_valid:])), corpus.subset(np.sort(order[:n_valid]))
 
 
