@@ -59,6 +59,7 @@ class Result:
     generator: str
     generator_cpu_pct: float  # of one core
     worker_cpu_pct: list[float] = field(default_factory=list)  # each of one core
+    docs_per_cpu_s: float = 0.0  # documents per second of the workers' CPU: contention-proof
 
 
 # ----------------------------------------------------------------------------- server
@@ -117,7 +118,7 @@ def worker_pids(parent: int) -> list[int]:
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         if ppid == parent:
             cmdline = (entry / "cmdline").read_bytes()
-            if b"multiprocessing" in cmdline or b"spawn" in cmdline:
+            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
                 pids.append(int(entry.name))
     return sorted(pids) or [parent]
 
@@ -220,7 +221,7 @@ def run_wrk(
             "-c",
             str(concurrency),
             "-d",
-            f"{seconds}s",
+            f"{max(1, round(seconds))}s",
             "--timeout",
             "10s",
             "-s",
@@ -369,12 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         "--max-requests", type=int, default=200_000, help="cap per scenario (asyncio generator)"
     )
     ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--only", choices=["single", "batch"], default=None, help="one kind only")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--redis-url", default=None, help="use this Redis as the cache")
     ap.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/.work/http.json"))
     args = ap.parse_args(argv)
 
+    load_before = os.getloadavg()[0]
     generator = args.generator
     if generator == "auto":
         generator = "wrk" if shutil.which("wrk") else "python"
@@ -393,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
+    baseline = model_baseline(args.bundle_dir, texts, args.batch_size)
+    print(
+        f"model alone (in-process, no HTTP): single text p50 {baseline['single_p50_ms']:.3f} ms,"
+        f" batch of {args.batch_size}: {baseline['batch_docs_per_s']:,.0f} docs/s",
+        flush=True,
+    )
     server = start_server(args.bundle_dir, port, args.workers, env)
     results: list[Result] = []
     try:
@@ -402,10 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         warm_cache(base, "/v1/predict", hot, rounds=2 * args.workers)
         warm_cache(base, "/v1/predict/batch", batches[:1], rounds=2 * args.workers)
         plan: list[tuple[str, str, list[bytes], bool, int, int]] = []
-        for c in concurrencies:
+        for c in concurrencies if args.only != "batch" else []:
             plan.append(("single cold", "/v1/predict", singles, True, c, 1))
             plan.append(("single hit", "/v1/predict", hot, False, c, 1))
-        for c in (1, 4):
+        for c in (1, 4) if args.only != "single" else []:
             plan.append(("batch cold", "/v1/predict/batch", batches, True, c, args.batch_size))
             plan.append(("batch hit", "/v1/predict/batch", batches[:1], False, c, args.batch_size))
         with tempfile.TemporaryDirectory() as tmp:
@@ -431,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                     generator=generator,
                     generator_cpu_pct=round(100 * stats["generator_cpu_s"] / secs, 1),
                     worker_cpu_pct=[round(100 * (b - a) / secs, 1) for a, b in zip(cpu0, cpu1)],
+                    docs_per_cpu_s=round(
+                        stats["requests"] * docs / max(sum(cpu1) - sum(cpu0), 1e-9)
+                    ),
                 )
                 results.append(r)
                 print(format_row(r), flush=True)
@@ -444,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             _drop_keys(args.redis_url, env["XMC_CACHE_PREFIX"])
 
     print()
-    print(report(results, args, generator))
+    print(report(results, args, generator, baseline, load_before))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps([asdict(r) for r in results], indent=1))
     return 0
@@ -465,11 +477,40 @@ def format_row(r: Result) -> str:
     return (
         f"| {r.scenario:<11} | {r.concurrency:>3} | {r.req_per_s:>8.0f} | {r.docs_per_s:>8.0f}"
         f" | {r.p50_ms:>7.2f} | {r.p95_ms:>7.2f} | {r.p99_ms:>7.2f} | {r.errors:>4} "
-        f"| {r.generator_cpu_pct:>5.0f} | {workers:>9} |"
+        f"| {r.generator_cpu_pct:>5.0f} | {workers:>9} | {r.docs_per_cpu_s:>7.0f} |"
     )
 
 
-def report(results: list[Result], args: argparse.Namespace, generator: str) -> str:
+def model_baseline(bundle: Path, texts: list[str], batch_size: int) -> dict[str, float]:
+    """What the model does alone in this process: the ceiling the HTTP numbers sit under."""
+    import models
+
+    predictor = models.load_bundle(str(bundle))
+    predictor.warm_up()
+    singles = []
+    for text in texts[:300]:
+        t0 = time.perf_counter()
+        predictor.predict([text])
+        singles.append(time.perf_counter() - t0)
+    singles.sort()
+    batch = texts[:batch_size]
+    predictor.predict(batch)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 2.0:
+        predictor.predict(batch)
+        n += len(batch)
+    docs_per_s = n / (time.perf_counter() - t0)
+    predictor.close()
+    return {"single_p50_ms": singles[len(singles) // 2] * 1000, "batch_docs_per_s": docs_per_s}
+
+
+def report(
+    results: list[Result],
+    args: argparse.Namespace,
+    generator: str,
+    baseline: dict[str, float],
+    load_before: float,
+) -> str:
     cpu_model = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -480,15 +521,18 @@ def report(results: list[Result], args: argparse.Namespace, generator: str) -> s
         pass
     lines = [
         f"machine: {os.cpu_count()} cores ({cpu_model}), Python {platform.python_version()}, "
-        f"load average before the run {os.getloadavg()[0]:.1f}",
+        f"1-min load average before / after the run {load_before:.1f} / {os.getloadavg()[0]:.1f}"
+        " (the machine is shared: other processes compete for the 2 cores)",
         f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"command: python -m benchmarks.http {args.bundle_dir} (workers {args.workers}, "
         f"{args.seconds:g} s per scenario, generator {generator}, cache "
         f"{'redis' if args.redis_url else 'in-process LRU'})",
+        f"model alone (in-process, no HTTP): single text p50 {baseline['single_p50_ms']:.3f} ms, "
+        f"batch of {args.batch_size} {baseline['batch_docs_per_s']:,.0f} docs/s",
         "",
         "| scenario    |   c |    req/s |   docs/s | p50 ms  | p95 ms  | p99 ms  | err "
-        "| gen CPU % | worker CPU % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| gen CPU % | worker CPU % | docs/CPU-s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(format_row(r) for r in results),
         "",
     ]
