@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator
@@ -48,6 +49,9 @@ _SWAGGER_STATIC = Path(fastapi_offline.__file__).parent / "static"
 _STATIC_URL = "/static/docs"
 _JSON = "application/json"
 M = TypeVar("M", bound=BaseModel)
+# Above these sizes a batch's parsing and key hashing run in a thread, off the event loop.
+_OFFLOAD_BYTES = 256 * 1024
+_OFFLOAD_DOCS = 512
 
 
 def create_app(settings: Settings | None = None, loader: Loader = default_loader) -> FastAPI:
@@ -173,7 +177,12 @@ def _add_routes(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
         runtime.require_predictor()
         start = time.perf_counter()
         body = await _read_body(request, settings.max_body_bytes)
-        req = _validate(BatchRequest, body)
+        if len(body) > _OFFLOAD_BYTES:
+            # Validating megabytes of JSON takes milliseconds: keep the event loop free.
+            loop = asyncio.get_running_loop()
+            req = await loop.run_in_executor(None, _validate, BatchRequest, body)
+        else:
+            req = _validate(BatchRequest, body)
         if len(req.documents) > settings.max_batch_size:
             raise PayloadTooLargeError(
                 f"batch of {len(req.documents)} documents is over the limit of "
@@ -261,21 +270,31 @@ class _Scorer:
         self.runtime = runtime
         self.settings = settings
 
+    def _keys(
+        self, texts: list[str], version: str, params: PredictParams
+    ) -> tuple[list[str], list[str]]:
+        prefix = self.settings.cache_prefix
+        normalized = [normalize_text(t) for t in texts]
+        keys = [cache_key(prefix, version, t, params.top_k, params.beam_size) for t in normalized]
+        return normalized, keys
+
     async def score(
         self, texts: list[str], params: PredictParams
     ) -> tuple[list[Answer], list[bool], BackgroundTask | None]:
-        runtime, settings = self.runtime, self.settings
+        runtime = self.runtime
         predictor = runtime.require_predictor()
         if not predictor.has_text_encoder:
             raise NoTextEncoderError(
                 "this bundle was built from feature vectors and has no text encoder"
             )
-        normalized = [normalize_text(t) for t in texts]
-        version = predictor.version
-        keys = [
-            cache_key(settings.cache_prefix, version, t, params.top_k, params.beam_size)
-            for t in normalized
-        ]
+        if len(texts) > _OFFLOAD_DOCS:
+            # A large batch's normalizing and hashing is milliseconds of CPU: not on the loop.
+            loop = asyncio.get_running_loop()
+            normalized, keys = await loop.run_in_executor(
+                None, self._keys, texts, predictor.version, params
+            )
+        else:
+            normalized, keys = self._keys(texts, predictor.version, params)
         start = time.perf_counter()
         found = await runtime.cache.get_many(keys)
         metrics.STAGE_LATENCY.labels("cache").observe(time.perf_counter() - start)

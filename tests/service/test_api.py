@@ -307,3 +307,16 @@ def test_model_error_maps_to_its_status(
     c = make_client(loader=lambda path: Refusing())
     problem = assert_problem(c.post("/v1/predict", json={"text": "some text"}), 422)
     assert problem["detail"] == "refused by the model"
+
+
+def test_large_batch_parsed_off_the_loop(client: TestClient, predictor: Any) -> None:
+    """Over the offload thresholds (bytes and documents) the answer is the same."""
+    texts = [f"document number {i} " + "word " * 120 for i in range(600)]
+    docs = [{"id": i, "text": t} for i, t in enumerate(texts)]
+    r = client.post("/v1/predict/batch", json={"documents": docs, "top_k": 2})
+    assert r.status_code == 200, r.text[:500]
+    results = r.json()["results"]
+    assert [x["id"] for x in results] == list(range(600))
+    expected = predictor.predict(texts[:3], top_k=2, beam_size=10)
+    for res, exp in zip(results[:3], expected, strict=True):
+        assert [x["label"] for x in res["labels"]] == [lab for lab, _ in exp]
