@@ -9,6 +9,7 @@ then, with the serving class :class:`models.dense.OnnxTextEncoder`:
   and 40 150-word reuters articles (first 150 words of longer ones), at 1 and 2 intra-op
   threads; each document's time is its best of three calls, so that other processes on a
   shared machine do not decide the tail (the same rule as benchmarks/tfidf_speed.py);
+* the title p50 at 2 threads with onnxruntime's thread spinning on (off by default);
 * batch throughput (docs/s) for calls of 32 titles, best of three passes over 640 titles;
 * model file size (MB), and resident memory (MB) of the encoder in a fresh process: growth
   after the session is created, and the peak growth while encoding 64 full reuters articles
@@ -196,6 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(row)
         print(f"# {name} done", flush=True)
 
+    # Thread spinning is off by default (see models/dense.py); show what it would change.
+    spinning = {
+        name: _percentiles_ms(
+            OnnxTextEncoder(paths[name], tok, intra_op_threads=2, allow_spinning=True), titles
+        )[0]
+        for name in ("fp32", "int8")
+    }
     fp32 = OnnxTextEncoder(paths["fp32"], tok, intra_op_threads=2)
     int8 = OnnxTextEncoder(paths["int8"], tok, intra_op_threads=2)
     cos_titles = _cosines(fp32.encode(cooking[:500]), int8.encode(cooking[:500]))
@@ -228,6 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"int8 vs fp32 cosine: titles (n={len(cos_titles)}) min {cos_titles.min():.4f} "
         f"mean {cos_titles.mean():.4f}; articles (n={len(cos_articles)}) "
         f"min {cos_articles.min():.4f} mean {cos_articles.mean():.4f}"
+    )
+    print(
+        f"title p50 at 2 threads with thread spinning on: fp32 {spinning['fp32']:.1f} ms, "
+        f"int8 {spinning['int8']:.1f} ms"
     )
     print(f"# load average at end: {os.getloadavg()[0]:.1f}")
     if tmp is not None:
