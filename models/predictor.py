@@ -24,6 +24,9 @@ from models.tree import Ensemble
 _PARALLEL_MIN_DOCS = 64
 #: per-process memory for direct feature maps of the widest chunks (see build_dense_maps)
 DENSE_MAP_MB = 128
+#: documents per block of the batch kernel, and the scratch memory a block may use
+_MAX_BLOCK = 256
+_BLOCK_BYTES = 32 << 20
 
 
 class Predictor:
@@ -48,6 +51,7 @@ class Predictor:
         self.default_top_k = int(params.get("top_k", 5))
         self.default_beam_size = int(params.get("beam_size", 10))
         self.max_children = ensemble.max_children()
+        self._tree_layers = int(np.asarray(ensemble.tree_depth).sum())
         self.threads = threads or min(2, os.cpu_count() or 1)
         dense_off, dense_map = build_dense_maps(
             np.asarray(ensemble.chunk_ptr), np.asarray(ensemble.chunk_feat),
@@ -194,9 +198,17 @@ class Predictor:
             self._scratch.xdense = buf
         return buf
 
+    def _block(self, beam_size: int) -> int:
+        """Documents per block of the batch kernel: its per-document scratch (the node scores
+        of every expanded chunk) times the block stays within _BLOCK_BYTES."""
+        per_doc = 8 * self._tree_layers * min(beam_size, self.ensemble.n_nodes) * max(
+            self.max_children, 1)
+        return int(max(1, min(_MAX_BLOCK, _BLOCK_BYTES // per_doc)))
+
     def _run(self, indptr, indices, data, start, stop, top_k, beam_size, labels, scores, counts):
         predict_rows(indptr, indices, data, start, stop, self._xdense(), *self._arrays,
-                     beam_size, top_k, self.post, self.max_children, labels, scores, counts)
+                     beam_size, top_k, self.post, self.max_children, self._block(beam_size),
+                     labels, scores, counts)
 
     def _search(self, indptr, indices, data, top_k, beam_size):
         n = indptr.shape[0] - 1

@@ -109,74 +109,127 @@ def _insert_top(keep_id, keep_score, n_keep, cap, node, score):
 
 
 @numba.njit(nogil=True, cache=True)
-def _predict_doc(xi, xv, xdense, tree_root, tree_depth, child_ptr, parent, chunk_ptr,
-                 chunk_feat, row_ptr, entry_child, entry_val, bias, node_label, label_node,
-                 dense_off, dense_map, beam_size, top_k, post, max_children, out_label,
-                 out_score):
-    """Ensemble prediction of one document whose values are already scattered into xdense.
-    Writes up to top_k (label, score) best first; returns how many."""
+def predict_rows(indptr, indices, data, row_start, row_stop, xdense, tree_root, tree_depth,
+                 child_ptr, parent, chunk_ptr, chunk_feat, row_ptr, entry_child, entry_val,
+                 bias, node_label, label_node, dense_off, dense_map, beam_size, top_k, post,
+                 max_children, block, out_label, out_score, out_n):
+    """Predict rows row_start..row_stop of a CSR matrix (sorted indices) into out_* rows.
+
+    Documents go in blocks of ``block``. Within a block the beam advances layer by layer for
+    all documents at once, and the (document, node) pairs of a layer are processed grouped by
+    node, so each chunk of weights is read once for all the documents that need it (as PECOS
+    does) instead of once per document. ``xdense`` is an all-zero float32 scratch of
+    n_features, left all-zero again."""
     n_trees = tree_root.shape[0]
     max_depth = 0
     for t in range(n_trees):
         max_depth = max(max_depth, tree_depth[t])
     width = min(beam_size, child_ptr[-1])
     cand_cap = max(width * max_children, 1)
-    z = np.empty(max_children)
-    beam_id = np.empty(width, dtype=np.int64)
-    beam_score = np.empty(width)
-    # the last layer keeps top_k candidates, the others width
-    next_id = np.empty(max(width, top_k), dtype=np.int64)
-    next_score = np.empty(width)
-    top_id = np.empty((n_trees, top_k), dtype=np.int64)
-    top_n = np.zeros(n_trees, dtype=np.int64)
-    top_score = np.empty(top_k)
-    # per tree and layer: the expanded parents, their path scores, where their children's
-    # node scores start in node_score
-    exp_parent = np.empty((n_trees, max_depth, width), dtype=np.int64)
-    exp_path = np.empty((n_trees, max_depth, width))
-    exp_off = np.empty((n_trees, max_depth, width), dtype=np.int64)
-    n_exp = np.zeros((n_trees, max_depth), dtype=np.int64)
-    node_score = np.empty(n_trees * max_depth * cand_cap)
-    pos = 0
-    for t in range(n_trees):
-        depth = tree_depth[t]
-        beam_id[0] = tree_root[t]
-        beam_score[0] = 0.0  # log of the root's path score, 1
-        n_beam = 1
-        for layer in range(depth):
-            last = layer == depth - 1
-            cap = top_k if last else width
-            n_next = 0
-            for b in range(n_beam):
-                p = beam_id[b]
-                c0 = child_ptr[p]
-                nc = child_ptr[p + 1] - c0
-                exp_parent[t, layer, b] = p
-                exp_path[t, layer, b] = beam_score[b]
-                exp_off[t, layer, b] = pos
-                _score_chunk(p, xi, xv, xdense, chunk_ptr, chunk_feat, row_ptr, entry_child,
-                             entry_val, dense_off, dense_map, z, nc)
-                for j in range(nc):
-                    s = _log_post(z[j] + bias[c0 + j], post)
-                    node_score[pos + j] = s
+    keep = max(width, top_k)  # the last layer keeps top_k candidates, the others width
+    z = np.empty(max(max_children, 1))
+    for b0 in range(row_start, row_stop, block):
+        nb = min(block, row_stop - b0)
+        beam_id = np.empty((nb, width), dtype=np.int64)
+        beam_score = np.empty((nb, width))
+        n_beam = np.empty(nb, dtype=np.int64)
+        next_id = np.empty((nb, keep), dtype=np.int64)
+        next_score = np.empty((nb, keep))
+        n_next = np.empty(nb, dtype=np.int64)
+        top_id = np.empty((nb, n_trees, top_k), dtype=np.int64)
+        top_n = np.zeros((nb, n_trees), dtype=np.int64)
+        # per document, tree and layer: the expanded parents, their log path scores, and
+        # where their children's log node scores start in node_score
+        exp_parent = np.empty((nb, n_trees, max_depth, width), dtype=np.int64)
+        exp_path = np.empty((nb, n_trees, max_depth, width))
+        exp_off = np.empty((nb, n_trees, max_depth, width), dtype=np.int64)
+        n_exp = np.zeros((nb, n_trees, max_depth), dtype=np.int64)
+        node_score = np.empty((nb, n_trees * max_depth * cand_cap))
+        pos = np.zeros(nb, dtype=np.int64)
+        pair_node = np.empty(nb * width, dtype=np.int64)
+        pair_doc = np.empty(nb * width, dtype=np.int64)
+        pair_slot = np.empty(nb * width, dtype=np.int64)
+        for t in range(n_trees):
+            depth = tree_depth[t]
+            for d in range(nb):
+                beam_id[d, 0] = tree_root[t]
+                beam_score[d, 0] = 0.0  # log of the root's path score, 1
+                n_beam[d] = 1
+            for layer in range(depth):
+                last = layer == depth - 1
+                cap = top_k if last else width
+                n_pairs = 0
+                for d in range(nb):
+                    n_next[d] = 0
+                    for b in range(n_beam[d]):
+                        pair_node[n_pairs] = beam_id[d, b]
+                        pair_doc[n_pairs] = d
+                        pair_slot[n_pairs] = b
+                        n_pairs += 1
+                order = np.argsort(pair_node[:n_pairs], kind="mergesort")
+                for q in range(n_pairs):
+                    k = order[q]
+                    p = pair_node[k]
+                    d = pair_doc[k]
+                    b = pair_slot[k]
+                    row = b0 + d
+                    xi = indices[indptr[row]:indptr[row + 1]]
+                    xv = data[indptr[row]:indptr[row + 1]]
+                    c0 = child_ptr[p]
+                    nc = child_ptr[p + 1] - c0
+                    off = pos[d]
+                    exp_parent[d, t, layer, b] = p
+                    exp_path[d, t, layer, b] = beam_score[d, b]
+                    exp_off[d, t, layer, b] = off
+                    for i in range(xi.shape[0]):
+                        xdense[xi[i]] = xv[i]
+                    _score_chunk(p, xi, xv, xdense, chunk_ptr, chunk_feat, row_ptr, entry_child,
+                                 entry_val, dense_off, dense_map, z, nc)
+                    for i in range(xi.shape[0]):
+                        xdense[xi[i]] = 0.0
+                    base = beam_score[d, b]
+                    for j in range(nc):
+                        s = _log_post(z[j] + bias[c0 + j], post)
+                        node_score[d, off + j] = s
+                        n_next[d] = _insert_top(next_id[d], next_score[d], n_next[d], cap,
+                                                c0 + j, base + s)
+                    pos[d] = off + nc
+                for d in range(nb):
+                    n_exp[d, t, layer] = n_beam[d]
+                    for j in range(n_next[d]):
+                        if last:
+                            top_id[d, t, j] = next_id[d, j]
+                        else:
+                            beam_id[d, j] = next_id[d, j]
+                            beam_score[d, j] = next_score[d, j]
                     if last:
-                        n_next = _insert_top(next_id, top_score, n_next, cap, c0 + j,
-                                             beam_score[b] + s)
+                        top_n[d, t] = n_next[d]
                     else:
-                        n_next = _insert_top(next_id, next_score, n_next, cap, c0 + j,
-                                             beam_score[b] + s)
-                pos += nc
-            n_exp[t, layer] = n_beam
-            if last:
-                for j in range(n_next):
-                    top_id[t, j] = next_id[j]
-                top_n[t] = n_next
-            else:
-                for j in range(n_next):
-                    beam_id[j] = next_id[j]
-                    beam_score[j] = next_score[j]
-                n_beam = n_next
-    # merge: union of the trees' top labels, each scored exactly in every tree
+                        n_beam[d] = n_next[d]
+        for d in range(nb):
+            row = b0 + d
+            xi = indices[indptr[row]:indptr[row + 1]]
+            xv = data[indptr[row]:indptr[row + 1]]
+            for i in range(xi.shape[0]):
+                xdense[xi[i]] = xv[i]
+            out_n[row] = _merge_trees(xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr,
+                                      chunk_feat, row_ptr, entry_child, entry_val, bias,
+                                      node_label, label_node, dense_off, dense_map, post,
+                                      top_k, top_id[d], top_n[d], exp_parent[d], exp_path[d],
+                                      exp_off[d], n_exp[d], node_score[d], z,
+                                      out_label[row], out_score[row])
+            for i in range(xi.shape[0]):
+                xdense[xi[i]] = 0.0
+
+
+@numba.njit(nogil=True, cache=True)
+def _merge_trees(xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr, chunk_feat, row_ptr,
+                 entry_child, entry_val, bias, node_label, label_node, dense_off, dense_map,
+                 post, top_k, top_id, top_n, exp_parent, exp_path, exp_off, n_exp, node_score,
+                 z, out_label, out_score):
+    """Union of the trees' top labels, each scored exactly in every tree (mean of path
+    scores); writes the best top_k into out_*, returns how many."""
+    n_trees = top_id.shape[0]
     n_union = 0
     union = np.empty(n_trees * top_k, dtype=np.int64)
     for t in range(n_trees):
@@ -223,26 +276,6 @@ def _path_log_score(t, node, xi, xv, xdense, tree_depth, child_ptr, parent, chun
         node = p
         layer -= 1
     return acc
-
-
-@numba.njit(nogil=True, cache=True)
-def predict_rows(indptr, indices, data, row_start, row_stop, xdense, tree_root, tree_depth,
-                 child_ptr, parent, chunk_ptr, chunk_feat, row_ptr, entry_child, entry_val,
-                 bias, node_label, label_node, dense_off, dense_map, beam_size, top_k, post,
-                 max_children, out_label, out_score, out_n):
-    """Predict rows row_start..row_stop of a CSR matrix (sorted indices) into out_* rows.
-    ``xdense`` is an all-zero float32 scratch of n_features, left all-zero again."""
-    for i in range(row_start, row_stop):
-        xi = indices[indptr[i]:indptr[i + 1]]
-        xv = data[indptr[i]:indptr[i + 1]]
-        for k in range(xi.shape[0]):
-            xdense[xi[k]] = xv[k]
-        out_n[i] = _predict_doc(xi, xv, xdense, tree_root, tree_depth, child_ptr, parent,
-                                chunk_ptr, chunk_feat, row_ptr, entry_child, entry_val, bias,
-                                node_label, label_node, dense_off, dense_map, beam_size,
-                                top_k, post, max_children, out_label[i], out_score[i])
-        for k in range(xi.shape[0]):
-            xdense[xi[k]] = 0.0
 
 
 def build_dense_maps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_ptr: np.ndarray,
