@@ -98,12 +98,29 @@ def wait_ready(base: str, proc: subprocess.Popen, workers: int) -> None:
             raise SystemExit(f"server exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(f"{base}/readyz", timeout=2) as r:
-                if r.status == 200 and len(worker_pids(proc.pid)) >= workers:
+                # Every worker listening (one SO_REUSEPORT socket each), not just the first:
+                # connections made before a worker listens would all stay on the others.
+                if r.status == 200 and listening_sockets(base) >= workers:
                     return
         except OSError:
             pass
         time.sleep(0.2)
     raise SystemExit("server never became ready")
+
+
+def listening_sockets(base: str) -> int:
+    port = int(base.rsplit(":", 1)[1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
 
 
 def worker_pids(parent: int) -> list[int]:

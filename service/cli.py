@@ -78,8 +78,23 @@ def serve_command(args: argparse.Namespace) -> int:
     from service.middleware import configure_logging
 
     configure_logging(settings.log_level)
-    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was
-    # there before it: make that a clean exit, so `finally` runs and the status is 0.
+    if settings.workers > 1:
+        if settings.port == 0:
+            print("xmc serve: several workers need a fixed --port", file=sys.stderr)
+            return 2
+        from service.workers import supervise
+
+        try:
+            return supervise(settings.host, settings.port, settings.workers)
+        except OSError as exc:
+            print(f"xmc serve: cannot listen on {settings.host}:{settings.port}: {exc}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        finally:
+            if metrics_dir:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+    # One worker: plain uvicorn. It drains on SIGTERM/SIGINT, then re-raises the signal to
+    # the handler that was there before it: make that a clean exit (status 0).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
     try:
@@ -88,7 +103,6 @@ def serve_command(args: argparse.Namespace) -> int:
             factory=True,
             host=settings.host,
             port=settings.port,
-            workers=settings.workers,
             log_level=settings.log_level,
             log_config=None,
             access_log=False,

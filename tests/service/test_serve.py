@@ -78,8 +78,25 @@ def two_workers(tiny_bundle: Path) -> Iterator[str]:
         assert stop(proc) == 0
 
 
+def listening_sockets(port: int) -> int:
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
 def test_two_workers_count_every_request(two_workers: str, sample_texts: list[str]) -> None:
     """Multi-process metrics: N requests spread over 2 workers are N in /metrics."""
+    port = int(two_workers.rsplit(":", 1)[1])
+    # Each worker has its own SO_REUSEPORT socket, once loaded (the kernel spreads
+    # connections over them); wait for the second one (a deadline, not a timing assertion).
+    end = time.monotonic() + 120
+    while listening_sockets(port) < 2 and time.monotonic() < end:
+        time.sleep(0.1)
+    assert listening_sockets(port) == 2
     n = 24
     for i in range(n):
         # A new connection per request, so both workers take some.
