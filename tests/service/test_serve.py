@@ -227,3 +227,55 @@ def test_single_worker_sigterm_exits_zero(tiny_bundle: Path, sample_texts: list[
         assert r.status_code == 200
     finally:
         assert stop(proc) == 0
+
+
+def test_supervisor_restarts_a_dead_worker(two_workers: str, sample_texts: list[str]) -> None:
+    port = int(two_workers.rsplit(":", 1)[1])
+    end = time.monotonic() + 120
+    while listening_sockets(port) < 2 and time.monotonic() < end:
+        time.sleep(0.1)
+    supervisor = next(
+        int(p.name) for p in Path("/proc").iterdir()
+        if p.name.isdigit() and f"--port\0{port}".encode() in _cmdline(p)
+    )  # fmt: skip
+    workers = _workers(supervisor)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        now = _workers(supervisor)
+        if len(now) == 2 and workers[0] not in now and listening_sockets(port) == 2:
+            break
+        time.sleep(0.1)
+    now = _workers(supervisor)
+    assert workers[0] not in now and workers[1] in now and len(now) == 2
+    assert listening_sockets(port) == 2
+    for text in sample_texts:
+        with httpx.Client(base_url=two_workers, timeout=30) as c:
+            assert c.post("/v1/predict", json={"text": text}).status_code == 200
+
+
+def _workers(supervisor: int) -> list[int]:
+    """Live worker processes (not zombies, not multiprocessing's resource tracker)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or _ppid(p) != supervisor:
+            continue
+        cmd = _cmdline(p)
+        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+            found.append(int(p.name))
+    return sorted(found)
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _ppid(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
