@@ -152,7 +152,7 @@ def _add_routes(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
         req = _validate(PredictRequest, body)
         check_params(req)
         check_text(req.text, ["body", "text"])
-        metrics.STAGE_LATENCY.labels("parse").observe(time.perf_counter() - start)
+        metrics.child(metrics.STAGE_LATENCY, "parse").observe(time.perf_counter() - start)
         answers, cached, background = await scorer.score([req.text], req)
         payload = {
             "labels": _labels(answers[0], req.min_score),
@@ -191,7 +191,7 @@ def _add_routes(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
         check_params(req)
         for i, doc in enumerate(req.documents):
             check_text(doc.text, ["body", "documents", i, "text"])
-        metrics.STAGE_LATENCY.labels("parse").observe(time.perf_counter() - start)
+        metrics.child(metrics.STAGE_LATENCY, "parse").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.observe(len(req.documents))
         texts = [doc.text for doc in req.documents]
         answers, cached, background = await scorer.score(texts, req)
@@ -297,7 +297,7 @@ class _Scorer:
             normalized, keys = self._keys(texts, predictor.version, params)
         start = time.perf_counter()
         found = await runtime.cache.get_many(keys)
-        metrics.STAGE_LATENCY.labels("cache").observe(time.perf_counter() - start)
+        metrics.child(metrics.STAGE_LATENCY, "cache").observe(time.perf_counter() - start)
         # Unique misses only: a batch that repeats a text scores it once.
         miss_index: dict[str, int] = {}
         miss_texts: list[str] = []
@@ -306,8 +306,10 @@ class _Scorer:
                 miss_index[key] = len(miss_texts)
                 miss_texts.append(text)
         n_miss = sum(1 for answer in found if answer is None)
-        metrics.CACHE_HITS.inc(len(found) - n_miss)
-        metrics.CACHE_MISSES.inc(n_miss)
+        if n_miss < len(found):
+            metrics.CACHE_HITS.inc(len(found) - n_miss)
+        if n_miss:
+            metrics.CACHE_MISSES.inc(n_miss)
         cached = [answer is not None for answer in found]
         if not miss_texts:
             return found, cached, None  # type: ignore[return-value]

@@ -127,8 +127,8 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - start
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            metrics.REQUESTS.labels(endpoint, str(status)).inc()
-            metrics.REQUEST_LATENCY.labels(endpoint).observe(elapsed)
+            metrics.child(metrics.REQUESTS, endpoint, str(status)).inc()
+            metrics.child(metrics.REQUEST_LATENCY, endpoint).observe(elapsed)
             if self.access_log_enabled:
                 fields: dict[str, Any] = {
                     "request_id": request_id,

@@ -94,7 +94,7 @@ class Runtime:
             self.executor, _predict_staged, predictor, list(texts), top_k, beam_size
         )
         for stage, seconds in stages:
-            metrics.STAGE_LATENCY.labels(stage).observe(seconds)
+            metrics.child(metrics.STAGE_LATENCY, stage).observe(seconds)
         return answers
 
     async def predict_one(self, text: str, top_k: int, beam_size: int) -> Answer:
