@@ -149,7 +149,6 @@ def test_sigterm_drains_in_flight_requests(tiny_bundle: Path, tmp_path: Path) ->
         assert started.exists()
         proc.send_signal(signal.SIGTERM)
         # The server is shutting down but holds the in-flight request until it is answered.
-        time.sleep(0.3)
         assert proc.poll() is None
         release.touch()
         thread.join(timeout=120)
