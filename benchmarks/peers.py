@@ -316,7 +316,8 @@ def replace_section(text: str, heading: str, body: str) -> str:
         "\n" + tail if tail else "")
 
 
-def section_body(blocks: Sequence[str], commands: Sequence[str], threads: int) -> str:
+def section_body(blocks: Sequence[str], commands: Sequence[str], threads: int,
+                 written_by: str = "") -> str:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     intro = f"""Machine: {machine_description()}; run {now}; {threads} thread(s) for every
 library. The machine is shared with other jobs, so timings carry noise: the last column is
@@ -350,6 +351,9 @@ Commands (`.venv/bin/python -m benchmarks.peers --help`):
 
 """
     cmd_lines = "\n".join(f"    {c}" for c in commands)
+    if written_by:
+        cmd_lines += ("\n\nThis section was then written (runs with a result kept, all "
+                      f"re-scored) by:\n\n    {written_by}")
     return intro + cmd_lines + "\n\n" + "\n".join(blocks)
 
 
@@ -470,7 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for entry in dataset_registry(root):
         fs = prepare(entry["data_dir"], root, label_field=entry["label_field"])
         blocks.append(dataset_block(fs, collect(root / fs.name, fs)))
-    body = section_body(blocks, [*synth_cmds, *all_commands(root)], args.threads)
+    body = section_body(blocks, [*synth_cmds, *all_commands(root)], args.threads,
+                        command_line)
     RESULTS_MD.write_text(replace_section(RESULTS_MD.read_text(), SECTION, body))
     print(f"wrote {RESULTS_MD.relative_to(HERE.parent)} ({SECTION[3:]})")
     return 0
