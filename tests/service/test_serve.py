@@ -278,3 +278,21 @@ def _ppid(proc: Path) -> int:
         return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def test_serving_imports_no_builder_sklearn_or_torch(tiny_bundle: Path) -> None:
+    code = f"""
+import sys
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.settings import Settings
+import service.cli, service.workers
+with TestClient(create_app(Settings(bundle_path={str(tiny_bundle)!r}, access_log=False))) as c:
+    assert c.post("/v1/predict", json={{"text": "a text"}}).status_code == 200
+bad = sorted(m for m in sys.modules
+             if m.split(".")[0] in ("sklearn", "torch") or m == "models.builder")
+assert not bad, bad
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=REPO, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
