@@ -1,9 +1,9 @@
 """The one object routes talk to: the loaded predictor, the cache and the prediction threads.
 
 The bundle is loaded and warmed up (kernels compiled, one prediction run) during the app's
-startup, before uvicorn accepts a connection. With several workers sharing one socket this
-is what keeps a still-loading worker from taking requests; a bundle that cannot load stops
-the server with its error instead of leaving it alive and never ready.
+startup, before uvicorn listens: with several workers this is what keeps a still-loading
+worker from taking connections, and a bundle that cannot load stops the server with its
+error instead of leaving it alive and never ready.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def default_loader(path: str) -> models.Predictor:
 
 
 class Runtime:
+    """Loaded predictor, cache and prediction threads of one worker process."""
+
     def __init__(self, settings: Settings, loader: Loader = default_loader) -> None:
         self.settings = settings
         self._loader = loader
