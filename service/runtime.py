@@ -175,15 +175,24 @@ class Coalescer:
         self, params: tuple[int, int], group: list[tuple[str, asyncio.Future[Answer]]]
     ) -> None:
         try:
-            answers = await self._runtime.predict([t for t, _ in group], *params)
-        except Exception as exc:
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(exc)
-        else:
+            try:
+                answers = await self._runtime.predict([t for t, _ in group], *params)
+            except Exception as exc:
+                if len(group) == 1:
+                    _settle(group[0][1], None, exc)
+                    return
+                # One text must not fail its neighbours: score each alone, so only the
+                # request that caused the error gets it.
+                for text, future in group:
+                    try:
+                        answer = (await self._runtime.predict([text], *params))[0]
+                    except Exception as own:
+                        _settle(future, None, own)
+                    else:
+                        _settle(future, answer, None)
+                return
             for (_, future), answer in zip(group, answers, strict=True):
-                if not future.done():
-                    future.set_result(answer)
+                _settle(future, answer, None)
         finally:
             self._inflight -= 1
             self._dispatch()

@@ -58,15 +58,43 @@ def test_groups_waiting_texts_by_params_and_size() -> None:
     asyncio.run(scenario())
 
 
-def test_an_error_reaches_every_request_of_the_group() -> None:
+class PickyRuntime(GatedRuntime):
+    """Fails any call that contains the text "bad"."""
+
+    async def predict(self, texts: list[str], top_k: int, beam_size: int) -> list[Any]:
+        self.calls.append((list(texts), top_k, beam_size))
+        await self.gate.wait()
+        if "bad" in texts:
+            raise RuntimeError("model failed")
+        return [[(t, 1.0)] for t in texts]
+
+
+def test_an_error_reaches_only_the_request_that_caused_it() -> None:
     async def scenario() -> None:
-        runtime = GatedRuntime(fail=True)
+        runtime = PickyRuntime()
         c = Coalescer(runtime, max_inflight=1, max_docs=8)  # type: ignore[arg-type]
-        tasks = [asyncio.ensure_future(c.submit(t, 5, 10)) for t in "xyz"]
+        first = asyncio.ensure_future(c.submit("first", 5, 10))
+        await settle()
+        tasks = [asyncio.ensure_future(c.submit(t, 5, 10)) for t in ("x", "bad", "z")]
         await settle()
         runtime.gate.set()
-        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-            assert isinstance(outcome, RuntimeError)
+        outcomes = await asyncio.gather(first, *tasks, return_exceptions=True)
+        assert outcomes[0] == [("first", 1.0)]
+        assert outcomes[1] == [("x", 1.0)]
+        assert isinstance(outcomes[2], RuntimeError)
+        assert outcomes[3] == [("z", 1.0)]
+        assert runtime.calls[1][0] == ["x", "bad", "z"]  # grouped, then retried one by one
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_single_text_gets_its_error() -> None:
+    async def scenario() -> None:
+        runtime = GatedRuntime(fail=True)
+        runtime.gate.set()
+        c = Coalescer(runtime, max_inflight=1, max_docs=8)  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError):
+            await c.submit("x", 5, 10)
 
     asyncio.run(scenario())
 
