@@ -210,10 +210,14 @@ class RedisCache:
         if not items or not self._available():
             return
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key, answer in items:
-                    pipe.set(key, encode_answer(answer), ex=self._ttl)
-                await pipe.execute()
+            if len(items) == 1:  # the common case; a pipeline costs ~25 % more CPU
+                key, answer = items[0]
+                await self._redis.set(key, encode_answer(answer), ex=self._ttl)
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key, answer in items:
+                        pipe.set(key, encode_answer(answer), ex=self._ttl)
+                    await pipe.execute()
         except Exception as exc:
             self._failed(exc)
             return
