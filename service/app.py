@@ -260,6 +260,8 @@ def _add_routes(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
             swagger_js_url=f"{_STATIC_URL}/swagger-ui-bundle.js",
             swagger_css_url=f"{_STATIC_URL}/swagger-ui.css",
             swagger_favicon_url=f"{_STATIC_URL}/favicon.png",
+            # Swagger UI would otherwise send the spec to validator.swagger.io for a badge.
+            swagger_ui_parameters={"validatorUrl": None},
         )
 
 
