@@ -136,8 +136,9 @@ def _predict_staged(
 class Coalescer:
     """Groups concurrent single-text requests into one vectorized predict call.
 
-    A batch costs the model about half as much per document as single calls, so under
-    load this lowers CPU per request and the queueing behind it. It adds no wait: a text
+    A batch costs the model less per document than single calls (cooking bundle: ~63 µs
+    each in a group of 64 against ~103 µs one at a time), so under load this lowers CPU per
+    request and the queueing behind it. It adds no wait: a text
     is dispatched at once when a prediction thread is free; texts that arrive while every
     thread is busy queue up and leave together, by (top_k, beam_size), when one frees.
     """
