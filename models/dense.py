@@ -100,9 +100,9 @@ class OnnxTextEncoder:
         # One request is one run; parallel runs come from several server workers instead.
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Idle intra-op threads busy-wait by default, stealing the cores that other server
-        # workers need: with the machine shared, 2-thread title latency was 28 ms spinning
-        # against 14 ms without (fp32 MiniLM, 2 cores under load).
+        # Idle intra-op threads busy-wait by default, on cores that other server workers may
+        # need; an interleaved A/B on MiniLM titles (2 threads) showed no latency cost to
+        # turning it off (p50 6.8 vs 6.1 ms fp32, 2.4 vs 2.1 ms int8, within noise).
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if allow_spinning else "0"
         )
