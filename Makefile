@@ -47,5 +47,15 @@ bench-peers: $(VENV)/.test-deps
 	$(BIN)/python -m benchmarks.peers ../shared/data/cooking_stackexchange \
 	  ../shared/data/reuters21578_modapte ../shared/data/delicious_mulan_bow
 
+## bench-http: load test of `xmc serve` (2 workers) on a cooking bundle; uses wrk when installed
+bench-http: $(VENV)/.test-deps
+	$(BIN)/xmc build ../shared/data/cooking_stackexchange/train.jsonl --out artifacts/cooking --force
+	$(BIN)/python -m benchmarks.http artifacts/cooking
+
+## bench-encoders: MiniLM export (fp32, int8) speed, and TF-IDF vs fused accuracy on cooking
+bench-encoders: $(VENV)/.test-deps
+	$(BIN)/python -m benchmarks.encoders --out artifacts/encoders
+	$(BIN)/python -m benchmarks.fusion ../shared/data/cooking_stackexchange --int8
+
 clean:
 	rm -rf artifacts .numba_cache .pytest_cache
