@@ -77,16 +77,29 @@ def finalize(tmp: Path, out_dir: Path, manifest: dict[str, Any], *, force: bool)
         shutil.rmtree(old, ignore_errors=True)
 
 
+def read_json(path: Path, what: str) -> Any:
+    """A bundle's JSON file, every failure a BundleError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"missing {what}", path) from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"unreadable {what} ({exc})", path) from None
+
+
+def read_label_names(folder: Path, n_labels: int) -> list[str]:
+    path = folder / "labels.json"
+    names = read_json(path, "label names")
+    if not isinstance(names, list) or len(names) != n_labels:
+        raise BundleError(f"expected a list of {n_labels} label names", path)
+    return [str(n) for n in names]
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not folder.is_dir():
         raise BundleError("no such bundle folder", folder)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError("missing manifest", path) from None
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"unreadable manifest ({exc})", path) from None
+    manifest = read_json(path, "manifest")
     if not isinstance(manifest, dict):
         raise BundleError("manifest is not a JSON object", path)
     version = manifest.get("format_version")

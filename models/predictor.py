@@ -74,17 +74,7 @@ class Predictor:
         folder = Path(path)
         manifest = bundle_io.read_manifest(folder)
         ensemble = bundle_io.load_ensemble(folder, manifest, mmap=mmap)
-        labels_path = folder / "labels.json"
-        try:
-            import json
-
-            label_names = json.loads(labels_path.read_text())
-        except FileNotFoundError:
-            raise BundleError("missing label names", labels_path) from None
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"unreadable label names ({exc})", labels_path) from None
-        if not isinstance(label_names, list) or len(label_names) != ensemble.n_labels:
-            raise BundleError(f"expected a list of {ensemble.n_labels} label names", labels_path)
+        label_names = bundle_io.read_label_names(folder, ensemble.n_labels)
         counts = bundle_io.load_npy(folder / "label_counts.npy", mmap=mmap, dtype=np.int64)
         encoder = FeatureEncoder.load(folder, manifest["encoders"], mmap=mmap,
                                       dense_threads=dense_threads)
@@ -92,7 +82,7 @@ class Predictor:
             raise BundleError(
                 f"encoders give {encoder.n_features} features, manifest says "
                 f"{manifest['n_features']}", folder / "manifest.json")
-        return cls(folder, manifest, ensemble, [str(n) for n in label_names], encoder, counts,
+        return cls(folder, manifest, ensemble, label_names, encoder, counts,
                    threads=threads)
 
     # ----------------------------------------------------------------- facts
