@@ -280,6 +280,7 @@ def dataset_block(fs: FeatureSet, rows: Mapping[str, dict]) -> str:
     pecos = rows.get("pecos", {})
     if pecos.get("latency_1thread_p50_ms") is not None:
         lines[-1:-1] = [
+            "",
             f"PECOS one-document latency with 1 thread instead of {pecos.get('threads', 'all')}"
             f" (no OpenMP barrier): p50 {pecos['latency_1thread_p50_ms']:.3f} ms, "
             f"p99 {pecos['latency_1thread_p99_ms']:.3f} ms.", ""]
@@ -322,7 +323,8 @@ def section_body(blocks: Sequence[str], commands: Sequence[str], threads: int,
     intro = f"""Machine: {machine_description()}; run {now}; {threads} thread(s) for every
 library. The machine is shared with other jobs, so timings carry noise: the last column is
 the 1-minute load average when each runner started and ended; above {os.cpu_count()} other
-jobs were competing for the cores and that row's timings are pessimistic.
+jobs were competing for the cores and that row's timings are pessimistic. Accuracy is
+unaffected by load.
 
 How it is run: features are built once per dataset (`benchmarks/features.py`) and written as
 npz; each library then trains and predicts in its own subprocess
@@ -339,7 +341,9 @@ Columns: P@k, nDCG@5 and PSP@5 (Jain et al. propensities, A=0.55, B=1.5, normali
 test labels never seen in training count as misses. Training seconds start from the
 feature matrix (the peers' TF-IDF fit is given once per dataset); ours builds from the raw
 text and its TF-IDF fit time is shown beside its training time. Peak RSS is the runner
-process's maximum resident set (`resource.getrusage`, training included). Model MB is the
+process's own high-water mark (`VmHWM`; `getrusage`'s `ru_maxrss` is inherited from the
+driver across fork + exec, so it cannot be used for the runner itself) and, for ours, the
+`xmc build` subprocess's (`getrusage(RUSAGE_CHILDREN)`): training included. Model MB is the
 saved model on disk (ours: the whole bundle, TF-IDF vocabulary included; the peers' models
 hold no vectorizer). Single-document latency (p50/p99 over up to 1,000 test documents, one
 at a time, after 50 warm-up calls): **ours from raw text, encoding included**; the peers
@@ -431,6 +435,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=3 * 3600, help="per runner, seconds")
     ap.add_argument("--work-dir", type=Path, default=WORK_ROOT)
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: re-score the results in the work dir and write the "
+                         "tables")
     args = ap.parse_args(argv)
     if not args.data_dirs and not args.synth:
         ap.error("give at least one DATA_DIR or --synth N")
@@ -456,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          made_by.get(Path(data_dir)))
         print(f"== {fs.name}: {fs.n_train_docs} train / {fs.n_test_docs} test docs, "
               f"{len(fs.label_names)} labels, {fs.n_features} features", flush=True)
-        for peer in args.peers:
+        for peer in [] if args.report_only else args.peers:
             seeds = args.seeds if peer == "ours" else args.seeds[:1]
             for seed in seeds:
                 run_dir = root / fs.name / (f"ours/seed{seed}" if peer == "ours" else peer)
