@@ -13,6 +13,8 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -54,21 +56,15 @@ class _Stages:
     def __init__(self) -> None:
         self.records: dict[str, dict[str, float]] = {}
 
-    def __call__(self, name: str):
-        stages = self
-
-        class _Timer:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-                log.info("stage %s ...", name)
-
-            def __exit__(self, *exc):
-                secs = time.perf_counter() - self.t0
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                stages.records[name] = {"seconds": round(secs, 3), "peak_rss_mb": round(peak, 1)}
-                log.info("stage %s: %.2fs, peak RSS %.0f MB", name, secs, peak)
-
-        return _Timer()
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        log.info("stage %s ...", name)
+        t0 = time.perf_counter()
+        yield
+        secs = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.records[name] = {"seconds": round(secs, 3), "peak_rss_mb": round(peak, 1)}
+        log.info("stage %s: %.2fs, peak RSS %.0f MB", name, secs, peak)
 
 
 def build(
@@ -142,7 +138,7 @@ def build(
             "n_weights": int(ensemble.entry_val.shape[0]),
         }
         if test is not None:
-            bundle_io.finalize_manifest_only(tmp, manifest)
+            bundle_io.write_manifest(tmp, manifest)
             from models.evaluate import evaluate_predictor
             from models.predictor import Predictor
 
@@ -171,15 +167,8 @@ def _fit_features(train: Corpus, params: BuildParams, folder: Path):
     tfidf, X = TfidfEncoder.fit(train.texts, params.tfidf)
     if not params.dense_encoder:
         return FeatureEncoder(tfidf), X
-    dense = _dense_encoder(params, folder)
-    encoder = FeatureEncoder(tfidf, dense, params.dense_weight)
-    emb = dense.encode(train.texts).astype(np.float32) * params.dense_weight
-    fused = sp.hstack([X, sp.csr_matrix(emb)], format="csr", dtype=np.float32)
-    from models.data import normalize_rows
-
-    fused = normalize_rows(fused)
-    fused.sort_indices()
-    return encoder, fused
+    encoder = FeatureEncoder(tfidf, _dense_encoder(params, folder), params.dense_weight)
+    return encoder, encoder.transform(train.texts)
 
 
 def _dense_encoder(params: BuildParams, folder: Path):

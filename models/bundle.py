@@ -63,9 +63,13 @@ def content_hash(folder: Path, params: dict[str, Any], encoder_files: list[str])
     return h.hexdigest()[:16]
 
 
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+
+
 def finalize(tmp: Path, out_dir: Path, manifest: dict[str, Any], *, force: bool) -> None:
     """Write the manifest last, then move the folder into place (replacing with ``force``)."""
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    write_manifest(tmp, manifest)
     old = None
     if out_dir.exists():
         if not force:
@@ -182,8 +186,3 @@ def _check_ensemble(folder: Path, ens: Ensemble, n_labels: int, n_features: int)
     leaves = ens.label_node.ravel()
     if np.any(ens.node_label[leaves] < 0) or np.any(ens.node_label >= n_labels):
         fail("node_label", "label ids do not match label_node")
-
-
-def finalize_manifest_only(tmp: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest into a bundle still being built (to evaluate it in place)."""
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
