@@ -213,6 +213,7 @@ def mean_runs(runs: list[dict]) -> dict:
             out[key] = statistics.fmean(vals)
     out["n_runs"] = len(runs)
     out["seeds"] = [r.get("seed") for r in runs]
+    out["core_revisions"] = sorted({r["core_revision"] for r in runs if r.get("core_revision")})
     for key in ("P@1", "P@5"):
         out[f"{key}_sd"] = statistics.pstdev([r[key] for r in runs]) if len(runs) > 1 else 0.0
     return out
@@ -266,7 +267,8 @@ def dataset_block(fs: FeatureSet, rows: Mapping[str, dict]) -> str:
         feats = f"{fs.n_features:,} XC features as given, rows l2-normalized"
     ours = rows.get("ours", {})
     seeds = ours.get("seeds")
-    ours_note = (f"ours: mean of {len(seeds)} seed(s) {seeds} (± population sd)"
+    ours_note = (f"ours: mean of {len(seeds)} seed(s) {seeds} (± population sd), core at "
+                 f"{', '.join(ours.get('core_revisions') or ['an unrecorded commit'])}"
                  if seeds else "ours: pending")
     lines = [
         f"### {fs.name}",

@@ -26,12 +26,27 @@ import harness
 NOT_TRAINING = {"features", "write"}
 
 
+def core_revision() -> str:
+    """The commit the core was built from, "+dirty" when models/ had uncommitted edits: the
+    core changes under the benchmark while it is being developed."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "models"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def main() -> None:
     def extra(ap) -> None:
         ap.add_argument("--train", type=Path, required=True, help="raw training file")
         ap.add_argument("--test", type=Path, required=True, help="raw test file")
 
     args = harness.parse_args(__doc__ or "", extra)
+    code = core_revision()
     bundle = args.out_dir / "bundle"
     xmc = Path(sys.executable).with_name("xmc")
     cmd = [str(xmc), "build", str(args.train), "--out", str(bundle), "--seed", str(args.seed),
@@ -97,7 +112,8 @@ def main() -> None:
         topk_labels=[[label for label, _ in row] for row in ranked],
         notes=["builds from raw text; latency and batch from raw text, encoding included"
                if is_text else "XC features via predict_features"],
-        extra={"seed": args.seed, "tfidf_fit_s": tfidf_fit_s, "build_wall_s": build_wall_s,
+        extra={"core_revision": code, "seed": args.seed, "tfidf_fit_s": tfidf_fit_s,
+               "build_wall_s": build_wall_s,
                "build_seconds_manifest": manifest["build"]["seconds"], "stages": stages},
     )
     predictor.close()
