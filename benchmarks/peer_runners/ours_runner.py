@@ -27,11 +27,13 @@ NOT_TRAINING = {"features", "write"}
 
 
 def core_revision() -> str:
-    """The commit the core was built from, "+dirty" when models/ had uncommitted edits: the
-    core changes under the benchmark while it is being developed."""
+    """The core's commit (the last one touching models/), "+dirty" when models/ had
+    uncommitted edits: the core changes under the benchmark while it is being developed."""
     repo = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+        # the last commit that touched models/: commits elsewhere do not change the core
+        head = subprocess.run(["git", "-C", str(repo), "log", "-1", "--format=%h", "--",
+                               "models"],
                               capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "models"],
                                capture_output=True, text=True, check=True).stdout.strip()
