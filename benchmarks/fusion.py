@@ -38,8 +38,8 @@ def fused(X_tfidf: sp.csr_matrix, dense: np.ndarray, alpha: float) -> sp.csr_mat
     return X
 
 
-def score(train_labels, X_train, test_labels, X_test, seed: int) -> dict:
-    params = BuildParams(seed=seed)
+def score(train_labels, X_train, test_labels, X_test, seed: int, overrides: dict) -> dict:
+    params = BuildParams.from_dict({**BuildParams().to_dict(), **overrides, "seed": seed})
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Corpus(labels=train_labels, features=X_train)
         predictor = models.load_bundle(build(corpus, Path(tmp) / "b", params))
@@ -64,6 +64,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--export-dir", type=Path, default=Path("artifacts/minilm"))
+    ap.add_argument("--params", type=json.loads, default={},
+                    help='build-parameter overrides as JSON, e.g. \'{"ranker": {...}}\'')
+    ap.add_argument("--validation-only", action="store_true")
     args = ap.parse_args()
     train = read_corpus(args.data_dir / "train.jsonl")
     test = read_corpus(args.data_dir / "test.jsonl")
@@ -93,18 +96,21 @@ def main() -> None:
     results = {}
     for alpha in args.alphas:
         m = score(fit.labels, fused(X_fit, dense_train[fit_rows], alpha), valid.labels,
-                  fused(X_valid, dense_train[valid_rows], alpha), args.seed)
+                  fused(X_valid, dense_train[valid_rows], alpha), args.seed, args.params)
         results[alpha] = m
         print(row(f"{alpha:g}", m), flush=True)
     best = max(results, key=lambda a: (results[a]["P@1"], results[a]["P@5"]))
-    print(f"\nchosen alpha = {best:g} (best validation P@1)\n\ntest (whole train set)\n")
+    print(f"\nchosen alpha = {best:g} (best validation P@1)")
+    if args.validation_only:
+        return
+    print("\ntest (whole train set)\n")
     print("| features | P@1 | P@3 | P@5 | nDCG@5 | PSP@5 |\n|---|---|---|---|---|---|")
     tfidf, X_train = TfidfEncoder.fit(train.texts)
     X_test = tfidf.transform(test.texts)
     final = {}
     for alpha in sorted({0.0, best}):
         m = score(train.labels, fused(X_train, dense_train, alpha), test.labels,
-                  fused(X_test, dense_test, alpha), args.seed)
+                  fused(X_test, dense_test, alpha), args.seed, args.params)
         final[alpha] = m
         print(row("TF-IDF" if alpha == 0 else f"TF-IDF + {alpha:g} MiniLM", m), flush=True)
     out = args.export_dir / f"fusion_{args.data_dir.name}.json"
