@@ -44,6 +44,7 @@ lint: $(VENV)/.test-deps
 
 bench-peers: $(VENV)/.test-deps
 	$(BIN)/pip install -q -e '.[bench]'
+	test -x benchmarks/.venv-pecos/bin/python || bash benchmarks/pecos_env.sh
 	$(BIN)/python -m benchmarks.peers ../shared/data/cooking_stackexchange \
 	  ../shared/data/reuters21578_modapte ../shared/data/delicious_mulan_bow
 
