@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +14,11 @@ from models import bundle as bundle_io
 from models.errors import BundleError, InvalidInputError
 from models.features import FeatureEncoder, require_text
 from models.params import POST_PROCESSORS
-from models.search import build_dense_maps, predict_rows
+from models.search import Searcher
 from models.tree import Ensemble
 
-#: below this many documents a batch runs on the calling thread
-_PARALLEL_MIN_DOCS = 64
 #: per-process memory for direct feature maps of the widest chunks (see build_dense_maps)
 DENSE_MAP_MB = 128
-#: documents per block of the batch kernel, and the scratch memory a block may use
-_MAX_BLOCK = 256
-_BLOCK_BYTES = 32 << 20
 
 
 class Predictor:
@@ -50,22 +42,9 @@ class Predictor:
         self.post = POST_PROCESSORS[params.get("post_processor", "l3-hinge")]
         self.default_top_k = int(params.get("top_k", 5))
         self.default_beam_size = int(params.get("beam_size", 10))
-        self.max_children = ensemble.max_children()
-        self._tree_layers = int(np.asarray(ensemble.tree_depth).sum())
         self.threads = threads or min(2, os.cpu_count() or 1)
-        dense_off, dense_map = build_dense_maps(
-            np.asarray(ensemble.chunk_ptr), np.asarray(ensemble.chunk_feat),
-            np.asarray(ensemble.row_ptr), self.n_features, dense_map_mb << 20)
-        self._scratch = threading.local()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
-        # plain ndarray views of the (memory-mapped) arrays: numba types an exact ndarray on
-        # its fast path, a np.memmap subclass on a slow one, at every call
-        self._arrays = (*(np.asarray(a) for a in (
-            ensemble.tree_root, ensemble.tree_depth, ensemble.child_ptr, ensemble.parent,
-            ensemble.chunk_ptr, ensemble.chunk_feat, ensemble.row_ptr, ensemble.entry_child,
-            ensemble.entry_val, ensemble.bias, ensemble.node_label, ensemble.label_node,
-        )), dense_off, dense_map)
+        self._searcher = Searcher(ensemble, self.n_features, self.post, threads=self.threads,
+                                  dense_map_mb=dense_map_mb)
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -125,7 +104,7 @@ class Predictor:
         if len(texts) == 1:
             idx, val = encoder.transform_one(texts[0])
             indptr = np.array([0, idx.shape[0]], dtype=np.int64)
-            labels, scores, counts = self._search(indptr, idx, val, top_k, beam_size)
+            labels, scores, counts = self._searcher.search(indptr, idx, val, top_k, beam_size)
         else:
             X = encoder.transform(texts)
             labels, scores, counts = self.predict_ids(X, top_k=top_k, beam_size=beam_size)
@@ -142,7 +121,7 @@ class Predictor:
         """Raw result: label ids (n, top_k; -1 pads), scores (n, top_k), counts (n,)."""
         top_k, beam_size = self._check_args(top_k, beam_size)
         X = self._as_features(X)
-        return self._search(X.indptr, X.indices, X.data, top_k, beam_size)
+        return self._searcher.search(X.indptr, X.indices, X.data, top_k, beam_size)
 
     def warm_up(self) -> None:
         """Compile the kernels and run one prediction, so the first request is not slow."""
@@ -153,9 +132,7 @@ class Predictor:
             self.predict(["warm up", "two documents"], top_k=1, beam_size=1)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self._searcher.close()
 
     # ----------------------------------------------------------------- internals
     def _check_args(self, top_k: int | None, beam_size: int | None) -> tuple[int, int]:
@@ -180,53 +157,6 @@ class Predictor:
         if not X.has_sorted_indices:
             X = X.sorted_indices()
         return X
-
-    def _xdense(self) -> np.ndarray:
-        buf = getattr(self._scratch, "xdense", None)
-        if buf is None:
-            buf = np.zeros(self.n_features, dtype=np.float32)
-            self._scratch.xdense = buf
-        return buf
-
-    def _block(self, beam_size: int) -> int:
-        """Documents per block of the batch kernel: its per-document scratch (the node scores
-        of every expanded chunk) times the block stays within _BLOCK_BYTES."""
-        per_doc = 8 * self._tree_layers * min(beam_size, self.ensemble.n_nodes) * max(
-            self.max_children, 1)
-        return int(max(1, min(_MAX_BLOCK, _BLOCK_BYTES // per_doc)))
-
-    def _run(self, indptr, indices, data, start, stop, top_k, beam_size, labels, scores, counts):
-        predict_rows(indptr, indices, data, start, stop, self._xdense(), *self._arrays,
-                     beam_size, top_k, self.post, self.max_children, self._block(beam_size),
-                     labels, scores, counts)
-
-    def _search(self, indptr, indices, data, top_k, beam_size):
-        n = indptr.shape[0] - 1
-        indptr = np.asarray(indptr, dtype=np.int64)
-        indices = np.asarray(indices, dtype=np.int32)
-        data = np.asarray(data, dtype=np.float32)
-        labels = np.full((n, top_k), -1, dtype=np.int64)
-        scores = np.zeros((n, top_k), dtype=np.float64)
-        counts = np.zeros(n, dtype=np.int64)
-        if n < _PARALLEL_MIN_DOCS or self.threads == 1:
-            self._run(indptr, indices, data, 0, n, top_k, beam_size, labels, scores, counts)
-            return labels, scores, counts
-        pool = self._get_pool()
-        bounds = np.linspace(0, n, self.threads + 1).astype(int)
-        futures = [
-            pool.submit(self._run, indptr, indices, data, int(a), int(b), top_k, beam_size,
-                        labels, scores, counts)
-            for a, b in pairwise(bounds) if b > a
-        ]
-        for f in futures:
-            f.result()
-        return labels, scores, counts
-
-    def _get_pool(self) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="xmc-search")
-            return self._pool
 
     def _named(self, labels, scores, counts) -> list[list[tuple[str, float]]]:
         names = self.label_names

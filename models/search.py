@@ -13,8 +13,14 @@ Ties are broken by the smaller node (label) id, so results are reproducible.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
+
 import numba
 import numpy as np
+
+from models.tree import Ensemble
 
 L3_HINGE = 0
 SIGMOID = 1
@@ -303,3 +309,93 @@ def build_dense_maps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_ptr: np.
         dense_map[span] = row_ptr[r0 + first_row] - row_ptr[r0]
         dense_off[node] = k * (n_features + 1)
     return dense_off, dense_map
+
+
+#: below this many documents a batch runs on the calling thread
+PARALLEL_MIN_DOCS = 64
+#: documents per block of the batch kernel, and the scratch memory a block may use
+_MAX_BLOCK = 256
+_BLOCK_BYTES = 32 << 20
+
+
+class Searcher:
+    """Beam search over one :class:`Ensemble` with its feature maps, scratch and thread pool;
+    thread-safe. The predictor serves with one; the builder mines hard negatives with one
+    over a partly trained tree."""
+
+    def __init__(self, ensemble: Ensemble, n_features: int, post: int, *, threads: int,
+                 dense_map_mb: int) -> None:
+        self.n_features = n_features
+        self.post = post
+        self.threads = max(1, threads)
+        self.max_children = ensemble.max_children()
+        self._n_nodes = ensemble.n_nodes
+        self._tree_layers = int(np.asarray(ensemble.tree_depth).sum())
+        dense_off, dense_map = build_dense_maps(
+            np.asarray(ensemble.chunk_ptr), np.asarray(ensemble.chunk_feat),
+            np.asarray(ensemble.row_ptr), n_features, dense_map_mb << 20)
+        self._scratch = threading.local()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        # plain ndarray views of the (memory-mapped) arrays: numba types an exact ndarray on
+        # its fast path, a np.memmap subclass on a slow one, at every call
+        self._arrays = (*(np.asarray(a) for a in (
+            ensemble.tree_root, ensemble.tree_depth, ensemble.child_ptr, ensemble.parent,
+            ensemble.chunk_ptr, ensemble.chunk_feat, ensemble.row_ptr, ensemble.entry_child,
+            ensemble.entry_val, ensemble.bias, ensemble.node_label, ensemble.label_node,
+        )), dense_off, dense_map)
+
+    def search(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, top_k: int,
+               beam_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top ``top_k`` labels of CSR rows (sorted indices): ids (n, top_k; -1 pads),
+        scores (n, top_k), counts (n,). Large batches are split across the threads."""
+        n = indptr.shape[0] - 1
+        indptr = np.asarray(indptr, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int32)
+        data = np.asarray(data, dtype=np.float32)
+        labels = np.full((n, top_k), -1, dtype=np.int64)
+        scores = np.zeros((n, top_k), dtype=np.float64)
+        counts = np.zeros(n, dtype=np.int64)
+        if n < PARALLEL_MIN_DOCS or self.threads == 1:
+            self._run(indptr, indices, data, 0, n, top_k, beam_size, labels, scores, counts)
+            return labels, scores, counts
+        pool = self._get_pool()
+        bounds = np.linspace(0, n, self.threads + 1).astype(int)
+        futures = [
+            pool.submit(self._run, indptr, indices, data, int(a), int(b), top_k, beam_size,
+                        labels, scores, counts)
+            for a, b in pairwise(bounds) if b > a
+        ]
+        for f in futures:
+            f.result()
+        return labels, scores, counts
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _xdense(self) -> np.ndarray:
+        buf = getattr(self._scratch, "xdense", None)
+        if buf is None:
+            buf = np.zeros(self.n_features, dtype=np.float32)
+            self._scratch.xdense = buf
+        return buf
+
+    def _block(self, beam_size: int) -> int:
+        """Documents per block of the batch kernel: its per-document scratch (the node scores
+        of every expanded chunk) times the block stays within _BLOCK_BYTES."""
+        per_doc = 8 * self._tree_layers * min(beam_size, self._n_nodes) * max(
+            self.max_children, 1)
+        return int(max(1, min(_MAX_BLOCK, _BLOCK_BYTES // per_doc)))
+
+    def _run(self, indptr, indices, data, start, stop, top_k, beam_size, labels, scores, counts):
+        predict_rows(indptr, indices, data, start, stop, self._xdense(), *self._arrays,
+                     beam_size, top_k, self.post, self.max_children, self._block(beam_size),
+                     labels, scores, counts)
+
+    def _get_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="xmc-search")
+            return self._pool
