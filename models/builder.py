@@ -104,7 +104,8 @@ def build(
                 tree = build_tree(Z, params.cluster, seed=params.seed + t)
             with stages(f"train_tree{t}"):
                 trees.append(train_tree(X, Y, tree, params.ranker, seed=params.seed + t,
-                                        threads=threads, desc=f"tree {t + 1}/{params.n_trees}"))
+                                        threads=threads, post_processor=params.post_processor,
+                                        desc=f"tree {t + 1}/{params.n_trees}"))
         cpu_train = time.process_time() - cpu_train
         ensemble = Ensemble.concatenate(trees) if len(trees) > 1 else trees[0]
         with stages("write"):

@@ -47,6 +47,12 @@ class RankerParams:
     weight_threshold: float = 0.1
     """Weights with |w| below this are pruned after training; it trades model size and
     speed against accuracy."""
+    negatives: str = "tfn"
+    """Negative documents of a node's classifier: ``tfn`` (teacher-forced: the documents of
+    its parent) or ``tfn+man`` (plus the documents the layers above, as trained so far, bring
+    to its parent in their beam: matcher-aware hard negatives; slower to train)."""
+    negative_beam_size: int = 10
+    """Beam width of the matcher that mines the hard negatives (``tfn+man`` only)."""
 
 
 @dataclass
@@ -94,6 +100,10 @@ class BuildParams:
             raise InvalidInputError("n_trees must be >= 1")
         if self.ranker.loss != "squared_hinge":
             raise InvalidInputError("ranker.loss must be 'squared_hinge'")
+        if self.ranker.negatives not in ("tfn", "tfn+man"):
+            raise InvalidInputError("ranker.negatives must be 'tfn' or 'tfn+man'")
+        if self.ranker.negative_beam_size < 1:
+            raise InvalidInputError("ranker.negative_beam_size must be >= 1")
         if self.ranker.C <= 0:
             raise InvalidInputError("ranker.C must be > 0")
         if self.post_processor not in POST_PROCESSORS:

@@ -3,9 +3,12 @@
 The children of one parent are trained together on the documents of that parent (a document
 belongs to a node when one of its labels lies below it), each by dual coordinate descent on
 the L2-regularized squared hinge loss (liblinear's solver 1 with its shrinking and stopping
-rule). Features are renumbered to the ones those documents use, so a small node costs little
-whatever the vocabulary size. Weights below ``weight_threshold`` are pruned, and the result
-is laid out directly as the parent's chunk (see :mod:`models.tree`).
+rule). With ``negatives="tfn+man"`` a parent also gets the documents that the layers above,
+as trained so far, bring to it in their beam (matcher-aware hard negatives, as PECOS and
+XR-Transformer mine them): the rankers then learn to reject exactly the documents that
+prediction will show them. Features are renumbered to the ones those documents use, so a
+small node costs little whatever the vocabulary size. Weights below ``weight_threshold`` are
+pruned, and the result is laid out directly as the parent's chunk (see :mod:`models.tree`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from models.cluster import LabelTree
-from models.params import RankerParams
+from models.params import POST_PROCESSORS, RankerParams
+from models.search import Searcher
 from models.tree import ENSEMBLE_ARRAYS, Ensemble
 
 log = logging.getLogger(__name__)
@@ -211,12 +215,13 @@ def train_tree(
     *,
     seed: int,
     threads: int,
+    post_processor: str = "l3-hinge",
     desc: str = "tree",
 ) -> Ensemble:
     """Train every node classifier of one tree; returns it as a one-tree :class:`Ensemble`.
 
     ``X`` is (n_docs, n_features) float32 CSR with sorted indices; ``Y`` (n_docs, n_labels)
-    binary CSR.
+    binary CSR. ``post_processor`` ranks the beam that mines hard negatives.
     """
     n_docs = X.shape[0]
     n_labels = Y.shape[1]
@@ -230,7 +235,6 @@ def train_tree(
     parent = np.full(n_nodes, -1, dtype=np.int64)
     child_ptr = np.zeros(n_nodes + 1, dtype=np.int64)
     bias = np.zeros(n_nodes, dtype=np.float32)
-    node_label = np.full(n_nodes, -1, dtype=np.int32)
     chunk_rows: list[np.ndarray | None] = [None] * n_nodes
     chunk_row_len: list[np.ndarray | None] = [None] * n_nodes
     chunk_child: list[np.ndarray | None] = [None] * n_nodes
@@ -298,37 +302,82 @@ def train_tree(
             n_here, time.perf_counter() - t0,
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         )
-        parent_docs = node_docs.tocsc()
+        parent_docs = node_docs
+        if params.negatives == "tfn+man" and depth < len(layers) - 1:
+            t0 = time.perf_counter()
+            partial = _assemble(int(offsets[depth + 1]), depth + 1, child_ptr, parent, bias,
+                                np.arange(n_here), chunk_rows, chunk_row_len, chunk_child,
+                                chunk_val)
+            reached = _matcher_nodes(X, partial, params.negative_beam_size,
+                                     POST_PROCESSORS[post_processor], threads)
+            parent_docs = node_docs + reached
+            parent_docs.data[:] = 1.0
+            log.info("%s layer %d/%d: hard negatives from a beam of %d: %.1f -> %.1f "
+                     "parents per document, %.2fs", desc, depth + 1, len(layers),
+                     params.negative_beam_size, node_docs.nnz / max(n_docs, 1),
+                     parent_docs.nnz / max(n_docs, 1), time.perf_counter() - t0)
+        parent_docs = parent_docs.tocsc()
         parent_docs.sort_indices()
 
+    return _assemble(n_nodes, len(layers), child_ptr, parent, bias, layers[-1][0], chunk_rows,
+                     chunk_row_len, chunk_child, chunk_val)
+
+
+def _assemble(n_nodes: int, n_layers: int, child_count: np.ndarray, parent: np.ndarray,
+              bias: np.ndarray, node_of_label: np.ndarray, chunk_rows: list,
+              chunk_row_len: list, chunk_child: list, chunk_val: list) -> Ensemble:
+    """The first ``n_nodes`` nodes (root and ``n_layers`` layers) as a one-tree ensemble
+    whose leaves are the last layer's nodes. ``child_count[i + 1]`` holds the children of
+    node i; ``node_of_label`` maps each leaf's label id to its position in the last layer."""
     # breadth-first numbering: the children of node i start after the root and after the
     # children of nodes 0 .. i-1
-    child_ptr = 1 + np.cumsum(child_ptr)
-    label_first = int(offsets[-2])
-    node_of_label = layers[-1][0]
-    node_label[label_first + node_of_label] = np.arange(n_labels, dtype=np.int32)
+    counts = child_count[: n_nodes + 1].copy()
+    counts[0] = 0
+    child_ptr = 1 + np.cumsum(counts)
+    n_leaves = len(node_of_label)
+    label_first = n_nodes - n_leaves
+    node_label = np.full(n_nodes, -1, dtype=np.int32)
+    node_label[label_first + node_of_label] = np.arange(n_leaves, dtype=np.int32)
     empty_i32, empty_i64 = np.empty(0, np.int32), np.empty(0, np.int64)
-    rows = [r if r is not None else empty_i32 for r in chunk_rows]
-    row_len = [r if r is not None else empty_i64 for r in chunk_row_len]
+    rows = [r if r is not None else empty_i32 for r in chunk_rows[:n_nodes]]
+    row_len = [r if r is not None else empty_i64 for r in chunk_row_len[:n_nodes]]
     chunk_ptr = np.concatenate(([0], np.cumsum([len(r) for r in rows]))).astype(np.int64)
     all_len = np.concatenate(row_len) if rows else empty_i64
     row_ptr = np.concatenate(([0], np.cumsum(all_len))).astype(np.int64)
-    entry_child = np.concatenate([c for c in chunk_child if c is not None] or [empty_i32])
-    entry_val = np.concatenate([v for v in chunk_val if v is not None] or [np.empty(0, np.float32)])
+    entry_child = np.concatenate([c for c in chunk_child[:n_nodes] if c is not None]
+                                 or [empty_i32])
+    entry_val = np.concatenate([v for v in chunk_val[:n_nodes] if v is not None]
+                               or [np.empty(0, np.float32)])
     arrays = dict(
         tree_root=np.zeros(1, np.int64),
-        tree_depth=np.array([len(layers)], np.int32),
+        tree_depth=np.array([n_layers], np.int32),
         child_ptr=child_ptr,
-        parent=parent,
+        parent=parent[:n_nodes],
         chunk_ptr=chunk_ptr,
         chunk_feat=np.concatenate(rows),
         row_ptr=row_ptr,
         entry_child=entry_child,
         entry_val=entry_val,
-        bias=bias,
+        bias=bias[:n_nodes],
         node_label=node_label,
         label_node=(label_first + node_of_label)[None, :],
     )
     return Ensemble(
         **{k: np.ascontiguousarray(v, dtype=ENSEMBLE_ARRAYS[k]) for k, v in arrays.items()}
     )
+
+
+def _matcher_nodes(X: sp.csr_matrix, partial: Ensemble, beam_size: int, post: int,
+                   threads: int) -> sp.csr_matrix:
+    """(n_docs, leaves of ``partial``) binary: the nodes of the partial tree's last layer
+    that beam search of width ``beam_size`` returns for each document."""
+    searcher = Searcher(partial, X.shape[1], post, threads=threads, dense_map_mb=128)
+    try:
+        top_k = min(beam_size, partial.n_labels)
+        ids, _, counts = searcher.search(X.indptr, X.indices, X.data, top_k, beam_size)
+    finally:
+        searcher.close()
+    keep = np.arange(top_k)[None, :] < counts[:, None]
+    rows = np.repeat(np.arange(X.shape[0]), counts)
+    return sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, ids[keep])),
+                         shape=(X.shape[0], partial.n_labels))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -11,38 +9,11 @@ import scipy.sparse as sp
 import models
 from models.builder import build
 from tests.conftest import tiny_params
+from tests.models.reference import leaf_scores
 
 
 def reference_scores(predictor: models.Predictor, X: sp.csr_matrix) -> np.ndarray:
-    """Exact ensemble score of every label for every row: margins from a scipy product with
-    the weights rebuilt from the bundle arrays, then a plain loop over each root-to-label
-    path of each tree."""
-    ens = predictor.ensemble
-    owner = np.repeat(np.arange(ens.n_nodes), np.diff(ens.chunk_ptr))
-    row_owner = np.repeat(owner, np.diff(ens.row_ptr))
-    row_feat = np.repeat(np.asarray(ens.chunk_feat), np.diff(ens.row_ptr))
-    child = np.asarray(ens.child_ptr)[row_owner] + np.asarray(ens.entry_child)
-    W = sp.csc_matrix((np.asarray(ens.entry_val, dtype=np.float64), (row_feat, child)),
-                      shape=(predictor.n_features, ens.n_nodes))
-    margins = (X.astype(np.float64) @ W).toarray() + np.asarray(ens.bias, dtype=np.float64)
-    post = predictor.manifest["params"]["post_processor"]
-
-    def f(z: float) -> float:
-        if post == "sigmoid":
-            return 1.0 / (1.0 + math.exp(-z))
-        return math.exp(-max(0.0, 1.0 - z) ** 3)
-
-    out = np.zeros((X.shape[0], predictor.n_labels))
-    for d in range(X.shape[0]):
-        for t in range(ens.n_trees):
-            for lab in range(predictor.n_labels):
-                node = int(ens.label_node[t, lab])
-                prod = 1.0
-                while ens.parent[node] >= 0:
-                    prod *= f(margins[d, node])
-                    node = int(ens.parent[node])
-                out[d, lab] += prod / ens.n_trees
-    return out
+    return leaf_scores(predictor.ensemble, X, predictor.manifest["params"]["post_processor"])
 
 
 def as_dense(result: list[list[tuple[str, float]]], predictor) -> list[dict[int, float]]:
