@@ -1,13 +1,15 @@
 """The offline builder: a corpus in, a bundle folder out.
 
 Stages: features (TF-IDF fit, or XC features as given; optionally a dense ONNX encoder fused
-in), PIFA label embeddings, then per tree of the ensemble a balanced hierarchical clustering
-and the node rankers; finally the bundle is written atomically and, when a test set is given,
+in, its weight chosen on a validation split carved from train unless given), PIFA label
+embeddings, then per tree of the ensemble a balanced hierarchical clustering and the node
+rankers; finally the bundle is written atomically and, when a test set is given,
 evaluated into the manifest. Each stage logs its time and the peak memory so far.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -26,8 +28,10 @@ from models import bundle as bundle_io
 from models.cluster import build_tree, pifa_embeddings
 from models.data import Corpus
 from models.errors import BundleError, InvalidInputError
-from models.features import FeatureEncoder
-from models.params import BuildParams
+from models.features import FeatureEncoder, fuse
+from models.metrics import evaluate
+from models.params import POST_PROCESSORS, BuildParams
+from models.search import Searcher
 from models.train import train_tree
 from models.tree import Ensemble
 
@@ -51,20 +55,23 @@ def label_matrix(labels: list[list[str]], label_names: list[str]) -> sp.csr_matr
 
 
 class _Stages:
-    """Times each stage and records the peak RSS after it."""
+    """Times each stage and records the peak RSS after it (silently when not ``verbose``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, verbose: bool = True) -> None:
         self.records: dict[str, dict[str, float]] = {}
+        self.verbose = verbose
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        log.info("stage %s ...", name)
+        if self.verbose:
+            log.info("stage %s ...", name)
         t0 = time.perf_counter()
         yield
         secs = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.records[name] = {"seconds": round(secs, 3), "peak_rss_mb": round(peak, 1)}
-        log.info("stage %s: %.2fs, peak RSS %.0f MB", name, secs, peak)
+        if self.verbose:
+            log.info("stage %s: %.2fs, peak RSS %.0f MB", name, secs, peak)
 
 
 def build(
@@ -92,22 +99,25 @@ def build(
     tmp = bundle_io.tmp_dir_for(out_dir)
     try:
         with stages("features"):
-            encoder, X = _fit_features(train, params, tmp)
+            encoder, X, emb = _fit_features(train, params, tmp)
+        selection = None
+        if emb is not None:
+            weight = params.dense_weight
+            if weight == "auto":
+                with stages("dense_weight"):
+                    weight, selection = choose_dense_weight(train, emb, params, threads)
+            if weight == 0:
+                log.info("dense_weight 0 won on validation: a TF-IDF-only bundle")
+                encoder = FeatureEncoder(encoder.tfidf)
+            else:
+                encoder = FeatureEncoder(encoder.tfidf, encoder.dense, weight)
+                X = fuse(X, emb, weight)
+            del emb
         Y = label_matrix(train.labels, label_names)
         label_counts = np.asarray(Y.sum(axis=0)).ravel().astype(np.int64)
-        with stages("pifa"):
-            Z = pifa_embeddings(X, Y)
-        trees = []
         cpu_train = time.process_time()
-        for t in range(params.n_trees):
-            with stages(f"cluster_tree{t}"):
-                tree = build_tree(Z, params.cluster, seed=params.seed + t)
-            with stages(f"train_tree{t}"):
-                trees.append(train_tree(X, Y, tree, params.ranker, seed=params.seed + t,
-                                        threads=threads, post_processor=params.post_processor,
-                                        desc=f"tree {t + 1}/{params.n_trees}"))
+        ensemble = _train_ensemble(X, Y, params, threads, stages)
         cpu_train = time.process_time() - cpu_train
-        ensemble = Ensemble.concatenate(trees) if len(trees) > 1 else trees[0]
         with stages("write"):
             bundle_io.write_arrays(tmp, ensemble, label_names, label_counts)
             entries = encoder.save(tmp) if encoder is not None else []
@@ -138,6 +148,8 @@ def build(
             "cpu_seconds_train": round(cpu_train, 3),
             "n_weights": int(ensemble.entry_val.shape[0]),
         }
+        if selection is not None:
+            manifest["build"]["dense_weight_selection"] = selection
         if test is not None:
             bundle_io.write_manifest(tmp, manifest)
             from models.evaluate import evaluate_predictor
@@ -155,21 +167,88 @@ def build(
     return out_dir
 
 
+def _train_ensemble(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, threads: int,
+                    stages: _Stages) -> Ensemble:
+    """PIFA, then per tree a clustering and its rankers; the trees joined into one forest."""
+    with stages("pifa"):
+        Z = pifa_embeddings(X, Y)
+    trees = []
+    for t in range(params.n_trees):
+        with stages(f"cluster_tree{t}"):
+            tree = build_tree(Z, params.cluster, seed=params.seed + t)
+        with stages(f"train_tree{t}"):
+            trees.append(train_tree(X, Y, tree, params.ranker, seed=params.seed + t,
+                                    threads=threads, post_processor=params.post_processor,
+                                    desc=f"tree {t + 1}/{params.n_trees}"))
+    return Ensemble.concatenate(trees) if len(trees) > 1 else trees[0]
+
+
 def _fit_features(train: Corpus, params: BuildParams, folder: Path):
-    """Returns (encoder or None, training feature matrix)."""
+    """Returns (encoder or None, TF-IDF or given feature matrix, dense embeddings of the
+    training texts or None). With a dense encoder the returned encoder holds it, unweighted:
+    the caller fuses once the weight is known."""
     if not train.is_text:
         if params.dense_encoder:
             raise InvalidInputError("a dense encoder needs text input, not XC features")
         X = sp.csr_matrix(train.features, dtype=np.float32)
         X.sort_indices()
-        return None, X
+        return None, X, None
     from models.tfidf import TfidfEncoder
 
     tfidf, X = TfidfEncoder.fit(train.texts, params.tfidf)
     if not params.dense_encoder:
-        return FeatureEncoder(tfidf), X
-    encoder = FeatureEncoder(tfidf, _dense_encoder(params, folder), params.dense_weight)
-    return encoder, encoder.transform(train.texts)
+        return FeatureEncoder(tfidf), X, None
+    dense = _dense_encoder(params, folder)
+    return FeatureEncoder(tfidf, dense), X, dense.encode(train.texts)
+
+
+def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
+                        threads: int) -> tuple[float, dict[str, Any]]:
+    """The alpha of ``params.dense_weight_grid`` with the best P@1 (then P@5, then the
+    smaller alpha) on a seeded ``validation_share`` of ``train``, each candidate trained with
+    one tree on the rest; returns it and the table behind the choice for the manifest."""
+    from models.tfidf import TfidfEncoder
+
+    n_valid = round(params.validation_share * train.n_docs)
+    if n_valid < 1 or n_valid >= train.n_docs:
+        raise InvalidInputError(
+            f"{train.n_docs} training documents are too few to choose dense_weight on a "
+            f"validation split; give --dense-weight")
+    order = np.random.default_rng(params.seed).permutation(train.n_docs)
+    fit_rows, valid_rows = np.sort(order[n_valid:]), np.sort(order[:n_valid])
+    fit, valid = train.subset(fit_rows), train.subset(valid_rows)
+    names = sorted({lab for doc in fit.labels for lab in doc})
+    if not names:
+        raise InvalidInputError("no labelled document left to choose dense_weight on")
+    Y_fit = label_matrix(fit.labels, names)
+    tfidf, X_fit = TfidfEncoder.fit(fit.texts, params.tfidf)
+    X_valid = tfidf.transform(valid.texts)
+    one_tree = dataclasses.replace(params, n_trees=1)
+    candidates = []
+    for alpha in sorted(set(params.dense_weight_grid)):
+        Xf = fuse(X_fit, emb[fit_rows], alpha) if alpha > 0 else X_fit
+        Xv = fuse(X_valid, emb[valid_rows], alpha) if alpha > 0 else X_valid
+        ensemble = _train_ensemble(Xf, Y_fit, one_tree, threads, _Stages(verbose=False))
+        searcher = Searcher(ensemble, Xf.shape[1], POST_PROCESSORS[params.post_processor],
+                            threads=threads, dense_map_mb=128)
+        try:
+            ids, _, counts = searcher.search(Xv.indptr, Xv.indices, Xv.data, 5,
+                                             params.beam_size)
+        finally:
+            searcher.close()
+        ranked = [[names[j] for j in row[:c]] for row, c in zip(ids.tolist(), counts)]
+        m = evaluate(ranked, valid.labels, ks=(1, 5))
+        candidates.append({"dense_weight": float(alpha), "P@1": round(m["P@1"], 6),
+                           "P@5": round(m["P@5"], 6)})
+        log.info("dense_weight %g: validation P@1 %.4f, P@5 %.4f", alpha, m["P@1"], m["P@5"])
+    best = max(candidates, key=lambda c: (c["P@1"], c["P@5"], -c["dense_weight"]))
+    return best["dense_weight"], {
+        "validation_share": params.validation_share,
+        "n_validation_docs": int(n_valid),
+        "n_trees": 1,
+        "candidates": candidates,
+        "chosen": best["dense_weight"],
+    }
 
 
 def _dense_encoder(params: BuildParams, folder: Path):

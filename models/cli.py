@@ -55,8 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="fuse a dense ONNX sentence encoder: 'minilm' (packaged MiniLM, exported "
                    "at build time; needs the [export] extra) or PATH/model.onnx with "
                    "tokenizer.json beside it")
-    b.add_argument("--dense-weight", type=float, metavar="ALPHA",
-                   help="weight of the dense block in [tfidf ; alpha * dense]")
+    b.add_argument("--dense-weight", type=_dense_weight, metavar="ALPHA|auto",
+                   help="weight of the dense block in [tfidf ; alpha * dense]; 'auto' (the "
+                   "default) chooses it by P@1 on a validation split carved from TRAIN, and "
+                   "builds TF-IDF only when that wins")
     b.add_argument("--int8", action="store_true", help="quantize the dense encoder to int8")
     b.add_argument("--print-default-params", action="store_true",
                    help="print the default build parameters as JSON and exit")
@@ -109,6 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _dense_weight(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        alpha = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'auto'") from None
+    if not alpha > 0:
+        raise argparse.ArgumentTypeError("must be > 0 (leave out --dense-encoder for none)")
+    return alpha
 
 
 def _build(args: argparse.Namespace) -> int:

@@ -32,18 +32,8 @@ class FeatureEncoder:
         """Feature rows (float32 CSR, sorted indices, l2-normalized) for many texts."""
         if self.dense is None:
             return self.tfidf.transform(texts)
-        emb = self.dense.encode(texts).astype(np.float32) * self.dense_weight
-        dense_block = sp.csr_matrix(emb)
-        if self.tfidf is None:
-            X = dense_block
-        else:
-            X = sp.hstack([self.tfidf.transform(texts), dense_block], format="csr")
-        X = sp.csr_matrix(X, dtype=np.float32)
-        norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
-        norms[norms == 0] = 1.0
-        X.data /= np.repeat(norms, np.diff(X.indptr)).astype(np.float32)
-        X.sort_indices()
-        return X
+        tfidf = self.tfidf.transform(texts) if self.tfidf is not None else None
+        return fuse(tfidf, self.dense.encode(texts), self.dense_weight)
 
     def transform_one(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """(sorted indices int32, values float32) of one text: the fastest path."""
@@ -91,6 +81,18 @@ class FeatureEncoder:
         if tfidf is None and dense is None:
             return None
         return cls(tfidf, dense, weight)
+
+
+def fuse(tfidf: sp.csr_matrix | None, dense: np.ndarray, dense_weight: float) -> sp.csr_matrix:
+    """``[tfidf ; dense_weight * dense]`` rows l2-normalized (float32 CSR, sorted indices)."""
+    dense_block = sp.csr_matrix(np.asarray(dense, dtype=np.float32) * np.float32(dense_weight))
+    X = dense_block if tfidf is None else sp.hstack([tfidf, dense_block], format="csr")
+    X = sp.csr_matrix(X, dtype=np.float32)
+    norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
+    norms[norms == 0] = 1.0
+    X.data /= np.repeat(norms, np.diff(X.indptr)).astype(np.float32)
+    X.sort_indices()
+    return X
 
 
 def require_text(encoder: FeatureEncoder | None) -> FeatureEncoder:

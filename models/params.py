@@ -79,8 +79,15 @@ class BuildParams:
     dense_encoder: str | None = None
     """``minilm`` (the packaged all-MiniLM-L6-v2, exported to ONNX at build time) or a path
     to an ONNX sentence encoder with ``tokenizer.json`` beside it; None for TF-IDF only."""
-    dense_weight: float = 1.0
-    """alpha in features = [tfidf ; alpha * dense], rows l2-normalized."""
+    dense_weight: float | str = "auto"
+    """alpha in features = [tfidf ; alpha * dense], rows l2-normalized; ``auto`` picks it
+    from ``dense_weight_grid`` by P@1 on a validation split carved from the training set
+    (the test set is never read). A choice of 0 builds a TF-IDF-only bundle."""
+    dense_weight_grid: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0])
+    """Candidate alphas for ``dense_weight = "auto"`` (0 is TF-IDF alone); each is trained
+    with one tree on the rest of the training set."""
+    validation_share: float = 0.15
+    """Share of the training documents held out to choose ``dense_weight``."""
     int8: bool = False
     """Quantize the dense encoder to int8 (dynamic, per-channel)."""
 
@@ -108,6 +115,15 @@ class BuildParams:
             raise InvalidInputError("ranker.C must be > 0")
         if self.post_processor not in POST_PROCESSORS:
             raise InvalidInputError(f"post_processor must be one of {sorted(POST_PROCESSORS)}")
+        w = self.dense_weight
+        if not (w == "auto" or (isinstance(w, (int, float)) and not isinstance(w, bool)
+                                and w > 0)):
+            raise InvalidInputError("dense_weight must be a number > 0 or 'auto'")
+        if self.dense_weight == "auto" and (
+                not self.dense_weight_grid or min(self.dense_weight_grid) < 0):
+            raise InvalidInputError("dense_weight_grid must list alphas >= 0")
+        if not 0 < self.validation_share < 1:
+            raise InvalidInputError("validation_share must lie in (0, 1)")
         if self.beam_size < 1 or self.top_k < 1:
             raise InvalidInputError("beam_size and top_k must be >= 1")
 

@@ -94,3 +94,84 @@ def test_tampered_dense_model_is_refused(fused_bundle, tmp_path):
     with pytest.raises(BundleError) as err:
         models.load_bundle(copy)
     assert model_file.name in str(err.value)
+
+
+# ----------------------------------------------------------------- dense_weight = "auto"
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    model, _ = make_tiny_encoder(tmp_path_factory.mktemp("enc-auto"))
+    return model
+
+
+def test_auto_weight_is_chosen_on_validation_and_recorded(tmp_path, tiny_corpus, tiny_model):
+    train, _ = tiny_corpus
+    params = tiny_params(n_trees=1, dense_encoder=str(tiny_model),
+                         dense_weight_grid=[0.0, 0.5, 4.0])
+    assert params.dense_weight == "auto"  # the default
+    manifest = json.loads((build(train, tmp_path / "b", params) / "manifest.json").read_text())
+    sel = manifest["build"]["dense_weight_selection"]
+    assert [c["dense_weight"] for c in sel["candidates"]] == [0.0, 0.5, 4.0]
+    assert sel["n_validation_docs"] == round(0.15 * train.n_docs)
+    best = max(sel["candidates"], key=lambda c: (c["P@1"], c["P@5"], -c["dense_weight"]))
+    assert sel["chosen"] == best["dense_weight"]
+    if sel["chosen"] == 0:
+        assert [e["kind"] for e in manifest["encoders"]] == ["tfidf"]
+    else:
+        assert manifest["encoders"][1]["weight"] == sel["chosen"]
+
+    # the TF-IDF candidate's figure is reproduced by an independent build on the same split
+    from benchmarks.tune import split
+    from models.evaluate import evaluate_predictor
+
+    fit, valid = split(train, 0.15, params.seed)
+    alone = models.load_bundle(build(fit, tmp_path / "alone", tiny_params(n_trees=1)))
+    m = evaluate_predictor(alone, valid, measure_speed=False)
+    assert sel["candidates"][0]["P@1"] == pytest.approx(m["P@1"], abs=1e-6)
+
+
+def test_auto_weight_zero_builds_a_tfidf_only_bundle(tmp_path, tiny_corpus, tiny_model):
+    train, test = tiny_corpus
+    params = tiny_params(n_trees=1, dense_encoder=str(tiny_model), dense_weight_grid=[0.0])
+    out = build(train, tmp_path / "b", params)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["kind"] for e in manifest["encoders"]] == ["tfidf"]
+    assert manifest["n_features"] == manifest["encoders"][0]["n_features"]
+    assert not list(out.glob("*.onnx")) and not (out / "_export").exists()
+    plain = build(train, tmp_path / "plain", tiny_params(n_trees=1))
+    a, b = models.load_bundle(out), models.load_bundle(plain)
+    assert a.predict(test.texts[:10]) == b.predict(test.texts[:10])
+
+
+def test_auto_weight_single_candidate_is_used(tmp_path, tiny_corpus, tiny_model):
+    train, _ = tiny_corpus
+    params = tiny_params(n_trees=1, dense_encoder=str(tiny_model), dense_weight_grid=[0.5])
+    manifest = json.loads((build(train, tmp_path / "b", params) / "manifest.json").read_text())
+    assert manifest["encoders"][1]["weight"] == 0.5
+    assert manifest["params"]["dense_weight"] == "auto"
+
+
+def test_auto_weight_needs_enough_documents(tmp_path, tiny_corpus, tiny_model):
+    from models.errors import InvalidInputError
+
+    train, _ = tiny_corpus
+    params = tiny_params(n_trees=1, dense_encoder=str(tiny_model))
+    with pytest.raises(InvalidInputError, match="too few"):
+        build(train.subset(np.arange(3)), tmp_path / "b", params)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "best", True])
+def test_bad_dense_weight_is_refused(bad):
+    from models.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="dense_weight"):
+        tiny_params(dense_weight=bad).validate()
+
+
+def test_cli_dense_weight_flag(tmp_path, capsys):
+    from models.cli import main
+
+    for bad in ("0", "best"):
+        with pytest.raises(SystemExit) as exc:
+            main(["build", "x.jsonl", "--out", str(tmp_path / "b"), "--dense-weight", bad])
+        assert exc.value.code == 2
+        assert "--dense-weight" in capsys.readouterr().err
