@@ -44,12 +44,12 @@ def main() -> None:
     enc = median_us(p.encoder.transform_one, texts)
     top_k, beam = p.default_top_k, p.default_beam_size
     search = median_us(
-        lambda r: p._search(np.array([0, len(r[0])]), r[0], r[1], top_k, beam), rows)
+        lambda r: p._searcher.search(np.array([0, len(r[0])]), r[0], r[1], top_k, beam), rows)
     whole = median_us(lambda t: p.predict([t]), texts)
     nnz = np.median([len(r[0]) for r in rows])
     n_trees = p.ensemble.n_trees
     print(f"{p.name}: {n_trees} trees, {p.n_labels} labels, median {nnz:.0f} features/doc")
-    print(f"  encode (TF-IDF)      {enc:8.1f} us")
+    print(f"  encode (encoders)    {enc:8.1f} us")
     print(f"  search (all trees)   {search:8.1f} us  ({search / n_trees:.1f} per tree)")
     print(f"  whole predict([t])   {whole:8.1f} us")
 
