@@ -116,7 +116,9 @@ def build(
         Y = label_matrix(train.labels, label_names)
         label_counts = np.asarray(Y.sum(axis=0)).ravel().astype(np.int64)
         cpu_train = time.process_time()
-        ensemble = _train_ensemble(X, Y, params, threads, stages)
+        dense_start = (encoder.n_tfidf if encoder is not None and encoder.dense is not None
+                       else None)
+        ensemble = _train_ensemble(X, Y, params, threads, stages, dense_start)
         cpu_train = time.process_time() - cpu_train
         with stages("write"):
             bundle_io.write_arrays(tmp, ensemble, label_names, label_counts)
@@ -168,8 +170,9 @@ def build(
 
 
 def _train_ensemble(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, threads: int,
-                    stages: _Stages) -> Ensemble:
-    """PIFA, then per tree a clustering and its rankers; the trees joined into one forest."""
+                    stages: _Stages, dense_start: int | None = None) -> Ensemble:
+    """PIFA, then per tree a clustering and its rankers; the trees joined into one forest.
+    Columns from ``dense_start`` on are a dense encoder's block (see :mod:`models.tree`)."""
     with stages("pifa"):
         Z = pifa_embeddings(X, Y)
     trees = []
@@ -179,6 +182,7 @@ def _train_ensemble(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, thr
         with stages(f"train_tree{t}"):
             trees.append(train_tree(X, Y, tree, params.ranker, seed=params.seed + t,
                                     threads=threads, post_processor=params.post_processor,
+                                    dense_start=dense_start,
                                     desc=f"tree {t + 1}/{params.n_trees}"))
     return Ensemble.concatenate(trees) if len(trees) > 1 else trees[0]
 
@@ -228,7 +232,8 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
     for alpha in sorted(set(params.dense_weight_grid)):
         Xf = fuse(X_fit, emb[fit_rows], alpha) if alpha > 0 else X_fit
         Xv = fuse(X_valid, emb[valid_rows], alpha) if alpha > 0 else X_valid
-        ensemble = _train_ensemble(Xf, Y_fit, one_tree, threads, _Stages(verbose=False))
+        ensemble = _train_ensemble(Xf, Y_fit, one_tree, threads, _Stages(verbose=False),
+                                   X_fit.shape[1] if alpha > 0 else None)
         searcher = Searcher(ensemble, Xf.shape[1], POST_PROCESSORS[params.post_processor],
                             threads=threads, dense_map_mb=128)
         try:

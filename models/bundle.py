@@ -6,7 +6,8 @@
                              n_features, trees, encoders, metrics, n_train_docs
     labels.json              label names, in label-id order
     label_counts.npy         training documents per label (for PSP@k)
-    ensemble.<name>.npy      the tree arrays of models.tree.ENSEMBLE_ARRAYS
+    ensemble.<name>.npy      the tree arrays of models.tree.ENSEMBLE_ARRAYS (format 2; format 1
+                             bundles lack the dense-block arrays and are still read)
     <encoder files>          e.g. tfidf_vocab.json, tfidf_idf.npy, dense model + tokenizer
 
 Arrays load with ``allow_pickle=False`` and, by default, ``mmap_mode="r"`` so that several
@@ -30,7 +31,9 @@ import numpy as np
 from models.errors import BundleError
 from models.tree import ENSEMBLE_ARRAYS, Ensemble
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions this build reads: 1 lacks the dense-block arrays (its bundles have none)
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 
@@ -107,11 +110,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise BundleError("manifest is not a JSON object", path)
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise BundleError(
-            f"format_version {version!r} is not supported (this build reads {FORMAT_VERSION})",
-            path,
-        )
+            f"format_version {version!r} is not supported (this build reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})", path)
     for key in ("name", "version", "n_labels", "n_features", "encoders", "params"):
         if key not in manifest:
             raise BundleError(f"manifest lacks {key!r}", path)
@@ -136,8 +138,16 @@ def load_npy(path: Path, *, mmap: bool, dtype: type | None = None) -> np.ndarray
 
 
 def load_ensemble(folder: Path, manifest: dict[str, Any], *, mmap: bool) -> Ensemble:
+    n_features = int(manifest["n_features"])
+    absent = {}
+    if manifest["format_version"] == 1:
+        n_nodes = load_npy(folder / "ensemble.bias.npy", mmap=True).shape[0]
+        absent = {"dense_start": np.array([n_features], np.int64),
+                  "dense_ptr": np.zeros(n_nodes + 1, np.int64),
+                  "dense_val": np.empty(0, np.float32)}
     arrays = {
-        name: load_npy(folder / f"ensemble.{name}.npy", mmap=mmap, dtype=dtype)
+        name: absent[name] if name in absent else
+        load_npy(folder / f"ensemble.{name}.npy", mmap=mmap, dtype=dtype)
         for name, dtype in ENSEMBLE_ARRAYS.items()
     }
     ens = Ensemble(**arrays)
@@ -186,3 +196,12 @@ def _check_ensemble(folder: Path, ens: Ensemble, n_labels: int, n_features: int)
     leaves = ens.label_node.ravel()
     if np.any(ens.node_label[leaves] < 0) or np.any(ens.node_label >= n_labels):
         fail("node_label", "label ids do not match label_node")
+    if ens.dense_start.shape != (1,) or not 0 <= int(ens.dense_start[0]) <= n_features:
+        fail("dense_start", f"not one feature id within 0..{n_features}")
+    dim = n_features - int(ens.dense_start[0])
+    dense_len = np.diff(ens.dense_ptr)
+    if (ens.dense_ptr.shape != (n_nodes + 1,) or ens.dense_ptr[0] != 0
+            or ens.dense_ptr[-1] != ens.dense_val.shape[0] or np.any(dense_len < 0)):
+        fail("dense_ptr", "pointers are not monotone within bounds")
+    if np.any((dense_len != 0) & (dense_len != n_children * dim)):
+        fail("dense_ptr", "a dense block is not (children x dense features)")

@@ -43,14 +43,27 @@ def _log_post(z, kind):
 
 @numba.njit(nogil=True, cache=True)
 def _score_chunk(node, xi, xv, xdense, chunk_ptr, chunk_feat, row_ptr, entry_child, entry_val,
-                 dense_off, dense_map, out, n_children):
-    """Margins (without bias) of all children of ``node`` into out[:n_children]."""
-    for j in range(n_children):
-        out[j] = 0.0
+                 dense_off, dense_map, dense_start, dense_ptr, dense_val, out, n_children):
+    """Margins (without bias) of all children of ``node`` into out[:n_children]. ``xdense``
+    holds the document densely (its dense block is read from there)."""
+    d0 = dense_ptr[node]
+    if dense_ptr[node + 1] > d0:
+        dim = xdense.shape[0] - dense_start
+        xd = xdense[dense_start:]
+        for j in range(n_children):
+            w = dense_val[d0 + j * dim : d0 + (j + 1) * dim]
+            s = 0.0
+            for k in range(dim):
+                s += w[k] * xd[k]
+            out[j] = s
+    else:
+        for j in range(n_children):
+            out[j] = 0.0
     r0 = chunk_ptr[node]
     r1 = chunk_ptr[node + 1]
     n_rows = r1 - r0
-    m = xi.shape[0]
+    # the sparse rows hold features below dense_start only
+    m = np.searchsorted(xi, dense_start)
     if n_rows == 0 or m == 0:
         return
     off = dense_off[node]
@@ -117,8 +130,9 @@ def _insert_top(keep_id, keep_score, n_keep, cap, node, score):
 @numba.njit(nogil=True, cache=True)
 def predict_rows(indptr, indices, data, row_start, row_stop, xdense, tree_root, tree_depth,
                  child_ptr, parent, chunk_ptr, chunk_feat, row_ptr, entry_child, entry_val,
-                 bias, node_label, label_node, dense_off, dense_map, beam_size, top_k, post,
-                 max_children, block, out_label, out_score, out_n):
+                 bias, node_label, label_node, dense_start, dense_ptr, dense_val, dense_off,
+                 dense_map, beam_size, top_k, post, max_children, block, out_label, out_score,
+                 out_n):
     """Predict rows row_start..row_stop of a CSR matrix (sorted indices) into out_* rows.
 
     Documents go in blocks of ``block``. Within a block the beam advances layer by layer for
@@ -190,7 +204,8 @@ def predict_rows(indptr, indices, data, row_start, row_stop, xdense, tree_root, 
                     for i in range(xi.shape[0]):
                         xdense[xi[i]] = xv[i]
                     _score_chunk(p, xi, xv, xdense, chunk_ptr, chunk_feat, row_ptr, entry_child,
-                                 entry_val, dense_off, dense_map, z, nc)
+                                 entry_val, dense_off, dense_map, dense_start, dense_ptr,
+                                 dense_val, z, nc)
                     for i in range(xi.shape[0]):
                         xdense[xi[i]] = 0.0
                     base = beam_score[d, b]
@@ -220,8 +235,9 @@ def predict_rows(indptr, indices, data, row_start, row_stop, xdense, tree_root, 
                 xdense[xi[i]] = xv[i]
             out_n[row] = _merge_trees(xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr,
                                       chunk_feat, row_ptr, entry_child, entry_val, bias,
-                                      node_label, label_node, dense_off, dense_map, post,
-                                      top_k, top_id[d], top_n[d], exp_parent[d], exp_path[d],
+                                      node_label, label_node, dense_off, dense_map,
+                                      dense_start, dense_ptr, dense_val, post, top_k,
+                                      top_id[d], top_n[d], exp_parent[d], exp_path[d],
                                       exp_off[d], n_exp[d], node_score[d], z,
                                       out_label[row], out_score[row])
             for i in range(xi.shape[0]):
@@ -231,8 +247,8 @@ def predict_rows(indptr, indices, data, row_start, row_stop, xdense, tree_root, 
 @numba.njit(nogil=True, cache=True)
 def _merge_trees(xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr, chunk_feat, row_ptr,
                  entry_child, entry_val, bias, node_label, label_node, dense_off, dense_map,
-                 post, top_k, top_id, top_n, exp_parent, exp_path, exp_off, n_exp, node_score,
-                 z, out_label, out_score):
+                 dense_start, dense_ptr, dense_val, post, top_k, top_id, top_n, exp_parent,
+                 exp_path, exp_off, n_exp, node_score, z, out_label, out_score):
     """Union of the trees' top labels, each scored exactly in every tree (mean of path
     scores); writes the best top_k into out_*, returns how many."""
     n_trees = top_id.shape[0]
@@ -257,7 +273,8 @@ def _merge_trees(xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr, chunk
             total += np.exp(_path_log_score(
                 t, label_node[t, lab], xi, xv, xdense, tree_depth, child_ptr, parent,
                 chunk_ptr, chunk_feat, row_ptr, entry_child, entry_val, bias, dense_off,
-                dense_map, post, exp_parent, exp_path, exp_off, n_exp, node_score, z))
+                dense_map, dense_start, dense_ptr, dense_val, post, exp_parent, exp_path,
+                exp_off, n_exp, node_score, z))
         n_out = _insert_top(out_label, out_score, n_out, top_k, lab, total / n_trees)
     return n_out
 
@@ -265,7 +282,8 @@ def _merge_trees(xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr, chunk
 @numba.njit(nogil=True, cache=True)
 def _path_log_score(t, node, xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr,
                     chunk_feat, row_ptr, entry_child, entry_val, bias, dense_off, dense_map,
-                    post, exp_parent, exp_path, exp_off, n_exp, node_score, z):
+                    dense_start, dense_ptr, dense_val, post, exp_parent, exp_path, exp_off,
+                    n_exp, node_score, z):
     """Exact log path score of a leaf in tree t, reusing what the beam computed."""
     acc = 0.0
     layer = tree_depth[t] - 1
@@ -277,7 +295,8 @@ def _path_log_score(t, node, xi, xv, xdense, tree_depth, child_ptr, parent, chun
                     exp_off[t, layer, b] + node - child_ptr[p]]
         # the beam never expanded p: score this node directly and go up
         _score_chunk(p, xi, xv, xdense, chunk_ptr, chunk_feat, row_ptr, entry_child,
-                     entry_val, dense_off, dense_map, z, child_ptr[p + 1] - child_ptr[p])
+                     entry_val, dense_off, dense_map, dense_start, dense_ptr, dense_val, z,
+                     child_ptr[p + 1] - child_ptr[p])
         acc += _log_post(z[node - child_ptr[p]] + bias[node], post)
         node = p
         layer -= 1
@@ -343,7 +362,8 @@ class Searcher:
             ensemble.tree_root, ensemble.tree_depth, ensemble.child_ptr, ensemble.parent,
             ensemble.chunk_ptr, ensemble.chunk_feat, ensemble.row_ptr, ensemble.entry_child,
             ensemble.entry_val, ensemble.bias, ensemble.node_label, ensemble.label_node,
-        )), dense_off, dense_map)
+        )), int(ensemble.dense_start[0]), np.asarray(ensemble.dense_ptr),
+            np.asarray(ensemble.dense_val), dense_off, dense_map)
 
     def search(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, top_k: int,
                beam_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

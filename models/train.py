@@ -34,8 +34,12 @@ log = logging.getLogger(__name__)
 
 @numba.njit(nogil=True, cache=True)
 def _train_chunk(indptr, indices, data, n_local, pos_indptr, pos_child, n_children,
-                 C, eps, max_iter, bias, threshold, seed, child_offset):
+                 C, eps, max_iter, bias, threshold, seed, child_offset, keep_from, dense_col,
+                 dim):
+    """Local features from ``keep_from`` on are the dense block: their weights go unpruned
+    into dense_w[child, dense_col[f - keep_from]] instead of the sparse entries."""
     n = indptr.shape[0] - 1
+    dense_w = np.zeros((n_children, dim), dtype=np.float32)
     y = np.full((n_children, n), -1, dtype=np.int8)
     for i in range(n):
         for k in range(pos_indptr[i], pos_indptr[i + 1]):
@@ -118,7 +122,9 @@ def _train_chunk(indptr, indices, data, n_local, pos_indptr, pos_child, n_childr
             # the upper bound is infinite (squared hinge), so only the max side shrinks
             pg_max_old = pg_max_new if pg_max_new > 0 else np.inf
         bias_terms[c] = wb * bias
-        for f in range(n_local):
+        for f in range(keep_from, n_local):
+            dense_w[c, dense_col[f - keep_from]] = w[f]
+        for f in range(keep_from):
             if abs(w[f]) >= threshold:
                 if n_out == cap:
                     cap *= 2
@@ -154,7 +160,7 @@ def _train_chunk(indptr, indices, data, n_local, pos_indptr, pos_child, n_childr
         entry_child[pos] = out_child[e]
         entry_val[pos] = out_val[e]
         counts[out_feat[e]] += 1
-    return rows, row_len, entry_child, entry_val, bias_terms
+    return rows, row_len, entry_child, entry_val, bias_terms, dense_w
 
 
 def _layer_structure(tree: LabelTree) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -216,15 +222,20 @@ def train_tree(
     seed: int,
     threads: int,
     post_processor: str = "l3-hinge",
+    dense_start: int | None = None,
     desc: str = "tree",
 ) -> Ensemble:
     """Train every node classifier of one tree; returns it as a one-tree :class:`Ensemble`.
 
     ``X`` is (n_docs, n_features) float32 CSR with sorted indices; ``Y`` (n_docs, n_labels)
-    binary CSR. ``post_processor`` ranks the beam that mines hard negatives.
+    binary CSR. ``post_processor`` ranks the beam that mines hard negatives. Features from
+    ``dense_start`` on (a dense encoder's block; None: no such block) get dense, unpruned
+    weights.
     """
     n_docs = X.shape[0]
     n_labels = Y.shape[1]
+    dense_start = X.shape[1] if dense_start is None else int(dense_start)
+    dim = X.shape[1] - dense_start
     X = X.astype(np.float32)
     Y = sp.csr_matrix(Y, dtype=np.float32)
     layers = _layer_structure(tree)
@@ -239,6 +250,7 @@ def train_tree(
     chunk_row_len: list[np.ndarray | None] = [None] * n_nodes
     chunk_child: list[np.ndarray | None] = [None] * n_nodes
     chunk_val: list[np.ndarray | None] = [None] * n_nodes
+    chunk_dense: list[np.ndarray | None] = [None] * n_nodes
 
     parent_docs = sp.csc_matrix(np.ones((n_docs, 1), dtype=np.float32))  # the root holds all
     for depth, (node_of_label, parent_of_node) in enumerate(layers):
@@ -263,7 +275,10 @@ def train_tree(
             Xp = X[docs]
             used, local = np.unique(Xp.indices, return_inverse=True)
             pos = node_docs[docs][:, child_start[p] : child_start[p + 1]].tocsc()
-            return Xp.indptr.astype(np.int64), local.astype(np.int32), Xp.data, used, pos
+            keep_from = int(np.searchsorted(used, dense_start))
+            dense_col = (used[keep_from:] - dense_start).astype(np.int32)
+            return (Xp.indptr.astype(np.int64), local.astype(np.int32), Xp.data, used, pos,
+                    keep_from, dense_col)
 
         # parents split over several jobs share one preparation, made up front
         for p in {p for p, lo, hi in jobs if hi - lo < counts[p]}:
@@ -272,31 +287,35 @@ def train_tree(
         def run(job: tuple[int, int, int], prepared=prepared, prepare=prepare,
                 child_start=child_start, first=first):
             p, lo, hi = job
-            indptr, local, data, used, pos = prepared.get(p) or prepare(p)
+            indptr, local, data, used, pos, keep_from, dense_col = (
+                prepared.get(p) or prepare(p))
             part = pos[:, lo:hi].tocsr()
             part.sort_indices()
-            rows, row_len, e_child, e_val, b = _train_chunk(
+            rows, row_len, e_child, e_val, b, dense_w = _train_chunk(
                 indptr, local, data, len(used), part.indptr.astype(np.int64),
                 part.indices.astype(np.int32), hi - lo, params.C, params.eps,
                 params.max_iter, params.bias, params.weight_threshold, seed,
-                first + int(child_start[p]) + lo,
+                first + int(child_start[p]) + lo, keep_from, dense_col, dim,
             )
-            return p, lo, used[rows].astype(np.int32), row_len, e_child + lo, e_val, b
+            return p, lo, used[rows].astype(np.int32), row_len, e_child + lo, e_val, b, dense_w
 
         t0 = time.perf_counter()
         parts: dict[int, list] = {}
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            for p, lo, rows, row_len, e_child, e_val, b in tqdm(
+            for p, lo, rows, row_len, e_child, e_val, b, dense_w in tqdm(
                 pool.map(run, jobs), total=len(jobs),
                 desc=f"{desc} layer {depth + 1}/{len(layers)}", leave=False, mininterval=1.0,
             ):
-                parts.setdefault(p, []).append((lo, rows, row_len, e_child, e_val))
+                parts.setdefault(p, []).append((lo, rows, row_len, e_child, e_val, dense_w))
                 bias[first + child_start[p] + lo : first + child_start[p] + lo + len(b)] = b
         for p, pieces in parts.items():
             node = parent_first + p
-            rows, row_len, e_child, e_val = _merge_pieces(pieces)
+            rows, row_len, e_child, e_val = _merge_pieces([piece[:5] for piece in pieces])
             chunk_rows[node], chunk_row_len[node] = rows, row_len
             chunk_child[node], chunk_val[node] = e_child, e_val
+            if dim:
+                pieces.sort(key=lambda piece: piece[0])
+                chunk_dense[node] = np.concatenate([piece[5] for piece in pieces]).ravel()
         log.info(
             "%s layer %d/%d: %d nodes, %.2fs, peak RSS %.0f MB", desc, depth + 1, len(layers),
             n_here, time.perf_counter() - t0,
@@ -307,7 +326,7 @@ def train_tree(
             t0 = time.perf_counter()
             partial = _assemble(int(offsets[depth + 1]), depth + 1, child_ptr, parent, bias,
                                 np.arange(n_here), chunk_rows, chunk_row_len, chunk_child,
-                                chunk_val)
+                                chunk_val, chunk_dense, dense_start)
             reached = _matcher_nodes(X, partial, params.negative_beam_size,
                                      POST_PROCESSORS[post_processor], threads)
             parent_docs = node_docs + reached
@@ -320,12 +339,13 @@ def train_tree(
         parent_docs.sort_indices()
 
     return _assemble(n_nodes, len(layers), child_ptr, parent, bias, layers[-1][0], chunk_rows,
-                     chunk_row_len, chunk_child, chunk_val)
+                     chunk_row_len, chunk_child, chunk_val, chunk_dense, dense_start)
 
 
 def _assemble(n_nodes: int, n_layers: int, child_count: np.ndarray, parent: np.ndarray,
               bias: np.ndarray, node_of_label: np.ndarray, chunk_rows: list,
-              chunk_row_len: list, chunk_child: list, chunk_val: list) -> Ensemble:
+              chunk_row_len: list, chunk_child: list, chunk_val: list, chunk_dense: list,
+              dense_start: int) -> Ensemble:
     """The first ``n_nodes`` nodes (root and ``n_layers`` layers) as a one-tree ensemble
     whose leaves are the last layer's nodes. ``child_count[i + 1]`` holds the children of
     node i; ``node_of_label`` maps each leaf's label id to its position in the last layer."""
@@ -348,6 +368,7 @@ def _assemble(n_nodes: int, n_layers: int, child_count: np.ndarray, parent: np.n
                                  or [empty_i32])
     entry_val = np.concatenate([v for v in chunk_val[:n_nodes] if v is not None]
                                or [np.empty(0, np.float32)])
+    dense = [d if d is not None else np.empty(0, np.float32) for d in chunk_dense[:n_nodes]]
     arrays = dict(
         tree_root=np.zeros(1, np.int64),
         tree_depth=np.array([n_layers], np.int32),
@@ -361,6 +382,9 @@ def _assemble(n_nodes: int, n_layers: int, child_count: np.ndarray, parent: np.n
         bias=bias[:n_nodes],
         node_label=node_label,
         label_node=(label_first + node_of_label)[None, :],
+        dense_start=np.array([dense_start]),
+        dense_ptr=np.concatenate(([0], np.cumsum([d.size for d in dense]))),
+        dense_val=np.concatenate(dense) if dense else np.empty(0, np.float32),
     )
     return Ensemble(
         **{k: np.ascontiguousarray(v, dtype=ENSEMBLE_ARRAYS[k]) for k, v in arrays.items()}

@@ -9,6 +9,11 @@ one node share one small sparse matrix whose rows are the features any of them u
 (``chunk_feat``, sorted), each row listing ``(entry_child, entry_val)`` pairs. Scoring one
 node's children for a document is then one sparse intersection, and its weights are read
 from one contiguous block of memory.
+
+Features from ``dense_start`` on are a dense encoder's block (every document has all of
+them): their weights are stored apart, unpruned, as one dense ``(children, dim)`` matrix per
+chunk (``dense_ptr`` / ``dense_val``), scored by a plain dot product. Without a dense encoder
+``dense_start`` is the feature count and no chunk has a dense block.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ ENSEMBLE_ARRAYS: dict[str, type] = {
     "bias": np.float32,  # [n_nodes] bias term of each node's classifier
     "node_label": np.int32,  # [n_nodes] label id of a leaf, -1 for clusters
     "label_node": np.int64,  # [n_trees, n_labels] leaf node of each label in each tree
+    "dense_start": np.int64,  # [1] first feature of the dense block (n_features: none)
+    "dense_ptr": np.int64,  # [n_nodes + 1] dense weights of each node's children
+    "dense_val": np.float32,  # [sum of children x dim] row-major per chunk, child by child
 }
 
 
@@ -48,6 +56,9 @@ class Ensemble:
     bias: np.ndarray
     node_label: np.ndarray
     label_node: np.ndarray
+    dense_start: np.ndarray
+    dense_ptr: np.ndarray
+    dense_val: np.ndarray
 
     @property
     def n_trees(self) -> int:
@@ -112,6 +123,13 @@ class Ensemble:
         row_start_all = np.concatenate([t.row_ptr[:-1] + entry_off[k] for k, t in enumerate(trees)])
         row_len_all = np.concatenate([np.diff(t.row_ptr) for t in trees])
         entries = _gather_ranges(row_start_all[rows], row_len_all[rows])
+        dense_off = np.concatenate(([0], np.cumsum([t.dense_val.shape[0] for t in trees])))
+        dense_from = np.concatenate(
+            [t.dense_ptr[:-1] + dense_off[k] for k, t in enumerate(trees)])[order]
+        dense_len = np.concatenate([np.diff(t.dense_ptr) for t in trees])[order]
+        starts = {int(t.dense_start[0]) for t in trees}
+        if len(starts) != 1:
+            raise ValueError(f"trees disagree on dense_start: {sorted(starts)}")
 
         label_node = np.vstack([new_id[t.label_node[0] + node_off[k]] for k, t in enumerate(trees)])
         arrays = dict(
@@ -127,6 +145,10 @@ class Ensemble:
             bias=np.concatenate([t.bias for t in trees])[order],
             node_label=np.concatenate([t.node_label for t in trees])[order],
             label_node=label_node,
+            dense_start=trees[0].dense_start,
+            dense_ptr=np.concatenate(([0], np.cumsum(dense_len))),
+            dense_val=np.concatenate([t.dense_val for t in trees])[
+                _gather_ranges(dense_from, dense_len)],
         )
         return cls(**{k: np.ascontiguousarray(v, dtype=ENSEMBLE_ARRAYS[k])
                       for k, v in arrays.items()})

@@ -20,7 +20,18 @@ def node_margins(ens: Ensemble, X: sp.csr_matrix) -> np.ndarray:
     child = np.asarray(ens.child_ptr)[row_owner] + np.asarray(ens.entry_child)
     W = sp.csc_matrix((np.asarray(ens.entry_val, dtype=np.float64), (row_feat, child)),
                       shape=(X.shape[1], ens.n_nodes))
-    return (X.astype(np.float64) @ W).toarray() + np.asarray(ens.bias, dtype=np.float64)
+    margins = (X.astype(np.float64) @ W).toarray() + np.asarray(ens.bias, dtype=np.float64)
+    # the dense block: per node with one, a (children x dim) matrix against the last columns
+    start = int(ens.dense_start[0])
+    dim = X.shape[1] - start
+    X_dense = X[:, start:].toarray().astype(np.float64)
+    for node in range(ens.n_nodes):
+        lo, hi = int(ens.dense_ptr[node]), int(ens.dense_ptr[node + 1])
+        if hi > lo:
+            block = np.asarray(ens.dense_val[lo:hi], dtype=np.float64).reshape(-1, dim)
+            c0 = int(ens.child_ptr[node])
+            margins[:, c0 : c0 + block.shape[0]] += X_dense @ block.T
+    return margins
 
 
 def leaf_scores(ens: Ensemble, X: sp.csr_matrix, post: str) -> np.ndarray:

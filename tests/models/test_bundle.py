@@ -31,7 +31,7 @@ def test_load_with_and_without_mmap_gives_identical_scores(tiny_bundle, tiny_cor
 
 def test_manifest_holds_what_the_service_reports(tiny_predictor):
     m = tiny_predictor.manifest
-    assert m["format_version"] == 1 and m["name"] == "tiny"
+    assert m["format_version"] == 2 and m["name"] == "tiny"
     assert len(m["version"]) == 16 and m["created_at"]
     assert m["n_labels"] == tiny_predictor.n_labels == len(tiny_predictor.label_names)
     assert [e["kind"] for e in m["encoders"]] == ["tfidf"]
@@ -124,3 +124,28 @@ def test_no_pickle_in_a_bundle(tiny_bundle):
             assert np.load(f, allow_pickle=False).dtype != object
         else:
             assert f.suffix == ".json", f
+
+
+def test_format_1_bundle_without_dense_arrays_still_loads(tiny_bundle, tiny_predictor,
+                                                           tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path)
+    for name in ("dense_start", "dense_ptr", "dense_val"):
+        (b / f"ensemble.{name}.npy").unlink()
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    old = models.load_bundle(b)
+    texts = ["a first document", "another one about something"]
+    assert old.predict(texts, top_k=5) == tiny_predictor.predict(texts, top_k=5)
+
+
+def test_dense_block_of_the_wrong_size_is_refused(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path)
+    n_nodes = np.load(b / "ensemble.bias.npy").shape[0]
+    ptr = np.zeros(n_nodes + 1, np.int64)
+    ptr[1:] = 3  # node 0 claims a 3-float block where the bundle has no dense features
+    np.save(b / "ensemble.dense_ptr.npy", ptr)
+    np.save(b / "ensemble.dense_val.npy", np.zeros(3, np.float32))
+    with pytest.raises(BundleError, match="dense block") as err:
+        models.load_bundle(b)
+    assert "ensemble.dense_ptr.npy" in str(err.value)

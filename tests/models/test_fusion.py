@@ -38,6 +38,28 @@ def test_manifest_lists_both_encoders_with_weight(fused_bundle):
         assert (fused_bundle / name).is_file()
 
 
+def test_dense_block_is_stored_dense_and_scored_exactly(fused_bundle, tiny_corpus):
+    from tests.models.reference import leaf_scores
+
+    predictor = models.load_bundle(fused_bundle)
+    ens = predictor.ensemble
+    n_tfidf = predictor.encoder.n_tfidf
+    assert int(ens.dense_start[0]) == n_tfidf
+    assert ens.chunk_feat.max() < n_tfidf  # the sparse rows hold TF-IDF features only
+    blocks = np.diff(ens.dense_ptr)
+    n_children = np.diff(ens.child_ptr)
+    assert np.array_equal(blocks, n_children * 8)  # every parent: children x dim, unpruned
+    assert np.count_nonzero(ens.dense_val) > 0.9 * ens.dense_val.size
+    _, test = tiny_corpus
+    X = predictor.encode(test.texts[:15])
+    ref = leaf_scores(ens, X, "l3-hinge")
+    n = predictor.n_labels
+    ids, scores, _ = predictor.predict_ids(X, top_k=n, beam_size=n)
+    for d in range(X.shape[0]):
+        assert np.allclose(scores[d], ref[d, ids[d]], atol=1e-6)
+        assert np.allclose(scores[d], np.sort(ref[d])[::-1], atol=1e-6)
+
+
 def test_fused_features_are_normalized_and_weighted(fused_bundle, tiny_corpus):
     _, test = tiny_corpus
     predictor = models.load_bundle(fused_bundle)
