@@ -25,26 +25,27 @@ import scipy.sparse as sp
 import models
 from benchmarks.tune import merge, split
 from models.builder import build
-from models.data import Corpus, normalize_rows, read_corpus
+from models.data import Corpus, read_corpus
 from models.dense import OnnxTextEncoder, sha256_file
 from models.export import export_minilm
+from models.features import fuse
 from models.metrics import evaluate
 from models.params import BuildParams
 from models.tfidf import TfidfEncoder
 
 
 def fused(X_tfidf: sp.csr_matrix, dense: np.ndarray, alpha: float) -> sp.csr_matrix:
-    if alpha == 0:
-        return X_tfidf
-    X = normalize_rows(sp.hstack([X_tfidf, sp.csr_matrix(alpha * dense)], format="csr"))
-    X.sort_indices()
-    return X
+    """The bundle's features (models.features.fuse); alpha = 0 is TF-IDF alone."""
+    return fuse(X_tfidf, dense, alpha) if alpha > 0 else X_tfidf
 
 
-def score(train_labels, X_train, test_labels, X_test, seed: int, overrides: dict) -> dict:
+def score(train_labels, X_train, test_labels, X_test, seed: int, overrides: dict,
+          dense_start: int | None) -> dict:
     params = BuildParams.from_dict(merge(BuildParams().to_dict(), {**overrides, "seed": seed}))
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = Corpus(labels=train_labels, features=X_train)
+        # the dense block's columns are declared, so its weights are stored dense and
+        # unpruned exactly as in a bundle built from text
+        corpus = Corpus(labels=train_labels, features=X_train, dense_start=dense_start)
         predictor = models.load_bundle(build(corpus, Path(tmp) / "b", params))
         ranked = predictor.predict_features(X_test, top_k=5, beam_size=10)
         counts = dict(zip(predictor.label_names, predictor.label_counts.tolist()))
@@ -124,7 +125,7 @@ def main() -> None:
             for seed, (fit, valid, X_fit, X_valid, fit_rows, valid_rows) in per_seed.items():
                 ms.append(score(fit.labels, fused(X_fit, dense_train[fit_rows], alpha),
                                 valid.labels, fused(X_valid, dense_train[valid_rows], alpha),
-                                seed, overrides))
+                                seed, overrides, X_fit.shape[1] if alpha > 0 else None))
             m = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
             results[variant, alpha] = m
             print(row(f"`{variant}` | {alpha:g}", m), flush=True)
@@ -144,7 +145,8 @@ def main() -> None:
                      merge(args.params, json.loads(best_variant))))
     for name, alpha, overrides in runs:
         m = score(train.labels, fused(X_train, dense_train, alpha), test.labels,
-                  fused(X_test, dense_test, alpha), seed, overrides)
+                  fused(X_test, dense_test, alpha), seed, overrides,
+                  X_train.shape[1] if alpha > 0 else None)
         final[name] = m
         print(row(name, m), flush=True)
     out = args.export_dir / f"fusion_{args.data_dir.name}.json"

@@ -116,8 +116,10 @@ def build(
         Y = label_matrix(train.labels, label_names)
         label_counts = np.asarray(Y.sum(axis=0)).ravel().astype(np.int64)
         cpu_train = time.process_time()
-        dense_start = (encoder.n_tfidf if encoder is not None and encoder.dense is not None
-                       else None)
+        if encoder is None:
+            dense_start = train.dense_start
+        else:
+            dense_start = encoder.n_tfidf if encoder.dense is not None else None
         ensemble = _train_ensemble(X, Y, params, threads, stages, dense_start)
         cpu_train = time.process_time() - cpu_train
         with stages("write"):

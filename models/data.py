@@ -21,7 +21,9 @@ class Corpus:
     """Documents with their label sets.
 
     Exactly one of ``texts`` (raw text, from JSONL) and ``features`` (a CSR matrix, from an
-    XC-format file) is set. ``labels`` holds each document's label names as strings.
+    XC-format file) is set. ``labels`` holds each document's label names as strings. With
+    ``features``, ``dense_start`` may say that the columns from there on are a dense block
+    (e.g. precomputed sentence embeddings), whose weights are then stored dense.
     """
 
     labels: list[list[str]]
@@ -31,6 +33,7 @@ class Corpus:
     n_skipped: int = 0
     source: str = ""
     extra: dict = field(default_factory=dict)
+    dense_start: int | None = None
 
     @property
     def n_docs(self) -> int:
@@ -48,6 +51,7 @@ class Corpus:
             features=self.features[rows] if self.features is not None else None,
             ids=[self.ids[i] for i in rows] if self.ids is not None else None,
             source=self.source,
+            dense_start=self.dense_start,
         )
 
 

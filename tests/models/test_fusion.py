@@ -197,3 +197,28 @@ def test_cli_dense_weight_flag(tmp_path, capsys):
             main(["build", "x.jsonl", "--out", str(tmp_path / "b"), "--dense-weight", bad])
         assert exc.value.code == 2
         assert "--dense-weight" in capsys.readouterr().err
+
+
+def test_feature_input_can_declare_a_dense_block(tmp_path, tiny_corpus):
+    from models.data import Corpus
+    from models.features import fuse
+    from models.tfidf import TfidfEncoder
+    from tests.models.reference import leaf_scores
+
+    train, test = tiny_corpus
+    tfidf, X = TfidfEncoder.fit(train.texts)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(train.n_docs + 10, 6)).astype(np.float32)
+    X = fuse(X, emb[: train.n_docs], 1.5)
+    corpus = Corpus(labels=train.labels, features=X, dense_start=tfidf.n_features)
+    predictor = models.load_bundle(build(corpus, tmp_path / "b", tiny_params(n_trees=2)))
+    ens = predictor.ensemble
+    assert int(ens.dense_start[0]) == tfidf.n_features
+    assert np.array_equal(np.diff(ens.dense_ptr), np.diff(ens.child_ptr) * 6)
+    X_test = fuse(tfidf.transform(test.texts[:10]), emb[train.n_docs :], 1.5)
+    ref = leaf_scores(ens, X_test, "l3-hinge")
+    n = predictor.n_labels
+    ids, scores, _ = predictor.predict_ids(X_test, top_k=n, beam_size=n)
+    for d in range(10):
+        assert np.allclose(scores[d], ref[d, ids[d]], atol=1e-6)
+        assert np.allclose(scores[d], np.sort(ref[d])[::-1], atol=1e-6)
