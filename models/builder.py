@@ -120,6 +120,8 @@ def build(
             dense_start = train.dense_start
         else:
             dense_start = encoder.n_tfidf if encoder.dense is not None else None
+        params = params.resolved(fused=dense_start is not None)
+        log.info("ranker negatives: %s", params.ranker.negatives)
         ensemble = _train_ensemble(X, Y, params, threads, stages, dense_start)
         cpu_train = time.process_time() - cpu_train
         with stages("write"):
@@ -234,8 +236,8 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
     for alpha in sorted(set(params.dense_weight_grid)):
         Xf = fuse(X_fit, emb[fit_rows], alpha) if alpha > 0 else X_fit
         Xv = fuse(X_valid, emb[valid_rows], alpha) if alpha > 0 else X_valid
-        ensemble = _train_ensemble(Xf, Y_fit, one_tree, threads, _Stages(verbose=False),
-                                   X_fit.shape[1] if alpha > 0 else None)
+        ensemble = _train_ensemble(Xf, Y_fit, one_tree.resolved(fused=alpha > 0), threads,
+                                   _Stages(verbose=False), X_fit.shape[1] if alpha > 0 else None)
         searcher = Searcher(ensemble, Xf.shape[1], POST_PROCESSORS[params.post_processor],
                             threads=threads, dense_map_mb=128)
         try:

@@ -36,6 +36,12 @@ def test_manifest_lists_both_encoders_with_weight(fused_bundle):
     assert not (fused_bundle / "_export").exists()
     for name in dense["files"]:
         assert (fused_bundle / name).is_file()
+    # negatives "auto" resolves to hard negatives for a fused bundle, and says so
+    assert manifest["params"]["ranker"]["negatives"] == "tfn+man"
+
+
+def test_tfidf_bundle_resolves_auto_negatives_to_teacher_forced(tiny_predictor):
+    assert tiny_predictor.manifest["params"]["ranker"]["negatives"] == "tfn"
 
 
 def test_dense_block_is_stored_dense_and_scored_exactly(fused_bundle, tiny_corpus):
