@@ -23,9 +23,9 @@ import numpy as np
 import scipy.sparse as sp
 
 import models
-from benchmarks.tune import merge, split
+from benchmarks.tune import merge
 from models.builder import build
-from models.data import Corpus, read_corpus
+from models.data import Corpus, read_corpus, validation_rows
 from models.dense import OnnxTextEncoder, sha256_file
 from models.export import export_minilm
 from models.features import fuse
@@ -112,10 +112,8 @@ def main() -> None:
     results: dict[tuple[str, float], dict] = {}
     per_seed = {}
     for seed in args.seeds:
-        rows = np.random.default_rng(seed).permutation(train.n_docs)
-        n_valid = round(args.valid_share * train.n_docs)
-        fit_rows, valid_rows = np.sort(rows[n_valid:]), np.sort(rows[:n_valid])
-        fit, valid = split(train, args.valid_share, seed)
+        fit_rows, valid_rows = validation_rows(train.n_docs, args.valid_share, seed)
+        fit, valid = train.subset(fit_rows), train.subset(valid_rows)
         tfidf, X_fit = TfidfEncoder.fit(fit.texts)
         per_seed[seed] = (fit, valid, X_fit, tfidf.transform(valid.texts), fit_rows, valid_rows)
     for variant in args.variants:

@@ -20,7 +20,7 @@ import numpy as np
 
 import models
 from models.builder import build
-from models.data import Corpus, read_corpus
+from models.data import Corpus, read_corpus, validation_rows
 from models.evaluate import evaluate_predictor
 from models.params import BuildParams
 
@@ -32,9 +32,8 @@ DEFAULT_VARIANTS = [
 
 
 def split(corpus: Corpus, share: float, seed: int) -> tuple[Corpus, Corpus]:
-    order = np.random.default_rng(seed).permutation(corpus.n_docs)
-    n_valid = round(share * corpus.n_docs)
-    return corpus.subset(np.sort(order[n_valid:])), corpus.subset(np.sort(order[:n_valid]))
+    fit_rows, valid_rows = validation_rows(corpus.n_docs, share, seed)
+    return corpus.subset(fit_rows), corpus.subset(valid_rows)
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -26,7 +26,7 @@ import scipy.sparse as sp
 
 from models import bundle as bundle_io
 from models.cluster import build_tree, pifa_embeddings
-from models.data import Corpus
+from models.data import Corpus, validation_rows
 from models.errors import BundleError, InvalidInputError
 from models.features import FeatureEncoder, fuse
 from models.metrics import evaluate
@@ -217,13 +217,11 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
     one tree on the rest; returns it and the table behind the choice for the manifest."""
     from models.tfidf import TfidfEncoder
 
-    n_valid = round(params.validation_share * train.n_docs)
-    if n_valid < 1 or n_valid >= train.n_docs:
+    fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
+    if not len(valid_rows) or not len(fit_rows):
         raise InvalidInputError(
             f"{train.n_docs} training documents are too few to choose dense_weight on a "
             f"validation split; give --dense-weight")
-    order = np.random.default_rng(params.seed).permutation(train.n_docs)
-    fit_rows, valid_rows = np.sort(order[n_valid:]), np.sort(order[:n_valid])
     fit, valid = train.subset(fit_rows), train.subset(valid_rows)
     names = sorted({lab for doc in fit.labels for lab in doc})
     if not names:
@@ -253,7 +251,7 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
     best = max(candidates, key=lambda c: (c["P@1"], c["P@5"], -c["dense_weight"]))
     return best["dense_weight"], {
         "validation_share": params.validation_share,
-        "n_validation_docs": int(n_valid),
+        "n_validation_docs": len(valid_rows),
         "n_trees": 1,
         "candidates": candidates,
         "chosen": best["dense_weight"],

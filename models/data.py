@@ -55,6 +55,14 @@ class Corpus:
         )
 
 
+def validation_rows(n_docs: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, validation rows), both sorted: a seeded ``share`` of ``n_docs`` held out.
+    The builder and the benchmarks carve their validation splits with this one rule."""
+    order = np.random.default_rng(seed).permutation(n_docs)
+    n_valid = round(share * n_docs)
+    return np.sort(order[n_valid:]), np.sort(order[:n_valid])
+
+
 def read_corpus(
     path: str | Path, *, label_field: str = "labels", skip_bad_lines: bool = False
 ) -> Corpus:

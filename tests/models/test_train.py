@@ -19,9 +19,8 @@ def man_params(beam: int, n_trees: int = 1):
     return params
 
 
-@pytest.fixture(scope="module")
-def mined(tmp_path_factory, tiny_corpus):
-    """A one-tree tfn+man build, with every call of the miner recorded."""
+def build_recording_mining(train, out, params) -> tuple[models.Predictor, list]:
+    """Build, recording every call of the miner as (X, partial tree, beam, mined nodes)."""
     calls = []
     real = train_module._matcher_nodes
 
@@ -33,11 +32,18 @@ def mined(tmp_path_factory, tiny_corpus):
     mp = pytest.MonkeyPatch()
     mp.setattr(train_module, "_matcher_nodes", spy)
     try:
-        train, _ = tiny_corpus
-        out = build(train, tmp_path_factory.mktemp("man") / "b", man_params(beam=3))
+        out = build(train, out, params)
     finally:
         mp.undo()
     return models.load_bundle(out), calls
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory, tiny_corpus):
+    """A one-tree tfn+man build, with every call of the miner recorded."""
+    train, _ = tiny_corpus
+    return build_recording_mining(train, tmp_path_factory.mktemp("man") / "b",
+                                  man_params(beam=3))
 
 
 def test_every_layer_above_the_labels_mines(mined):
@@ -106,18 +112,6 @@ def test_full_beam_is_exhaustive_with_hard_negatives(tmp_path, tiny_corpus):
 
 def test_a_beam_as_wide_as_the_layers_gives_every_parent_every_document(tmp_path, tiny_corpus):
     train, _ = tiny_corpus
-    calls = []
-    real = train_module._matcher_nodes
-
-    def spy(X, partial, beam_size, post, threads):
-        reached = real(X, partial, beam_size, post, threads)
-        calls.append(reached)
-        return reached
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(train_module, "_matcher_nodes", spy)
-    try:
-        build(train, tmp_path / "wide", man_params(beam=10_000))
-    finally:
-        mp.undo()
-    assert calls and all(r.nnz == r.shape[0] * r.shape[1] for r in calls)
+    _, calls = build_recording_mining(train, tmp_path / "wide", man_params(beam=10_000))
+    reached = [c[3] for c in calls]
+    assert reached and all(r.nnz == r.shape[0] * r.shape[1] for r in reached)
