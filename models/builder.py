@@ -33,7 +33,7 @@ from models.metrics import evaluate
 from models.params import POST_PROCESSORS, BuildParams
 from models.search import Searcher
 from models.train import train_tree
-from models.tree import Ensemble
+from models.tree import Ensemble, quantize
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,15 @@ def build(
             dense_start = encoder.n_tfidf if encoder.dense is not None else None
         params = params.resolved(fused=dense_start is not None)
         log.info("ranker negatives: %s", params.ranker.negatives)
-        ensemble = _train_ensemble(X, Y, params, threads, stages, dense_start)
+        writer = bundle_io.ForestWriter(tmp)
+        for tree in _train_trees(X, Y, params, threads, stages, dense_start):
+            # each tree goes to disk as soon as it is trained: the forest is never in memory
+            writer.add(quantize(tree, params.weight_dtype))
+            del tree
         cpu_train = time.process_time() - cpu_train
         with stages("write"):
-            bundle_io.write_arrays(tmp, ensemble, label_names, label_counts)
+            ensemble = writer.finish()
+            bundle_io.write_labels(tmp, label_names, label_counts)
             entries = encoder.save(tmp) if encoder is not None else []
             shutil.rmtree(tmp / "_export", ignore_errors=True)  # the dense export's scratch
             encoder_files = [f for e in entries for f in e.get("files", [])]
@@ -152,7 +157,8 @@ def build(
             "threads": threads,
             "stages": stages.records,
             "cpu_seconds_train": round(cpu_train, 3),
-            "n_weights": int(ensemble.entry_val.shape[0]),
+            "n_weights": ensemble.n_entries,
+            "ensemble_bytes": sum(int(a.nbytes) for a in ensemble.arrays().values()),
         }
         if selection is not None:
             manifest["build"]["dense_weight_selection"] = selection
@@ -161,7 +167,7 @@ def build(
             from models.evaluate import evaluate_predictor
             from models.predictor import Predictor
 
-            predictor = Predictor.load(tmp, mmap=False)
+            predictor = Predictor.load(tmp)
             manifest["metrics"] = evaluate_predictor(predictor, test, measure_speed=False)
             predictor.close()
         bundle_io.finalize(tmp, out_dir, manifest, force=force)
@@ -173,22 +179,22 @@ def build(
     return out_dir
 
 
-def _train_ensemble(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, threads: int,
-                    stages: _Stages, dense_start: int | None = None) -> Ensemble:
-    """PIFA, then per tree a clustering and its rankers; the trees joined into one forest.
-    Columns from ``dense_start`` on are a dense encoder's block (see :mod:`models.tree`)."""
+def _train_trees(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, threads: int,
+                 stages: _Stages, dense_start: int | None = None) -> Iterator[Ensemble]:
+    """PIFA, then per tree a clustering and its rankers: the one-tree ensembles in order,
+    each as soon as it is trained. Columns from ``dense_start`` on are a dense encoder's block
+    (see :mod:`models.tree`)."""
     with stages("pifa"):
         Z = pifa_embeddings(X, Y)
-    trees = []
     for t in range(params.n_trees):
         with stages(f"cluster_tree{t}"):
             tree = build_tree(Z, params.cluster, seed=params.seed + t)
         with stages(f"train_tree{t}"):
-            trees.append(train_tree(X, Y, tree, params.ranker, seed=params.seed + t,
-                                    threads=threads, post_processor=params.post_processor,
-                                    dense_start=dense_start,
-                                    desc=f"tree {t + 1}/{params.n_trees}"))
-    return Ensemble.concatenate(trees) if len(trees) > 1 else trees[0]
+            trained = train_tree(X, Y, tree, params.ranker, seed=params.seed + t,
+                                 threads=threads, post_processor=params.post_processor,
+                                 dense_start=dense_start, desc=f"tree {t + 1}/{params.n_trees}")
+        del tree
+        yield trained
 
 
 def _fit_features(train: Corpus, params: BuildParams, folder: Path):
@@ -234,8 +240,9 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
     for alpha in sorted(set(params.dense_weight_grid)):
         Xf = fuse(X_fit, emb[fit_rows], alpha) if alpha > 0 else X_fit
         Xv = fuse(X_valid, emb[valid_rows], alpha) if alpha > 0 else X_valid
-        ensemble = _train_ensemble(Xf, Y_fit, one_tree.resolved(fused=alpha > 0), threads,
-                                   _Stages(verbose=False), X_fit.shape[1] if alpha > 0 else None)
+        ensemble = next(_train_trees(Xf, Y_fit, one_tree.resolved(fused=alpha > 0), threads,
+                                     _Stages(verbose=False),
+                                     X_fit.shape[1] if alpha > 0 else None))
         searcher = Searcher(ensemble, Xf.shape[1], POST_PROCESSORS[params.post_processor],
                             threads=threads, dense_map_mb=128)
         try:

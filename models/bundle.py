@@ -6,8 +6,8 @@
                              n_features, trees, encoders, metrics, n_train_docs
     labels.json              label names, in label-id order
     label_counts.npy         training documents per label (for PSP@k)
-    ensemble.<name>.npy      the tree arrays of models.tree.ENSEMBLE_ARRAYS (format 2; format 1
-                             bundles lack the dense-block arrays and are still read)
+    ensemble.<name>.npy      the tree arrays of models.tree.ENSEMBLE_ARRAYS (format 3; bundles
+                             of formats 1 and 2 are still read)
     <encoder files>          e.g. tfidf_vocab.json, tfidf_idf.npy, dense model + tokenizer
 
 Arrays load with ``allow_pickle=False`` and, by default, ``mmap_mode="r"`` so that several
@@ -23,17 +23,27 @@ import hashlib
 import json
 import shutil
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 
 from models.errors import BundleError
-from models.tree import ENSEMBLE_ARRAYS, Ensemble
+from models.tree import (
+    ENSEMBLE_ARRAYS,
+    Ensemble,
+    join_sizes,
+    join_trees,
+    row_marks,
+    row_start,
+)
 
-FORMAT_VERSION = 2
-#: versions this build reads: 1 lacks the dense-block arrays (its bundles have none)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: versions this build reads: 1 lacks the dense-block arrays (its bundles have none); 1 and 2
+#: store an int64 row pointer and float32 weights (see _load_old_ensemble)
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 
 
@@ -44,10 +54,75 @@ def tmp_dir_for(out_dir: Path) -> Path:
     return tmp
 
 
-def write_arrays(folder: Path, ensemble: Ensemble, label_names: list[str],
-                 label_counts: np.ndarray) -> None:
-    for name, arr in ensemble.arrays().items():
-        np.save(folder / f"ensemble.{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+class ForestWriter:
+    """Writes the ensemble tree by tree: each trained one-tree ensemble goes to scratch files
+    (:meth:`add`), and :meth:`finish` joins them into the bundle's ``ensemble.*.npy`` files
+    piece by piece (:func:`models.tree.join_trees`), so the forest is never in memory
+    whole, nor copied."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.scratch = folder / "_trees"
+        self.scratch.mkdir()
+        self.sizes: list[dict[str, int]] = []
+        self.dtypes: list[dict[str, np.dtype]] = []
+
+    def add(self, tree: Ensemble) -> None:
+        t = len(self.sizes)
+        for name, arr in tree.arrays().items():
+            np.save(self.scratch / f"{t}.{name}.npy", arr, allow_pickle=False)
+        self.sizes.append({"n_nodes": tree.n_nodes, "n_rows": int(tree.chunk_feat.shape[0]),
+                           "n_entries": tree.n_entries, "n_dense": int(tree.dense_val.shape[0]),
+                           "n_labels": tree.n_labels})
+        self.dtypes.append({k: v.dtype for k, v in tree.arrays().items()})
+
+    def finish(self) -> Ensemble:
+        """Writes the joined arrays, drops the scratch files; returns the forest, mapped."""
+        if not self.sizes:
+            raise ValueError("no tree was added")
+        shapes = join_sizes(self.sizes)
+        files = {}
+        for name, shape in shapes.items():
+            dtype = np.result_type(*(d[name] for d in self.dtypes))
+            fh = (self.folder / f"ensemble.{name}.npy").open("wb")
+            np.lib.format.write_array_header_1_0(fh, {
+                "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                "shape": shape})
+            files[name] = (fh, dtype)
+        try:
+            trees = [partial(_scratch_arrays, self.scratch, t) for t in range(len(self.sizes))]
+            for name, piece in join_trees(trees):
+                fh, dtype = files[name]
+                np.ascontiguousarray(piece, dtype=dtype).tofile(fh)
+        finally:
+            for fh, _ in files.values():
+                fh.close()
+        row_len = np.load(self.folder / "ensemble.row_len.npy", mmap_mode="r")
+        np.save(self.folder / "ensemble.row_mark.npy", row_marks(row_len), allow_pickle=False)
+        del row_len
+        shutil.rmtree(self.scratch)
+        return Ensemble(**{name: load_npy(self.folder / f"ensemble.{name}.npy", mmap=True)
+                           for name in ENSEMBLE_ARRAYS})
+
+
+class _ScratchTree(dict):
+    """One scratch tree's arrays, each memory-mapped when first asked for."""
+
+    def __init__(self, scratch: Path, t: int) -> None:
+        super().__init__()
+        self.scratch, self.t = scratch, t
+
+    def __missing__(self, name: str) -> np.ndarray:
+        arr = np.load(self.scratch / f"{self.t}.{name}.npy", mmap_mode="r")
+        self[name] = arr
+        return arr
+
+
+def _scratch_arrays(scratch: Path, t: int) -> dict[str, np.ndarray]:
+    return _ScratchTree(scratch, t)
+
+
+def write_labels(folder: Path, label_names: list[str], label_counts: np.ndarray) -> None:
     np.save(folder / "label_counts.npy", label_counts.astype(np.int64), allow_pickle=False)
     (folder / "labels.json").write_text(json.dumps(label_names, ensure_ascii=False))
 
@@ -120,7 +195,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_npy(path: Path, *, mmap: bool, dtype: type | None = None) -> np.ndarray:
+def load_npy(path: Path, *, mmap: bool,
+             dtype: type | tuple[type, ...] | None = None) -> np.ndarray:
     """np.load that never unpickles and turns every failure into a BundleError."""
     if not path.is_file():
         raise BundleError("missing array file", path)
@@ -132,76 +208,126 @@ def load_npy(path: Path, *, mmap: bool, dtype: type | None = None) -> np.ndarray
         raise BundleError(f"unreadable array ({exc})", path) from None
     if not isinstance(arr, np.ndarray):
         raise BundleError("not a single .npy array", path)
-    if dtype is not None and arr.dtype != np.dtype(dtype):
-        raise BundleError(f"dtype {arr.dtype} where {np.dtype(dtype)} is expected", path)
+    allowed = [np.dtype(d) for d in (dtype if isinstance(dtype, tuple) else (dtype,))]
+    if dtype is not None and arr.dtype not in allowed:
+        raise BundleError(
+            f"dtype {arr.dtype} where {' or '.join(map(str, allowed))} is expected", path)
     return arr
 
 
 def load_ensemble(folder: Path, manifest: dict[str, Any], *, mmap: bool) -> Ensemble:
-    n_features = int(manifest["n_features"])
-    absent = {}
-    if manifest["format_version"] == 1:
-        n_nodes = load_npy(folder / "ensemble.bias.npy", mmap=True).shape[0]
-        absent = {"dense_start": np.array([n_features], np.int64),
-                  "dense_ptr": np.zeros(n_nodes + 1, np.int64),
-                  "dense_val": np.empty(0, np.float32)}
-    arrays = {
-        name: absent[name] if name in absent else
-        load_npy(folder / f"ensemble.{name}.npy", mmap=mmap, dtype=dtype)
-        for name, dtype in ENSEMBLE_ARRAYS.items()
-    }
+    if manifest["format_version"] < 3:
+        return _load_old_ensemble(folder, manifest, mmap=mmap)
+    arrays = {name: load_npy(folder / f"ensemble.{name}.npy", mmap=mmap, dtype=dtypes)
+              for name, dtypes in ENSEMBLE_ARRAYS.items()}
     ens = Ensemble(**arrays)
     _check_ensemble(folder, ens, int(manifest["n_labels"]), int(manifest["n_features"]))
     return ens
 
 
+def _load_old_ensemble(folder: Path, manifest: dict[str, Any], *, mmap: bool) -> Ensemble:
+    """Formats 1 and 2 stored an int64 ``row_ptr`` per row and float32 weights only (format
+    1 also lacked the dense block): rebuilt in memory into today's layout."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, dtypes in ENSEMBLE_ARRAYS.items():
+        if name in ("row_len", "row_mark", "weight_scale"):
+            continue
+        if manifest["format_version"] == 1 and name.startswith("dense_"):
+            continue
+        arrays[name] = load_npy(folder / f"ensemble.{name}.npy", mmap=mmap, dtype=dtypes[-1]
+                                if name == "entry_child" else dtypes[0])
+    row_ptr = load_npy(folder / "ensemble.row_ptr.npy", mmap=mmap, dtype=np.int64)
+    n_nodes = arrays["bias"].shape[0]
+    if manifest["format_version"] == 1:
+        arrays.update(dense_start=np.array([int(manifest["n_features"])], np.int64),
+                      dense_ptr=np.zeros(n_nodes + 1, np.int64),
+                      dense_val=np.empty(0, np.float32))
+    if row_ptr.shape != (arrays["chunk_feat"].shape[0] + 1,) or (
+            row_ptr.size and (row_ptr[0] != 0 or np.any(np.diff(row_ptr) < 0))):
+        raise BundleError("pointers are not monotone within bounds",
+                          folder / "ensemble.row_ptr.npy")
+    arrays["row_len"] = np.diff(row_ptr)
+    arrays["weight_scale"] = np.ones(n_nodes, np.float32)
+    ens = Ensemble.from_arrays(arrays)
+    _check_ensemble(folder, ens, int(manifest["n_labels"]), int(manifest["n_features"]))
+    return ens
+
+
+@numba.njit(cache=True)
+def _first_bad_entry(chunk_ptr, row_len, entry_child, child_ptr):
+    """Index of the first entry whose child offset is outside its chunk's children, or -1;
+    one pass, no temporaries."""
+    e = 0
+    for p in range(chunk_ptr.shape[0] - 1):
+        n_children = child_ptr[p + 1] - child_ptr[p]
+        for r in range(chunk_ptr[p], chunk_ptr[p + 1]):
+            for _ in range(row_len[r]):
+                if entry_child[e] < 0 or entry_child[e] >= n_children:
+                    return e
+                e += 1
+    return -1
+
+
+def _monotone(ptr: np.ndarray, end: int) -> bool:
+    """ptr starts at >= 0, never decreases and ends at ``end``; checked in slices."""
+    if not ptr.size:
+        return True
+    if ptr[0] < 0 or ptr[-1] != end:
+        return False
+    step = 1 << 22
+    return all(not np.any(np.diff(np.asarray(ptr[s : s + step + 1])) < 0)
+               for s in range(0, ptr.shape[0], step))
+
+
 def _check_ensemble(folder: Path, ens: Ensemble, n_labels: int, n_features: int) -> None:
     """Bounds checks: the compiled search trusts these indices, so a bundle that breaks one
-    must be refused here rather than read out of bounds later."""
+    must be refused here rather than read out of bounds later. Vectorized or compiled, and
+    without an int64 copy of any per-row or per-entry array."""
 
     def fail(name: str, what: str) -> None:
         raise BundleError(what, folder / f"ensemble.{name}.npy")
 
-    n_nodes, n_rows, n_entries = ens.n_nodes, ens.chunk_feat.shape[0], ens.entry_val.shape[0]
-    if ens.child_ptr.shape != (n_nodes + 1,) or ens.chunk_ptr.shape != (n_nodes + 1,):
-        fail("child_ptr", "length does not match the node count")
-    if ens.row_ptr.shape != (n_rows + 1,):
-        fail("row_ptr", "length does not match the chunk rows")
+    n_nodes, n_rows, n_entries = ens.n_nodes, ens.chunk_feat.shape[0], ens.n_entries
+    for name in ("child_ptr", "chunk_ptr", "dense_ptr"):
+        if getattr(ens, name).shape != (n_nodes + 1,):
+            fail(name, "length does not match the node count")
+    for name in ("parent", "node_label", "weight_scale"):
+        if getattr(ens, name).shape != (n_nodes,):
+            fail(name, "length does not match the node count")
+    if ens.row_len.shape != (n_rows,):
+        fail("row_len", "length does not match the chunk rows")
     if ens.entry_child.shape != (n_entries,):
         fail("entry_child", "length does not match entry_val")
-    for name, n in (("parent", n_nodes), ("node_label", n_nodes)):
-        if getattr(ens, name).shape != (n,):
-            fail(name, "length does not match the node count")
     if ens.label_node.shape != (ens.n_trees, n_labels):
         fail("label_node", f"shape {ens.label_node.shape} is not (n_trees, {n_labels})")
-    for name, ptr, end in (("child_ptr", ens.child_ptr, n_nodes),
-                           ("chunk_ptr", ens.chunk_ptr, n_rows),
-                           ("row_ptr", ens.row_ptr, n_entries)):
-        if ptr.size and (ptr[0] < 0 or ptr[-1] != end or np.any(np.diff(ptr) < 0)):
+    for name, end in (("child_ptr", n_nodes), ("chunk_ptr", n_rows)):
+        if not _monotone(getattr(ens, name), end):
             fail(name, "pointers are not monotone within bounds")
+    marks = row_marks(ens.row_len)
+    if ens.row_mark.shape != marks.shape or not np.array_equal(ens.row_mark, marks) or (
+            row_start(ens.row_len, ens.row_mark, n_rows) != n_entries):
+        fail("row_mark", "does not match the row lengths and the entry count")
     if n_rows and (ens.chunk_feat.min() < 0 or ens.chunk_feat.max() >= n_features):
         fail("chunk_feat", "feature id out of range")
-    n_children = np.diff(ens.child_ptr)
-    if n_entries:
-        owner = np.repeat(np.arange(n_nodes), np.diff(ens.chunk_ptr))
-        row_owner = np.repeat(owner, np.diff(ens.row_ptr))
-        if ens.entry_child.min() < 0 or np.any(ens.entry_child >= n_children[row_owner]):
-            fail("entry_child", "child offset out of range")
+    if n_entries and _first_bad_entry(np.asarray(ens.chunk_ptr), np.asarray(ens.row_len),
+                                      np.asarray(ens.entry_child),
+                                      np.asarray(ens.child_ptr)) >= 0:
+        fail("entry_child", "child offset out of range")
     if np.any((ens.parent < -1) | (ens.parent >= n_nodes)):
         fail("parent", "node id out of range")
     if ens.label_node.size and (ens.label_node.min() < 0 or ens.label_node.max() >= n_nodes):
         fail("label_node", "node id out of range")
     if np.any((ens.tree_root < 0) | (ens.tree_root >= n_nodes)):
         fail("tree_root", "node id out of range")
-    leaves = ens.label_node.ravel()
+    leaves = np.asarray(ens.label_node).ravel()
     if np.any(ens.node_label[leaves] < 0) or np.any(ens.node_label >= n_labels):
         fail("node_label", "label ids do not match label_node")
     if ens.dense_start.shape != (1,) or not 0 <= int(ens.dense_start[0]) <= n_features:
         fail("dense_start", f"not one feature id within 0..{n_features}")
     dim = n_features - int(ens.dense_start[0])
     dense_len = np.diff(ens.dense_ptr)
-    if (ens.dense_ptr.shape != (n_nodes + 1,) or ens.dense_ptr[0] != 0
-            or ens.dense_ptr[-1] != ens.dense_val.shape[0] or np.any(dense_len < 0)):
+    if (ens.dense_ptr[0] != 0 or ens.dense_ptr[-1] != ens.dense_val.shape[0]
+            or np.any(dense_len < 0)):
         fail("dense_ptr", "pointers are not monotone within bounds")
-    if np.any((dense_len != 0) & (dense_len != n_children * dim)):
+    if np.any((dense_len != 0) & (dense_len != np.diff(ens.child_ptr) * dim)):
         fail("dense_ptr", "a dense block is not (children x dense features)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from models.errors import InvalidInputError
+from models.tree import WEIGHT_DTYPES
 
 
 @dataclass
@@ -92,6 +93,10 @@ class BuildParams:
     """Share of the training documents held out to choose ``dense_weight``."""
     int8: bool = False
     """Quantize the dense encoder to int8 (dynamic, per-channel)."""
+    weight_dtype: str = "float32"
+    """How the trees' sparse weights are stored: ``float32``, or ``int16`` / ``int8`` with one
+    float32 scale per classifier (its largest weight maps to the type's largest value). The
+    dense encoder's block of weights stays float32."""
 
     def __post_init__(self) -> None:
         if self.tfidf is None:
@@ -115,6 +120,8 @@ class BuildParams:
             raise InvalidInputError("ranker.negative_beam_size must be >= 1")
         if self.ranker.C <= 0:
             raise InvalidInputError("ranker.C must be > 0")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise InvalidInputError(f"weight_dtype must be one of {sorted(WEIGHT_DTYPES)}")
         if self.post_processor not in POST_PROCESSORS:
             raise InvalidInputError(f"post_processor must be one of {sorted(POST_PROCESSORS)}")
         w = self.dense_weight

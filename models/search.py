@@ -20,7 +20,7 @@ from itertools import pairwise
 import numba
 import numpy as np
 
-from models.tree import Ensemble
+from models.tree import ROW_BLOCK, Ensemble, row_starts
 
 L3_HINGE = 0
 SIGMOID = 1
@@ -54,36 +54,57 @@ def _dense_dot(w, w_start, x, x_start, n):
     return s
 
 
+@numba.njit(inline="always")
+def _row_start(row_len, row_mark, r):
+    """First entry of row r: the mark of its block plus the counts of the rows before it."""
+    b = r // ROW_BLOCK
+    e = row_mark[b]
+    for q in range(b * ROW_BLOCK, r):
+        e += row_len[q]
+    return e
+
+
 @numba.njit(nogil=True, cache=True)
-def _score_chunk(node, xi, xv, xdense, chunk_ptr, chunk_feat, row_ptr, entry_child, entry_val,
-                 dense_off, dense_map, dense_start, dense_ptr, dense_val, out, n_children):
-    """Margins (without bias) of all children of ``node`` into out[:n_children]. ``xdense``
-    holds the document densely (its dense block is read from there)."""
-    d0 = dense_ptr[node]
-    if dense_ptr[node + 1] > d0:
-        dim = xdense.shape[0] - dense_start
-        for j in range(n_children):
-            out[j] = _dense_dot(dense_val, d0 + j * dim, xdense, dense_start, dim)
-    else:
-        for j in range(n_children):
-            out[j] = 0.0
+def _score_chunk(node, c0, xi, xv, xdense, chunk_ptr, chunk_feat, row_len, row_mark,
+                 entry_child, entry_val, weight_scale, dense_off, dense_map, dense_start,
+                 dense_ptr, dense_val, out, n_children):
+    """Margins (without bias) of the children c0.. of ``node`` into out[:n_children].
+    ``xdense`` holds the document densely (its dense block is read from there)."""
+    for j in range(n_children):
+        out[j] = 0.0
     r0 = chunk_ptr[node]
     r1 = chunk_ptr[node + 1]
     n_rows = r1 - r0
     # the sparse rows hold features below dense_start only
     m = np.searchsorted(xi, dense_start)
-    if n_rows == 0 or m == 0:
-        return
+    if n_rows > 0 and m > 0:
+        _sparse_margins(node, xi, xv, xdense, m, r0, r1, chunk_feat, row_len, row_mark,
+                        entry_child, entry_val, dense_off, dense_map, out)
+        for j in range(n_children):
+            out[j] *= weight_scale[c0 + j]
+    d0 = dense_ptr[node]
+    if dense_ptr[node + 1] > d0:
+        dim = xdense.shape[0] - dense_start
+        for j in range(n_children):
+            out[j] += _dense_dot(dense_val, d0 + j * dim, xdense, dense_start, dim)
+
+
+@numba.njit(nogil=True, cache=True)
+def _sparse_margins(node, xi, xv, xdense, m, r0, r1, chunk_feat, row_len, row_mark,
+                    entry_child, entry_val, dense_off, dense_map, out):
+    """Adds the document's first ``m`` features times the chunk's stored weights into out
+    (unscaled: the caller applies each child's weight_scale)."""
     off = dense_off[node]
     if off >= 0:
         # direct map feature -> entries of this chunk: one lookup per document feature
-        base = row_ptr[r0]
+        base = _row_start(row_len, row_mark, r0)
         for k in range(m):
             f = xi[k]
             v = xv[k]
             for e in range(base + dense_map[off + f], base + dense_map[off + f + 1]):
                 out[entry_child[e]] += v * entry_val[e]
         return
+    n_rows = r1 - r0
     # galloping binary search costs about m * log2(rows); a scan of the rows against the
     # dense document costs rows: take the cheaper
     log_rows = 1
@@ -91,6 +112,8 @@ def _score_chunk(node, xi, xv, xdense, chunk_ptr, chunk_feat, row_ptr, entry_chi
         log_rows += 1
     if m * log_rows < n_rows:
         lo = r0
+        cur_r = r0
+        cur_e = _row_start(row_len, row_mark, r0)
         for k in range(m):
             f = xi[k]
             hi = r1
@@ -103,16 +126,26 @@ def _score_chunk(node, xi, xv, xdense, chunk_ptr, chunk_feat, row_ptr, entry_chi
             if lo == r1:
                 break
             if chunk_feat[lo] == f:
+                # walk on from the last row found, or jump by the marks when that is shorter
+                if lo - cur_r >= ROW_BLOCK:
+                    cur_e = _row_start(row_len, row_mark, lo)
+                else:
+                    for q in range(cur_r, lo):
+                        cur_e += row_len[q]
+                cur_r = lo
                 v = xv[k]
-                for e in range(row_ptr[lo], row_ptr[lo + 1]):
+                for e in range(cur_e, cur_e + row_len[lo]):
                     out[entry_child[e]] += v * entry_val[e]
                 lo += 1
     else:
+        e = _row_start(row_len, row_mark, r0)
         for r in range(r0, r1):
+            n = row_len[r]
             v = xdense[chunk_feat[r]]
             if v != 0.0:
-                for e in range(row_ptr[r], row_ptr[r + 1]):
-                    out[entry_child[e]] += v * entry_val[e]
+                for q in range(e, e + n):
+                    out[entry_child[q]] += v * entry_val[q]
+            e += n
 
 
 @numba.njit(inline="always")
@@ -137,10 +170,10 @@ def _insert_top(keep_id, keep_score, n_keep, cap, node, score):
 
 @numba.njit(nogil=True, cache=True)
 def predict_rows(indptr, indices, data, row_start, row_stop, xdense, tree_root, tree_depth,
-                 child_ptr, parent, chunk_ptr, chunk_feat, row_ptr, entry_child, entry_val,
-                 bias, node_label, label_node, dense_start, dense_ptr, dense_val, dense_off,
-                 dense_map, beam_size, top_k, post, max_children, block, out_label, out_score,
-                 out_n):
+                 child_ptr, parent, chunk_ptr, chunk_feat, row_len, row_mark, entry_child,
+                 entry_val, weight_scale, bias, node_label, label_node, dense_start, dense_ptr,
+                 dense_val, dense_off, dense_map, beam_size, top_k, post, max_children, block,
+                 out_label, out_score, out_n):
     """Predict rows row_start..row_stop of a CSR matrix (sorted indices) into out_* rows.
 
     Documents go in blocks of ``block``. Within a block the beam advances layer by layer for
@@ -211,9 +244,9 @@ def predict_rows(indptr, indices, data, row_start, row_stop, xdense, tree_root, 
                     exp_off[d, t, layer, b] = off
                     for i in range(xi.shape[0]):
                         xdense[xi[i]] = xv[i]
-                    _score_chunk(p, xi, xv, xdense, chunk_ptr, chunk_feat, row_ptr, entry_child,
-                                 entry_val, dense_off, dense_map, dense_start, dense_ptr,
-                                 dense_val, z, nc)
+                    _score_chunk(p, c0, xi, xv, xdense, chunk_ptr, chunk_feat, row_len,
+                                 row_mark, entry_child, entry_val, weight_scale, dense_off,
+                                 dense_map, dense_start, dense_ptr, dense_val, z, nc)
                     for i in range(xi.shape[0]):
                         xdense[xi[i]] = 0.0
                     base = beam_score[d, b]
@@ -242,7 +275,8 @@ def predict_rows(indptr, indices, data, row_start, row_stop, xdense, tree_root, 
             for i in range(xi.shape[0]):
                 xdense[xi[i]] = xv[i]
             out_n[row] = _merge_trees(xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr,
-                                      chunk_feat, row_ptr, entry_child, entry_val, bias,
+                                      chunk_feat, row_len, row_mark, entry_child,
+                                      entry_val, weight_scale, bias,
                                       node_label, label_node, dense_off, dense_map,
                                       dense_start, dense_ptr, dense_val, post, top_k,
                                       top_id[d], top_n[d], exp_parent[d], exp_path[d],
@@ -253,10 +287,10 @@ def predict_rows(indptr, indices, data, row_start, row_stop, xdense, tree_root, 
 
 
 @numba.njit(nogil=True, cache=True)
-def _merge_trees(xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr, chunk_feat, row_ptr,
-                 entry_child, entry_val, bias, node_label, label_node, dense_off, dense_map,
-                 dense_start, dense_ptr, dense_val, post, top_k, top_id, top_n, exp_parent,
-                 exp_path, exp_off, n_exp, node_score, z, out_label, out_score):
+def _merge_trees(xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr, chunk_feat, row_len,
+                 row_mark, entry_child, entry_val, weight_scale, bias, node_label, label_node,
+                 dense_off, dense_map, dense_start, dense_ptr, dense_val, post, top_k, top_id,
+                 top_n, exp_parent, exp_path, exp_off, n_exp, node_score, z, out_label, out_score):
     """Union of the trees' top labels, each scored exactly in every tree (mean of path
     scores); writes the best top_k into out_*, returns how many."""
     n_trees = top_id.shape[0]
@@ -280,18 +314,18 @@ def _merge_trees(xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr, chunk
         for t in range(n_trees):
             total += np.exp(_path_log_score(
                 t, label_node[t, lab], xi, xv, xdense, tree_depth, child_ptr, parent,
-                chunk_ptr, chunk_feat, row_ptr, entry_child, entry_val, bias, dense_off,
-                dense_map, dense_start, dense_ptr, dense_val, post, exp_parent, exp_path,
-                exp_off, n_exp, node_score, z))
+                chunk_ptr, chunk_feat, row_len, row_mark, entry_child, entry_val,
+                weight_scale, bias, dense_off, dense_map, dense_start, dense_ptr, dense_val,
+                post, exp_parent, exp_path, exp_off, n_exp, node_score, z))
         n_out = _insert_top(out_label, out_score, n_out, top_k, lab, total / n_trees)
     return n_out
 
 
 @numba.njit(nogil=True, cache=True)
 def _path_log_score(t, node, xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr,
-                    chunk_feat, row_ptr, entry_child, entry_val, bias, dense_off, dense_map,
-                    dense_start, dense_ptr, dense_val, post, exp_parent, exp_path, exp_off,
-                    n_exp, node_score, z):
+                    chunk_feat, row_len, row_mark, entry_child, entry_val, weight_scale, bias,
+                    dense_off, dense_map, dense_start, dense_ptr, dense_val, post, exp_parent,
+                    exp_path, exp_off, n_exp, node_score, z):
     """Exact log path score of a leaf in tree t, reusing what the beam computed."""
     acc = 0.0
     layer = tree_depth[t] - 1
@@ -302,17 +336,17 @@ def _path_log_score(t, node, xi, xv, xdense, tree_depth, child_ptr, parent, chun
                 return acc + exp_path[t, layer, b] + node_score[
                     exp_off[t, layer, b] + node - child_ptr[p]]
         # the beam never expanded p: score this node directly and go up
-        _score_chunk(p, xi, xv, xdense, chunk_ptr, chunk_feat, row_ptr, entry_child,
-                     entry_val, dense_off, dense_map, dense_start, dense_ptr, dense_val, z,
-                     child_ptr[p + 1] - child_ptr[p])
+        _score_chunk(p, child_ptr[p], xi, xv, xdense, chunk_ptr, chunk_feat, row_len,
+                     row_mark, entry_child, entry_val, weight_scale, dense_off, dense_map,
+                     dense_start, dense_ptr, dense_val, z, child_ptr[p + 1] - child_ptr[p])
         acc += _log_post(z[node - child_ptr[p]] + bias[node], post)
         node = p
         layer -= 1
     return acc
 
 
-def build_dense_maps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_ptr: np.ndarray,
-                     n_features: int, budget_bytes: int,
+def build_dense_maps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_len: np.ndarray,
+                     row_mark: np.ndarray, n_features: int, budget_bytes: int,
                      min_share: float = 1 / 64) -> tuple[np.ndarray, np.ndarray]:
     """Direct feature -> entry maps for the chunks that use at least ``min_share`` of the
     features, in node order (roots and top layers first: every document expands them) until
@@ -333,7 +367,8 @@ def build_dense_maps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_ptr: np.
         r0, r1 = int(chunk_ptr[node]), int(chunk_ptr[node + 1])
         first_row = np.searchsorted(chunk_feat[r0:r1], grid)  # first row with feature >= f
         span = slice(k * (n_features + 1), (k + 1) * (n_features + 1))
-        dense_map[span] = row_ptr[r0 + first_row] - row_ptr[r0]
+        starts = row_starts(row_len, row_mark, r0, r1)
+        dense_map[span] = starts[first_row] - starts[0]
         dense_off[node] = k * (n_features + 1)
     return dense_off, dense_map
 
@@ -360,7 +395,8 @@ class Searcher:
         self._tree_layers = int(np.asarray(ensemble.tree_depth).sum())
         dense_off, dense_map = build_dense_maps(
             np.asarray(ensemble.chunk_ptr), np.asarray(ensemble.chunk_feat),
-            np.asarray(ensemble.row_ptr), n_features, dense_map_mb << 20)
+            np.asarray(ensemble.row_len), np.asarray(ensemble.row_mark), n_features,
+            dense_map_mb << 20)
         self._scratch = threading.local()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -368,8 +404,9 @@ class Searcher:
         # its fast path, a np.memmap subclass on a slow one, at every call
         self._arrays = (*(np.asarray(a) for a in (
             ensemble.tree_root, ensemble.tree_depth, ensemble.child_ptr, ensemble.parent,
-            ensemble.chunk_ptr, ensemble.chunk_feat, ensemble.row_ptr, ensemble.entry_child,
-            ensemble.entry_val, ensemble.bias, ensemble.node_label, ensemble.label_node,
+            ensemble.chunk_ptr, ensemble.chunk_feat, ensemble.row_len, ensemble.row_mark,
+            ensemble.entry_child, ensemble.entry_val, ensemble.weight_scale, ensemble.bias,
+            ensemble.node_label, ensemble.label_node,
         )), int(ensemble.dense_start[0]), np.asarray(ensemble.dense_ptr),
             np.asarray(ensemble.dense_val), dense_off, dense_map)
 

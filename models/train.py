@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from models.cluster import LabelTree
 from models.params import POST_PROCESSORS, RankerParams
 from models.search import Searcher
-from models.tree import ENSEMBLE_ARRAYS, Ensemble
+from models.tree import Ensemble
 
 log = logging.getLogger(__name__)
 
@@ -362,33 +362,29 @@ def _assemble(n_nodes: int, n_layers: int, child_count: np.ndarray, parent: np.n
     rows = [r if r is not None else empty_i32 for r in chunk_rows[:n_nodes]]
     row_len = [r if r is not None else empty_i64 for r in chunk_row_len[:n_nodes]]
     chunk_ptr = np.concatenate(([0], np.cumsum([len(r) for r in rows]))).astype(np.int64)
-    all_len = np.concatenate(row_len) if rows else empty_i64
-    row_ptr = np.concatenate(([0], np.cumsum(all_len))).astype(np.int64)
     entry_child = np.concatenate([c for c in chunk_child[:n_nodes] if c is not None]
                                  or [empty_i32])
     entry_val = np.concatenate([v for v in chunk_val[:n_nodes] if v is not None]
                                or [np.empty(0, np.float32)])
     dense = [d if d is not None else np.empty(0, np.float32) for d in chunk_dense[:n_nodes]]
-    arrays = dict(
+    return Ensemble.from_arrays(dict(
         tree_root=np.zeros(1, np.int64),
         tree_depth=np.array([n_layers], np.int32),
         child_ptr=child_ptr,
         parent=parent[:n_nodes],
         chunk_ptr=chunk_ptr,
         chunk_feat=np.concatenate(rows),
-        row_ptr=row_ptr,
+        row_len=np.concatenate(row_len) if rows else empty_i64,
         entry_child=entry_child,
         entry_val=entry_val,
+        weight_scale=np.ones(n_nodes, np.float32),
         bias=bias[:n_nodes],
         node_label=node_label,
         label_node=(label_first + node_of_label)[None, :],
         dense_start=np.array([dense_start]),
         dense_ptr=np.concatenate(([0], np.cumsum([d.size for d in dense]))),
         dense_val=np.concatenate(dense) if dense else np.empty(0, np.float32),
-    )
-    return Ensemble(
-        **{k: np.ascontiguousarray(v, dtype=ENSEMBLE_ARRAYS[k]) for k, v in arrays.items()}
-    )
+    ))
 
 
 def _matcher_nodes(X: sp.csr_matrix, partial: Ensemble, beam_size: int, post: int,

@@ -15,11 +15,14 @@ from models.tree import Ensemble
 def node_margins(ens: Ensemble, X: sp.csr_matrix) -> np.ndarray:
     """(n_docs, n_nodes) margin of every node's classifier (the roots' stay 0)."""
     owner = np.repeat(np.arange(ens.n_nodes), np.diff(ens.chunk_ptr))
-    row_owner = np.repeat(owner, np.diff(ens.row_ptr))
-    row_feat = np.repeat(np.asarray(ens.chunk_feat), np.diff(ens.row_ptr))
-    child = np.asarray(ens.child_ptr)[row_owner] + np.asarray(ens.entry_child)
-    W = sp.csc_matrix((np.asarray(ens.entry_val, dtype=np.float64), (row_feat, child)),
-                      shape=(X.shape[1], ens.n_nodes))
+    row_len = np.asarray(ens.row_len, dtype=np.int64)
+    row_owner = np.repeat(owner, row_len)
+    row_feat = np.repeat(np.asarray(ens.chunk_feat), row_len)
+    child = np.asarray(ens.child_ptr)[row_owner] + np.asarray(ens.entry_child, dtype=np.int64)
+    # a node's stored weights times its scale (1 for float32 weights)
+    vals = np.asarray(ens.entry_val, dtype=np.float64) * np.asarray(
+        ens.weight_scale, dtype=np.float64)[child]
+    W = sp.csc_matrix((vals, (row_feat, child)), shape=(X.shape[1], ens.n_nodes))
     margins = (X.astype(np.float64) @ W).toarray() + np.asarray(ens.bias, dtype=np.float64)
     # the dense block: per node with one, a (children x dim) matrix against the last columns
     start = int(ens.dense_start[0])

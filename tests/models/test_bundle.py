@@ -31,7 +31,7 @@ def test_load_with_and_without_mmap_gives_identical_scores(tiny_bundle, tiny_cor
 
 def test_manifest_holds_what_the_service_reports(tiny_predictor):
     m = tiny_predictor.manifest
-    assert m["format_version"] == 2 and m["name"] == "tiny"
+    assert m["format_version"] == 3 and m["name"] == "tiny"
     assert len(m["version"]) == 16 and m["created_at"]
     assert m["n_labels"] == tiny_predictor.n_labels == len(tiny_predictor.label_names)
     assert [e["kind"] for e in m["encoders"]] == ["tfidf"]
@@ -82,11 +82,11 @@ def test_object_array_is_refused_without_unpickling(tiny_bundle, tmp_path):
 @pytest.mark.parametrize("mmap", [True, False])
 def test_truncated_array_is_refused(tiny_bundle, tmp_path, mmap):
     b = copy_bundle(tiny_bundle, tmp_path)
-    target = b / "ensemble.row_ptr.npy"
+    target = b / "ensemble.row_len.npy"
     target.write_bytes(target.read_bytes()[:-40])
     with pytest.raises(BundleError) as err:
         models.load_bundle(b, mmap=mmap)
-    assert "ensemble.row_ptr.npy" in str(err.value)
+    assert "ensemble.row_len.npy" in str(err.value)
 
 
 def test_out_of_range_index_is_refused(tiny_bundle, tmp_path):
@@ -126,17 +126,42 @@ def test_no_pickle_in_a_bundle(tiny_bundle):
             assert f.suffix == ".json", f
 
 
-def test_format_1_bundle_without_dense_arrays_still_loads(tiny_bundle, tiny_predictor,
-                                                           tmp_path):
-    b = copy_bundle(tiny_bundle, tmp_path)
-    for name in ("dense_start", "dense_ptr", "dense_val"):
+def as_old_format(b, version: int) -> None:
+    """Rewrite a float32 bundle in place into the layout of format 1 or 2: an int64 row
+    pointer, int32 child offsets, no scales (and, in format 1, no dense block)."""
+    row_len = np.load(b / "ensemble.row_len.npy").astype(np.int64)
+    np.save(b / "ensemble.row_ptr.npy", np.concatenate(([0], np.cumsum(row_len))))
+    child = np.load(b / "ensemble.entry_child.npy")
+    np.save(b / "ensemble.entry_child.npy", child.astype(np.int32))
+    assert np.load(b / "ensemble.entry_val.npy").dtype == np.float32
+    gone = ["row_len", "row_mark", "weight_scale"]
+    if version == 1:
+        gone += ["dense_start", "dense_ptr", "dense_val"]
+    for name in gone:
         (b / f"ensemble.{name}.npy").unlink()
     manifest = json.loads((b / "manifest.json").read_text())
-    manifest["format_version"] = 1
+    manifest["format_version"] = version
     (b / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_formats_still_load(tiny_bundle, tiny_predictor, tmp_path, version):
+    b = copy_bundle(tiny_bundle, tmp_path)
+    as_old_format(b, version)
     old = models.load_bundle(b)
     texts = ["a first document", "another one about something"]
     assert old.predict(texts, top_k=5) == tiny_predictor.predict(texts, top_k=5)
+
+
+def test_older_format_with_a_broken_row_pointer_is_refused(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path)
+    as_old_format(b, 2)
+    ptr = np.load(b / "ensemble.row_ptr.npy")
+    ptr[len(ptr) // 2] = ptr[-1] + 5
+    np.save(b / "ensemble.row_ptr.npy", ptr)
+    with pytest.raises(BundleError) as err:
+        models.load_bundle(b)
+    assert "ensemble.row_ptr.npy" in str(err.value)
 
 
 def test_dense_block_of_the_wrong_size_is_refused(tiny_bundle, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import models
 from models import train as train_module
 from models.builder import build
+from models.tree import row_start
 from tests.conftest import tiny_params
 from tests.models.reference import beam_leaves, leaf_scores
 
@@ -62,10 +63,11 @@ def test_partial_tree_is_the_final_trees_top(mined):
         assert np.array_equal(partial.bias, final.bias[:n])
         assert np.array_equal(partial.child_ptr[: inner + 1], final.child_ptr[: inner + 1])
         rows = slice(0, int(final.chunk_ptr[inner]))
-        entries = slice(0, int(final.row_ptr[final.chunk_ptr[inner]]))
+        entries = slice(0, row_start(final.row_len, final.row_mark, int(final.chunk_ptr[inner])))
         assert np.array_equal(partial.chunk_feat, final.chunk_feat[rows])
         assert np.array_equal(partial.entry_val, final.entry_val[entries])
         assert np.array_equal(partial.entry_child, final.entry_child[entries])
+        assert np.array_equal(partial.row_len, final.row_len[rows])
 
 
 def test_mined_nodes_are_the_partial_trees_beam(mined):
