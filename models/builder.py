@@ -240,9 +240,11 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
     for alpha in sorted(set(params.dense_weight_grid)):
         Xf = fuse(X_fit, emb[fit_rows], alpha) if alpha > 0 else X_fit
         Xv = fuse(X_valid, emb[valid_rows], alpha) if alpha > 0 else X_valid
-        ensemble = next(_train_trees(Xf, Y_fit, one_tree.resolved(fused=alpha > 0), threads,
-                                     _Stages(verbose=False),
-                                     X_fit.shape[1] if alpha > 0 else None))
+        # scored as it would be stored: quantized as weight_dtype says
+        ensemble = quantize(next(_train_trees(Xf, Y_fit, one_tree.resolved(fused=alpha > 0),
+                                              threads, _Stages(verbose=False),
+                                              X_fit.shape[1] if alpha > 0 else None)),
+                            params.weight_dtype)
         searcher = Searcher(ensemble, Xf.shape[1], POST_PROCESSORS[params.post_processor],
                             threads=threads, dense_map_mb=128)
         try:

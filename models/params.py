@@ -93,10 +93,11 @@ class BuildParams:
     """Share of the training documents held out to choose ``dense_weight``."""
     int8: bool = False
     """Quantize the dense encoder to int8 (dynamic, per-channel)."""
-    weight_dtype: str = "float32"
-    """How the trees' sparse weights are stored: ``float32``, or ``int16`` / ``int8`` with one
-    float32 scale per classifier (its largest weight maps to the type's largest value). The
-    dense encoder's block of weights stays float32."""
+    weight_dtype: str = "int8"
+    """How the trees' sparse weights are stored: ``int8`` or ``int16`` with one float32 scale
+    per classifier (its largest weight maps to the type's largest value), or ``float32``. The
+    dense encoder's block of weights stays float32. int8, the smallest, scored within 0.1
+    validation P@1 of float32 wherever it was measured (benchmarks/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         if self.tfidf is None:

@@ -57,6 +57,16 @@ def tiny_bundle(tmp_path_factory, tiny_corpus) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_float32_bundle(tmp_path_factory, tiny_corpus) -> Path:
+    """The tiny bundle with its weights kept as float32 (the default quantizes them)."""
+    from models.builder import build
+
+    train, _ = tiny_corpus
+    out = tmp_path_factory.mktemp("bundles") / "tiny-float32"
+    return build(train, out, tiny_params(weight_dtype="float32"), name="tiny")
+
+
+@pytest.fixture(scope="session")
 def tiny_predictor(tiny_bundle):
     import models
 

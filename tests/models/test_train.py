@@ -14,7 +14,8 @@ from tests.models.reference import beam_leaves, leaf_scores
 
 
 def man_params(beam: int, n_trees: int = 1):
-    params = tiny_params(n_trees=n_trees)
+    # mining runs on the float32 tree being trained: compare the final tree unquantized
+    params = tiny_params(n_trees=n_trees, weight_dtype="float32")
     params.ranker.negatives = "tfn+man"
     params.ranker.negative_beam_size = beam
     return params

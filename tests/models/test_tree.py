@@ -47,7 +47,9 @@ def one_tree_ensembles(corpus, predictor, params) -> list[Ensemble]:
 
 def test_forest_written_tree_by_tree_equals_the_joined_forest(tmp_path, tiny_corpus,
                                                               tiny_predictor):
-    trees = one_tree_ensembles(tiny_corpus, tiny_predictor, tiny_params())
+    params = tiny_params()
+    trees = [quantize(t, params.weight_dtype)
+             for t in one_tree_ensembles(tiny_corpus, tiny_predictor, params)]
     joined = Ensemble.concatenate(trees)
     writer = bundle_io.ForestWriter(tmp_path)
     for tree in trees:
@@ -62,18 +64,20 @@ def test_forest_written_tree_by_tree_equals_the_joined_forest(tmp_path, tiny_cor
 
 
 @pytest.fixture(scope="module", params=["int16", "int8"])
-def quantized(request, tmp_path_factory, tiny_corpus):
+def quantized(request, tmp_path_factory, tiny_corpus, tiny_bundle):
     from models.builder import build
 
+    if request.param == "int8":  # the default
+        return "int8", models.load_bundle(tiny_bundle)
     train, _ = tiny_corpus
     out = tmp_path_factory.mktemp("quantized") / request.param
     return request.param, models.load_bundle(
         build(train, out, tiny_params(weight_dtype=request.param)))
 
 
-def test_quantized_weights_are_within_half_a_step(quantized, tiny_predictor):
+def test_quantized_weights_are_within_half_a_step(quantized, tiny_float32_bundle):
     weight_dtype, q = quantized
-    full, ens = tiny_predictor.ensemble, q.ensemble
+    full, ens = models.load_bundle(tiny_float32_bundle).ensemble, q.ensemble
     assert q.manifest["params"]["weight_dtype"] == weight_dtype
     assert ens.entry_val.dtype == np.dtype(weight_dtype)
     # quantized after training: the same entries, the same children
@@ -122,8 +126,8 @@ def test_chunk_wider_than_a_byte_is_searched_exactly(tmp_path):
             assert score == pytest.approx(ref[d, index[name]], abs=1e-6)
 
 
-def test_quantize_keeps_float32_and_refuses_twice(tiny_predictor):
-    ens = tiny_predictor.ensemble
+def test_quantize_keeps_float32_and_refuses_twice(tiny_float32_bundle):
+    ens = models.load_bundle(tiny_float32_bundle).ensemble
     assert quantize(ens, "float32") is ens
     int8 = quantize(Ensemble(**{k: np.asarray(v) for k, v in ens.arrays().items()}), "int8")
     with pytest.raises(ValueError):
