@@ -188,7 +188,7 @@ def _train_trees(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, thread
         Z = pifa_embeddings(X, Y)
     for t in range(params.n_trees):
         with stages(f"cluster_tree{t}"):
-            tree = build_tree(Z, params.cluster, seed=params.seed + t)
+            tree = build_tree(Z, params.cluster, seed=params.seed + t, threads=threads)
         with stages(f"train_tree{t}"):
             trained = train_tree(X, Y, tree, params.ranker, seed=params.seed + t,
                                  threads=threads, post_processor=params.post_processor,
