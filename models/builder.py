@@ -25,14 +25,14 @@ import numpy as np
 import scipy.sparse as sp
 
 from models import bundle as bundle_io
-from models.cluster import build_tree, pifa_embeddings
+from models.cluster import pifa_embeddings
 from models.data import Corpus, validation_rows
+from models.engine import LocalEngine, TreeEngine
 from models.errors import BundleError, InvalidInputError
 from models.features import FeatureEncoder, fuse
 from models.metrics import evaluate
 from models.params import POST_PROCESSORS, BuildParams
 from models.search import Searcher
-from models.train import train_tree
 from models.tree import Ensemble, quantize
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,11 @@ def build(
     test: Corpus | None = None,
     name: str | None = None,
     force: bool = False,
+    engine: TreeEngine | None = None,
 ) -> Path:
-    """Build a bundle from ``train`` into ``out_dir``; returns the bundle path."""
+    """Build a bundle from ``train`` into ``out_dir``; returns the bundle path. The trees are
+    trained on ``engine`` (:mod:`models.engine`: local cores by default, or a Dask cluster);
+    the bundle is the same either way."""
     params = params or BuildParams()
     params.validate()
     out_dir = Path(out_dir)
@@ -122,8 +125,9 @@ def build(
             dense_start = encoder.n_tfidf if encoder.dense is not None else None
         params = params.resolved(fused=dense_start is not None)
         log.info("ranker negatives: %s", params.ranker.negatives)
+        engine = engine or LocalEngine()
         writer = bundle_io.ForestWriter(tmp)
-        for tree in _train_trees(X, Y, params, threads, stages, dense_start):
+        for tree in _train_trees(X, Y, params, threads, stages, dense_start, engine):
             # each tree goes to disk as soon as it is trained: the forest is never in memory
             writer.add(quantize(tree, params.weight_dtype))
             del tree
@@ -155,6 +159,7 @@ def build(
         manifest["build"] = {
             "seconds": round(build_seconds, 3),
             "threads": threads,
+            "engine": engine.describe(),  # like threads: where, never what, so not hashed
             "stages": stages.records,
             "cpu_seconds_train": round(cpu_train, 3),
             "n_weights": ensemble.n_entries,
@@ -180,21 +185,15 @@ def build(
 
 
 def _train_trees(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, threads: int,
-                 stages: _Stages, dense_start: int | None = None) -> Iterator[Ensemble]:
-    """PIFA, then per tree a clustering and its rankers: the one-tree ensembles in order,
-    each as soon as it is trained. Columns from ``dense_start`` on are a dense encoder's block
-    (see :mod:`models.tree`)."""
+                 stages: _Stages, dense_start: int | None = None,
+                 engine: TreeEngine | None = None) -> Iterator[Ensemble]:
+    """PIFA, then per tree a clustering and its rankers (on ``engine``, local by default):
+    the one-tree ensembles in tree order, each as soon as it is trained. Columns from
+    ``dense_start`` on are a dense encoder's block (see :mod:`models.tree`)."""
     with stages("pifa"):
         Z = pifa_embeddings(X, Y)
-    for t in range(params.n_trees):
-        with stages(f"cluster_tree{t}"):
-            tree = build_tree(Z, params.cluster, seed=params.seed + t, threads=threads)
-        with stages(f"train_tree{t}"):
-            trained = train_tree(X, Y, tree, params.ranker, seed=params.seed + t,
-                                 threads=threads, post_processor=params.post_processor,
-                                 dense_start=dense_start, desc=f"tree {t + 1}/{params.n_trees}")
-        del tree
-        yield trained
+    yield from (engine or LocalEngine()).trees(X, Y, Z, params, threads=threads,
+                                               stages=stages, dense_start=dense_start)
 
 
 def _fit_features(train: Corpus, params: BuildParams, folder: Path):

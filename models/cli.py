@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip malformed input lines (their count is reported) instead of failing")
     b.add_argument("--n-trees", type=int, help="trees in the ensemble (overrides --params)")
     b.add_argument("--threads", type=int, help="training threads, 0 = all cores")
+    b.add_argument("--dask", metavar="ADDRESS",
+                   help="train the trees on the Dask cluster whose scheduler is at ADDRESS "
+                   "(e.g. tcp://scheduler:8786; default: $XMC_DASK, else local cores; needs "
+                   "the [build] extra); the bundle is the same, see docs/dask.md")
     b.add_argument("--dense-encoder", metavar="minilm|PATH",
                    help="fuse a dense ONNX sentence encoder: 'minilm' (packaged MiniLM, exported "
                    "at build time; needs the [export] extra) or PATH/model.onnx with "
@@ -145,16 +151,22 @@ def _build(args: argparse.Namespace) -> int:
     logging.getLogger("models").setLevel(logging.INFO)
     from models.builder import build
     from models.data import read_corpus
+    from models.engine import open_engine
 
-    train = read_corpus(args.train, label_field=args.label_field,
-                        skip_bad_lines=args.skip_bad_lines)
-    if train.n_skipped:
-        print(f"skipped {train.n_skipped} malformed line(s) in {args.train}", file=sys.stderr)
-    test = None
-    if args.test:
-        test = read_corpus(args.test, label_field=args.label_field,
-                           skip_bad_lines=args.skip_bad_lines)
-    out = build(train, args.out, params, test=test, name=args.name, force=args.force)
+    # the flag wins over the environment; the engine connects before the data is read, so
+    # that a wrong address fails fast
+    with contextlib.closing(open_engine(args.dask or os.environ.get("XMC_DASK"))) as engine:
+        train = read_corpus(args.train, label_field=args.label_field,
+                            skip_bad_lines=args.skip_bad_lines)
+        if train.n_skipped:
+            print(f"skipped {train.n_skipped} malformed line(s) in {args.train}",
+                  file=sys.stderr)
+        test = None
+        if args.test:
+            test = read_corpus(args.test, label_field=args.label_field,
+                               skip_bad_lines=args.skip_bad_lines)
+        out = build(train, args.out, params, test=test, name=args.name, force=args.force,
+                    engine=engine)
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     summary = {k: manifest[k] for k in ("name", "version", "n_labels", "n_features")}
     summary["build_seconds"] = manifest["build"]["seconds"]
