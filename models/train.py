@@ -163,6 +163,21 @@ def _train_chunk(indptr, indices, data, n_local, pos_indptr, pos_child, n_childr
     return rows, row_len, entry_child, entry_val, bias_terms, dense_w
 
 
+def _renumber(indices: np.ndarray, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the features used, in order; each index's position among them as int32). Sorting
+    the indices costs nnz log nnz and an int64 copy: for the large parents a mark per
+    feature is cheaper in time and memory; for the many small ones the sort is."""
+    if indices.size * 8 < n_features:
+        used, local = np.unique(indices, return_inverse=True)
+        return used, local.astype(np.int32)
+    mark = np.zeros(n_features, dtype=np.int32)
+    mark[indices] = 1
+    used = np.flatnonzero(mark)
+    position = np.cumsum(mark, dtype=np.int32)
+    position -= 1
+    return used, position[indices]
+
+
 def _layer_structure(tree: LabelTree) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per layer below the root (top first, labels last): (node of each label, parent of each
     node), both as indices local to their layer."""
@@ -236,7 +251,8 @@ def train_tree(
     n_labels = Y.shape[1]
     dense_start = X.shape[1] if dense_start is None else int(dense_start)
     dim = X.shape[1] - dense_start
-    X = X.astype(np.float32)
+    if X.dtype != np.float32:
+        X = X.astype(np.float32)
     Y = sp.csr_matrix(Y, dtype=np.float32)
     layers = _layer_structure(tree)
     n_layer_nodes = [len(parent_of_node) for _, parent_of_node in layers]
@@ -272,13 +288,14 @@ def train_tree(
 
         def prepare(p: int, pd=parent_docs, node_docs=node_docs, child_start=child_start):
             docs = pd.indices[pd.indptr[p] : pd.indptr[p + 1]]
-            Xp = X[docs]
-            used, local = np.unique(Xp.indices, return_inverse=True)
+            # a parent holding every document (the root) trains on X itself, not a copy
+            Xp = X if len(docs) == n_docs else X[docs]
+            used, local = _renumber(Xp.indices, X.shape[1])
             pos = node_docs[docs][:, child_start[p] : child_start[p + 1]].tocsc()
             keep_from = int(np.searchsorted(used, dense_start))
             dense_col = (used[keep_from:] - dense_start).astype(np.int32)
-            return (Xp.indptr.astype(np.int64), local.astype(np.int32), Xp.data, used, pos,
-                    keep_from, dense_col)
+            return (Xp.indptr.astype(np.int64), local, Xp.data, used, pos, keep_from,
+                    dense_col)
 
         # parents split over several jobs share one preparation, made up front
         for p in {p for p, lo, hi in jobs if hi - lo < counts[p]}:
