@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEMO_DATA := artifacts/demo-data
+DEMO_DATA := data/cooking
 DEMO      := artifacts/demo
 PORT ?= 8000
 
@@ -23,14 +23,12 @@ $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[build,dev,export]'
 	touch $@ $(VENV)/.demo-deps
 
-## demo: synthetic corpus -> bundle -> eval -> predict -> serve on http://127.0.0.1:$(PORT)
+## demo: the shipped cooking questions -> bundle -> eval -> predict -> serve on :$(PORT)
 demo: $(VENV)/.demo-deps
-	$(BIN)/xmc synth --labels 2000 --train 8000 --test 1000 --seed 0 --out $(DEMO_DATA)
-	$(BIN)/xmc build $(DEMO_DATA)/train.jsonl --out $(DEMO) --name demo --force
+	$(BIN)/xmc build $(DEMO_DATA)/train.jsonl --out $(DEMO) --name cooking --force
 	$(BIN)/xmc eval $(DEMO) $(DEMO_DATA)/test.jsonl
-	head -n 2 $(DEMO_DATA)/test.jsonl | $(BIN)/python -c \
-	  'import json,sys; [print(json.loads(l)["text"][:300]) for l in sys.stdin]' \
-	  | $(BIN)/xmc predict $(DEMO) --top-k 3
+	$(BIN)/xmc predict $(DEMO) "how long to boil an egg" \
+	  "can I freeze bread dough overnight" --top-k 3
 	@echo "serving $(DEMO) on http://127.0.0.1:$(PORT) (docs at /docs); Ctrl-C stops"
 	$(BIN)/xmc serve $(DEMO) --port $(PORT)
 
