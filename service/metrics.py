@@ -68,9 +68,17 @@ BATCH_SIZE = Histogram(
 )
 MODEL_INFO = Gauge(
     "xmc_model_info",
-    "1 for the model bundle this service answers with.",
+    "1 for each model version this service answers with (0 once replaced); name is the "
+    "model's name in the API.",
     ["name", "version", "n_labels", "n_features"],
     multiprocess_mode="max",
+)
+
+RELOADS = Counter(
+    "xmc_model_reloads_total",
+    "Versions found by a reload, per worker: outcome switched (now served) or refused "
+    "(corrupt, incomplete or incompatible: the old version kept serving).",
+    ["model", "outcome"],
 )
 
 
