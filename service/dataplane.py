@@ -117,6 +117,8 @@ class DataPlane:
             key = name or ""
             if key in self._entries:
                 continue
+            if self._started and not _has_version(location):
+                continue  # a model folder being set up: found again once it has a version
             entry = ModelEntry(name, location, self._repository)
             self._entries[key] = entry
             await refresh(entry, self._loader, force=True)
@@ -324,6 +326,14 @@ def _predict_staged(
         stages = [("encode", encoded - start), ("search", time.perf_counter() - encoded)]
     # float(): numpy scalars would not survive the cache's JSON round trip identically.
     return [[(str(label), float(score)) for label, score in answer] for answer in raw], stages
+
+
+def _has_version(model_dir: Path) -> bool:
+    try:
+        repository.resolve(model_dir)
+    except (BundleError, OSError):
+        return False
+    return True
 
 
 def notify_siblings() -> None:
