@@ -3,13 +3,11 @@ answer)."""
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import fastapi_offline
 import orjson
@@ -18,21 +16,19 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
 from service import metrics
 from service.cache import Answer
 from service.dataplane import DataPlane, Prediction, install_reload_signal
 from service.errors import (
-    MalformedRequestError,
     ModelNotFoundError,
-    PayloadTooLargeError,
-    RequestValidationFailed,
     UnauthorizedError,
     install_error_handlers,
 )
 from service.middleware import RequestContextMiddleware
+from service.parsing import Parser
 from service.registry import Loader, ServedPredictor
 from service.schemas import (
     BatchRequest,
@@ -41,20 +37,17 @@ from service.schemas import (
     ModelInfo,
     ModelList,
     ModelStatus,
-    PredictParams,
     PredictRequest,
     PredictResponse,
     Readiness,
 )
 from service.settings import Settings
+from service.v2 import add_v2_routes
 
 # Swagger UI 5 (renders OpenAPI 3.1) shipped inside a PyPI wheel: /docs needs no internet.
 _SWAGGER_STATIC = Path(fastapi_offline.__file__).parent / "static"
 _STATIC_URL = "/static/docs"
 _JSON = "application/json"
-M = TypeVar("M", bound=BaseModel)
-# Above this size a batch's parsing runs in a thread, off the event loop.
-_OFFLOAD_BYTES = 256 * 1024
 
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
@@ -111,9 +104,11 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
         access_log_enabled=settings.access_log,
     )
     app.mount(_STATIC_URL, StaticFiles(directory=_SWAGGER_STATIC), name="docs-static")
-    _add_predict_routes(app, dataplane, settings)
+    parse = Parser(settings)
+    _add_predict_routes(app, dataplane, parse)
     _add_model_routes(app, dataplane)
     _add_health_routes(app, dataplane)
+    add_v2_routes(app, dataplane, parse)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -137,70 +132,8 @@ def _authorizer(keys: list[bytes]) -> Callable[[Request], Awaitable[None]]:
     return authorize
 
 
-class _Parser:
-    """Request parsing and the checks that depend on settings."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    async def single(self, request: Request) -> PredictRequest:
-        start = time.perf_counter()
-        body = await _read_body(request, self.settings.max_body_bytes)
-        req = _validate(PredictRequest, body)
-        self.check_params(req)
-        self.check_text(req.text, ["body", "text"])
-        metrics.child(metrics.STAGE_LATENCY, "parse").observe(time.perf_counter() - start)
-        return req
-
-    async def batch(self, request: Request) -> BatchRequest:
-        start = time.perf_counter()
-        settings = self.settings
-        body = await _read_body(request, settings.max_body_bytes)
-        if len(body) > _OFFLOAD_BYTES:
-            # Validating megabytes of JSON takes milliseconds: keep the event loop free.
-            loop = asyncio.get_running_loop()
-            req = await loop.run_in_executor(None, _validate, BatchRequest, body)
-        else:
-            req = _validate(BatchRequest, body)
-        if len(req.documents) > settings.max_batch_size:
-            raise PayloadTooLargeError(
-                f"batch of {len(req.documents)} documents is over the limit of "
-                f"{settings.max_batch_size}"
-            )
-        self.check_params(req)
-        for i, doc in enumerate(req.documents):
-            self.check_text(doc.text, ["body", "documents", i, "text"])
-        metrics.child(metrics.STAGE_LATENCY, "parse").observe(time.perf_counter() - start)
-        metrics.BATCH_SIZE.observe(len(req.documents))
-        return req
-
-    def check_params(self, params: PredictParams) -> None:
-        settings = self.settings
-        errors = []
-        if params.top_k is not None and params.top_k > settings.max_top_k:
-            errors.append(_field_error("top_k", f"must be ≤ {settings.max_top_k}"))
-        if params.beam_size is not None and params.beam_size > settings.max_beam_size:
-            errors.append(_field_error("beam_size", f"must be ≤ {settings.max_beam_size}"))
-        if errors:
-            raise RequestValidationFailed("request validation failed", errors)
-
-    def check_text(self, text: str, loc: list[str | int]) -> None:
-        limit = self.settings.max_text_bytes
-        # len(text) chars is a lower bound of its UTF-8 bytes: encode only when it matters.
-        if len(text) * 4 > limit and (len(text) > limit or len(text.encode("utf-8")) > limit):
-            raise PayloadTooLargeError(
-                f"text is over the limit of {limit} bytes",
-                [{"loc": loc, "msg": "text too long", "type": "too_long"}],
-            )
-        if not text or text.isspace():
-            raise RequestValidationFailed(
-                "text is empty",
-                [{"loc": loc, "msg": "text must not be empty or whitespace", "type": "empty"}],
-            )
-
-
-def _add_predict_routes(app: FastAPI, dataplane: DataPlane, settings: Settings) -> None:
-    parse = _Parser(settings)
+def _add_predict_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> None:
+    settings = parse.settings
 
     async def predict_one(request: Request, name: str | None) -> Response:
         req = await parse.single(request)
@@ -359,35 +292,6 @@ def _fill(dataplane: DataPlane, result: Prediction) -> BackgroundTask | None:
 
 def _labels(answer: Answer, min_score: float) -> list[dict[str, Any]]:
     return [{"label": label, "score": score} for label, score in answer if score >= min_score]
-
-
-def _field_error(field: str, msg: str) -> dict[str, Any]:
-    return {"loc": ["body", field], "msg": msg, "type": "less_than_equal"}
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it passes ``limit`` (chunked bodies have no length)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _validate(model: type[M], body: bytes) -> M:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_context=False, include_input=False)
-        if any(e["type"] == "json_invalid" for e in errors):
-            raise MalformedRequestError("request body is not valid JSON") from None
-        raise RequestValidationFailed(
-            "request validation failed",
-            [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors],
-        ) from None
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:

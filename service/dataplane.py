@@ -36,11 +36,13 @@ _OFFLOAD_DOCS = 512
 @dataclass
 class Prediction:
     """Answers in request order, whether each came from the cache, the model that answered,
-    and the new answers to write to the cache once the response is sent."""
+    how many labels were asked for (``k``, at most the model's label count), and the new
+    answers to write to the cache once the response is sent."""
 
     answers: list[Answer]
     cached: list[bool]
     model: dict[str, str]
+    k: int
     fill: list[tuple[str, Answer]] = field(default_factory=list)
 
 
@@ -219,14 +221,17 @@ class DataPlane:
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready when every model that has not failed serves; lists the failed ones."""
         entries = self._entries.values()
+        status = self.status
+        if status == "ready" and any(e.state == "loading" for e in entries):
+            status = "loading"  # a model that appeared in the repository is being loaded
         failed = [{"name": e.name, "error": e.last_error} for e in entries if e.state == "failed"]
-        ready = self.status == "ready" and all(e.state != "loading" for e in entries)
         model = None
         with contextlib.suppress(ModelNotFoundError):
             current = self._entries[self.default_name()].current if self._entries else None
             model = current.ref if current else None
-        return ready, {"status": self.status if ready or self.status != "ready" else "loading",
-                       "model": model, "failed": failed, "detail": self.detail}  # fmt: skip
+        payload: dict[str, object] = {"status": status, "model": model, "failed": failed,
+                                      "detail": self.detail}  # fmt: skip
+        return status == "ready", payload
 
     # ------------------------------------------------------------------ predicting
     async def predict(
@@ -285,7 +290,8 @@ class DataPlane:
             metrics.CACHE_MISSES.inc(n_miss)
         cached = [answer is not None for answer in found]
         if not miss_texts:
-            return Prediction(found, cached, served.ref)  # type: ignore[arg-type]
+            k = min(top_k, served.n_labels)
+            return Prediction(found, cached, served.ref, k)  # type: ignore[arg-type]
         if len(texts) == 1:
             scored = [await self._coalescer.submit(served, miss_texts[0], top_k, beam_size)]
         else:
@@ -295,7 +301,7 @@ class DataPlane:
             for key, answer in zip(keys, found, strict=True)
         ]
         fill = [(key, scored[i]) for key, i in miss_index.items()]
-        return Prediction(answers, cached, served.ref, fill)
+        return Prediction(answers, cached, served.ref, min(top_k, served.n_labels), fill)
 
     async def _predict_batch(
         self, served: ServedVersion, texts: list[str], top_k: int, beam_size: int

@@ -119,6 +119,8 @@ def problem_response(
         body["errors"] = errors
     if extra:
         body.update({k: v for k, v in extra.items() if k not in body})
+    if request.url.path.startswith("/v2/"):
+        body["error"] = detail  # the Open Inference Protocol's error member
     return Response(
         orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON, headers=headers
     )

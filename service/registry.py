@@ -71,8 +71,8 @@ Loader = Callable[[str], ServedPredictor]
 class ServedVersion:
     """One loaded version of a model and the requests using it (counted on the loop)."""
 
-    __slots__ = ("beam_size", "inflight", "name", "predictor", "ref", "retired", "source",
-                 "top_k")  # fmt: skip
+    __slots__ = ("beam_size", "inflight", "n_labels", "name", "predictor", "ref", "retired",
+                 "source", "top_k")  # fmt: skip
 
     def __init__(self, name: str, predictor: ServedPredictor, source: Source) -> None:
         self.name = name
@@ -81,6 +81,7 @@ class ServedVersion:
         self.ref = {"name": name, "version": predictor.version}
         self.top_k = predictor.default_top_k
         self.beam_size = predictor.default_beam_size
+        self.n_labels = predictor.n_labels
         self.inflight = 0
         self.retired = False
 
