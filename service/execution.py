@@ -132,6 +132,9 @@ class PredictThreads:
             # RuntimeError: the loop closed while we worked, nobody waits for this answer.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(settle, future, result, error)
+            # Hold nothing while idle: a replaced model version must not stay mapped
+            # because this thread's last job still refers to it.
+            del item, fn, args, result
 
     def shutdown(self) -> None:
         for _ in self._threads:

@@ -354,6 +354,37 @@ def test_a_replaced_version_is_released_only_after_its_requests(
     asyncio.run(scenario())
 
 
+def test_a_replaced_version_is_freed(
+    tmp_path: Path, tiny_bundle: Path, other_bundle: Path, serve_repo: Callable[..., TestClient],
+) -> None:  # fmt: skip
+    """Closed and garbage once drained: nothing in the service (threads, coalescer, registry)
+    keeps a replaced version and its memory maps alive."""
+    import weakref
+
+    root = tmp_path / "repo"
+    publish(root / "m", "1", tiny_bundle)
+    refs: list[weakref.ref[Any]] = []
+
+    def loader(path: str) -> Any:
+        predictor = models.Predictor.load(path, threads=2)  # a search pool: more cycles
+        refs.append(weakref.ref(predictor))
+        return predictor
+
+    c = TestClient(create_app(Settings(bundle_path=root, access_log=False, watch=False,
+                                       lru_size=0), loader=loader))  # fmt: skip
+    batch = {"documents": [{"text": f"a b {i}"} for i in range(600)]}
+    with c:
+        assert c.post("/v1/predict/batch", json=batch).status_code == 200
+        publish(root / "m", "2", other_bundle)
+        assert c.post("/v1/models/m/reload").json()["outcome"] == "switched"
+        assert c.post("/v1/predict", json={"text": "a b"}).status_code == 200
+        end = time.monotonic() + 30  # closed in a thread: a deadline, not a timing
+        while refs[0]() is not None and time.monotonic() < end:
+            time.sleep(0.05)
+        assert refs[0]() is None
+        assert refs[1]() is not None
+
+
 def test_lone_bundle_replaced_by_rename_is_reloaded(
     tmp_path: Path, tiny_bundle: Path, other_bundle: Path, serve_repo: Callable[..., TestClient]
 ) -> None:
