@@ -163,25 +163,27 @@ def _add_predict_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> No
         request.scope["state"]["log"] = log_fields
         return _json({"results": results, "model": result.model}, _fill(dataplane, result))
 
-    single = {"response_model": PredictResponse, "openapi_extra": _body_schema(PredictRequest),
-              "tags": ["predict"]}  # fmt: skip
-    batch = {"response_model": BatchResponse, "openapi_extra": _body_schema(BatchRequest),
-             "tags": ["predict"]}  # fmt: skip
+    one, many = _body_schema(PredictRequest), _body_schema(BatchRequest)
 
-    @app.post("/v1/predict", summary="Labels of one document (default model)", **single)
+    @app.post("/v1/predict", response_model=PredictResponse, openapi_extra=one,
+              tags=["predict"], summary="Labels of one document (default model)")  # fmt: skip
     async def predict(request: Request) -> Response:
         return await predict_one(request, None)
 
-    @app.post("/v1/predict/batch", summary="Labels of several documents, scored as one "
-              "batch (default model)", **batch)  # fmt: skip
+    @app.post("/v1/predict/batch", response_model=BatchResponse, openapi_extra=many,
+              tags=["predict"], summary="Labels of several documents, one vectorized call "
+              "(default model)")  # fmt: skip
     async def predict_batch(request: Request) -> Response:
         return await predict_many(request, None)
 
-    @app.post("/v1/models/{name}/predict", summary="Labels of one document", **single)
+    @app.post("/v1/models/{name}/predict", response_model=PredictResponse, openapi_extra=one,
+              tags=["predict"], summary="Labels of one document")  # fmt: skip
     async def model_predict(request: Request, name: str) -> Response:
         return await predict_one(request, name)
 
-    @app.post("/v1/models/{name}/predict/batch", summary="Labels of several documents", **batch)
+    @app.post("/v1/models/{name}/predict/batch", response_model=BatchResponse,
+              openapi_extra=many, tags=["predict"],
+              summary="Labels of several documents")  # fmt: skip
     async def model_predict_batch(request: Request, name: str) -> Response:
         return await predict_many(request, name)
 

@@ -102,19 +102,20 @@ class DataPlane:
         self._started = True
         if self.settings.watch:
             loop = asyncio.get_running_loop()
-            self._watcher = repository.Watcher(
-                path, self._repository, lambda: loop.call_soon_threadsafe(self.rescan, False)
-            )
+
+            def changed() -> None:  # called from the watcher's thread
+                loop.call_soon_threadsafe(self.rescan, False)
+
+            self._watcher = repository.Watcher(path, self._repository, changed)
             self._watcher.start()
         if self._rescan_again is not None:  # a reload was asked for while we loaded
             self.rescan(self._rescan_again)
 
     async def _discover(self, path: Path) -> None:
         """Add the models the path holds now that are not known yet, and load them."""
+        found: list[tuple[str | None, Path]] = [(None, path)]
         if self._repository:
             found = [(name, path / name) for name in repository.model_names(path)]
-        else:
-            found = [(None, path)]
         for name, location in found:
             key = name or ""
             if key in self._entries:

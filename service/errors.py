@@ -8,6 +8,7 @@ the handlers installed by :func:`install_error_handlers` turn it into an
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -101,7 +102,7 @@ def problem_response(
     title: str,
     detail: str,
     errors: list[dict[str, Any]] | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Response:
     """An RFC 9457 problem document; ``request_id`` lets a user quote it in a bug report."""

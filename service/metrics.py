@@ -8,6 +8,7 @@ worker starts, so prometheus-client writes each worker's samples to shared files
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -83,16 +84,17 @@ RELOADS = Counter(
 
 
 _children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
+W = TypeVar("W", bound=MetricWrapperBase)
 
 
-def child(metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+def child(metric: W, *labels: str) -> W:
     """``metric.labels(*labels)``, memoized: ``labels()`` takes a lock and builds tuples on
     every call, and the hot path asks for the same few children each request."""
     key = (id(metric), labels)
     found = _children.get(key)
     if found is None:
         found = _children[key] = metric.labels(*labels)
-    return found
+    return found  # type: ignore[return-value]  # labels() gives the metric's own class
 
 
 def render() -> tuple[bytes, str]:

@@ -83,7 +83,8 @@ def worker_main() -> None:
         log_config=None,
         access_log=False,
         server_header=False,
-        timeout_graceful_shutdown=settings.graceful_timeout_seconds,
+        # uvicorn sleeps on it as a float; its annotation says int.
+        timeout_graceful_shutdown=settings.graceful_timeout_seconds,  # type: ignore[arg-type]
     )
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
