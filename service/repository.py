@@ -127,6 +127,7 @@ class Watcher:
     def _run(self) -> None:
         import watchfiles
 
+        polling = False
         while not self._stop.is_set():
             if self._repository:
                 paths, recursive = [self._root], True
@@ -142,10 +143,17 @@ class Watcher:
                     rust_timeout=1000,
                     ignore_permission_denied=True,
                     raise_interrupt=False,
+                    force_polling=polling,
+                    poll_delay_ms=2000,
                 ):
                     self._on_change()
                     if any(str(self._root) == path for _, path in changes):
                         break  # the watched folder itself was replaced: watch the new one
             except Exception as exc:  # never let watching take a worker down
-                log.warning("watching %s failed (%s); retrying in 5 s", self._root, exc)
-                self._stop.wait(5)
+                if polling:
+                    log.warning("watching %s failed (%s); retrying in 30 s", self._root, exc)
+                    self._stop.wait(30)
+                else:  # e.g. a file system without change notifications
+                    log.warning("watching %s failed (%s); polling it every 2 s instead",
+                                self._root, exc)  # fmt: skip
+                polling = True

@@ -30,7 +30,7 @@ from service.repository import SAFE_PUBLISHING, SUPERVISOR_PID_ENV
 log = logging.getLogger("xmc.service")
 
 _CRASH_WINDOW_S = 10.0  # a worker dying sooner than this after its start counts as a crash
-_MAX_CRASHES = 5  # quick deaths in a row before giving up, only if no worker ever served
+_MAX_CRASHES = 5  # failed starts in a row before giving up, only if no worker ever served
 _MAX_PAUSE_S = 30.0
 
 
@@ -110,7 +110,7 @@ def describe_exit(exitcode: int | None) -> str:
 
 def supervise(host: str, port: int, n_workers: int) -> int:
     """Run ``n_workers`` workers until SIGTERM/SIGINT; 0 after a clean stop, 1 if workers
-    kept crashing before any of them ever served.
+    could not load any model, time after time, before any of them ever served.
 
     Whatever ends a worker later (a crash, SIGBUS from a bundle truncated under it), it is
     restarted, with a pause that doubles while restarts keep failing (at most 30 s): never
@@ -123,71 +123,92 @@ def supervise(host: str, port: int, n_workers: int) -> int:
     port = reserved.getsockname()[1]
     os.environ["XMC_PORT"] = str(port)
     os.environ[SUPERVISOR_PID_ENV] = str(os.getpid())
-    ctx = multiprocessing.get_context("spawn")
-    stopping = False
-    workers: dict[int, tuple[BaseProcess, float]] = {}
-    restart_at: dict[int, float] = {}
-
-    def start(slot: int) -> None:
-        proc = ctx.Process(target=worker_main, name=f"xmc-worker-{slot}")
-        proc.start()
-        workers[slot] = (proc, time.monotonic())
-
-    def signal_workers(sig: int) -> None:
-        for proc, _ in workers.values():
-            if proc.pid is not None and proc.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, sig)
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if stopping:
-            return
-        stopping = True
-        log.info("stopping: draining %d workers", len(workers))
-        signal_workers(signal.SIGTERM)
-
-    def relay_reload(signum: int, frame: object) -> None:
-        log.info("SIGHUP: every worker rescans its models")
-        signal_workers(signal.SIGHUP)
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, relay_reload)
-    crashes, ever_up = 0, False
+    supervisor = _Supervisor(n_workers)
+    previous = {sig: signal.signal(sig, supervisor.stop) for sig in (signal.SIGTERM,
+                                                                     signal.SIGINT)}  # fmt: skip
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, supervisor.relay_reload)
     try:
         for slot in range(n_workers):
-            start(slot)
+            supervisor.start(slot)
         log.info("started %d workers on %s:%d (SO_REUSEPORT)", n_workers, host, port)
-        while workers or (restart_at and not stopping):
-            sentinels = [proc.sentinel for proc, _ in workers.values()]
-            multiprocessing.connection.wait(sentinels, timeout=0.2)
-            for slot, (proc, started) in list(workers.items()):
-                if proc.is_alive():
-                    if time.monotonic() - started > _CRASH_WINDOW_S:
-                        ever_up, crashes = True, 0
-                    continue
-                proc.join()
-                del workers[slot]
-                if stopping:
-                    continue
-                quick = time.monotonic() - started < _CRASH_WINDOW_S
-                crashes = crashes + 1 if quick else 0
-                pause = min(_MAX_PAUSE_S, 0.5 * 2 ** (crashes - 1)) if crashes else 0.0
-                log.error("worker %s %s; restarting it in %.1f s", proc.pid,
-                          describe_exit(proc.exitcode), pause)  # fmt: skip
-                if crashes >= _MAX_CRASHES and not ever_up:
-                    log.error("workers keep dying at startup and none ever served; giving up")
-                    stop(signal.SIGTERM, None)
-                    continue
-                restart_at[slot] = time.monotonic() + pause
-            for slot, when in list(restart_at.items()):
-                if stopping:
-                    restart_at.clear()
-                elif time.monotonic() >= when:
-                    del restart_at[slot]
-                    start(slot)
+        supervisor.run()
     finally:
         reserved.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 1 if crashes >= _MAX_CRASHES and not ever_up else 0
+    return 1 if supervisor.gave_up else 0
+
+
+class _Supervisor:
+    """The worker processes, and what to do when one ends."""
+
+    def __init__(self, n_workers: int) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        self.workers: dict[int, tuple[BaseProcess, float]] = {}
+        self.restart_at: dict[int, float] = {}
+        self.stopping = False
+        self.gave_up = False
+        self.ever_up = False  # a worker lived past the crash window: it served
+        self.crashes = 0  # quick deaths in a row
+        self.startup_failures = 0  # workers in a row that could not load any model
+
+    def start(self, slot: int) -> None:
+        proc = self._ctx.Process(target=worker_main, name=f"xmc-worker-{slot}")
+        proc.start()
+        self.workers[slot] = (proc, time.monotonic())
+
+    def signal_workers(self, sig: int) -> None:
+        for proc, _ in self.workers.values():
+            if proc.pid is not None and proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
+    def stop(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("stopping: draining %d workers", len(self.workers))
+        self.signal_workers(signal.SIGTERM)
+
+    def relay_reload(self, signum: int, frame: object) -> None:
+        log.info("SIGHUP: every worker rescans its models")
+        self.signal_workers(signal.SIGHUP)
+
+    def run(self) -> None:
+        while self.workers or (self.restart_at and not self.stopping):
+            sentinels = [proc.sentinel for proc, _ in self.workers.values()]
+            multiprocessing.connection.wait(sentinels, timeout=0.2)
+            for slot, (proc, started) in list(self.workers.items()):
+                if proc.is_alive():
+                    if time.monotonic() - started > _CRASH_WINDOW_S:
+                        self.ever_up, self.crashes = True, 0
+                    continue
+                proc.join()
+                del self.workers[slot]
+                if not self.stopping:
+                    self._ended(slot, proc, started)
+            for slot, when in list(self.restart_at.items()):
+                if self.stopping:
+                    self.restart_at.clear()
+                elif time.monotonic() >= when:
+                    del self.restart_at[slot]
+                    self.start(slot)
+
+    def _ended(self, slot: int, proc: BaseProcess, started: float) -> None:
+        """A worker ended on its own: say why, and restart it after a pause that doubles
+        while restarts keep failing."""
+        quick = time.monotonic() - started < _CRASH_WINDOW_S
+        self.crashes = self.crashes + 1 if quick else 0
+        pause = min(_MAX_PAUSE_S, 0.5 * 2 ** (self.crashes - 1)) if self.crashes else 0.0
+        log.error("worker %s %s; restarting it in %.1f s", proc.pid,
+                  describe_exit(proc.exitcode), pause)  # fmt: skip
+        failed_start = proc.exitcode == STARTUP_FAILED
+        self.startup_failures = self.startup_failures + 1 if failed_start else 0
+        if self.startup_failures >= _MAX_CRASHES and not self.ever_up:
+            # Nothing can be served and nothing ever was: a setup error, not a crash.
+            log.error("no worker could load a model %d times in a row; giving up",
+                      self.startup_failures)  # fmt: skip
+            self.gave_up = True
+            self.stop(signal.SIGTERM, None)
+            return
+        self.restart_at[slot] = time.monotonic() + pause
