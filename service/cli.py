@@ -39,7 +39,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     """Serve the bundle or repository until SIGTERM/SIGINT; returns the exit status (0 after
     a clean shutdown, 2 when nothing can be served)."""
-    path = Path(args.bundle_dir).resolve()
+    # Not resolved: a path that is a symlink (a "current" link) is followed anew at each reload.
+    path = Path(args.bundle_dir).absolute()
     # Workers are separate processes that read XMC_* themselves: hand them our choices.
     overrides = {
         "XMC_BUNDLE_PATH": str(path),

@@ -112,7 +112,7 @@ class Watcher:
     """
 
     def __init__(self, root: Path, repository: bool, on_change: Callable[[], None]) -> None:
-        self._root = root.resolve()
+        self._root = root.absolute()
         self._repository = repository
         self._on_change = on_change
         self._stop = threading.Event()

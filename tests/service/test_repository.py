@@ -401,3 +401,17 @@ def test_lone_bundle_replaced_by_rename_is_reloaded(
     r = c.post(f"/v1/models/{name}/reload")
     assert r.status_code == 200 and r.json()["version"] == version_of(other_bundle)
     assert os.path.isdir(served)
+
+
+def test_lone_bundle_behind_a_link_follows_the_link(
+    tmp_path: Path, tiny_bundle: Path, other_bundle: Path, serve_repo: Callable[..., TestClient]
+) -> None:
+    """`xmc serve live` where live -> a: re-pointing the link (atomically) switches."""
+    live = tmp_path / "live"
+    live.symlink_to(tiny_bundle)
+    c = serve_repo(live)
+    name = c.get("/v1/model").json()["name"]
+    (tmp_path / ".live.tmp").symlink_to(other_bundle)
+    os.replace(tmp_path / ".live.tmp", live)
+    r = c.post(f"/v1/models/{name}/reload")
+    assert r.status_code == 200 and r.json()["version"] == version_of(other_bundle)
