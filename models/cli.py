@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
 
-    v = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI + uvicorn)")
+    v = sub.add_parser("serve", help="serve a bundle or a model repository over HTTP")
     try:
         from service.cli import add_serve_arguments
 

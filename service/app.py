@@ -1,77 +1,89 @@
-"""The app factory: routes do HTTP only (validate, call the runtime, shape the answer)."""
+"""The app factory: routes do HTTP only (parse, authorize, call the DataPlane, shape the
+answer)."""
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import fastapi_offline
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
-from models.errors import NoTextEncoderError
 from service import metrics
-from service.cache import Answer, cache_key, normalize_text
+from service.cache import Answer
+from service.dataplane import DataPlane, Prediction, install_reload_signal
 from service.errors import (
-    MalformedRequestError,
-    PayloadTooLargeError,
-    RequestValidationFailed,
+    ModelNotFoundError,
     UnauthorizedError,
     install_error_handlers,
 )
 from service.middleware import RequestContextMiddleware
-from service.runtime import Loader, Runtime, default_loader
+from service.parsing import Parser
+from service.registry import Loader, ServedPredictor
 from service.schemas import (
     BatchRequest,
     BatchResponse,
     Health,
     ModelInfo,
-    PredictParams,
+    ModelList,
+    ModelStatus,
     PredictRequest,
     PredictResponse,
     Readiness,
 )
 from service.settings import Settings
+from service.v2 import add_v2_routes
 
 # Swagger UI 5 (renders OpenAPI 3.1) shipped inside a PyPI wheel: /docs needs no internet.
 _SWAGGER_STATIC = Path(fastapi_offline.__file__).parent / "static"
 _STATIC_URL = "/static/docs"
 _JSON = "application/json"
-M = TypeVar("M", bound=BaseModel)
-# Above these sizes a batch's parsing and key hashing run in a thread, off the event loop.
-_OFFLOAD_BYTES = 256 * 1024
-_OFFLOAD_DOCS = 512
 
 
-def create_app(settings: Settings | None = None, loader: Loader = default_loader) -> FastAPI:
-    """Build the ASGI app; the bundle loads (and warms up) during startup.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+OPEN_PREFIXES = ("/v2/health/",)
+
+
+def default_loader(settings: Settings) -> Loader:
+    """Memory-mapped, so every worker shares one copy of the arrays; the search uses the
+    prediction threads the settings give, no pool of its own beyond them."""
+    import models
+
+    def load(path: str) -> ServedPredictor:
+        return models.Predictor.load(path, mmap=True, threads=settings.predict_threads)
+
+    return load
+
+
+def create_app(settings: Settings | None = None, loader: Loader | None = None) -> FastAPI:
+    """Build the ASGI app; the models load (and warm up) during startup.
 
     ``loader`` maps a bundle path to a predictor (tests pass fakes; production uses
-    :func:`models.load_bundle` memory-mapped).
+    :func:`default_loader`).
     """
     settings = settings or Settings()
-    runtime = Runtime(settings, loader)
+    dataplane = DataPlane(settings, loader or default_loader(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            await runtime.load()
+            install_reload_signal(dataplane)
+            await dataplane.start()
             yield
         finally:
-            runtime.status = "stopping"
-            await runtime.close()
+            await dataplane.close()
 
+    keys = [key.encode() for key in settings.api_keys]
     app = FastAPI(
         title="xmc-serve",
         summary="Extreme multi-label text classification: label documents over HTTP.",
@@ -79,8 +91,11 @@ def create_app(settings: Settings | None = None, loader: Loader = default_loader
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
+        # Every route, including any added later, is authorized unless its path is open.
+        # Without keys there is nothing to check, and nothing is added to the request path.
+        dependencies=[Depends(_authorizer(keys))] if keys else None,
     )
-    app.state.runtime = runtime
+    app.state.dataplane = dataplane
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(
@@ -89,16 +104,20 @@ def create_app(settings: Settings | None = None, loader: Loader = default_loader
         access_log_enabled=settings.access_log,
     )
     app.mount(_STATIC_URL, StaticFiles(directory=_SWAGGER_STATIC), name="docs-static")
-    _add_routes(app, runtime, settings)
+    parse = Parser(settings)
+    _add_predict_routes(app, dataplane, parse)
+    _add_model_routes(app, dataplane)
+    _add_health_routes(app, dataplane)
+    add_v2_routes(app, dataplane, parse)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 
-def _add_routes(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
-    keys = [key.encode() for key in settings.api_keys]
-
-    def authorize(request: Request) -> None:
-        if not keys:
+def _authorizer(keys: list[bytes]) -> Callable[[Request], Awaitable[None]]:
+    async def authorize(request: Request) -> None:
+        route = request.scope.get("route")
+        path = getattr(route, "path", request.url.path)
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -110,110 +129,74 @@ def _add_routes(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
         if scheme.lower() != "bearer" or not supplied or not ok:
             raise UnauthorizedError("missing or invalid API key")
 
-    def check_params(params: PredictParams) -> None:
-        errors = []
-        if params.top_k > settings.max_top_k:
-            errors.append(_field_error("top_k", f"must be ≤ {settings.max_top_k}"))
-        if params.beam_size > settings.max_beam_size:
-            errors.append(_field_error("beam_size", f"must be ≤ {settings.max_beam_size}"))
-        if errors:
-            raise RequestValidationFailed("request validation failed", errors)
+    return authorize
 
-    def check_text(text: str, loc: list[Any]) -> None:
-        # len(text) chars is a lower bound of its UTF-8 bytes: encode only when it matters.
-        if len(text) * 4 > settings.max_text_bytes and (
-            len(text) > settings.max_text_bytes
-            or len(text.encode("utf-8")) > settings.max_text_bytes
-        ):
-            raise PayloadTooLargeError(
-                f"text is over the limit of {settings.max_text_bytes} bytes",
-                [{"loc": loc, "msg": "text too long", "type": "too_long"}],
-            )
-        if not text or text.isspace():
-            raise RequestValidationFailed(
-                "text is empty",
-                [{"loc": loc, "msg": "text must not be empty or whitespace", "type": "empty"}],
-            )
 
-    scorer = _Scorer(runtime, settings)
+def _add_predict_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> None:
+    settings = parse.settings
 
-    @app.post(
-        "/v1/predict",
-        response_model=PredictResponse,
-        openapi_extra=_body_schema(PredictRequest),
-        tags=["predict"],
-        summary="Labels of one document",
-    )
-    async def predict(request: Request) -> Response:
-        authorize(request)
-        runtime.require_predictor()
-        start = time.perf_counter()
-        body = await _read_body(request, settings.max_body_bytes)
-        req = _validate(PredictRequest, body)
-        check_params(req)
-        check_text(req.text, ["body", "text"])
-        metrics.child(metrics.STAGE_LATENCY, "parse").observe(time.perf_counter() - start)
-        answers, cached, background = await scorer.score([req.text], req)
+    async def predict_one(request: Request, name: str | None) -> Response:
+        req = await parse.single(request)
+        result = await dataplane.predict(name, [req.text], req.top_k, req.beam_size)
         payload = {
-            "labels": _labels(answers[0], req.min_score),
-            "model": runtime.model_ref,
-            "cached": cached[0],
+            "labels": _labels(result.answers[0], req.min_score),
+            "model": result.model,
+            "cached": result.cached[0],
         }
-        log_fields: dict[str, Any] = {"n_docs": 1, "cached": cached[0]}
+        log_fields: dict[str, Any] = {"n_docs": 1, "cached": result.cached[0]}
         if settings.log_text:
             log_fields["text"] = req.text
         request.scope["state"]["log"] = log_fields
-        return Response(orjson.dumps(payload), media_type=_JSON, background=background)
+        return _json(payload, _fill(dataplane, result))
 
-    @app.post(
-        "/v1/predict/batch",
-        response_model=BatchResponse,
-        openapi_extra=_body_schema(BatchRequest),
-        tags=["predict"],
-        summary="Labels of several documents, scored as one batch",
-    )
-    async def predict_batch(request: Request) -> Response:
-        authorize(request)
-        runtime.require_predictor()
-        start = time.perf_counter()
-        body = await _read_body(request, settings.max_body_bytes)
-        if len(body) > _OFFLOAD_BYTES:
-            # Validating megabytes of JSON takes milliseconds: keep the event loop free.
-            loop = asyncio.get_running_loop()
-            req = await loop.run_in_executor(None, _validate, BatchRequest, body)
-        else:
-            req = _validate(BatchRequest, body)
-        if len(req.documents) > settings.max_batch_size:
-            raise PayloadTooLargeError(
-                f"batch of {len(req.documents)} documents is over the limit of "
-                f"{settings.max_batch_size}"
-            )
-        check_params(req)
-        for i, doc in enumerate(req.documents):
-            check_text(doc.text, ["body", "documents", i, "text"])
-        metrics.child(metrics.STAGE_LATENCY, "parse").observe(time.perf_counter() - start)
-        metrics.BATCH_SIZE.observe(len(req.documents))
+    async def predict_many(request: Request, name: str | None) -> Response:
+        req = await parse.batch(request)
         texts = [doc.text for doc in req.documents]
-        answers, cached, background = await scorer.score(texts, req)
+        result = await dataplane.predict(name, texts, req.top_k, req.beam_size)
         results = [
             {"id": doc.id, "labels": _labels(answer, req.min_score), "cached": hit}
-            for doc, answer, hit in zip(req.documents, answers, cached, strict=True)
+            for doc, answer, hit in zip(req.documents, result.answers, result.cached, strict=True)
         ]
-        log_fields: dict[str, Any] = {"n_docs": len(texts), "n_cached": sum(cached)}
+        log_fields: dict[str, Any] = {"n_docs": len(texts), "n_cached": sum(result.cached)}
         if settings.log_text:
             log_fields["texts"] = texts
         request.scope["state"]["log"] = log_fields
-        payload = {"results": results, "model": runtime.model_ref}
-        return Response(orjson.dumps(payload), media_type=_JSON, background=background)
+        return _json({"results": results, "model": result.model}, _fill(dataplane, result))
 
-    @app.get("/v1/model", response_model=ModelInfo, tags=["model"], summary="The loaded model")
-    async def model_info(request: Request) -> Response:
-        authorize(request)
-        p = runtime.require_predictor()
-        manifest = p.manifest or {}
+    one, many = _body_schema(PredictRequest), _body_schema(BatchRequest)
+
+    @app.post("/v1/predict", response_model=PredictResponse, openapi_extra=one,
+              tags=["predict"], summary="Labels of one document (default model)")  # fmt: skip
+    async def predict(request: Request) -> Response:
+        return await predict_one(request, None)
+
+    @app.post("/v1/predict/batch", response_model=BatchResponse, openapi_extra=many,
+              tags=["predict"], summary="Labels of several documents, one vectorized call "
+              "(default model)")  # fmt: skip
+    async def predict_batch(request: Request) -> Response:
+        return await predict_many(request, None)
+
+    @app.post("/v1/models/{name}/predict", response_model=PredictResponse, openapi_extra=one,
+              tags=["predict"], summary="Labels of one document")  # fmt: skip
+    async def model_predict(request: Request, name: str) -> Response:
+        return await predict_one(request, name)
+
+    @app.post("/v1/models/{name}/predict/batch", response_model=BatchResponse,
+              openapi_extra=many, tags=["predict"],
+              summary="Labels of several documents")  # fmt: skip
+    async def model_predict_batch(request: Request, name: str) -> Response:
+        return await predict_many(request, name)
+
+
+def _add_model_routes(app: FastAPI, dataplane: DataPlane) -> None:
+    def info(name: str | None) -> Response:
+        served = dataplane.served(name)
+        p = served.predictor
+        manifest = p.manifest
         payload = {
-            "name": p.name,
+            "name": served.name,
             "version": p.version,
+            "repository_version": served.source.repository_version,
             "created_at": p.created_at,
             "n_labels": p.n_labels,
             "n_features": p.n_features,
@@ -224,6 +207,37 @@ def _add_routes(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
         }
         return Response(orjson.dumps(payload, default=str), media_type=_JSON)
 
+    @app.get("/v1/model", response_model=ModelInfo, tags=["model"],
+             summary="The default model")  # fmt: skip
+    async def model_info() -> Response:
+        return info(None)
+
+    @app.get("/v1/models", response_model=ModelList, tags=["model"],
+             summary="Every model served, with its state and last error")  # fmt: skip
+    async def list_models() -> Response:
+        return _json({"models": dataplane.models(), "default": _default_or_none(dataplane)})
+
+    @app.get("/v1/models/{name}", response_model=ModelInfo, tags=["model"],
+             summary="One model")  # fmt: skip
+    async def named_model(name: str) -> Response:
+        return info(name)
+
+    @app.get("/v1/models/{name}/ready", response_model=ModelStatus, tags=["model"],
+             summary="200 when the model serves, else 503",
+             responses={503: {"model": ModelStatus}})  # fmt: skip
+    async def model_ready(name: str) -> Response:
+        status = dataplane.describe(name)
+        return _json(status, status=200 if status["state"] == "ready" else 503)
+
+    @app.post("/v1/models/{name}/reload", response_model=ModelStatus, tags=["model"],
+              summary="Switch to the version the repository names now, in every worker",
+              responses={409: {"description": "The version found was refused; the old one "
+                               "keeps serving"}})  # fmt: skip
+    async def reload_model(name: str) -> Response:
+        return _json(await dataplane.reload(name))
+
+
+def _add_health_routes(app: FastAPI, dataplane: DataPlane) -> None:
     @app.get("/healthz", response_model=Health, tags=["health"], summary="Process is alive")
     async def healthz() -> Response:
         return Response(b'{"status":"ok"}', media_type=_JSON)
@@ -232,20 +246,15 @@ def _add_routes(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
         "/readyz",
         response_model=Readiness,
         tags=["health"],
-        summary="Model loaded and warmed up (503 until then)",
+        summary="Every model that has not failed is loaded and warmed up (503 until then)",
         responses={503: {"model": Readiness}},
     )
     async def readyz() -> Response:
-        cache = runtime.cache
+        cache = dataplane.cache
         await cache.ping()
-        payload = {
-            "status": runtime.status,
-            "model": runtime.model_ref,
-            "cache": {"backend": cache.backend, "state": cache.state()},
-            "detail": runtime.detail,
-        }
-        status = 200 if runtime.status == "ready" else 503
-        return Response(orjson.dumps(payload), status_code=status, media_type=_JSON)
+        ready, payload = dataplane.readiness()
+        payload["cache"] = {"backend": cache.backend, "state": cache.state()}
+        return _json(payload, status=200 if ready else 503)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
     async def prometheus() -> Response:
@@ -265,100 +274,26 @@ def _add_routes(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
         )
 
 
-class _Scorer:
-    """Cache lookup, then one vectorized predict call for the misses, then cache fill."""
+def _default_or_none(dataplane: DataPlane) -> str | None:
+    try:
+        return dataplane.default_name()
+    except ModelNotFoundError:
+        return None
 
-    def __init__(self, runtime: Runtime, settings: Settings) -> None:
-        self.runtime = runtime
-        self.settings = settings
 
-    def _keys(
-        self, texts: list[str], version: str, params: PredictParams
-    ) -> tuple[list[str], list[str]]:
-        prefix = self.settings.cache_prefix
-        normalized = [normalize_text(t) for t in texts]
-        keys = [cache_key(prefix, version, t, params.top_k, params.beam_size) for t in normalized]
-        return normalized, keys
+def _json(payload: object, background: BackgroundTask | None = None, status: int = 200
+          ) -> Response:  # fmt: skip
+    return Response(orjson.dumps(payload, default=str), status_code=status, media_type=_JSON,
+                    background=background)  # fmt: skip
 
-    async def score(
-        self, texts: list[str], params: PredictParams
-    ) -> tuple[list[Answer], list[bool], BackgroundTask | None]:
-        runtime = self.runtime
-        predictor = runtime.require_predictor()
-        if not predictor.has_text_encoder:
-            raise NoTextEncoderError(
-                "this bundle was built from feature vectors and has no text encoder"
-            )
-        if len(texts) > _OFFLOAD_DOCS:
-            # A large batch's normalizing and hashing is milliseconds of CPU: not on the loop.
-            loop = asyncio.get_running_loop()
-            normalized, keys = await loop.run_in_executor(
-                None, self._keys, texts, predictor.version, params
-            )
-        else:
-            normalized, keys = self._keys(texts, predictor.version, params)
-        start = time.perf_counter()
-        found = await runtime.cache.get_many(keys)
-        metrics.child(metrics.STAGE_LATENCY, "cache").observe(time.perf_counter() - start)
-        # Unique misses only: a batch that repeats a text scores it once.
-        miss_index: dict[str, int] = {}
-        miss_texts: list[str] = []
-        for key, text, answer in zip(keys, normalized, found, strict=True):
-            if answer is None and key not in miss_index:
-                miss_index[key] = len(miss_texts)
-                miss_texts.append(text)
-        n_miss = sum(1 for answer in found if answer is None)
-        if n_miss < len(found):
-            metrics.CACHE_HITS.inc(len(found) - n_miss)
-        if n_miss:
-            metrics.CACHE_MISSES.inc(n_miss)
-        cached = [answer is not None for answer in found]
-        if not miss_texts:
-            return found, cached, None  # type: ignore[return-value]
-        if len(miss_texts) == 1 and len(texts) == 1:
-            scored = [await runtime.predict_one(miss_texts[0], params.top_k, params.beam_size)]
-        else:
-            scored = await runtime.predict(miss_texts, params.top_k, params.beam_size)
-        answers = [
-            answer if answer is not None else scored[miss_index[key]]
-            for key, answer in zip(keys, found, strict=True)
-        ]
-        new_items = [(key, scored[i]) for key, i in miss_index.items()]
-        # Filled after the response is sent: the client never waits for the cache write.
-        return answers, cached, BackgroundTask(runtime.cache.set_many, new_items)
+
+def _fill(dataplane: DataPlane, result: Prediction) -> BackgroundTask | None:
+    """The cache is filled after the response is sent: the client never waits for it."""
+    return BackgroundTask(dataplane.cache.set_many, result.fill) if result.fill else None
 
 
 def _labels(answer: Answer, min_score: float) -> list[dict[str, Any]]:
     return [{"label": label, "score": score} for label, score in answer if score >= min_score]
-
-
-def _field_error(field: str, msg: str) -> dict[str, Any]:
-    return {"loc": ["body", field], "msg": msg, "type": "less_than_equal"}
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it passes ``limit`` (chunked bodies have no length)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _validate(model: type[M], body: bytes) -> M:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_context=False, include_input=False)
-        if any(e["type"] == "json_invalid" for e in errors):
-            raise MalformedRequestError("request body is not valid JSON") from None
-        raise RequestValidationFailed(
-            "request validation failed",
-            [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors],
-        ) from None
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``xmc serve BUNDLE_DIR``: run the prediction service with uvicorn.
+"""``xmc serve PATH``: run the prediction service (uvicorn workers under a supervisor).
 
 ``models/cli.py`` imports this module to build its parser: keep the top-level imports cheap
 (the web stack is imported only when serving).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +16,13 @@ from pathlib import Path
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``xmc serve``; other settings come from ``XMC_*`` variables."""
-    parser.add_argument("bundle_dir", type=Path, help="bundle folder written by `xmc build`")
+    parser.add_argument(
+        "bundle_dir",
+        type=Path,
+        metavar="PATH",
+        help="a bundle folder written by `xmc build`, or a model repository: "
+        "PATH/NAME/VERSION/ bundle folders (see docs/service.md)",
+    )
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
     parser.add_argument(
@@ -32,14 +37,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    """Start uvicorn on the bundle; returns the exit status (0 after a clean shutdown)."""
-    bundle = Path(args.bundle_dir).resolve()
-    if not (bundle / "manifest.json").is_file():
-        print(f"xmc serve: {bundle} is not a bundle folder (no manifest.json)", file=sys.stderr)
-        return 2
+    """Serve the bundle or repository until SIGTERM/SIGINT; returns the exit status (0 after
+    a clean shutdown, 2 when nothing can be served)."""
+    # Not resolved: a path that is a symlink (a "current" link) is followed anew at each reload.
+    path = Path(args.bundle_dir).absolute()
     # Workers are separate processes that read XMC_* themselves: hand them our choices.
     overrides = {
-        "XMC_BUNDLE_PATH": str(bundle),
+        "XMC_BUNDLE_PATH": str(path),
         "XMC_HOST": args.host,
         "XMC_PORT": None if args.port is None else str(args.port),
         "XMC_WORKERS": None if args.workers is None else str(args.workers),
@@ -51,7 +55,6 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    import models
     from service.settings import Settings
 
     try:
@@ -59,12 +62,10 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"xmc serve: bad setting: {exc}", file=sys.stderr)
         return 2
-    # Fail fast on a corrupt bundle here, once, rather than in every worker (uvicorn would
-    # restart workers that die at startup). Memory-mapped: this costs little.
-    try:
-        models.load_bundle(str(bundle), mmap=True).close()
-    except models.XMCError as exc:
-        print(f"xmc serve: cannot load {bundle}: {exc}", file=sys.stderr)
+    # Fail fast when nothing can be served, here, once, rather than in every worker.
+    problem = _check_servable(path)
+    if problem:
+        print(f"xmc serve: {problem}", file=sys.stderr)
         return 2
 
     metrics_dir = None
@@ -73,51 +74,52 @@ def serve_command(args: argparse.Namespace) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="xmc-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
 
-    import uvicorn
-
     from service.middleware import configure_logging
+    from service.workers import supervise
 
     configure_logging(settings.log_level)
-    if settings.workers > 1:
-        if settings.port == 0:
-            print("xmc serve: several workers need a fixed --port", file=sys.stderr)
-            return 2
-        from service.workers import supervise
-
-        try:
-            return supervise(settings.host, settings.port, settings.workers)
-        except OSError as exc:
-            print(f"xmc serve: cannot listen on {settings.host}:{settings.port}: {exc}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        finally:
-            if metrics_dir:
-                shutil.rmtree(metrics_dir, ignore_errors=True)
-    # One worker: plain uvicorn. It drains on SIGTERM/SIGINT, then re-raises the signal to
-    # the handler that was there before it: make that a clean exit (status 0).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _exit_cleanly)
+    # A supervisor at any worker count: whatever kills a worker, it is restarted.
     try:
-        uvicorn.run(
-            "service.app:create_app_from_env",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            # SIGTERM: stop accepting, let in-flight requests finish, then exit.
-            timeout_graceful_shutdown=settings.graceful_timeout_seconds,
-        )
+        return supervise(settings.host, settings.port, settings.workers)
+    except OSError as exc:
+        print(f"xmc serve: cannot listen on {settings.host}:{settings.port}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
 
 
-def _exit_cleanly(signum: int, frame: object) -> None:
-    raise SystemExit(0)
+def _check_servable(path: Path) -> str | None:
+    """None when at least one model loads; else why not. A repository's models that fail
+    are reported on stderr (the workers serve the others). Memory-mapped: this costs little."""
+    import models
+    from service import repository
+
+    if repository.is_bundle(path):
+        try:
+            models.load_bundle(str(path), mmap=True).close()
+        except models.XMCError as exc:
+            return f"cannot load {path}: {exc}"
+        return None
+    if not path.is_dir():
+        return f"{path} is not a bundle folder (no manifest.json) nor a model repository"
+    names = repository.model_names(path)
+    if not names:
+        return (f"{path} is neither a bundle folder (no manifest.json) nor a model repository "
+                "(no NAME/VERSION/manifest.json)")  # fmt: skip
+    failures = []
+    for name in names:
+        try:
+            source = repository.resolve(path / name)
+            models.load_bundle(str(source.path), mmap=True).close()
+        except models.XMCError as exc:
+            failures.append(f"model {name!r}: {exc}")
+    for failure in failures:
+        print(f"xmc serve: cannot load {failure}", file=sys.stderr)
+    if len(failures) == len(names):
+        return f"cannot load any model of {path}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

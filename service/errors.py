@@ -8,6 +8,7 @@ the handlers installed by :func:`install_error_handlers` turn it into an
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -26,10 +27,17 @@ PROBLEM_JSON = "application/problem+json"
 class ServiceError(XMCError):
     """A request the HTTP layer refuses; ``errors`` lists field-level details if any."""
 
-    def __init__(self, detail: str, errors: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        errors: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.errors = errors or []
+        #: extension members of the problem document (RFC 9457 section 3.2)
+        self.extra = extra or {}
 
 
 class MalformedRequestError(ServiceError):
@@ -52,10 +60,23 @@ class NotReadyError(ServiceError):
     """The bundle is not loaded (yet)."""
 
 
+class ModelNotFoundError(ServiceError):
+    """No model of that name, or no default model among several; lists the models."""
+
+    def __init__(self, detail: str, models: list[str]) -> None:
+        super().__init__(detail, extra={"models": models})
+
+
+class VersionRefusedError(ServiceError):
+    """A reload found a version that cannot be served; the old one keeps serving."""
+
+
 # Most specific first: the first class in a raised error's MRO that is here decides.
 STATUS_BY_ERROR: dict[type[BaseException], tuple[int, str]] = {
     MalformedRequestError: (400, "Malformed request"),
     UnauthorizedError: (401, "Unauthorized"),
+    ModelNotFoundError: (404, "Model not found"),
+    VersionRefusedError: (409, "Version refused"),
     PayloadTooLargeError: (413, "Payload too large"),
     RequestValidationFailed: (422, "Invalid request"),
     NotReadyError: (503, "Model not ready"),
@@ -81,7 +102,8 @@ def problem_response(
     title: str,
     detail: str,
     errors: list[dict[str, Any]] | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Response:
     """An RFC 9457 problem document; ``request_id`` lets a user quote it in a bug report."""
     body: dict[str, Any] = {
@@ -96,6 +118,10 @@ def problem_response(
         body["request_id"] = request_id
     if errors:
         body["errors"] = errors
+    if extra:
+        body.update({k: v for k, v in extra.items() if k not in body})
+    if request.url.path.startswith("/v2/"):
+        body["error"] = detail  # the Open Inference Protocol's error member
     return Response(
         orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON, headers=headers
     )
@@ -112,7 +138,8 @@ async def _xmc_error(request: Request, exc: Exception) -> Response:
     elif status == 503:
         headers = {"Retry-After": "1"}
     detail = exc.detail if isinstance(exc, ServiceError) else str(exc)
-    return problem_response(request, status, title, detail, errors, headers)
+    extra = exc.extra if isinstance(exc, ServiceError) else None
+    return problem_response(request, status, title, detail, errors, headers, extra)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

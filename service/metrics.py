@@ -8,6 +8,7 @@ worker starts, so prometheus-client writes each worker's samples to shared files
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -68,23 +69,32 @@ BATCH_SIZE = Histogram(
 )
 MODEL_INFO = Gauge(
     "xmc_model_info",
-    "1 for the model bundle this service answers with.",
+    "1 for each model version this service answers with (0 once replaced); name is the "
+    "model's name in the API.",
     ["name", "version", "n_labels", "n_features"],
     multiprocess_mode="max",
 )
 
+RELOADS = Counter(
+    "xmc_model_reloads_total",
+    "Versions found by a reload, per worker: outcome switched (now served) or refused "
+    "(corrupt, incomplete or incompatible: the old version kept serving).",
+    ["model", "outcome"],
+)
+
 
 _children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
+W = TypeVar("W", bound=MetricWrapperBase)
 
 
-def child(metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+def child(metric: W, *labels: str) -> W:
     """``metric.labels(*labels)``, memoized: ``labels()`` takes a lock and builds tuples on
     every call, and the hot path asks for the same few children each request."""
     key = (id(metric), labels)
     found = _children.get(key)
     if found is None:
         found = _children[key] = metric.labels(*labels)
-    return found
+    return found  # type: ignore[return-value]  # labels() gives the metric's own class
 
 
 def render() -> tuple[bytes, str]:

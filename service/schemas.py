@@ -17,12 +17,17 @@ class PredictParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    top_k: int = Field(default=5, ge=1, description="How many labels to return at most.")
-    beam_size: int = Field(
-        default=10,
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        description="How many labels to return at most; default: the bundle's (its "
+        "manifest's params.top_k, 5 unless the build said otherwise).",
+    )
+    beam_size: int | None = Field(
+        default=None,
         ge=1,
         description="Tree nodes kept per level of the beam search: wider is slower and "
-        "recalls more.",
+        "recalls more; default: the bundle's (params.beam_size, 10 unless built otherwise).",
     )
     min_score: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Drop labels scoring below this."
@@ -62,7 +67,8 @@ class Label(BaseModel):
 
 
 class ModelRef(BaseModel):
-    name: str
+    name: str = Field(description="The model's name: its folder in a repository, else the "
+                      "bundle's own name.")  # fmt: skip
     version: str = Field(description="Content hash of the bundle.")
 
 
@@ -86,6 +92,9 @@ class BatchResponse(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     version: str
+    repository_version: str | None = Field(
+        description="The version folder's name in the repository (null for a lone bundle)."
+    )
     created_at: str
     n_labels: int
     n_features: int
@@ -93,6 +102,30 @@ class ModelInfo(BaseModel):
     encoder: Any = Field(description="Text encoder(s) of the bundle, from its manifest.")
     params: Any = Field(default=None, description="Build parameters from the manifest.")
     metrics: Any = Field(description="Evaluation metrics recorded at build time (may be {}).")
+
+
+class ModelStatus(BaseModel):
+    name: str
+    version: str | None = Field(description="Content hash of the version served (null: none).")
+    repository_version: str | None
+    n_labels: int | None
+    encoders: Any
+    state: str = Field(description="ready; loading; failed (nothing could be loaded).")
+    last_error: str | None = Field(
+        description="Why the last version found was refused (null after a success)."
+    )
+
+
+class ModelList(BaseModel):
+    models: list[ModelStatus]
+    default: str | None = Field(
+        description="The model /v1/predict answers with (null: several and none named)."
+    )
+
+
+class FailedModel(BaseModel):
+    name: str | None
+    error: str | None
 
 
 class CacheState(BaseModel):
@@ -106,6 +139,9 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: str = Field(description="ready; loading, failed or stopping answer 503.")
-    model: ModelRef | None
+    model: ModelRef | None = Field(description="The default model, if there is one.")
+    failed: list[FailedModel] = Field(
+        description="Models that could not be loaded at all (the others serve)."
+    )
     cache: CacheState
     detail: str | None = None

@@ -21,7 +21,18 @@ class Settings(BaseSettings):
 
     bundle_path: Path | None = Field(
         default=None,
-        description="Folder written by `xmc build`; memory-mapped so workers share one copy.",
+        description="A bundle folder written by `xmc build`, or a model repository "
+        "(NAME/VERSION/ bundle folders); memory-mapped so workers share one copy.",
+    )
+    default_model: str | None = Field(
+        default=None,
+        description="Model that /v1/predict, /v1/predict/batch and /v1/model answer with "
+        "when the repository holds several (with one, it is the default).",
+    )
+    watch: bool = Field(
+        default=True,
+        description="Watch the bundle or repository folder and switch to a new version as "
+        "soon as it is published (off: only SIGHUP and the reload route do).",
     )
     host: str = Field(default="127.0.0.1", description="Address uvicorn binds to.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port uvicorn binds to.")

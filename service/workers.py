@@ -7,8 +7,9 @@ idles (the HTTP benchmark showed 87 % / 17 % CPU). With one socket per worker an
 ``listen()`` only once its bundle is loaded and warmed up, so a still-loading worker never
 gets a connection.
 
-The supervisor forwards SIGTERM once to every worker (each drains its in-flight requests),
-restarts a worker that dies on its own, and gives up if workers keep dying at startup.
+The supervisor runs at any worker count (one included): it forwards SIGTERM once to every
+worker (each drains its in-flight requests), relays SIGHUP (reload) to all of them, and
+restarts a worker that dies, whatever killed it.
 """
 
 from __future__ import annotations
@@ -16,16 +17,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
+import sys
 import time
 from multiprocessing.process import BaseProcess
+
+from service.repository import SAFE_PUBLISHING, SUPERVISOR_PID_ENV
 
 log = logging.getLogger("xmc.service")
 
 _CRASH_WINDOW_S = 10.0  # a worker dying sooner than this after its start counts as a crash
-_MAX_CRASHES = 5
+_MAX_CRASHES = 5  # failed starts in a row before giving up, only if no worker ever served
+_MAX_PAUSE_S = 30.0
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
@@ -49,12 +55,19 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+#: a worker's exit status when its app could not start (no model could be loaded)
+STARTUP_FAILED = 3
+
+
 def worker_main() -> None:
     """One worker process: settings from ``XMC_*``, which the supervisor set."""
     # Own process group: a terminal's Ctrl-C reaches only the supervisor, which then sends
     # each worker exactly one SIGTERM (a second signal would make uvicorn skip draining).
     os.setpgrp()
     _die_with_parent()
+    # A reload relayed before the app is up must not kill us (SIGHUP's default); the app
+    # installs its own handler once it serves, and loads the newest versions anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     import uvicorn
 
     from service.middleware import configure_logging
@@ -70,59 +83,132 @@ def worker_main() -> None:
         log_config=None,
         access_log=False,
         server_header=False,
-        timeout_graceful_shutdown=settings.graceful_timeout_seconds,
+        # uvicorn sleeps on it as a float; its annotation says int.
+        timeout_graceful_shutdown=settings.graceful_timeout_seconds,  # type: ignore[arg-type]
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(STARTUP_FAILED)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """What a worker's exit status means, and what to do about it."""
+    if exitcode is not None and exitcode < 0:
+        sig = signal.Signals(-exitcode)
+        what = f"was killed by {sig.name}"
+        if sig in (signal.SIGBUS, signal.SIGSEGV):
+            what += (
+                ": a memory-mapped bundle file was most likely truncated or overwritten while"
+                f" it was served; {SAFE_PUBLISHING} (docs/service.md, 'Publishing a version')"
+            )
+        return what
+    if exitcode == STARTUP_FAILED:
+        return "could not start: no model could be loaded (see the worker's log above)"
+    return f"exited with status {exitcode}"
 
 
 def supervise(host: str, port: int, n_workers: int) -> int:
     """Run ``n_workers`` workers until SIGTERM/SIGINT; 0 after a clean stop, 1 if workers
-    kept crashing."""
-    # Fail fast (address in use, bad host) before starting anything.
-    reuseport_socket(host, port).close()
-    ctx = multiprocessing.get_context("spawn")
-    stopping = False
-    workers: dict[int, tuple[BaseProcess, float]] = {}
+    could not load any model, time after time, before any of them ever served.
 
-    def start(slot: int) -> None:
-        proc = ctx.Process(target=worker_main, name=f"xmc-worker-{slot}")
-        proc.start()
-        workers[slot] = (proc, time.monotonic())
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if stopping:
-            return
-        stopping = True
-        log.info("stopping: draining %d workers", len(workers))
-        for proc, _ in workers.values():
-            if proc.pid is not None and proc.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    crashes = 0
+    Whatever ends a worker later (a crash, SIGBUS from a bundle truncated under it), it is
+    restarted, with a pause that doubles while restarts keep failing (at most 30 s): never
+    given up, so the service comes back as soon as a model can be loaded again. SIGHUP is
+    relayed to every worker (each rescans its models).
+    """
+    # Holding a bound socket reserves the port (port 0: picks one) and fails fast (address
+    # in use, bad host) before anything starts; only the workers' sockets listen.
+    reserved = reuseport_socket(host, port)
+    port = reserved.getsockname()[1]
+    os.environ["XMC_PORT"] = str(port)
+    os.environ[SUPERVISOR_PID_ENV] = str(os.getpid())
+    supervisor = _Supervisor(n_workers)
+    previous = {sig: signal.signal(sig, supervisor.stop) for sig in (signal.SIGTERM,
+                                                                     signal.SIGINT)}  # fmt: skip
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, supervisor.relay_reload)
     try:
         for slot in range(n_workers):
-            start(slot)
+            supervisor.start(slot)
         log.info("started %d workers on %s:%d (SO_REUSEPORT)", n_workers, host, port)
-        while workers:
-            for slot, (proc, started) in list(workers.items()):
-                proc.join(timeout=0.2)
-                if proc.is_alive():
-                    continue
-                del workers[slot]
-                if stopping:
-                    continue
-                if time.monotonic() - started < _CRASH_WINDOW_S:
-                    crashes += 1
-                log.error("worker %s exited with %s; restarting", proc.pid, proc.exitcode)
-                if crashes >= _MAX_CRASHES:
-                    log.error("workers keep dying at startup; giving up")
-                    stop(signal.SIGTERM, None)
-                    continue
-                start(slot)
+        supervisor.run()
     finally:
+        reserved.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0 if crashes < _MAX_CRASHES else 1
+    return 1 if supervisor.gave_up else 0
+
+
+class _Supervisor:
+    """The worker processes, and what to do when one ends."""
+
+    def __init__(self, n_workers: int) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        self.workers: dict[int, tuple[BaseProcess, float]] = {}
+        self.restart_at: dict[int, float] = {}
+        self.stopping = False
+        self.gave_up = False
+        self.ever_up = False  # a worker lived past the crash window: it served
+        self.crashes = 0  # quick deaths in a row
+        self.startup_failures = 0  # workers in a row that could not load any model
+
+    def start(self, slot: int) -> None:
+        proc = self._ctx.Process(target=worker_main, name=f"xmc-worker-{slot}")
+        proc.start()
+        self.workers[slot] = (proc, time.monotonic())
+
+    def signal_workers(self, sig: int) -> None:
+        for proc, _ in self.workers.values():
+            if proc.pid is not None and proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
+    def stop(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("stopping: draining %d workers", len(self.workers))
+        self.signal_workers(signal.SIGTERM)
+
+    def relay_reload(self, signum: int, frame: object) -> None:
+        log.info("SIGHUP: every worker rescans its models")
+        self.signal_workers(signal.SIGHUP)
+
+    def run(self) -> None:
+        while self.workers or (self.restart_at and not self.stopping):
+            sentinels = [proc.sentinel for proc, _ in self.workers.values()]
+            multiprocessing.connection.wait(sentinels, timeout=0.2)
+            for slot, (proc, started) in list(self.workers.items()):
+                if proc.is_alive():
+                    if time.monotonic() - started > _CRASH_WINDOW_S:
+                        self.ever_up, self.crashes = True, 0
+                    continue
+                proc.join()
+                del self.workers[slot]
+                if not self.stopping:
+                    self._ended(slot, proc, started)
+            for slot, when in list(self.restart_at.items()):
+                if self.stopping:
+                    self.restart_at.clear()
+                elif time.monotonic() >= when:
+                    del self.restart_at[slot]
+                    self.start(slot)
+
+    def _ended(self, slot: int, proc: BaseProcess, started: float) -> None:
+        """A worker ended on its own: say why, and restart it after a pause that doubles
+        while restarts keep failing."""
+        quick = time.monotonic() - started < _CRASH_WINDOW_S
+        self.crashes = self.crashes + 1 if quick else 0
+        pause = min(_MAX_PAUSE_S, 0.5 * 2 ** (self.crashes - 1)) if self.crashes else 0.0
+        log.error("worker %s %s; restarting it in %.1f s", proc.pid,
+                  describe_exit(proc.exitcode), pause)  # fmt: skip
+        failed_start = proc.exitcode == STARTUP_FAILED
+        self.startup_failures = self.startup_failures + 1 if failed_start else 0
+        if self.startup_failures >= _MAX_CRASHES and not self.ever_up:
+            # Nothing can be served and nothing ever was: a setup error, not a crash.
+            log.error("no worker could load a model %d times in a row; giving up",
+                      self.startup_failures)  # fmt: skip
+            self.gave_up = True
+            self.stop(signal.SIGTERM, None)
+            return
+        self.restart_at[slot] = time.monotonic() + pause

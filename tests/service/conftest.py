@@ -171,3 +171,42 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     server = RedisProcess(tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def other_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Any) -> Path:
+    """A second bundle from the same corpus with another seed: other content, so another
+    version (content hash), which is what a reload must switch to."""
+    from models.builder import build
+    from tests.conftest import tiny_params
+
+    train, _ = tiny_corpus
+    out = tmp_path_factory.mktemp("bundles") / "other"
+    return build(train, out, tiny_params(seed=1), name="other")
+
+
+def publish(model_dir: Path, version: str, bundle: Path) -> Path:
+    """Publish the safe way: copy into a dot-folder (ignored), then rename into place."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".tmp-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(bundle, tmp)
+    target = model_dir / version
+    tmp.rename(target)
+    return target
+
+
+def largest_array(bundle: Path) -> Path:
+    return max(bundle.glob("*.npy"), key=lambda p: p.stat().st_size)
+
+
+def corrupt_copy(bundle: Path, dest: Path) -> Path:
+    """A copy of ``bundle`` whose largest array lost its second half (an interrupted copy)."""
+    shutil.copytree(bundle, dest)
+    victim = largest_array(dest)
+    with victim.open("r+b") as fh:
+        fh.truncate(victim.stat().st_size // 2)
+    return dest
+
+
+def version_of(bundle: Path) -> str:
+    return str(json.loads((bundle / "manifest.json").read_text())["version"])

@@ -10,17 +10,20 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.runtime import Coalescer
+from service.execution import Coalescer
 
 
 class GatedRuntime:
     def __init__(self, fail: bool = False) -> None:
         self.calls: list[tuple[list[str], int, int]] = []
+        self.models: list[str] = []
         self.gate = asyncio.Event()
         self.fail = fail
 
-    async def predict(self, texts: list[str], top_k: int, beam_size: int) -> list[Any]:
+    async def predict(self, model: str, texts: list[str], top_k: int, beam_size: int
+                      ) -> list[Any]:  # fmt: skip
         self.calls.append((list(texts), top_k, beam_size))
+        self.models.append(model)
         await self.gate.wait()
         if self.fail:
             raise RuntimeError("model failed")
@@ -36,13 +39,13 @@ async def settle() -> None:
 def test_groups_waiting_texts_by_params_and_size() -> None:
     async def scenario() -> None:
         runtime = GatedRuntime()
-        c = Coalescer(runtime, max_inflight=1, max_docs=3)  # type: ignore[arg-type]
-        first = asyncio.ensure_future(c.submit("a", 5, 10))
+        c = Coalescer(runtime.predict, max_inflight=1, max_docs=3)
+        first = asyncio.ensure_future(c.submit("m", "a", 5, 10))
         await settle()
         assert runtime.calls == [(["a"], 5, 10)]  # an idle thread: dispatched at once
-        later = [asyncio.ensure_future(c.submit(t, 5, 10)) for t in "bcde"]
-        other = asyncio.ensure_future(c.submit("f", 3, 10))
-        gone = asyncio.ensure_future(c.submit("g", 3, 10))
+        later = [asyncio.ensure_future(c.submit("m", t, 5, 10)) for t in "bcde"]
+        other = asyncio.ensure_future(c.submit("m", "f", 3, 10))
+        gone = asyncio.ensure_future(c.submit("m", "g", 3, 10))
         await settle()
         gone.cancel()  # a client that went away is not scored
         runtime.gate.set()
@@ -58,10 +61,33 @@ def test_groups_waiting_texts_by_params_and_size() -> None:
     asyncio.run(scenario())
 
 
+def test_versions_are_never_grouped_together() -> None:
+    """Texts for two model versions wait side by side but leave in separate calls."""
+
+    async def scenario() -> None:
+        runtime = GatedRuntime()
+        c = Coalescer(runtime.predict, max_inflight=1, max_docs=8)
+        first = asyncio.ensure_future(c.submit("old", "a", 5, 10))
+        await settle()
+        rest = [asyncio.ensure_future(c.submit(m, t, 5, 10))
+                for m, t in (("old", "b"), ("new", "c"), ("old", "d"))]  # fmt: skip
+        await settle()
+        runtime.gate.set()
+        await asyncio.gather(first, *rest)
+        assert list(zip(runtime.models, runtime.calls, strict=True)) == [
+            ("old", (["a"], 5, 10)),
+            ("old", (["b", "d"], 5, 10)),
+            ("new", (["c"], 5, 10)),
+        ]
+
+    asyncio.run(scenario())
+
+
 class PickyRuntime(GatedRuntime):
     """Fails any call that contains the text "bad"."""
 
-    async def predict(self, texts: list[str], top_k: int, beam_size: int) -> list[Any]:
+    async def predict(self, model: str, texts: list[str], top_k: int, beam_size: int
+                      ) -> list[Any]:  # fmt: skip
         self.calls.append((list(texts), top_k, beam_size))
         await self.gate.wait()
         if "bad" in texts:
@@ -72,10 +98,10 @@ class PickyRuntime(GatedRuntime):
 def test_an_error_reaches_only_the_request_that_caused_it() -> None:
     async def scenario() -> None:
         runtime = PickyRuntime()
-        c = Coalescer(runtime, max_inflight=1, max_docs=8)  # type: ignore[arg-type]
-        first = asyncio.ensure_future(c.submit("first", 5, 10))
+        c = Coalescer(runtime.predict, max_inflight=1, max_docs=8)
+        first = asyncio.ensure_future(c.submit("m", "first", 5, 10))
         await settle()
-        tasks = [asyncio.ensure_future(c.submit(t, 5, 10)) for t in ("x", "bad", "z")]
+        tasks = [asyncio.ensure_future(c.submit("m", t, 5, 10)) for t in ("x", "bad", "z")]
         await settle()
         runtime.gate.set()
         outcomes = await asyncio.gather(first, *tasks, return_exceptions=True)
@@ -92,9 +118,9 @@ def test_a_failing_single_text_gets_its_error() -> None:
     async def scenario() -> None:
         runtime = GatedRuntime(fail=True)
         runtime.gate.set()
-        c = Coalescer(runtime, max_inflight=1, max_docs=8)  # type: ignore[arg-type]
+        c = Coalescer(runtime.predict, max_inflight=1, max_docs=8)
         with pytest.raises(RuntimeError):
-            await c.submit("x", 5, 10)
+            await c.submit("m", "x", 5, 10)
 
     asyncio.run(scenario())
 

@@ -1,0 +1,114 @@
+"""Reading and checking request bodies: everything a route needs before the DataPlane.
+
+pydantic validates straight from the raw bytes (``model_validate_json``, one pass in Rust);
+limits that depend on the settings are checked here too, each failure a problem+json error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from service import metrics
+from service.errors import MalformedRequestError, PayloadTooLargeError, RequestValidationFailed
+from service.schemas import BatchRequest, PredictParams, PredictRequest
+from service.settings import Settings
+
+M = TypeVar("M", bound=BaseModel)
+# Above this size a batch's parsing runs in a thread, off the event loop.
+_OFFLOAD_BYTES = 256 * 1024
+
+
+class Parser:
+    """Request parsing and the checks that depend on settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def single(self, request: Request) -> PredictRequest:
+        start = time.perf_counter()
+        body = await read_body(request, self.settings.max_body_bytes)
+        req = validate(PredictRequest, body)
+        self.check_params(req)
+        self.check_text(req.text, ["body", "text"])
+        metrics.child(metrics.STAGE_LATENCY, "parse").observe(time.perf_counter() - start)
+        return req
+
+    async def batch(self, request: Request) -> BatchRequest:
+        start = time.perf_counter()
+        settings = self.settings
+        body = await read_body(request, settings.max_body_bytes)
+        if len(body) > _OFFLOAD_BYTES:
+            # Validating megabytes of JSON takes milliseconds: keep the event loop free.
+            loop = asyncio.get_running_loop()
+            req = await loop.run_in_executor(None, validate, BatchRequest, body)
+        else:
+            req = validate(BatchRequest, body)
+        if len(req.documents) > settings.max_batch_size:
+            raise PayloadTooLargeError(
+                f"batch of {len(req.documents)} documents is over the limit of "
+                f"{settings.max_batch_size}"
+            )
+        self.check_params(req)
+        for i, doc in enumerate(req.documents):
+            self.check_text(doc.text, ["body", "documents", i, "text"])
+        metrics.child(metrics.STAGE_LATENCY, "parse").observe(time.perf_counter() - start)
+        metrics.BATCH_SIZE.observe(len(req.documents))
+        return req
+
+    def check_params(self, params: PredictParams) -> None:
+        settings = self.settings
+        errors = []
+        if params.top_k is not None and params.top_k > settings.max_top_k:
+            errors.append(_field_error("top_k", f"must be ≤ {settings.max_top_k}"))
+        if params.beam_size is not None and params.beam_size > settings.max_beam_size:
+            errors.append(_field_error("beam_size", f"must be ≤ {settings.max_beam_size}"))
+        if errors:
+            raise RequestValidationFailed("request validation failed", errors)
+
+    def check_text(self, text: str, loc: list[str | int]) -> None:
+        limit = self.settings.max_text_bytes
+        # len(text) chars is a lower bound of its UTF-8 bytes: encode only when it matters.
+        if len(text) * 4 > limit and (len(text) > limit or len(text.encode("utf-8")) > limit):
+            raise PayloadTooLargeError(
+                f"text is over the limit of {limit} bytes",
+                [{"loc": loc, "msg": "text too long", "type": "too_long"}],
+            )
+        if not text or text.isspace():
+            raise RequestValidationFailed(
+                "text is empty",
+                [{"loc": loc, "msg": "text must not be empty or whitespace", "type": "empty"}],
+            )
+
+
+def _field_error(field: str, msg: str) -> dict[str, Any]:
+    return {"loc": ["body", field], "msg": msg, "type": "less_than_equal"}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes ``limit`` (chunked bodies have no length)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def validate(model: type[M], body: bytes) -> M:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise MalformedRequestError("request body is not valid JSON") from None
+        raise RequestValidationFailed(
+            "request validation failed",
+            [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors],
+        ) from None
