@@ -89,12 +89,17 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a synthetic XMC corpus (train.jsonl, test.jsonl)",
                        description="A hidden label hierarchy, Zipfian label frequencies with a "
-                       "long tail, 1-10 labels a document; seeded.")
+                       "long tail, 1-10 labels a document; seeded. --format xc writes the same "
+                       "documents as TF-IDF feature rows (train.txt, test.txt; no text), for "
+                       "label counts where text would take gigabytes.")
     s.add_argument("--labels", type=int, default=5000)
     s.add_argument("--train", type=int, default=20000)
     s.add_argument("--test", type=int, default=5000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
+    s.add_argument("--format", choices=("jsonl", "xc"), default="jsonl",
+                   help="jsonl: texts and label names; xc: Extreme Classification Repository "
+                   "feature rows and label ids")
 
     v = sub.add_parser("serve", help="serve a bundle or a model repository over HTTP")
     try:
@@ -218,10 +223,11 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from models.synth import SynthParams, write_corpus
+    from models.synth import SynthParams, write_corpus, write_xc
 
-    stats = write_corpus(args.out, SynthParams(n_labels=args.labels, n_train=args.train,
-                                               n_test=args.test, seed=args.seed))
+    write = write_xc if args.format == "xc" else write_corpus
+    stats = write(args.out, SynthParams(n_labels=args.labels, n_train=args.train,
+                                        n_test=args.test, seed=args.seed))
     print(json.dumps(stats))
     return 0
 

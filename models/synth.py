@@ -311,8 +311,32 @@ def _iter_blocks(
 ) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray, np.ndarray]]:
     """One split, a block of documents at a time: JSONL lines, the block's label ids
     (concatenated), labels per document and words per document."""
-    n_docs = p.n_train if split == "train" else p.n_test
     id_base = 0 if split == "train" else p.n_train
+    for start, labs, n_lab, words, n_words in _draw_blocks(st, p, split):
+        # Pseudo-words and label names are plain ASCII letters, digits and "/", so they go
+        # into JSON strings without escaping.
+        text, t_end = _join_rows(st.vocab, st.vocab_len, words, b" ")
+        t_end = t_end[np.cumsum(n_words) - 1]
+        t_start = np.concatenate([[0], t_end[:-1]])
+        names, n_end = _join_rows(st.names, st.names_len, labs, b", ", b'"', b'"')
+        n_end = n_end[np.cumsum(n_lab) - 1]
+        n_start = np.concatenate([[0], n_end[:-1]])
+        lines = [
+            b'{"id": %d, "text": "%s", "labels": [%s]}\n'
+            % (id_base + start + i, text[ts:te - 1], names[ns:ne - 2])
+            for i, (ts, te, ns, ne) in enumerate(
+                zip(t_start.tolist(), t_end.tolist(), n_start.tolist(), n_end.tolist(), strict=True)
+            )
+        ]
+        yield lines, labs, n_lab, n_words
+
+
+def _draw_blocks(
+    st: _Structure, p: SynthParams, split: str
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """One split, a block of documents at a time: the block's first document, its label ids
+    (concatenated), labels per document, word ids (concatenated) and words per document."""
+    n_docs = p.n_train if split == "train" else p.n_test
     geo_p = 1.0 / (1.0 + p.mean_labels_per_doc - p.min_labels_per_doc)
     mu = math.log(p.mean_doc_words) - p.doc_words_sigma**2 / 2.0
     max_len = max(4 * p.mean_doc_words, p.min_doc_words)
@@ -379,23 +403,7 @@ def _iter_blocks(
         w[m] = st.top_base + st.top_of[lab[m]].astype(np.int64) * p.words_per_topic + j
         words[is_lab] = w
 
-        # --- bytes --------------------------------------------------------------------
-        # Pseudo-words and label names are plain ASCII letters, digits and "/", so they go
-        # into JSON strings without escaping.
-        text, t_end = _join_rows(st.vocab, st.vocab_len, words, b" ")
-        t_end = t_end[np.cumsum(n_words) - 1]
-        t_start = np.concatenate([[0], t_end[:-1]])
-        names, n_end = _join_rows(st.names, st.names_len, labs, b", ", b'"', b'"')
-        n_end = n_end[np.cumsum(n_lab) - 1]
-        n_start = np.concatenate([[0], n_end[:-1]])
-        lines = [
-            b'{"id": %d, "text": "%s", "labels": [%s]}\n'
-            % (id_base + start + i, text[ts:te - 1], names[ns:ne - 2])
-            for i, (ts, te, ns, ne) in enumerate(
-                zip(t_start.tolist(), t_end.tolist(), n_start.tolist(), n_end.tolist(), strict=True)
-            )
-        ]
-        yield lines, labs, n_lab, n_words
+        yield start, labs, n_lab, words, n_words
 
 
 def _own_word(rng: np.random.Generator, st: _Structure, labels: np.ndarray) -> np.ndarray:
@@ -462,3 +470,78 @@ def write_corpus(out_dir: str | Path, params: SynthParams) -> dict:
     )
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     return stats
+
+
+def write_xc(out_dir: str | Path, params: SynthParams) -> dict:
+    """Stream ``out_dir/train.txt`` and ``out_dir/test.txt`` in the Extreme Classification
+    Repository format: the very documents :func:`write_corpus` writes, as feature rows
+    instead of text, so that a million labels need no gigabytes of text.
+
+    A document's row is TF-IDF over its words, as the text encoder would compute it on
+    unigrams: sublinear tf, smoothed idf from the training split's document frequencies,
+    words in fewer than two training documents dropped (min_df = 2), rows l2-normalized.
+    Labels are the hidden tree's label ids. Two passes over the training blocks (document
+    frequencies, then rows), each block drawn again from its own random stream, so memory
+    stays one block plus a few arrays per word.
+    """
+    params.validate()
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    st = _Structure(params)
+    n_vocab = len(st.vocab_len)
+    df = np.zeros(n_vocab, dtype=np.int64)
+    for _, _, _, words, n_words in _draw_blocks(st, params, "train"):
+        df += np.bincount(_distinct_words(words, n_words, n_vocab)[1], minlength=n_vocab)
+    feature_of = np.where(df >= 2, np.cumsum(df >= 2) - 1, -1)
+    n_features = int((df >= 2).sum())
+    idf = np.log((1.0 + params.n_train) / (1.0 + df[df >= 2])) + 1.0
+    stats: dict = {"params": params.to_json(), "format": "xc", "n_features": n_features}
+    for split in ("train", "test"):
+        n_docs = params.n_train if split == "train" else params.n_test
+        nnz = 0
+        with (out_dir / f"{split}.txt").open("w", encoding="ascii") as fh:
+            fh.write(f"{n_docs} {n_features} {params.n_labels}\n")
+            for _, labs, n_lab, words, n_words in _draw_blocks(st, params, split):
+                lines, block_nnz = _xc_lines(labs, n_lab, words, n_words, feature_of, idf,
+                                             n_vocab)
+                fh.write(lines)
+                nnz += block_nnz
+        stats[f"n_{split}"] = n_docs
+        stats[f"mean_features_per_doc_{split}"] = nnz / max(n_docs, 1)
+    stats["n_labels"] = params.n_labels
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    return stats
+
+
+def _distinct_words(words: np.ndarray, n_words: np.ndarray,
+                    n_vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per document of a block, its distinct words with their counts: (document, word,
+    count), sorted by document then word."""
+    doc = np.repeat(np.arange(len(n_words), dtype=np.int64), n_words)
+    keys, counts = np.unique(doc * n_vocab + words, return_counts=True)
+    return keys // n_vocab, keys % n_vocab, counts
+
+
+def _xc_lines(labs: np.ndarray, n_lab: np.ndarray, words: np.ndarray, n_words: np.ndarray,
+              feature_of: np.ndarray, idf: np.ndarray, n_vocab: int) -> tuple[str, int]:
+    """The XC lines of one block and their non-zero count."""
+    doc, word, tf = _distinct_words(words, n_words, n_vocab)
+    feat = feature_of[word]
+    kept = feat >= 0
+    doc, feat, tf = doc[kept], feat[kept], tf[kept]
+    val = (1.0 + np.log(tf)) * idf[feat]
+    norm = np.sqrt(np.bincount(doc, weights=val * val, minlength=len(n_words)))
+    val /= np.where(norm > 0, norm, 1.0)[doc]
+    row_end = np.searchsorted(doc, np.arange(1, len(n_words) + 1))
+    row_start = np.concatenate(([0], row_end[:-1]))
+    lab_end = np.cumsum(n_lab)
+    lab_start = lab_end - n_lab
+    feat_s, val_s, lab_s = feat.tolist(), val.tolist(), labs.tolist()
+    lines = []
+    for i in range(len(n_words)):
+        head = ",".join(map(str, lab_s[lab_start[i] : lab_end[i]]))
+        body = " ".join(map("%d:%.4g".__mod__, zip(feat_s[row_start[i] : row_end[i]],
+                                                      val_s[row_start[i] : row_end[i]])))
+        lines.append(f"{head} {body}\n")
+    return "".join(lines), int(kept.sum())

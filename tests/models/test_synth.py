@@ -106,3 +106,77 @@ def test_params_are_json_serializable_and_validated() -> None:
         generate(SynthParams(max_labels_per_doc=0))
     with pytest.raises(InvalidInputError):
         generate(SynthParams(background_share=0.95, confuser_share=0.1))
+
+
+XC_SMALL = SynthParams(n_labels=200, n_train=1500, n_test=300, seed=5, mean_doc_words=40)
+
+
+def reference_xc(path):
+    """A plain reader of the XC format: (header, labels per row, {feature: value} per row)."""
+    lines = path.read_text().splitlines()
+    header = tuple(int(v) for v in lines[0].split())
+    labels, rows = [], []
+    for line in lines[1:]:
+        head, _, body = line.partition(" ")
+        labels.append([int(v) for v in head.split(",")] if head else [])
+        rows.append({int(f): float(v) for f, v in (t.split(":") for t in body.split())})
+    return header, labels, rows
+
+
+def test_xc_form_is_the_text_form_as_feature_rows(tmp_path):
+    from models.synth import write_xc
+
+    stats = write_xc(tmp_path / "xc", XC_SMALL)
+    write_corpus(tmp_path / "text", XC_SMALL)
+    (n_docs, n_features, n_labels), labels, rows = reference_xc(tmp_path / "xc" / "train.txt")
+    assert (n_docs, n_features, n_labels) == (1500, stats["n_features"], 200)
+    texts = [json.loads(line) for line in (tmp_path / "text" / "train.jsonl").open()]
+    # the same documents: label names of the text form are the hidden tree's labels
+    from models.synth import _Structure
+
+    names = _Structure(XC_SMALL).label_names()
+    assert [[names[i] for i in labs] for labs in labels] == [d["labels"] for d in texts]
+    for row in rows:
+        assert row and all(0 <= f < n_features for f in row)
+        assert abs(sum(v * v for v in row.values()) - 1.0) < 1e-3  # l2 rows (4 digits)
+    (_, n_f_test, _), _, test_rows = reference_xc(tmp_path / "xc" / "test.txt")
+    assert n_f_test == n_features and all(f < n_features for r in test_rows for f in r)
+
+
+def test_xc_form_is_deterministic(tmp_path):
+    from models.synth import write_xc
+
+    write_xc(tmp_path / "a", XC_SMALL)
+    write_xc(tmp_path / "b", XC_SMALL)
+    for name in ("train.txt", "test.txt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_xc_reader_matches_the_plain_reader(tmp_path):
+    from models.data import read_xc
+    from models.synth import write_xc
+
+    write_xc(tmp_path / "xc", XC_SMALL)
+    corpus = read_xc(tmp_path / "xc" / "train.txt")
+    _, labels, rows = reference_xc(tmp_path / "xc" / "train.txt")
+    assert corpus.labels == [[str(v) for v in labs] for labs in labels]
+    X = corpus.features
+    for i, row in enumerate(rows):
+        got = dict(zip(X.indices[X.indptr[i]:X.indptr[i + 1]].tolist(),
+                       X.data[X.indptr[i]:X.indptr[i + 1]].tolist()))
+        norm = sum(v * v for v in row.values()) ** 0.5
+        assert got.keys() == row.keys()
+        assert all(abs(got[f] - v / norm) < 1e-6 for f, v in row.items())
+
+
+def test_xc_reader_names_the_bad_line_in_a_large_file(tmp_path):
+    from models.data import read_xc
+    from models.errors import DataError
+
+    good = "0,1 0:0.5 3:0.25\n"
+    path = tmp_path / "big.txt"
+    path.write_text("5000 10 4\n" + good * 3000 + "2 1:x\n" + good * 1999)
+    with pytest.raises(DataError, match=r"big\.txt:3002"):
+        read_xc(path)
+    corpus = read_xc(path, skip_bad_lines=True)
+    assert corpus.n_skipped == 1 and corpus.n_docs == 4999
