@@ -13,6 +13,7 @@ result.json. Peak RSS is the larger of the build subprocess and this (predicting
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -116,11 +117,16 @@ def main() -> None:
                if is_text else "XC features via predict_features"],
         extra={"core_revision": code, "seed": args.seed, "tfidf_fit_s": tfidf_fit_s,
                "build_wall_s": build_wall_s,
-               "build_seconds_manifest": manifest["build"]["seconds"], "stages": stages},
+               "build_seconds_manifest": manifest["build"]["seconds"], "stages": stages,
+               "n_trees": len(manifest["trees"]),
+               "ensemble_mb_per_tree": sum(f.stat().st_size for f in bundle.glob(
+                   "ensemble.*.npy")) / 2**20 / len(manifest["trees"])},
     )
     predictor.close()
-    # The bundle is large on big corpora and reproducible from the seed: keep only figures.
-    shutil.rmtree(bundle, ignore_errors=True)
+    # The bundle is large on big corpora and reproducible from the seed: keep only figures
+    # (unless a caller measures it further, as benchmarks.scale serves it).
+    if not os.environ.get("XMC_BENCH_KEEP_BUNDLE"):
+        shutil.rmtree(bundle, ignore_errors=True)
 
 
 if __name__ == "__main__":
