@@ -11,6 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from models import bundle as bundle_io
+from models.calibration import Calibration
 from models.errors import BundleError, InvalidInputError
 from models.features import FeatureEncoder, require_text
 from models.filters import FilterCompiler, FilterSpec
@@ -32,6 +33,10 @@ class Predictor:
     Scores lie in (0, 1]: a label's score is the mean over the ensemble's trees of the
     product of its node scores along its root-to-label path (see ``post_processor``).
 
+    With a calibrated bundle (``xmc build --calibrate``) :meth:`predict` and
+    :meth:`predict_features` return calibrated scores instead (see
+    :mod:`models.calibration`); :meth:`predict_ids` always returns the raw ensemble scores.
+
     Controls of every predict call: ``label_filter`` (see :mod:`models.filters`: only labels
     it allows are searched and returned), ``threshold`` and ``min_score`` (labels scoring
     below the larger are dropped; ``threshold="auto"`` is the one tuned at build, see
@@ -41,8 +46,10 @@ class Predictor:
     def __init__(self, path: Path, manifest: dict[str, Any], ensemble: Ensemble,
                  label_names: list[str], encoder: FeatureEncoder | None,
                  label_counts: np.ndarray, *, threads: int | None = None,
-                 dense_map_mb: int = DENSE_MAP_MB) -> None:
+                 dense_map_mb: int = DENSE_MAP_MB,
+                 calibration: Calibration | None = None) -> None:
         self.path = path
+        self.calibration = calibration
         self.manifest = manifest
         self.ensemble = ensemble
         self.label_names = label_names
@@ -72,8 +79,9 @@ class Predictor:
             raise BundleError(
                 f"encoders give {encoder.n_features} features, manifest says "
                 f"{manifest['n_features']}", folder / "manifest.json")
+        calibration = Calibration.load(folder) if "calibration" in manifest else None
         return cls(folder, manifest, ensemble, label_names, encoder, counts,
-                   threads=threads)
+                   threads=threads, calibration=calibration)
 
     # ----------------------------------------------------------------- facts
     @property
@@ -148,12 +156,17 @@ class Predictor:
     def predict_ids(self, X: sp.spmatrix | np.ndarray, *, top_k: int | None = None,
                     beam_size: int | None = None, label_filter: FilterSpec | None = None,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw result: label ids (n, top_k; -1 pads), scores (n, top_k), counts (n,); no
-        threshold applied."""
+        """Raw result: label ids (n, top_k; -1 pads), ensemble scores (n, top_k), counts
+        (n,); neither calibration nor threshold applied."""
         top_k, beam_size = self._check_args(top_k, beam_size)
         mask = self._filters.node_mask(label_filter)
         X = self._as_features(X)
         return self._searcher.search(X.indptr, X.indices, X.data, top_k, beam_size, mask)
+
+    def calibrated(self, scores: np.ndarray) -> np.ndarray:
+        """Raw ensemble scores as this bundle serves them: calibrated when it has a
+        calibration, else as they are."""
+        return self.calibration.apply(scores) if self.calibration is not None else scores
 
     def allowed_labels(self, label_filter: FilterSpec | None) -> np.ndarray:
         """bool (n_labels,): the labels ``label_filter`` allows (all for None); raises
@@ -162,7 +175,9 @@ class Predictor:
 
     def score_cut(self, threshold: Threshold = None, min_score: float | None = None) -> float:
         """The score below which labels are dropped: the larger of ``threshold`` (a score in
-        0..1, ``"auto"`` for the tuned one, None for none) and ``min_score``."""
+        0..1, ``"auto"`` for the tuned one, None for none) and ``min_score``. Both compare
+        with the scores as returned (calibrated ones on a calibrated bundle, where the tuned
+        threshold was tuned on that scale too)."""
         cut = 0.0
         if threshold == "auto":
             tuned = self.tuned_threshold
@@ -214,6 +229,7 @@ class Predictor:
 
     def _named(self, labels, scores, counts, cut: float = 0.0) -> list[list[tuple[str, float]]]:
         names = self.label_names
+        scores = self.calibrated(scores)
         return [
             [(names[j], s) for j, s in zip(row[:c].tolist(), srow[:c].tolist()) if s >= cut]
             for row, srow, c in zip(labels, scores, counts.tolist())

@@ -1,0 +1,101 @@
+"""What a label filter costs a single-document prediction, in process, from raw text.
+
+    python -m benchmarks.filters BUNDLE TEST.jsonl [--docs 1000] [--include 1000] [--seed 0]
+
+Per document (after 50 warm-up calls) the unfiltered call and each filtered one run back to
+back, so a busy machine slows them alike; p50 / p99 per variant, and the p50 added over the
+unfiltered call. Variants: ``include N`` (N random labels, the issue's acceptance case),
+``include 1 %`` and a prefix include / exclude pair. Each filter is passed as the request
+would pass it (a dict of lists: normalized and looked up in the compiled-mask cache on every
+call); its first compilation (label mask, node mask) is timed apart. Also reported: the mean
+labels returned (a filter must still fill top_k) and the share of returned labels that are
+allowed (must be 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+import models
+from models.data import read_corpus
+from models.filters import FilterCompiler
+
+
+def variants(predictor: models.Predictor, n_include: int, seed: int) -> dict[str, dict]:
+    rng = np.random.default_rng(seed)
+    names = predictor.label_names
+    pick = lambda n: [names[i] for i in rng.choice(len(names), n, replace=False)]  # noqa: E731
+    prefixes = sorted({n.rsplit("/", 1)[0] for n in names if "/" in n})
+    out = {f"include {n_include}": {"include": pick(n_include)},
+           "include 1 %": {"include": pick(max(1, len(names) // 100))}}
+    if prefixes:
+        chosen = [prefixes[i] for i in rng.choice(len(prefixes), min(20, len(prefixes)),
+                                                  replace=False)]
+        out["prefix include 20 + exclude 1"] = {
+            "include": [p + "/*" for p in chosen], "exclude": [chosen[0] + "/*"]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("bundle")
+    ap.add_argument("test")
+    ap.add_argument("--docs", type=int, default=1000)
+    ap.add_argument("--include", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--top-k", type=int, default=5)
+    args = ap.parse_args()
+
+    predictor = models.load_bundle(args.bundle)
+    predictor.warm_up()
+    texts = read_corpus(args.test).texts[: args.docs]
+    specs = variants(predictor, args.include, args.seed)
+    compile_ms = {}
+    for name, spec in specs.items():
+        fresh = FilterCompiler(predictor.label_names, predictor.ensemble)
+        t0 = time.perf_counter()
+        fresh.label_mask(spec)  # the first call also sorts the names
+        t1 = time.perf_counter()
+        fresh.node_mask(spec)
+        t2 = time.perf_counter()
+        compile_ms[name] = {"first_label_mask_ms": round(1e3 * (t1 - t0), 3),
+                            "node_mask_ms": round(1e3 * (t2 - t1), 3)}
+    allowed = {name: set(np.asarray(predictor.label_names)[predictor.allowed_labels(spec)])
+               for name, spec in specs.items()}
+    calls = {"none": None, **specs}
+    times = {name: [] for name in calls}
+    returned = {name: 0 for name in calls}
+    bad = {name: 0 for name in calls}
+    for i, text in enumerate([*texts[:50], *texts]):
+        for name, spec in calls.items():
+            t0 = time.perf_counter()
+            row = predictor.predict([text], top_k=args.top_k, label_filter=spec)[0]
+            dt = time.perf_counter() - t0
+            if i >= 50:
+                times[name].append(dt)
+                returned[name] += len(row)
+                bad[name] += sum(lab not in allowed[name] for lab, _ in row) if spec else 0
+    base = float(np.percentile(times["none"], 50))
+    result = {"bundle": args.bundle, "n_labels": predictor.n_labels, "docs": len(texts),
+              "top_k": args.top_k, "beam_size": predictor.default_beam_size, "variants": {}}
+    for name in calls:
+        p50 = float(np.percentile(times[name], 50))
+        result["variants"][name] = {
+            "p50_ms": round(1e3 * p50, 4),
+            "p99_ms": round(1e3 * float(np.percentile(times[name], 99)), 4),
+            "p50_added_pct": round(100 * (p50 / base - 1), 1),
+            "mean_labels": round(returned[name] / len(texts), 3),
+            "not_allowed_returned": bad[name],
+            **compile_ms.get(name, {}),
+        }
+        if name in allowed:
+            result["variants"][name]["allowed_labels"] = len(allowed[name])
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
