@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +93,31 @@ def normalize(spec: FilterSpec | None) -> tuple[LabelFilter, ...]:
     return tuple(out)
 
 
+def _raw_key(spec: FilterSpec) -> Hashable | None:
+    """A cache key of ``spec`` as given (lists in their order), or None where only
+    :func:`normalize` can tell what it means. Equal raw keys normalize equally."""
+    if isinstance(spec, LabelFilter):
+        return spec
+    if isinstance(spec, Mapping):
+        if not set(spec) <= {"include", "exclude"}:
+            return None
+        parts = []
+        for name in ("include", "exclude"):
+            v = spec.get(name)
+            if v is not None and not isinstance(v, (list, tuple)):
+                return None
+            parts.append(None if v is None else tuple(v))
+        try:
+            hash(parts[0]), hash(parts[1])
+        except TypeError:  # an entry that is no string: normalize says so
+            return None
+        return ("raw", *parts)
+    if isinstance(spec, (list, tuple)):
+        keys = tuple(_raw_key(f) for f in spec)
+        return None if any(k is None for k in keys) else ("all", keys)
+    return None
+
+
 def _entries(values: Iterable[str], field: str) -> tuple[str, ...]:
     if isinstance(values, (str, bytes)):
         raise InvalidInputError(f"filter {field} must be a list of label names, not a string")
@@ -123,21 +148,34 @@ class FilterCompiler:
     def node_mask(self, spec: FilterSpec | None) -> np.ndarray | None:
         """bool (n_nodes,) allowed-node mask of ``spec``, or None when it filters nothing.
         The array is shared between calls: read it, never write it."""
+        if spec is None:
+            return None
+        # a repeated filter is found by its lists as given: normalizing (checking and
+        # sorting) 1,000 names costs more than the search they filter
+        raw = _raw_key(spec)
+        mask = self._cached(raw) if raw is not None else None
+        if mask is not None:
+            return mask
         key = normalize(spec)
         if not key:
             return None
+        mask = self._cached(key)
+        if mask is None:
+            mask = self._nodes_of(self.label_mask(key))
+            mask.flags.writeable = False
+        with self._lock:
+            for k in (key, raw) if raw is not None else (key,):
+                self._cache[k] = mask
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return mask
+
+    def _cached(self, key: Hashable) -> np.ndarray | None:
         with self._lock:
             mask = self._cache.get(key)
             if mask is not None:
                 self._cache.move_to_end(key)
-                return mask
-        mask = self._nodes_of(self.label_mask(key))
-        mask.flags.writeable = False
-        with self._lock:
-            self._cache[key] = mask
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return mask
+            return mask
 
     def label_mask(self, spec: FilterSpec | None) -> np.ndarray:
         """bool (n_labels,): the labels every filter of ``spec`` allows."""

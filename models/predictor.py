@@ -13,6 +13,7 @@ import scipy.sparse as sp
 from models import bundle as bundle_io
 from models.calibration import Calibration
 from models.errors import BundleError, InvalidInputError
+from models.explain import explain_label
 from models.features import FeatureEncoder, require_text
 from models.filters import FilterCompiler, FilterSpec
 from models.params import POST_PROCESSORS
@@ -63,6 +64,7 @@ class Predictor:
         self._searcher = Searcher(ensemble, self.n_features, self.post, threads=self.threads,
                                   dense_map_mb=dense_map_mb)
         self._filters = FilterCompiler(label_names, ensemble)
+        self._terms: list[str] | None = None
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -123,9 +125,10 @@ class Predictor:
     def predict(self, texts: Sequence[str], *, top_k: int | None = None,
                 beam_size: int | None = None, label_filter: FilterSpec | None = None,
                 threshold: Threshold = None, min_score: float | None = None,
-                ) -> list[list[tuple[str, float]]]:
+                explain: bool = False) -> list[list[tuple]]:
         """Top ``top_k`` (label, score) per text, best first; one vectorized batch. See the
-        class for ``label_filter``, ``threshold`` and ``min_score``."""
+        class for ``label_filter``, ``threshold`` and ``min_score``. With ``explain`` each
+        entry is (label, score, explanation): see :meth:`explain`."""
         if isinstance(texts, str):
             raise InvalidInputError("predict takes a sequence of texts, not one string")
         encoder = require_text(self.encoder)
@@ -134,24 +137,33 @@ class Predictor:
         mask = self._filters.node_mask(label_filter)
         if len(texts) == 1:
             idx, val = encoder.transform_one(texts[0])
-            indptr = np.array([0, idx.shape[0]], dtype=np.int64)
-            labels, scores, counts = self._searcher.search(indptr, idx, val, top_k, beam_size,
-                                                           mask)
+            rows = (np.array([0, idx.shape[0]], dtype=np.int64), idx, val)
         else:
             X = self._as_features(encoder.transform(texts))
-            labels, scores, counts = self._searcher.search(X.indptr, X.indices, X.data, top_k,
-                                                           beam_size, mask)
-        return self._named(labels, scores, counts, cut)
+            rows = (X.indptr, X.indices, X.data)
+        labels, scores, counts = self._searcher.search(*rows, top_k, beam_size, mask)
+        return self._named(labels, scores, counts, cut, rows if explain else None)
 
     def predict_features(self, X: sp.spmatrix | np.ndarray, *, top_k: int | None = None,
                          beam_size: int | None = None, label_filter: FilterSpec | None = None,
                          threshold: Threshold = None, min_score: float | None = None,
-                         ) -> list[list[tuple[str, float]]]:
+                         explain: bool = False) -> list[list[tuple]]:
         """Like :meth:`predict`, from feature rows (n_docs, n_features), e.g. XC data."""
         cut = self.score_cut(threshold, min_score)
+        X = self._as_features(X)
         labels, scores, counts = self.predict_ids(X, top_k=top_k, beam_size=beam_size,
                                                   label_filter=label_filter)
-        return self._named(labels, scores, counts, cut)
+        return self._named(labels, scores, counts, cut,
+                           (X.indptr, X.indices, X.data) if explain else None)
+
+    def explain(self, indices: np.ndarray, values: np.ndarray, label: int,
+                n_terms: int = 5) -> list[dict[str, object]]:
+        """The ``n_terms`` input terms that pushed ``label`` up most for the document whose
+        sorted feature ids and values are given, as ``[{"term", "contribution"}, ...]``
+        (positive contributions only), plus one entry for a dense encoder's block. A
+        contribution is in margin units, averaged over trees: see :mod:`models.explain`."""
+        return explain_label(self.ensemble, indices, values, label).top(self._term_names(),
+                                                                          n_terms)
 
     def predict_ids(self, X: sp.spmatrix | np.ndarray, *, top_k: int | None = None,
                     beam_size: int | None = None, label_filter: FilterSpec | None = None,
@@ -227,13 +239,28 @@ class Predictor:
             X = X.sorted_indices()
         return X
 
-    def _named(self, labels, scores, counts, cut: float = 0.0) -> list[list[tuple[str, float]]]:
+    def _named(self, labels, scores, counts, cut: float = 0.0,
+               explain_rows: tuple | None = None) -> list[list[tuple]]:
         names = self.label_names
         scores = self.calibrated(scores)
-        return [
-            [(names[j], s) for j, s in zip(row[:c].tolist(), srow[:c].tolist()) if s >= cut]
-            for row, srow, c in zip(labels, scores, counts.tolist())
-        ]
+        if explain_rows is None:
+            return [
+                [(names[j], s) for j, s in zip(row[:c].tolist(), srow[:c].tolist()) if s >= cut]
+                for row, srow, c in zip(labels, scores, counts.tolist())
+            ]
+        indptr, idx, val = explain_rows
+        out = []
+        for d, (row, srow, c) in enumerate(zip(labels, scores, counts.tolist())):
+            x = idx[indptr[d] : indptr[d + 1]], val[indptr[d] : indptr[d + 1]]
+            out.append([(names[j], s, self.explain(*x, j))
+                        for j, s in zip(row[:c].tolist(), srow[:c].tolist()) if s >= cut])
+        return out
+
+    def _term_names(self) -> list[str] | None:
+        """Feature id -> term of the TF-IDF block (None without one), built on first use."""
+        if self._terms is None and self.encoder is not None and self.encoder.tfidf is not None:
+            self._terms = self.encoder.tfidf.feature_names()
+        return self._terms
 
 
 def _score_arg(name: str, value: object) -> float:

@@ -205,3 +205,19 @@ def test_equivalent_filters_share_one_compiled_mask(tiny_predictor):
     comp.node_mask({"include": ["t3/*"]})  # evicts the t0/t1 mask (least recently used)
     assert comp.node_mask({"include": ["t0/*", "t1/*"]}) is not a
     assert normalize([{"include": ["b", "a", "a"]}, {}]) == (LabelFilter(("a", "b"), ()),)
+
+
+def test_a_filter_as_given_is_cached_apart_from_its_meaning(tiny_predictor):
+    comp = FilterCompiler(tiny_predictor.label_names, tiny_predictor.ensemble)
+    a = comp.node_mask({"include": ["t1/*", "t0/*"]})
+    assert comp.node_mask({"include": ["t1/*", "t0/*"]}) is a  # as given
+    assert comp.node_mask({"include": ("t0/*", "t1/*", "t0/*")}) is a  # same meaning
+    assert comp.node_mask([{"include": ["t0/*", "t1/*"]}, {}]) is a
+    # what only normalizing can refuse is refused on every call, never served from the cache
+    for bad in ({"include": ["t0/*", 3]}, {"include": "t0/*"}, {"include": ["t0/*"], "x": 1}):
+        for _ in range(2):
+            with pytest.raises(InvalidInputError):
+                comp.node_mask(bad)
+    for _ in range(2):
+        with pytest.raises(UnknownLabelError):
+            comp.node_mask({"include": ["t0/*", "nope"]})
