@@ -65,6 +65,13 @@ class Explanation:
 def explain_label(ens: Ensemble, indices: np.ndarray, values: np.ndarray,
                   label: int) -> Explanation:
     """Explanation of ``label`` for one document given as its sorted feature ids and values."""
+    return explain_labels(ens, indices, values, [label])[0]
+
+
+def explain_labels(ens: Ensemble, indices: np.ndarray, values: np.ndarray,
+                   labels: list[int]) -> list[Explanation]:
+    """Explanations of several labels for one document; their paths share the work on
+    common ancestors (every label's path starts at the same roots)."""
     start = int(ens.dense_start[0])
     sparse = indices < start
     feats = np.asarray(indices[sparse], dtype=np.int64)
@@ -74,55 +81,69 @@ def explain_label(ens: Ensemble, indices: np.ndarray, values: np.ndarray,
     if dim:
         x_dense = np.zeros(dim)
         x_dense[np.asarray(indices[~sparse], dtype=np.int64) - start] = values[~sparse]
-    contrib = np.zeros(feats.shape[0])
-    bias = 0.0
-    dense = 0.0 if x_dense is not None else None
-    for t in range(ens.n_trees):
-        node = int(ens.label_node[t, label])
-        while int(ens.parent[node]) >= 0:
-            p = int(ens.parent[node])
-            j = node - int(ens.child_ptr[p])
-            contrib += vals * _child_weights(ens, p, j, feats) * float(ens.weight_scale[node])
-            bias += float(ens.bias[node])
-            d0, d1 = int(ens.dense_ptr[p]), int(ens.dense_ptr[p + 1])
-            if d1 > d0 and x_dense is not None:
-                w = np.asarray(ens.dense_val[d0 + j * dim : d0 + (j + 1) * dim], np.float64)
-                dense += float(w @ x_dense)
-            node = p
-    order = np.argsort(-contrib, kind="stable")
-    n = ens.n_trees
-    return Explanation(feats[order], contrib[order] / n, bias / n,
-                       None if dense is None else dense / n)
+    chunks: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    out = []
+    for label in labels:
+        contrib = np.zeros(feats.shape[0])
+        bias = 0.0
+        dense = 0.0 if x_dense is not None else None
+        for t in range(ens.n_trees):
+            node = int(ens.label_node[t, label])
+            while int(ens.parent[node]) >= 0:
+                p = int(ens.parent[node])
+                j = node - int(ens.child_ptr[p])
+                if p not in chunks:
+                    chunks[p] = _chunk_entries(ens, p, feats)
+                pos, child, weight = chunks[p]
+                mine = child == j
+                # at most one entry per (row, child): a plain scatter adds each weight once
+                contrib[pos[mine]] += vals[pos[mine]] * weight[mine] * float(
+                    ens.weight_scale[node])
+                bias += float(ens.bias[node])
+                d0, d1 = int(ens.dense_ptr[p]), int(ens.dense_ptr[p + 1])
+                if d1 > d0 and x_dense is not None:
+                    w = np.asarray(ens.dense_val[d0 + j * dim : d0 + (j + 1) * dim],
+                                   np.float64)
+                    dense += float(w @ x_dense)
+                node = p
+        order = np.argsort(-contrib, kind="stable")
+        n = ens.n_trees
+        out.append(Explanation(feats[order], contrib[order] / n, bias / n,
+                               None if dense is None else dense / n))
+    return out
 
 
 def _dense_dim(ens: Ensemble) -> int:
     """Width of the dense block, from the first chunk that has one (0 when none does)."""
+    if not ens.dense_val.shape[0]:
+        return 0
     lens = np.diff(np.asarray(ens.dense_ptr))
     widths = np.diff(np.asarray(ens.child_ptr))
     k = np.flatnonzero(lens)
     return int(lens[k[0]] // widths[k[0]]) if k.size else 0
 
 
-def _child_weights(ens: Ensemble, p: int, j: int, feats: np.ndarray) -> np.ndarray:
-    """Stored weights (before the node's scale) of child ``j`` of ``p`` for each of ``feats``
-    (0 where it has none): the matching rows of p's chunk, then their entries for child j."""
+def _chunk_entries(ens: Ensemble, p: int, feats: np.ndarray,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The entries of ``p``'s chunk in the rows of the document's features: for each, the
+    position of its feature in ``feats``, its child (within p) and its stored weight."""
     r0, r1 = int(ens.chunk_ptr[p]), int(ens.chunk_ptr[p + 1])
-    out = np.zeros(feats.shape[0])
     if r1 == r0 or not feats.size:
-        return out
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0)
     chunk = np.asarray(ens.chunk_feat[r0:r1])
-    pos = np.minimum(np.searchsorted(chunk, feats), r1 - r0 - 1)
+    # the needles in the chunk's dtype: otherwise numpy casts the whole chunk, a copy of
+    # up to every feature for the roots' chunks
+    pos = np.minimum(np.searchsorted(chunk, feats.astype(chunk.dtype)), r1 - r0 - 1)
     which = np.flatnonzero(chunk[pos] == feats)
     rows = r0 + pos[which]
     row_len = np.asarray(ens.row_len)
     lens = row_len[rows].astype(np.int64)
     first = _row_starts_at(row_len, np.asarray(ens.row_mark), rows)
-    # every entry of the matched rows, then those of child j
     owner = np.repeat(np.arange(rows.shape[0]), lens)
     entry = np.repeat(first - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
-    hit = np.asarray(ens.entry_child)[entry] == j
-    out[which[owner[hit]]] = np.asarray(ens.entry_val)[entry[hit]]
-    return out
+    return (which[owner], np.asarray(ens.entry_child)[entry].astype(np.int64),
+            np.asarray(ens.entry_val)[entry].astype(np.float64))
 
 
 def _row_starts_at(row_len: np.ndarray, row_mark: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from models import bundle as bundle_io
 from models.calibration import Calibration
 from models.errors import BundleError, InvalidInputError
-from models.explain import explain_label
+from models.explain import explain_labels
 from models.features import FeatureEncoder, require_text
 from models.filters import FilterCompiler, FilterSpec
 from models.params import POST_PROCESSORS
@@ -156,14 +156,15 @@ class Predictor:
         return self._named(labels, scores, counts, cut,
                            (X.indptr, X.indices, X.data) if explain else None)
 
-    def explain(self, indices: np.ndarray, values: np.ndarray, label: int,
-                n_terms: int = 5) -> list[dict[str, object]]:
-        """The ``n_terms`` input terms that pushed ``label`` up most for the document whose
-        sorted feature ids and values are given, as ``[{"term", "contribution"}, ...]``
-        (positive contributions only), plus one entry for a dense encoder's block. A
+    def explain(self, indices: np.ndarray, values: np.ndarray, labels: list[int],
+                n_terms: int = 5) -> list[list[dict[str, object]]]:
+        """Per label id: the ``n_terms`` input terms that pushed it up most for the document
+        whose sorted feature ids and values are given, as ``[{"term", "contribution"},
+        ...]`` (positive contributions only), plus one entry for a dense encoder's block. A
         contribution is in margin units, averaged over trees: see :mod:`models.explain`."""
-        return explain_label(self.ensemble, indices, values, label).top(self._term_names(),
-                                                                          n_terms)
+        names = self._term_names()
+        return [e.top(names, n_terms)
+                for e in explain_labels(self.ensemble, indices, values, labels)]
 
     def predict_ids(self, X: sp.spmatrix | np.ndarray, *, top_k: int | None = None,
                     beam_size: int | None = None, label_filter: FilterSpec | None = None,
@@ -251,9 +252,10 @@ class Predictor:
         indptr, idx, val = explain_rows
         out = []
         for d, (row, srow, c) in enumerate(zip(labels, scores, counts.tolist())):
-            x = idx[indptr[d] : indptr[d + 1]], val[indptr[d] : indptr[d + 1]]
-            out.append([(names[j], s, self.explain(*x, j))
-                        for j, s in zip(row[:c].tolist(), srow[:c].tolist()) if s >= cut])
+            kept = [(j, s) for j, s in zip(row[:c].tolist(), srow[:c].tolist()) if s >= cut]
+            why = self.explain(idx[indptr[d] : indptr[d + 1]], val[indptr[d] : indptr[d + 1]],
+                               [j for j, _ in kept])
+            out.append([(names[j], s, w) for (j, s), w in zip(kept, why)])
         return out
 
     def _term_names(self) -> list[str] | None:
