@@ -386,8 +386,10 @@ PARALLEL_MIN_DOCS = 64
 #: documents per block of the batch kernel, and the scratch memory a block may use
 _MAX_BLOCK = 256
 _BLOCK_BYTES = 32 << 20
-#: the node mask of an unfiltered search: empty, so the kernel takes its unfiltered branch
+#: the node mask of an unfiltered search: empty, so the kernel takes its unfiltered branch;
+#: read-only like the compiled filters' masks, so both are one compiled signature
 _NO_MASK = np.zeros(0, dtype=np.bool_)
+_NO_MASK.flags.writeable = False
 
 
 class Searcher:
