@@ -88,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("predict", help="top-k labels for texts (arguments or stdin lines)",
                        description="Prints one JSON object per text: "
-                       '{"labels": [{"label", "score"}, ...], "model": {"name", "version"}}.')
+                       '{"labels": [{"label", "score"}, ...], "model": {"name", "version"}}; '
+                       'with --explain each label also has "explanation": [{"term", '
+                       '"contribution"}, ...].')
     q.add_argument("bundle")
     q.add_argument("texts", nargs="*", help="texts; without any, one text per stdin line")
     q.add_argument("--top-k", type=int)
@@ -102,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
                    "build ('auto')")
     q.add_argument("--min-score", type=float, help="drop labels scoring below this (with "
                    "--threshold, the larger applies)")
+    q.add_argument("--explain", action="store_true",
+                   help="add to each label the 5 input terms that pushed it up most")
 
     s = sub.add_parser("synth", help="write a synthetic XMC corpus (train.jsonl, test.jsonl)",
                        description="A hidden label hierarchy, Zipfian label frequencies with a "
@@ -248,10 +252,14 @@ def _predict(args: argparse.Namespace) -> int:
     for text in texts:
         ranked = predictor.predict([text], top_k=args.top_k, beam_size=args.beam_size,
                                    label_filter=label_filter, threshold=args.threshold,
-                                   min_score=args.min_score)[0]
-        print(json.dumps({"labels": [{"label": lab, "score": round(score, 6)}
-                                     for lab, score in ranked], "model": model},
-                         ensure_ascii=False), flush=True)
+                                   min_score=args.min_score, explain=args.explain)[0]
+        labels = [{"label": r[0], "score": round(r[1], 6)} for r in ranked]
+        if args.explain:
+            for entry, r in zip(labels, ranked):
+                entry["explanation"] = [{"term": x["term"],
+                                         "contribution": round(x["contribution"], 6)}
+                                        for x in r[2]]
+        print(json.dumps({"labels": labels, "model": model}, ensure_ascii=False), flush=True)
     return 0
 
 

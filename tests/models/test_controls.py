@@ -197,6 +197,10 @@ def test_cli_eval_json_and_predict_flags(tuned_raw, tiny_docs, tmp_path, capsys)
     value = tuned_raw.tuned_threshold["value"]
     assert all(x["label"].startswith("t4/") and not x["label"].startswith("t4/s00/")
                and x["score"] >= round(value, 6) - 1e-6 for x in labels)
+    assert main(["predict", str(tuned_raw.path), text, "--top-k", "2", "--explain"]) == 0
+    labels = json.loads(capsys.readouterr().out)["labels"]
+    assert len(labels) == 2 and all(x["explanation"] for x in labels)
+    assert set(labels[0]["explanation"][0]) == {"term", "contribution"}
     assert main(["predict", str(tuned_raw.path), text, "--include", "t9/s00/l999"]) == 2
     assert "t9/s00/l999" in capsys.readouterr().err
 
