@@ -19,6 +19,7 @@ from models.errors import (
     DataError,
     InvalidInputError,
     NoTextEncoderError,
+    UnknownLabelError,
     XMCError,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "InvalidInputError",
     "NoTextEncoderError",
     "Predictor",
+    "UnknownLabelError",
     "XMCError",
     "load_bundle",
 ]

@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from models import bundle as bundle_io
+from models.calibration import Calibration
 from models.cluster import pifa_embeddings
 from models.data import Corpus, validation_rows
 from models.engine import LocalEngine, TreeEngine
 from models.errors import BundleError, InvalidInputError
 from models.features import FeatureEncoder, fuse
-from models.metrics import evaluate
+from models.metrics import best_threshold, evaluate, micro_prf
 from models.params import POST_PROCESSORS, BuildParams
 from models.search import Searcher
 from models.tree import Ensemble, quantize
@@ -104,6 +106,7 @@ def build(
         with stages("features"):
             encoder, X, emb = _fit_features(train, params, tmp)
         selection = None
+        dense = None  # (embeddings, weight) of a fused dense block
         if emb is not None:
             weight = params.dense_weight
             if weight == "auto":
@@ -115,7 +118,14 @@ def build(
             else:
                 encoder = FeatureEncoder(encoder.tfidf, encoder.dense, weight)
                 X = fuse(X, emb, weight)
+                dense = (emb, float(weight))
             del emb
+        engine = engine or LocalEngine()
+        held_out = None
+        if params.tune_threshold or params.calibrate:
+            with stages("held_out"):
+                held_out = held_out_controls(train, dense, params, threads, engine)
+        del dense
         Y = label_matrix(train.labels, label_names)
         label_counts = np.asarray(Y.sum(axis=0)).ravel().astype(np.int64)
         cpu_train = time.process_time()
@@ -125,7 +135,6 @@ def build(
             dense_start = encoder.n_tfidf if encoder.dense is not None else None
         params = params.resolved(fused=dense_start is not None)
         log.info("ranker negatives: %s", params.ranker.negatives)
-        engine = engine or LocalEngine()
         writer = bundle_io.ForestWriter(tmp)
         for tree in _train_trees(X, Y, params, threads, stages, dense_start, engine):
             # each tree goes to disk as soon as it is trained: the forest is never in memory
@@ -138,6 +147,8 @@ def build(
             entries = encoder.save(tmp) if encoder is not None else []
             shutil.rmtree(tmp / "_export", ignore_errors=True)  # the dense export's scratch
             encoder_files = [f for e in entries for f in e.get("files", [])]
+            controls = held_out.save(tmp) if held_out is not None else {}
+            encoder_files += controls.get("calibration", {}).get("files", [])
             param_dict = params.to_dict()
             manifest: dict[str, Any] = {
                 "format_version": bundle_io.FORMAT_VERSION,
@@ -153,6 +164,7 @@ def build(
                 "n_train_docs": train.n_docs,
                 "trees": ensemble.tree_summary(),
                 "encoders": entries,
+                **controls,
                 "metrics": {},
             }
         build_seconds = time.perf_counter() - t_start
@@ -264,6 +276,105 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
         "candidates": candidates,
         "chosen": best["dense_weight"],
     }
+
+
+@dataclass
+class HeldOut:
+    """What the held-out predictions gave: the tuned threshold (manifest entry) and the
+    calibration, each None when not asked for."""
+
+    threshold: dict[str, Any] | None
+    calibration: Calibration | None
+    calibration_record: dict[str, Any]
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        """Writes the calibration's files; returns the manifest's entries."""
+        out: dict[str, Any] = {}
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        if self.calibration is not None:
+            out["calibration"] = {**self.calibration.save(folder), **self.calibration_record}
+        return out
+
+
+def held_out_controls(train: Corpus, dense: tuple[np.ndarray, float] | None,
+                      params: BuildParams, threads: int,
+                      engine: TreeEngine | None = None) -> HeldOut:
+    """A model trained as the bundle will be (same parameters, all its trees) on train less
+    the seeded ``validation_share`` predicts the held-out documents (``top_k``,
+    ``beam_size``); on those (label, score) pairs: the isotonic calibration
+    (``params.calibrate``), then the threshold maximizing micro-F1 on the scores as they will
+    be served (``params.tune_threshold``). ``dense``: the fused block's embeddings of every
+    training document and its weight."""
+    fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
+    if not len(valid_rows) or not len(fit_rows):
+        raise InvalidInputError(
+            f"{train.n_docs} training documents are too few to hold out a validation split "
+            "for the threshold / calibration")
+    fit, valid = train.subset(fit_rows), train.subset(valid_rows)
+    names = sorted({lab for doc in fit.labels for lab in doc})
+    if not names:
+        raise InvalidInputError("no labelled document left to tune the threshold on")
+    X_fit, X_valid, dense_start = _held_out_features(train, fit_rows, valid_rows, dense,
+                                                     params)
+    trees = _train_trees(X_fit, label_matrix(fit.labels, names), params.resolved(
+        fused=dense is not None), threads, _Stages(verbose=False), dense_start, engine)
+    ensemble = Ensemble.concatenate([quantize(t, params.weight_dtype) for t in trees])
+    searcher = Searcher(ensemble, X_fit.shape[1], POST_PROCESSORS[params.post_processor],
+                        threads=threads, dense_map_mb=128)
+    try:
+        ids, scores, counts = searcher.search(X_valid.indptr, X_valid.indices, X_valid.data,
+                                              params.top_k, params.beam_size)
+    finally:
+        searcher.close()
+    pair_scores, correct = [], []
+    for row, srow, c, truth in zip(ids.tolist(), scores.tolist(), counts, valid.labels):
+        y = set(truth)
+        pair_scores += srow[:c]
+        correct += [names[j] in y for j in row[:c]]
+    pair_scores, correct = np.asarray(pair_scores), np.asarray(correct, dtype=bool)
+    n_true = sum(len(set(t)) for t in valid.labels)
+    calibration, record = None, {}
+    if params.calibrate:
+        calibration = Calibration.fit(pair_scores, correct)
+        # no ECE here: on the pairs it was fitted to, isotonic regression's is 0 by
+        # construction; xmc eval measures it on a test set
+        record = {"n_validation_docs": len(valid_rows), "n_pairs": int(pair_scores.size)}
+        pair_scores = calibration.apply(pair_scores)
+    threshold = None
+    if params.tune_threshold:
+        value = best_threshold(pair_scores, correct, n_true)
+        prf = micro_prf(pair_scores, correct, n_true, value)
+        threshold = {"value": value, **{k: round(v, 6) for k, v in prf.items()},
+                     "n_validation_docs": len(valid_rows),
+                     "scale": "calibrated" if calibration is not None else "raw",
+                     "top_k": params.top_k, "beam_size": params.beam_size}
+        log.info("threshold %.4f: validation micro-F1 %.4f (P %.4f, R %.4f)", value,
+                 prf["micro_f1"], prf["precision"], prf["recall"])
+    return HeldOut(threshold, calibration, record)
+
+
+def _held_out_features(train: Corpus, fit_rows: np.ndarray, valid_rows: np.ndarray,
+                       dense: tuple[np.ndarray, float] | None, params: BuildParams,
+                       ) -> tuple[sp.csr_matrix, sp.csr_matrix, int | None]:
+    """Features of the fit and validation parts as the bundle computes them, the TF-IDF
+    refitted on the fit part alone (the held-out documents' words never shape it); and
+    where a dense block starts (None: no dense block)."""
+    if not train.is_text:
+        X_fit = sp.csr_matrix(train.features[fit_rows], dtype=np.float32)
+        X_valid = sp.csr_matrix(train.features[valid_rows], dtype=np.float32)
+        X_fit.sort_indices()
+        X_valid.sort_indices()
+        return X_fit, X_valid, train.dense_start
+    from models.tfidf import TfidfEncoder
+
+    tfidf, X_fit = TfidfEncoder.fit([train.texts[i] for i in fit_rows], params.tfidf)
+    X_valid = tfidf.transform([train.texts[i] for i in valid_rows])
+    if dense is None:
+        return X_fit, X_valid, None
+    emb, weight = dense
+    return (fuse(X_fit, emb[fit_rows], weight), fuse(X_valid, emb[valid_rows], weight),
+            X_fit.shape[1])
 
 
 def _dense_encoder(params: BuildParams, folder: Path):

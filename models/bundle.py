@@ -9,6 +9,9 @@
     ensemble.<name>.npy      the tree arrays of models.tree.ENSEMBLE_ARRAYS (format 3; bundles
                              of formats 1 and 2 are still read)
     <encoder files>          e.g. tfidf_vocab.json, tfidf_idf.npy, dense model + tokenizer
+    calibration_{x,y}.npy    built with --calibrate: the knots of the score calibration
+                             (models.calibration); the manifest then has "calibration", and
+                             "threshold" when built with --tune-threshold
 
 Arrays load with ``allow_pickle=False`` and, by default, ``mmap_mode="r"`` so that several
 server processes share one copy. ``version`` is a content hash over arrays, label names,
@@ -128,7 +131,8 @@ def write_labels(folder: Path, label_names: list[str], label_counts: np.ndarray)
 
 
 def content_hash(folder: Path, params: dict[str, Any], encoder_files: list[str]) -> str:
-    """sha256 over every array, the label names, the parameters and the encoder files."""
+    """sha256 over every array, the label names, the parameters and ``encoder_files`` (the
+    encoders' files and any other file a predictor reads, such as the calibration's)."""
     h = hashlib.sha256()
     names = sorted(f"ensemble.{n}.npy" for n in ENSEMBLE_ARRAYS)
     names += ["label_counts.npy", "labels.json", *sorted(encoder_files)]

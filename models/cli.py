@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
                    "default) chooses it by P@1 on a validation split carved from TRAIN, and "
                    "builds TF-IDF only when that wins")
     b.add_argument("--int8", action="store_true", help="quantize the dense encoder to int8")
+    b.add_argument("--tune-threshold", action="store_true",
+                   help="tune a global score threshold for micro-F1 on a validation split "
+                   "carved from TRAIN (a model trained on the rest; about doubles the build "
+                   "time); requests use it with threshold 'auto'")
+    b.add_argument("--calibrate", action="store_true",
+                   help="fit an isotonic map score -> probability that the label is right on "
+                   "the same held-out predictions; served scores are then calibrated")
     b.add_argument("--print-default-params", action="store_true",
                    help="print the default build parameters as JSON and exit")
 
@@ -81,11 +88,24 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("predict", help="top-k labels for texts (arguments or stdin lines)",
                        description="Prints one JSON object per text: "
-                       '{"labels": [{"label", "score"}, ...], "model": {"name", "version"}}.')
+                       '{"labels": [{"label", "score"}, ...], "model": {"name", "version"}}; '
+                       'with --explain each label also has "explanation": [{"term", '
+                       '"contribution"}, ...].')
     q.add_argument("bundle")
     q.add_argument("texts", nargs="*", help="texts; without any, one text per stdin line")
     q.add_argument("--top-k", type=int)
     q.add_argument("--beam-size", type=int)
+    q.add_argument("--include", action="append", metavar="LABEL|PREFIX*",
+                   help="return only these labels (repeatable; a trailing * matches a prefix)")
+    q.add_argument("--exclude", action="append", metavar="LABEL|PREFIX*",
+                   help="never return these labels (repeatable; wins over --include)")
+    q.add_argument("--threshold", type=_threshold, metavar="SCORE|auto",
+                   help="drop labels scoring below SCORE, or below the threshold tuned at "
+                   "build ('auto')")
+    q.add_argument("--min-score", type=float, help="drop labels scoring below this (with "
+                   "--threshold, the larger applies)")
+    q.add_argument("--explain", action="store_true",
+                   help="add to each label the 5 input terms that pushed it up most")
 
     s = sub.add_parser("synth", help="write a synthetic XMC corpus (train.jsonl, test.jsonl)",
                        description="A hidden label hierarchy, Zipfian label frequencies with a "
@@ -136,6 +156,15 @@ def _dense_weight(value: str) -> float | str:
     return alpha
 
 
+def _threshold(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'auto'") from None
+
+
 def _build(args: argparse.Namespace) -> int:
     from models.params import BuildParams
 
@@ -151,8 +180,9 @@ def _build(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             setattr(params, attr, value)
-    if args.int8:
-        params.int8 = True
+    for flag in ("int8", "tune_threshold", "calibrate"):
+        if getattr(args, flag):
+            setattr(params, flag, True)
     logging.getLogger("models").setLevel(logging.INFO)
     from models.builder import build
     from models.data import read_corpus
@@ -199,6 +229,14 @@ def _eval(args: argparse.Namespace) -> int:
                 "recall@5", "coverage"):
         if key in result:
             print(f"  {key:<9} {100 * result[key]:6.2f}")
+    if "micro_f1" in result:
+        print(f"  micro-F1  {100 * result['micro_f1']:6.2f} at the tuned threshold "
+              f"{result['threshold']:.4f} (precision {100 * result['micro_precision']:.2f}, "
+              f"recall {100 * result['micro_recall']:.2f})")
+    ece = f"  ECE       {100 * result['ece_raw']:6.2f} (top-5 pairs, 15 bins)"
+    if "ece_calibrated" in result:
+        ece += f"; calibrated {100 * result['ece_calibrated']:.2f}"
+    print(ece)
     print(f"  batch     {result['batch_docs_per_s']:,.0f} docs/s (batches of 256, encoding "
           "included)")
     print(f"  latency   p50 {result['latency_ms_p50']:.3f} ms, p99 {result['latency_ms_p99']:.3f}"
@@ -214,11 +252,19 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = models.load_bundle(args.bundle)
     model = {"name": predictor.name, "version": predictor.version}
     texts = args.texts or (line.rstrip("\n") for line in sys.stdin)
+    label_filter = {k: v for k, v in (("include", args.include), ("exclude", args.exclude))
+                    if v is not None}
     for text in texts:
-        ranked = predictor.predict([text], top_k=args.top_k, beam_size=args.beam_size)[0]
-        print(json.dumps({"labels": [{"label": lab, "score": round(score, 6)}
-                                     for lab, score in ranked], "model": model},
-                         ensure_ascii=False), flush=True)
+        ranked = predictor.predict([text], top_k=args.top_k, beam_size=args.beam_size,
+                                   label_filter=label_filter, threshold=args.threshold,
+                                   min_score=args.min_score, explain=args.explain)[0]
+        labels = [{"label": r[0], "score": round(r[1], 6)} for r in ranked]
+        if args.explain:
+            for entry, r in zip(labels, ranked):
+                entry["explanation"] = [{"term": x["term"],
+                                         "contribution": round(x["contribution"], 6)}
+                                        for x in r[2]]
+        print(json.dumps({"labels": labels, "model": model}, ensure_ascii=False), flush=True)
     return 0
 
 

@@ -6,7 +6,8 @@
     ├── BundleError               a bundle folder is missing, corrupt or of another format_version
     ├── DataError                 an input file (JSONL / XC format) has a malformed line
     └── InvalidInputError         a call's arguments are wrong (top_k < 1, empty batch, ...)
-        └── NoTextEncoderError    text given to a bundle that was built from feature vectors only
+        ├── NoTextEncoderError    text given to a bundle that was built from feature vectors only
+        └── UnknownLabelError     a label filter names a label the model does not know
 
 The service maps each class to one HTTP status (``service/errors.py``); callers that only
 want "did xmc refuse this?" catch ``XMCError``.
@@ -44,3 +45,14 @@ class InvalidInputError(XMCError):
 
 class NoTextEncoderError(InvalidInputError):
     """The bundle has no text encoder (built from XC feature files): predict from features."""
+
+
+class UnknownLabelError(InvalidInputError):
+    """A label filter names labels (exact, not prefixes) the model does not know; ``labels``
+    lists them, so a caller can point at the typo."""
+
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = list(labels)
+        shown = ", ".join(repr(x) for x in self.labels[:10])
+        more = f" and {len(self.labels) - 10} more" if len(self.labels) > 10 else ""
+        super().__init__(f"unknown label(s) in the filter: {shown}{more}")

@@ -105,3 +105,51 @@ def evaluate(
     out["n_docs"] = n_scored
     out["n_docs_without_labels"] = n_empty
     return out
+
+
+def micro_prf(scores: np.ndarray, correct: np.ndarray, n_true: int,
+              threshold: float) -> dict[str, float]:
+    """Micro precision, recall and F1 of the (label, score) pairs scoring >= ``threshold``:
+    ``correct`` says which pairs are true labels, ``n_true`` counts every true label of the
+    documents (found or not)."""
+    kept = scores >= threshold
+    tp = float(np.count_nonzero(correct & kept))
+    n_pred = float(np.count_nonzero(kept))
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_true if n_true else 0.0
+    f1 = 2 * tp / (n_pred + n_true) if n_pred + n_true else 0.0
+    return {"micro_f1": f1, "precision": precision, "recall": recall}
+
+
+def best_threshold(scores: np.ndarray, correct: np.ndarray, n_true: int) -> float:
+    """The global score threshold maximizing micro-F1 over the pairs (see :func:`micro_prf`):
+    midway between the lowest score kept and the next lower one (0 when every pair is kept),
+    the higher threshold on a tie; above every score (nothing kept) when no pair is right."""
+    scores = np.asarray(scores, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    if not scores.size or not correct.any():
+        return float(np.nextafter(scores.max(), np.inf)) if scores.size else 1.0
+    order = np.argsort(-scores, kind="stable")
+    s, c = scores[order], correct[order]
+    # the cut may fall only between distinct scores: the last pair of each run of ties
+    last = np.flatnonzero(np.append(s[1:] != s[:-1], True))
+    tp = np.cumsum(c)[last]
+    f1 = 2 * tp / (last + 1 + n_true)
+    best = int(np.argmax(f1))  # the first maximum: the fewest pairs kept, the higher cut
+    i = last[best]
+    return float((s[i] + s[i + 1]) / 2) if i + 1 < s.size else 0.0
+
+
+def expected_calibration_error(scores: np.ndarray, correct: np.ndarray,
+                               n_bins: int = 15) -> float:
+    """ECE of scores read as probabilities that their label is right: pairs binned into
+    ``n_bins`` equal-width bins over [0, 1], the mean |accuracy - mean score| of the bins
+    weighted by their share of the pairs (Guo et al. 2017)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    if not scores.size:
+        return 0.0
+    bins = np.minimum((np.clip(scores, 0.0, 1.0) * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    gap = np.abs(np.bincount(bins, correct, n_bins) - np.bincount(bins, scores, n_bins))
+    return float(gap.sum() / count.sum())

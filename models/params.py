@@ -90,7 +90,17 @@ class BuildParams:
     """Candidate alphas for ``dense_weight = "auto"`` (0 is TF-IDF alone); each is trained
     with one tree on the rest of the training set."""
     validation_share: float = 0.15
-    """Share of the training documents held out to choose ``dense_weight``."""
+    """Share of the training documents held out to choose ``dense_weight``, and to tune the
+    threshold and fit the calibration."""
+    tune_threshold: bool = False
+    """Tune a global score threshold: a model trained (with these parameters) on train less
+    the validation share predicts the held-out documents (``top_k``, ``beam_size``), the
+    threshold maximizing micro-F1 there goes into the manifest (with its F1, precision and
+    recall), then the bundle is trained on all of train. Requests use it with
+    ``threshold="auto"``. Off by default: the held-out model about doubles the build time."""
+    calibrate: bool = False
+    """Fit an isotonic map from the ensemble score to the probability that the label is
+    right, on the same held-out predictions, and apply it to every returned score."""
     int8: bool = False
     """Quantize the dense encoder to int8 (dynamic, per-channel)."""
     weight_dtype: str = "int8"

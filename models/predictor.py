@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
 
 from models import bundle as bundle_io
+from models.calibration import Calibration
 from models.errors import BundleError, InvalidInputError
+from models.explain import explain_labels
 from models.features import FeatureEncoder, require_text
+from models.filters import FilterCompiler, FilterSpec
 from models.params import POST_PROCESSORS
 from models.search import Searcher
 from models.tree import Ensemble
@@ -21,18 +24,33 @@ from models.tree import Ensemble
 DENSE_MAP_MB = 128
 
 
+#: what ``threshold`` may be: a score, the bundle's tuned one, or none
+Threshold = float | Literal["auto"] | None
+
+
 class Predictor:
     """Ranks a bundle's labels for documents; thread-safe.
 
     Scores lie in (0, 1]: a label's score is the mean over the ensemble's trees of the
     product of its node scores along its root-to-label path (see ``post_processor``).
+
+    With a calibrated bundle (``xmc build --calibrate``) :meth:`predict` and
+    :meth:`predict_features` return calibrated scores instead (see
+    :mod:`models.calibration`); :meth:`predict_ids` always returns the raw ensemble scores.
+
+    Controls of every predict call: ``label_filter`` (see :mod:`models.filters`: only labels
+    it allows are searched and returned), ``threshold`` and ``min_score`` (labels scoring
+    below the larger are dropped; ``threshold="auto"`` is the one tuned at build, see
+    :attr:`tuned_threshold`); ``top_k`` always caps the count.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], ensemble: Ensemble,
                  label_names: list[str], encoder: FeatureEncoder | None,
                  label_counts: np.ndarray, *, threads: int | None = None,
-                 dense_map_mb: int = DENSE_MAP_MB) -> None:
+                 dense_map_mb: int = DENSE_MAP_MB,
+                 calibration: Calibration | None = None) -> None:
         self.path = path
+        self.calibration = calibration
         self.manifest = manifest
         self.ensemble = ensemble
         self.label_names = label_names
@@ -45,6 +63,8 @@ class Predictor:
         self.threads = threads or min(2, os.cpu_count() or 1)
         self._searcher = Searcher(ensemble, self.n_features, self.post, threads=self.threads,
                                   dense_map_mb=dense_map_mb)
+        self._filters = FilterCompiler(label_names, ensemble)
+        self._terms: list[str] | None = None
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -61,8 +81,9 @@ class Predictor:
             raise BundleError(
                 f"encoders give {encoder.n_features} features, manifest says "
                 f"{manifest['n_features']}", folder / "manifest.json")
+        calibration = Calibration.load(folder) if "calibration" in manifest else None
         return cls(folder, manifest, ensemble, label_names, encoder, counts,
-                   threads=threads)
+                   threads=threads, calibration=calibration)
 
     # ----------------------------------------------------------------- facts
     @property
@@ -89,39 +110,100 @@ class Predictor:
     def has_text_encoder(self) -> bool:
         return self.encoder is not None
 
+    @property
+    def tuned_threshold(self) -> dict[str, Any] | None:
+        """The score threshold tuned at build (``value``, ``micro_f1``, ``precision``,
+        ``recall``, ``n_validation_docs``), or None when the bundle was built without one."""
+        found = self.manifest.get("threshold")
+        return dict(found) if isinstance(found, dict) else None
+
     # ----------------------------------------------------------------- predicting
     def encode(self, texts: Sequence[str]) -> sp.csr_matrix:
         """Feature rows of texts, exactly as the builder computed them."""
         return require_text(self.encoder).transform(texts)
 
     def predict(self, texts: Sequence[str], *, top_k: int | None = None,
-                beam_size: int | None = None) -> list[list[tuple[str, float]]]:
-        """Top ``top_k`` (label, score) per text, best first; one vectorized batch."""
+                beam_size: int | None = None, label_filter: FilterSpec | None = None,
+                threshold: Threshold = None, min_score: float | None = None,
+                explain: bool = False) -> list[list[tuple]]:
+        """Top ``top_k`` (label, score) per text, best first; one vectorized batch. See the
+        class for ``label_filter``, ``threshold`` and ``min_score``. With ``explain`` each
+        entry is (label, score, explanation): see :meth:`explain`."""
         if isinstance(texts, str):
             raise InvalidInputError("predict takes a sequence of texts, not one string")
         encoder = require_text(self.encoder)
         top_k, beam_size = self._check_args(top_k, beam_size)
+        cut = self.score_cut(threshold, min_score)
+        mask = self._filters.node_mask(label_filter)
         if len(texts) == 1:
             idx, val = encoder.transform_one(texts[0])
-            indptr = np.array([0, idx.shape[0]], dtype=np.int64)
-            labels, scores, counts = self._searcher.search(indptr, idx, val, top_k, beam_size)
+            rows = (np.array([0, idx.shape[0]], dtype=np.int64), idx, val)
         else:
-            X = encoder.transform(texts)
-            labels, scores, counts = self.predict_ids(X, top_k=top_k, beam_size=beam_size)
-        return self._named(labels, scores, counts)
+            X = self._as_features(encoder.transform(texts))
+            rows = (X.indptr, X.indices, X.data)
+        labels, scores, counts = self._searcher.search(*rows, top_k, beam_size, mask)
+        return self._named(labels, scores, counts, cut, rows if explain else None)
 
     def predict_features(self, X: sp.spmatrix | np.ndarray, *, top_k: int | None = None,
-                         beam_size: int | None = None) -> list[list[tuple[str, float]]]:
+                         beam_size: int | None = None, label_filter: FilterSpec | None = None,
+                         threshold: Threshold = None, min_score: float | None = None,
+                         explain: bool = False) -> list[list[tuple]]:
         """Like :meth:`predict`, from feature rows (n_docs, n_features), e.g. XC data."""
-        labels, scores, counts = self.predict_ids(X, top_k=top_k, beam_size=beam_size)
-        return self._named(labels, scores, counts)
+        cut = self.score_cut(threshold, min_score)
+        X = self._as_features(X)
+        labels, scores, counts = self.predict_ids(X, top_k=top_k, beam_size=beam_size,
+                                                  label_filter=label_filter)
+        return self._named(labels, scores, counts, cut,
+                           (X.indptr, X.indices, X.data) if explain else None)
+
+    def explain(self, indices: np.ndarray, values: np.ndarray, labels: list[int],
+                n_terms: int = 5) -> list[list[dict[str, object]]]:
+        """Per label id: the ``n_terms`` input terms that pushed it up most for the document
+        whose sorted feature ids and values are given, as ``[{"term", "contribution"},
+        ...]`` (positive contributions only), plus one entry for a dense encoder's block. A
+        contribution is in margin units, averaged over trees: see :mod:`models.explain`."""
+        names = self._term_names()
+        return [e.top(names, n_terms)
+                for e in explain_labels(self.ensemble, indices, values, labels)]
 
     def predict_ids(self, X: sp.spmatrix | np.ndarray, *, top_k: int | None = None,
-                    beam_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw result: label ids (n, top_k; -1 pads), scores (n, top_k), counts (n,)."""
+                    beam_size: int | None = None, label_filter: FilterSpec | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw result: label ids (n, top_k; -1 pads), ensemble scores (n, top_k), counts
+        (n,); neither calibration nor threshold applied."""
         top_k, beam_size = self._check_args(top_k, beam_size)
+        mask = self._filters.node_mask(label_filter)
         X = self._as_features(X)
-        return self._searcher.search(X.indptr, X.indices, X.data, top_k, beam_size)
+        return self._searcher.search(X.indptr, X.indices, X.data, top_k, beam_size, mask)
+
+    def calibrated(self, scores: np.ndarray) -> np.ndarray:
+        """Raw ensemble scores as this bundle serves them: calibrated when it has a
+        calibration, else as they are."""
+        return self.calibration.apply(scores) if self.calibration is not None else scores
+
+    def allowed_labels(self, label_filter: FilterSpec | None) -> np.ndarray:
+        """bool (n_labels,): the labels ``label_filter`` allows (all for None); raises
+        :class:`~models.errors.UnknownLabelError` for an unknown exact name."""
+        return self._filters.label_mask(label_filter)
+
+    def score_cut(self, threshold: Threshold = None, min_score: float | None = None) -> float:
+        """The score below which labels are dropped: the larger of ``threshold`` (a score in
+        0..1, ``"auto"`` for the tuned one, None for none) and ``min_score``. Both compare
+        with the scores as returned (calibrated ones on a calibrated bundle, where the tuned
+        threshold was tuned on that scale too)."""
+        cut = 0.0
+        if threshold == "auto":
+            tuned = self.tuned_threshold
+            if tuned is None:
+                raise InvalidInputError(
+                    f"threshold 'auto': bundle {self.name} (version {self.version}) was built "
+                    "without a tuned threshold (xmc build --tune-threshold); give a number")
+            cut = float(tuned["value"])
+        elif threshold is not None:
+            cut = _score_arg("threshold", threshold)
+        if min_score is not None:
+            cut = max(cut, _score_arg("min_score", min_score))
+        return cut
 
     def warm_up(self) -> None:
         """Compile the kernels and run one prediction, so the first request is not slow."""
@@ -158,9 +240,34 @@ class Predictor:
             X = X.sorted_indices()
         return X
 
-    def _named(self, labels, scores, counts) -> list[list[tuple[str, float]]]:
+    def _named(self, labels, scores, counts, cut: float = 0.0,
+               explain_rows: tuple | None = None) -> list[list[tuple]]:
         names = self.label_names
-        return [
-            [(names[j], float(s)) for j, s in zip(row[:c].tolist(), srow[:c].tolist())]
-            for row, srow, c in zip(labels, scores, counts.tolist())
-        ]
+        scores = self.calibrated(scores)
+        if explain_rows is None:
+            return [
+                [(names[j], s) for j, s in zip(row[:c].tolist(), srow[:c].tolist()) if s >= cut]
+                for row, srow, c in zip(labels, scores, counts.tolist())
+            ]
+        indptr, idx, val = explain_rows
+        out = []
+        for d, (row, srow, c) in enumerate(zip(labels, scores, counts.tolist())):
+            kept = [(j, s) for j, s in zip(row[:c].tolist(), srow[:c].tolist()) if s >= cut]
+            why = self.explain(idx[indptr[d] : indptr[d + 1]], val[indptr[d] : indptr[d + 1]],
+                               [j for j, _ in kept])
+            out.append([(names[j], s, w) for (j, s), w in zip(kept, why)])
+        return out
+
+    def _term_names(self) -> list[str] | None:
+        """Feature id -> term of the TF-IDF block (None without one), built on first use."""
+        if self._terms is None and self.encoder is not None and self.encoder.tfidf is not None:
+            self._terms = self.encoder.tfidf.feature_names()
+        return self._terms
+
+
+def _score_arg(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise InvalidInputError(f"{name} must be a number in 0..1, got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise InvalidInputError(f"{name} must lie in 0..1, got {value!r}")
+    return float(value)

@@ -172,9 +172,14 @@ def _insert_top(keep_id, keep_score, n_keep, cap, node, score):
 def predict_rows(indptr, indices, data, row_start, row_stop, xdense, tree_root, tree_depth,
                  child_ptr, parent, chunk_ptr, chunk_feat, row_len, row_mark, entry_child,
                  entry_val, weight_scale, bias, node_label, label_node, dense_start, dense_ptr,
-                 dense_val, dense_off, dense_map, beam_size, top_k, post, max_children, block,
-                 out_label, out_score, out_n):
+                 dense_val, dense_off, dense_map, node_ok, beam_size, top_k, post, max_children,
+                 block, out_label, out_score, out_n):
     """Predict rows row_start..row_stop of a CSR matrix (sorted indices) into out_* rows.
+
+    ``node_ok`` is a label filter compiled to nodes (see :mod:`models.filters`): empty for
+    none, else a child with ``node_ok`` False never enters the beam (its score is still kept
+    for the exact merge), so every beam slot leads to an allowed label and only allowed
+    labels are returned.
 
     Documents go in blocks of ``block``. Within a block the beam advances layer by layer for
     all documents at once, and the (document, node) pairs of a layer are processed grouped by
@@ -188,6 +193,7 @@ def predict_rows(indptr, indices, data, row_start, row_stop, xdense, tree_root, 
     width = min(beam_size, child_ptr[-1])
     cand_cap = max(width * max_children, 1)
     keep = max(width, top_k)  # the last layer keeps top_k candidates, the others width
+    filtered = node_ok.shape[0] > 0
     z = np.empty(max(max_children, 1))
     for b0 in range(row_start, row_stop, block):
         nb = min(block, row_stop - b0)
@@ -253,6 +259,8 @@ def predict_rows(indptr, indices, data, row_start, row_stop, xdense, tree_root, 
                     for j in range(nc):
                         s = _log_post(z[j] + bias[c0 + j], post)
                         node_score[d, off + j] = s
+                        if filtered and not node_ok[c0 + j]:
+                            continue
                         n_next[d] = _insert_top(next_id[d], next_score[d], n_next[d], cap,
                                                 c0 + j, base + s)
                     pos[d] = off + nc
@@ -378,6 +386,10 @@ PARALLEL_MIN_DOCS = 64
 #: documents per block of the batch kernel, and the scratch memory a block may use
 _MAX_BLOCK = 256
 _BLOCK_BYTES = 32 << 20
+#: the node mask of an unfiltered search: empty, so the kernel takes its unfiltered branch;
+#: read-only like the compiled filters' masks, so both are one compiled signature
+_NO_MASK = np.zeros(0, dtype=np.bool_)
+_NO_MASK.flags.writeable = False
 
 
 class Searcher:
@@ -411,9 +423,16 @@ class Searcher:
             np.asarray(ensemble.dense_val), dense_off, dense_map)
 
     def search(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, top_k: int,
-               beam_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               beam_size: int, node_mask: np.ndarray | None = None,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top ``top_k`` labels of CSR rows (sorted indices): ids (n, top_k; -1 pads),
-        scores (n, top_k), counts (n,). Large batches are split across the threads."""
+        scores (n, top_k), counts (n,). Large batches are split across the threads.
+        ``node_mask`` (bool, n_nodes; see :mod:`models.filters`) keeps the search to the
+        labels it allows."""
+        if node_mask is None:
+            node_mask = _NO_MASK
+        elif node_mask.shape != (self._n_nodes,) or node_mask.dtype != np.bool_:
+            raise ValueError(f"node_mask must be bool ({self._n_nodes},)")
         n = indptr.shape[0] - 1
         indptr = np.asarray(indptr, dtype=np.int64)
         indices = np.asarray(indices, dtype=np.int32)
@@ -422,13 +441,14 @@ class Searcher:
         scores = np.zeros((n, top_k), dtype=np.float64)
         counts = np.zeros(n, dtype=np.int64)
         if n < PARALLEL_MIN_DOCS or self.threads == 1:
-            self._run(indptr, indices, data, 0, n, top_k, beam_size, labels, scores, counts)
+            self._run(indptr, indices, data, 0, n, top_k, beam_size, node_mask, labels, scores,
+                      counts)
             return labels, scores, counts
         pool = self._get_pool()
         bounds = np.linspace(0, n, self.threads + 1).astype(int)
         futures = [
             pool.submit(self._run, indptr, indices, data, int(a), int(b), top_k, beam_size,
-                        labels, scores, counts)
+                        node_mask, labels, scores, counts)
             for a, b in pairwise(bounds) if b > a
         ]
         for f in futures:
@@ -454,10 +474,11 @@ class Searcher:
             self.max_children, 1)
         return int(max(1, min(_MAX_BLOCK, _BLOCK_BYTES // per_doc)))
 
-    def _run(self, indptr, indices, data, start, stop, top_k, beam_size, labels, scores, counts):
+    def _run(self, indptr, indices, data, start, stop, top_k, beam_size, node_mask, labels,
+             scores, counts):
         predict_rows(indptr, indices, data, start, stop, self._xdense(), *self._arrays,
-                     beam_size, top_k, self.post, self.max_children, self._block(beam_size),
-                     labels, scores, counts)
+                     node_mask, beam_size, top_k, self.post, self.max_children,
+                     self._block(beam_size), labels, scores, counts)
 
     def _get_pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:

@@ -76,3 +76,21 @@ def beam_leaves(ens: Ensemble, X: sp.csr_matrix, beam_size: int) -> list[set[int
             beam = cands[:beam_size]
         out.append({int(ens.node_label[c]) for _, c in beam})
     return out
+
+
+def tree_leaf_scores(ens: Ensemble, X: sp.csr_matrix, post: str) -> np.ndarray:
+    """(n_docs, n_trees, n_labels) path score of every label in every tree (the product of
+    the post-processed margins along its path; their mean over trees is :func:`leaf_scores`)."""
+    margins = node_margins(ens, X)
+    if post == "sigmoid":
+        node = 1.0 / (1.0 + np.exp(-margins))
+    else:
+        node = np.exp(-np.maximum(0.0, 1.0 - margins) ** 3)
+    out = np.ones((X.shape[0], ens.n_trees, ens.n_labels))
+    for t in range(ens.n_trees):
+        for lab in range(ens.n_labels):
+            n = int(ens.label_node[t, lab])
+            while ens.parent[n] >= 0:
+                out[:, t, lab] *= node[:, n]
+                n = int(ens.parent[n])
+    return out
