@@ -20,7 +20,7 @@ from itertools import pairwise
 import numba
 import numpy as np
 
-from models.tree import ROW_BLOCK, Ensemble, row_starts
+from models.tree import ROW_BLOCK, Ensemble
 
 L3_HINGE = 0
 SIGMOID = 1
@@ -354,7 +354,7 @@ def _path_log_score(t, node, xi, xv, xdense, tree_depth, child_ptr, parent, chun
 
 
 def build_dense_maps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_len: np.ndarray,
-                     row_mark: np.ndarray, n_features: int, budget_bytes: int,
+                     n_features: int, budget_bytes: int,
                      min_share: float = 1 / 64) -> tuple[np.ndarray, np.ndarray]:
     """Direct feature -> entry maps for the chunks that use at least ``min_share`` of the
     features, in node order (roots and top layers first: every document expands them) until
@@ -364,21 +364,33 @@ def build_dense_maps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_len: np.
     dense_off = np.full(n_nodes, -1, dtype=np.int64)
     per_map = (n_features + 1) * 4
     n_rows = np.diff(chunk_ptr)
-    chosen = []
-    for node in np.flatnonzero(n_rows >= max(1, int(min_share * n_features))):
-        if (len(chosen) + 1) * per_map > budget_bytes:
-            break
-        chosen.append(int(node))
+    eligible = np.flatnonzero(n_rows >= max(1, int(min_share * n_features)))
+    chosen = eligible[: budget_bytes // per_map].astype(np.int64)
     dense_map = np.empty(len(chosen) * (n_features + 1), dtype=np.int32)
-    grid = np.arange(n_features + 1)
-    for k, node in enumerate(chosen):
-        r0, r1 = int(chunk_ptr[node]), int(chunk_ptr[node + 1])
-        first_row = np.searchsorted(chunk_feat[r0:r1], grid)  # first row with feature >= f
-        span = slice(k * (n_features + 1), (k + 1) * (n_features + 1))
-        starts = row_starts(row_len, row_mark, r0, r1)
-        dense_map[span] = starts[first_row] - starts[0]
-        dense_off[node] = k * (n_features + 1)
+    _fill_dense_maps(np.asarray(chunk_ptr), np.asarray(chunk_feat), np.asarray(row_len),
+                     chosen, n_features, dense_map)
+    dense_off[chosen] = np.arange(len(chosen), dtype=np.int64) * (n_features + 1)
     return dense_off, dense_map
+
+
+@numba.njit(nogil=True, cache=True)
+def _fill_dense_maps(chunk_ptr, chunk_feat, row_len, chosen, n_features, out):
+    """out[k * (n_features + 1) + f] = the entries of chunk chosen[k] in rows whose feature
+    is below f: one pass over the chunk's rows and the map, no search."""
+    for k in range(chosen.shape[0]):
+        node = chosen[k]
+        base = k * (n_features + 1)
+        acc = 0
+        f = 0
+        for r in range(chunk_ptr[node], chunk_ptr[node + 1]):
+            feat = chunk_feat[r]
+            while f <= feat:
+                out[base + f] = acc
+                f += 1
+            acc += row_len[r]
+        while f <= n_features:
+            out[base + f] = acc
+            f += 1
 
 
 #: below this many documents a batch runs on the calling thread
@@ -407,8 +419,7 @@ class Searcher:
         self._tree_layers = int(np.asarray(ensemble.tree_depth).sum())
         dense_off, dense_map = build_dense_maps(
             np.asarray(ensemble.chunk_ptr), np.asarray(ensemble.chunk_feat),
-            np.asarray(ensemble.row_len), np.asarray(ensemble.row_mark), n_features,
-            dense_map_mb << 20)
+            np.asarray(ensemble.row_len), n_features, dense_map_mb << 20)
         self._scratch = threading.local()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()

@@ -119,3 +119,21 @@ def test_model_does_not_depend_on_thread_count(tmp_path, tiny_corpus, tiny_predi
     for name, arr in one.ensemble.arrays().items():
         assert np.array_equal(arr, three.ensemble.arrays()[name]), name
     assert one.version == three.version == tiny_predictor.version
+
+
+def test_direct_feature_maps_count_the_entries_before_each_feature(tiny_predictor):
+    from models.search import build_dense_maps
+
+    ens = tiny_predictor.ensemble
+    n_features = tiny_predictor.n_features
+    off, maps = build_dense_maps(ens.chunk_ptr, ens.chunk_feat, ens.row_len, n_features,
+                                 budget_bytes=1 << 30, min_share=0.0)
+    row_len = np.asarray(ens.row_len, dtype=np.int64)
+    mapped = np.flatnonzero(off >= 0)
+    # an ample budget maps every chunk that has a row
+    assert mapped.tolist() == np.flatnonzero(np.diff(ens.chunk_ptr) > 0).tolist()
+    for node in mapped[:: max(1, len(mapped) // 50)]:
+        r0, r1 = int(ens.chunk_ptr[node]), int(ens.chunk_ptr[node + 1])
+        feats, lens = np.asarray(ens.chunk_feat[r0:r1]), row_len[r0:r1]
+        want = [int(lens[feats < f].sum()) for f in range(n_features + 1)]
+        assert maps[off[node] : off[node] + n_features + 1].tolist() == want
