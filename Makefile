@@ -34,11 +34,11 @@ demo: $(VENV)/.demo-deps
 
 ## test: the whole suite (the same command CI runs)
 test: $(VENV)/.test-deps
-	$(BIN)/ruff check models service tests benchmarks
+	$(BIN)/ruff check models service xmc tests benchmarks
 	$(BIN)/pytest -q
 
 lint: $(VENV)/.test-deps
-	$(BIN)/ruff check models service tests benchmarks
+	$(BIN)/ruff check models service xmc tests benchmarks
 
 bench-peers: $(VENV)/.test-deps
 	$(BIN)/pip install -q -e '.[bench]'

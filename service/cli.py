@@ -1,6 +1,6 @@
 """``xmc serve PATH``: run the prediction service (uvicorn workers under a supervisor).
 
-``models/cli.py`` imports this module to build its parser: keep the top-level imports cheap
+``xmc/cli.py`` imports this module to build its parser: keep the top-level imports cheap
 (the web stack is imported only when serving).
 """
 

@@ -10,12 +10,12 @@ import pytest
 
 import models
 from models.builder import build
-from models.cli import main
 from models.data import read_corpus
 from models.errors import DataError, InvalidInputError, NoTextEncoderError
 from models.evaluate import evaluate_predictor
 from models.params import BuildParams, ClusterParams
 from tests.conftest import corpus_from_docs, tiny_params
+from xmc.cli import main
 
 TOPICS = {
     "astronomy": "telescope galaxy nebula orbit planet comet",

@@ -10,12 +10,12 @@ import pytest
 import models
 from models.builder import build
 from models.calibration import Calibration
-from models.cli import main
 from models.data import validation_rows
 from models.errors import BundleError, InvalidInputError
 from models.evaluate import evaluate_predictor
 from models.metrics import best_threshold, expected_calibration_error, micro_prf
 from tests.conftest import tiny_params
+from xmc.cli import main
 
 
 def brute_best_f1(scores: np.ndarray, correct: np.ndarray, n_true: int) -> float:

@@ -11,10 +11,10 @@ import sys
 import pytest
 
 from models.builder import build
-from models.cli import main
 from models.engine import DaskEngine, code_fingerprint
 from models.errors import InvalidInputError
 from tests.conftest import REPO, tiny_params
+from xmc.cli import main
 
 
 def _ci() -> bool:
@@ -104,7 +104,7 @@ def test_flag_wins_over_the_environment(cluster_address, tmp_path, monkeypatch, 
 
 
 def test_local_builds_never_import_dask():
-    code = ("import sys, models.cli, models.builder, models.engine\n"
+    code = ("import sys, xmc.cli, models.builder, models.engine\n"
             "assert models.engine.open_engine(None).describe() == {'kind': 'local'}\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,

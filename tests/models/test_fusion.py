@@ -196,7 +196,7 @@ def test_bad_dense_weight_is_refused(bad):
 
 
 def test_cli_dense_weight_flag(tmp_path, capsys):
-    from models.cli import main
+    from xmc.cli import main
 
     for bad in ("0", "best"):
         with pytest.raises(SystemExit) as exc:

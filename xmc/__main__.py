@@ -1,0 +1,5 @@
+"""``python -m xmc``: the same as the ``xmc`` command."""
+
+from xmc.cli import main
+
+raise SystemExit(main())
