@@ -10,14 +10,26 @@ below 1e-6). For reuters it adds the p50 of documents of 130-170 words.
 
 ``--cpu-time`` times with the process CPU clock instead of the wall clock: on a machine shared
 with other busy processes it shows the encoder's own cost, without the time spent preempted.
+
+``--fit [--corpus TRAIN.jsonl ...]`` times the fit instead, on cooking, reuters and each given
+corpus: scikit-learn's ``TfidfVectorizer(...).fit_transform(texts)`` against our
+``TfidfEncoder.fit(texts, params)`` (both cores), each in its own fresh process so that peak
+RSS is its own, timed inside that process with ``perf_counter`` after the texts are read, best
+of 2. Prints docs, seconds each, the ratio, peak RSS (ours: the main process and its largest
+worker) and whether both produced the same vocabulary.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
+import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -110,12 +122,89 @@ def run(name: str, folder: Path, clock: Callable[[], int]) -> None:
     print(f"{'sklearn transform':<34}{sk_batch:>18,.0f}")
 
 
+def fit_one(method: str, path: Path) -> dict:
+    """Best of 2 fits of ``method`` ('sklearn' or 'ours') on the texts of ``path``."""
+    texts = read_corpus(path).texts
+    params = TfidfParams()
+    gc.collect()
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    best = float("inf")
+    for _ in range(2):
+        if method == "sklearn":
+            from sklearn.feature_extraction.text import TfidfVectorizer
+
+            vectorizer = TfidfVectorizer(
+                ngram_range=(1, params.ngram_max), min_df=params.min_df,
+                max_features=params.max_features, sublinear_tf=params.sublinear_tf,
+                smooth_idf=params.smooth_idf,
+            )
+            t0 = time.perf_counter()
+            X = vectorizer.fit_transform(texts)
+            best = min(best, time.perf_counter() - t0)
+            terms = vectorizer.get_feature_names_out().tolist()
+        else:
+            t0 = time.perf_counter()
+            encoder, X = TfidfEncoder.fit(texts, params)
+            best = min(best, time.perf_counter() - t0)
+            terms = encoder.feature_names()
+        del X
+        gc.collect()
+    return {
+        "docs": len(texts),
+        "features": len(terms),
+        "vocab_sha": hashlib.sha256("\n".join(terms).encode()).hexdigest()[:12],
+        "seconds": best,
+        "rss_texts_mb": base_rss,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
+def run_fit(corpora: dict[str, Path]) -> None:
+    print(f"{'corpus':<12}{'docs':>8}{'features':>10}{'sklearn s':>11}{'ours s':>9}"
+          f"{'ratio':>7}{'sklearn MB':>12}{'ours MB (main/worker)':>23}  same vocab")
+    for name, path in corpora.items():
+        if not path.is_file():
+            print(f"{name:<12} skipped, {path} not found")
+            continue
+        out = {}
+        for method in ("sklearn", "ours"):
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks.tfidf_speed", "--fit-one", method, str(path)],
+                check=True, capture_output=True, text=True,
+            )
+            out[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+        sk, ours = out["sklearn"], out["ours"]
+        print(f"{name:<12}{ours['docs']:>8}{ours['features']:>10}{sk['seconds']:>11.2f}"
+              f"{ours['seconds']:>9.2f}{sk['seconds'] / ours['seconds']:>6.1f}×"
+              f"{sk['peak_rss_mb']:>12.0f}"
+              f"{ours['peak_rss_mb']:>15.0f} / {ours['worker_peak_rss_mb']:<5.0f}"
+              f"  {sk['vocab_sha'] == ours['vocab_sha']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", nargs="?", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with the process CPU clock instead of the wall clock")
+    parser.add_argument("--fit", action="store_true",
+                        help="time the fit against sklearn's fit_transform instead")
+    parser.add_argument("--corpus", type=Path, action="append", default=[],
+                        help="with --fit: another train.jsonl to time (repeatable)")
+    parser.add_argument("--fit-one", nargs=2, metavar=("METHOD", "PATH"),
+                        help=argparse.SUPPRESS)  # the child process of --fit
     args = parser.parse_args()
+    if args.fit_one:
+        print(json.dumps(fit_one(args.fit_one[0], Path(args.fit_one[1]))))
+        return
+    if args.fit:
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"# TF-IDF fit, ours vs sklearn fit_transform ({os.cpu_count()} cores, "
+              f"load average {load}, Python {platform.python_version()}); best of 2")
+        corpora = {name: args.data_dir / sub / "train.jsonl" for name, sub in DATASETS.items()}
+        corpora.update({path.parent.name: path for path in args.corpus})
+        run_fit(corpora)
+        return
     clock = time.process_time_ns if args.cpu_time else time.perf_counter_ns
     # Wall-clock figures: a busy shared machine inflates them, so say how busy it was.
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())

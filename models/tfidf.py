@@ -141,42 +141,19 @@ class TfidfEncoder:
 
     @classmethod
     def fit(
-        cls, texts: Sequence[str], params: TfidfParams | None = None
+        cls, texts: Sequence[str], params: TfidfParams | None = None, *,
+        workers: int | None = None,
     ) -> tuple[TfidfEncoder, sp.csr_matrix]:
         """Fit on ``texts``; returns the encoder and the training matrix (float32 CSR, sorted
-        indices, rows l2-normalized). Needs scikit-learn (the ``build`` extra)."""
-        # Lazy on purpose: the serving image does not ship scikit-learn.
-        from sklearn.feature_extraction.text import TfidfVectorizer
+        indices, rows l2-normalized, bit-identical to :meth:`transform` of ``texts``).
+
+        Counts in blocks on ``workers`` forked processes (default: every core this process
+        may run on); the result does not depend on it. See :mod:`models.tfidf_fit`."""
+        from models.tfidf_fit import fit_tfidf  # build-time code, not loaded when serving
 
         params = params if params is not None else TfidfParams()
-        if isinstance(texts, str):
-            raise InvalidInputError("texts must be a sequence of strings, not one string")
-        vectorizer = TfidfVectorizer(
-            lowercase=params.lowercase,
-            token_pattern=params.token_pattern,
-            ngram_range=(1, params.ngram_max),
-            min_df=params.min_df,
-            max_features=params.max_features,
-            sublinear_tf=params.sublinear_tf,
-            smooth_idf=params.smooth_idf,
-            use_idf=True,
-            norm="l2",
-            analyzer="word",
-            strip_accents=None,
-            stop_words=None,
-            dtype=np.float64,
-        )
-        try:
-            vectorizer.fit(texts)
-        except ValueError as exc:  # empty vocabulary, min_df above the corpus size, ...
-            raise InvalidInputError(f"cannot fit TF-IDF on these texts: {exc}") from exc
-        except AttributeError as exc:  # a non-string document
-            raise InvalidInputError(f"texts must be strings: {exc}") from exc
-        terms = vectorizer.get_feature_names_out().tolist()
-        encoder = cls(terms, vectorizer.idf_.astype(np.float32), params)
-        # Our own transform (not sklearn's matrix) so training rows are bit-identical to
-        # what the server computes for the same text.
-        return encoder, encoder.transform(texts)
+        terms, idf, matrix = fit_tfidf(texts, params, workers)
+        return cls(terms, idf, params), matrix
 
     # ------------------------------------------------------------ transform
 
@@ -238,26 +215,7 @@ class TfidfEncoder:
             row_nnz.append(nnz)
             indices.append(ind)
             data.append(val)
-        n_rows = sum(len(x) for x in row_nnz)
-        indptr = np.zeros(n_rows + 1, dtype=np.int64)
-        if n_rows:
-            np.cumsum(np.concatenate(row_nnz), out=indptr[1:])
-        total = int(indptr[-1])
-        # int32 index arrays unless the matrix is too big for them (scipy needs one dtype).
-        index_dtype = np.int32 if total < np.iinfo(np.int32).max else np.int64
-        matrix = sp.csr_matrix(
-            (
-                np.concatenate(data) if data else np.empty(0, np.float32),
-                np.concatenate(indices).astype(index_dtype, copy=False)
-                if indices
-                else np.empty(0, index_dtype),
-                indptr.astype(index_dtype, copy=False),
-            ),
-            shape=(n_rows, self.n_features),
-            copy=False,
-        )
-        matrix.has_sorted_indices = True
-        return matrix
+        return stack_rows(row_nnz, indices, data, self.n_features)
 
     def _transform_chunk(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(nnz per row, column ids, values) of the rows of ``texts``, in CSR order.
@@ -289,16 +247,7 @@ class TfidfEncoder:
         known = cols >= 0
         # One sort of row-major keys both counts repeated terms and orders the CSR entries.
         keys, tf = np.unique(rows[known] * n_features + cols[known], return_counts=True)
-        rows = keys // n_features
-        cols = (keys - rows * n_features).astype(np.int32)
-        vals = tf.astype(np.float64)
-        if self.params.sublinear_tf:
-            np.log(vals, out=vals)
-            vals += 1.0
-        vals *= self._idf[cols]
-        norms = np.sqrt(np.bincount(rows, weights=vals * vals, minlength=n_rows))
-        vals /= norms[rows]  # every row present in `rows` has a positive norm
-        return np.bincount(rows, minlength=n_rows), cols, vals.astype(np.float32)
+        return weighted_rows(keys, tf, n_rows, self._idf, self.params.sublinear_tf)
 
     # ----------------------------------------------------------- save / load
 
@@ -358,6 +307,54 @@ class TfidfEncoder:
         if not (np.isfinite(idf).all() and (idf > 0).all()):
             raise BundleError("TF-IDF idf has non-finite or non-positive weights", path=idf_path)
         return cls(terms, idf, params)
+
+
+def weighted_rows(
+    keys: np.ndarray, tf: np.ndarray, n_rows: int, idf: np.ndarray, sublinear: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(nnz per row, column ids int32, values float32) of l2-normalized TF-IDF rows.
+
+    ``keys`` are ``row * len(idf) + column``, ascending and distinct, ``tf`` the count of
+    each. The transform and the fit both end here, so training rows are bit-identical to what
+    the server computes for the same text."""
+    n_features = len(idf)
+    rows = keys // n_features
+    cols = (keys - rows * n_features).astype(np.int32)
+    vals = tf.astype(np.float64)
+    if sublinear:
+        np.log(vals, out=vals)
+        vals += 1.0
+    vals *= idf[cols]
+    norms = np.sqrt(np.bincount(rows, weights=vals * vals, minlength=n_rows))
+    vals /= norms[rows]  # every row present in `rows` has a positive norm
+    return np.bincount(rows, minlength=n_rows), cols, vals.astype(np.float32)
+
+
+def stack_rows(
+    row_nnz: list[np.ndarray], indices: list[np.ndarray], data: list[np.ndarray],
+    n_features: int,
+) -> sp.csr_matrix:
+    """One float32 CSR matrix (sorted indices) from consecutive blocks of rows."""
+    n_rows = sum(len(x) for x in row_nnz)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    if n_rows:
+        np.cumsum(np.concatenate(row_nnz), out=indptr[1:])
+    total = int(indptr[-1])
+    # int32 index arrays unless the matrix is too big for them (scipy needs one dtype).
+    index_dtype = np.int32 if total < np.iinfo(np.int32).max else np.int64
+    matrix = sp.csr_matrix(
+        (
+            np.concatenate(data) if data else np.empty(0, np.float32),
+            np.concatenate(indices).astype(index_dtype, copy=False)
+            if indices
+            else np.empty(0, index_dtype),
+            indptr.astype(index_dtype, copy=False),
+        ),
+        shape=(n_rows, n_features),
+        copy=False,
+    )
+    matrix.has_sorted_indices = True
+    return matrix
 
 
 def _tuple_keyed(terms: Sequence[str]) -> dict[str | tuple[str, ...], int]:
