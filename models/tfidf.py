@@ -90,10 +90,13 @@ class TfidfEncoder:
     kind = "tfidf"
 
     def __init__(
-        self, terms: Sequence[str], idf: np.ndarray, params: TfidfParams | None = None
+        self, terms: Sequence[str], idf: np.ndarray, params: TfidfParams | None = None, *,
+        token_keys: Sequence[str | tuple[str, ...]] | None = None,
     ) -> None:
         """``terms[i]`` is the n-gram of feature ``i``; ``idf[i]`` its weight (kept as given,
-        so a read-only memory map stays shared between processes)."""
+        so a read-only memory map stays shared between processes). ``token_keys``: the terms
+        already split into token tuples, when the caller has them (the fit does), so they
+        need not be split again."""
         self.params = params if params is not None else TfidfParams()
         pattern = self.params.token_pattern
         ngram_max = self.params.ngram_max
@@ -103,7 +106,9 @@ class TfidfEncoder:
         # patterns may match spaces, so their n-grams stay joined strings, as in sklearn.
         self._tuple_keys = pattern == DEFAULT_TOKEN_PATTERN and ngram_max > 1
         self._vocab: dict[str | tuple[str, ...], int] = (
-            _tuple_keyed(terms) if self._tuple_keys else {t: i for i, t in enumerate(terms)}
+            _tuple_keyed(terms, token_keys)
+            if self._tuple_keys
+            else {t: i for i, t in enumerate(terms)}
         )
         if len(self._vocab) != len(terms):
             raise InvalidInputError("terms contain duplicates")
@@ -152,8 +157,9 @@ class TfidfEncoder:
         from models.tfidf_fit import fit_tfidf  # build-time code, not loaded when serving
 
         params = params if params is not None else TfidfParams()
-        terms, idf, matrix = fit_tfidf(texts, params, workers)
-        return cls(terms, idf, params), matrix
+        features, matrix = fit_tfidf(texts, params, workers)
+        encoder = cls(features.terms, features.idf, params, token_keys=features.token_keys)
+        return encoder, matrix
 
     # ------------------------------------------------------------ transform
 
@@ -357,8 +363,16 @@ def stack_rows(
     return matrix
 
 
-def _tuple_keyed(terms: Sequence[str]) -> dict[str | tuple[str, ...], int]:
-    """term -> feature id, with each n-gram keyed by its token tuple."""
+def _tuple_keyed(
+    terms: Sequence[str], token_keys: Sequence[str | tuple[str, ...]] | None = None
+) -> dict[str | tuple[str, ...], int]:
+    """term -> feature id, with each n-gram keyed by its token tuple (``token_keys``, if
+    given, already holds them: checked to join back into ``terms``)."""
+    if token_keys is not None:
+        joined = (k if isinstance(k, str) else " ".join(k) for k in token_keys)
+        if len(token_keys) != len(terms) or any(a != b for a, b in zip(joined, terms)):
+            raise InvalidInputError("token_keys do not split the terms")
+        return dict(zip(token_keys, range(len(terms))))
     # One string object per distinct token: 200k bigrams share a few 10k words.
     tokens: dict[str, str] = {}
     intern = tokens.setdefault
