@@ -289,6 +289,8 @@ def _offsets(base: int, n_max: int) -> list[int]:
 
 def _max_base(n_max: int) -> int:
     """Largest token count whose 1..n_max-gram keys all fit ``_KEY_LIMIT``."""
+    if n_max == 1:
+        return 2**63 - 1  # a key is a token id: any count fits
     def fits(base: int) -> bool:
         return _offsets(base, n_max + 1)[-1] - 1 <= _KEY_LIMIT
 

@@ -202,9 +202,10 @@ def test_key_overflow_takes_the_string_path(monkeypatch: pytest.MonkeyPatch) -> 
     train = make_corpus(400, seed=14)
     params = TfidfParams(ngram_max=3, min_df=1)
     packed = TfidfEncoder.fit(train, params)
-    # 40 distinct tokens: 1..3-grams of them no longer fit keys below 40**3.
-    monkeypatch.setattr(tfidf_fit, "_KEY_LIMIT", 40**3)
-    assert tfidf_fit._max_base(3) < 40
+    # The corpus has over 20 distinct tokens: their 1..3-grams no longer fit keys below 10**3.
+    assert packed[0].n_features > 20
+    monkeypatch.setattr(tfidf_fit, "_KEY_LIMIT", 10**3)
+    assert tfidf_fit._max_base(3) < 10
     passes = []
     count_corpus = tfidf_fit._count_corpus
 
