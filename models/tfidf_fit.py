@@ -518,8 +518,8 @@ def _tokenize(texts: list[str], tok: _Tokenizer) -> tuple[list[str], np.ndarray]
     try:
         for text in texts:
             toks = findall(text.lower() if lowercase else text)
-            if n_join > 1:
-                toks += _joined_ngrams(toks, n_join)
+            if n_join > 1:  # (listed first: the n-grams are sliced from toks lazily)
+                toks += list(_joined_ngrams(toks, n_join))
             extend(toks)
             lengths.append(len(toks))
     except (AttributeError, TypeError) as exc:
