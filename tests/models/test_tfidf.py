@@ -109,6 +109,7 @@ PARAM_CASES = [
     TfidfParams(ngram_max=4, max_features=5, min_df=1),
     # Tokens holding spaces: joined n-grams can collide, the fit takes its string path.
     TfidfParams(token_pattern=r"[^,;.\n]+"),
+    TfidfParams(token_pattern=r"[^,;.\n]+", ngram_max=3, min_df=1),
 ]
 
 
