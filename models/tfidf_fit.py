@@ -408,12 +408,12 @@ def _count_terms(ids: np.ndarray, lengths: np.ndarray, base: int, offsets: np.nd
     for length in lengths:
         for k in range(1, n_max + 1):
             n_occ += max(length - k + 1, 0)
-    table, bits = _hash_table(n_occ)
+    # Sized for a guess of the distinct terms, doubled when half full: a small table stays
+    # in cache, where one sized for every occurrence would not.
+    table, bits = _hash_table(max(n_occ // 8, 1024))
     terms = np.empty(n_occ, np.int64)
-    df = np.zeros(n_occ, np.int64)
-    tf = np.zeros(n_occ, np.int64)
-    last_doc = np.full(n_occ, -1, np.int64)
-    last_pair = np.empty(n_occ, np.int64)
+    # Per term, side by side (one cache line): document of its last pair, that pair, df, tf.
+    state = np.empty((n_occ, 4), np.int64)
     pair_term = np.empty(n_occ, np.int32)
     pair_count = np.empty(n_occ, np.int32)
     row_nnz = np.zeros(len(lengths), np.int64)
@@ -431,21 +431,26 @@ def _count_terms(ids: np.ndarray, lengths: np.ndarray, base: int, offsets: np.nd
                 term, new = _id_of(table, bits, key, n_terms)
                 if new:
                     terms[n_terms] = key
+                    state[n_terms, 0] = -1
+                    state[n_terms, 2] = 0
+                    state[n_terms, 3] = 0
                     n_terms += 1
-                tf[term] += 1
-                if last_doc[term] == doc:
-                    pair_count[last_pair[term]] += 1
+                    if 4 * n_terms > len(table):  # half of the len(table) // 2 slots
+                        table, bits = _rehash(terms[:n_terms], 2 * n_terms)
+                state[term, 3] += 1
+                if state[term, 0] == doc:
+                    pair_count[state[term, 1]] += 1
                 else:
-                    last_doc[term] = doc
-                    last_pair[term] = n_pairs
-                    df[term] += 1
+                    state[term, 0] = doc
+                    state[term, 1] = n_pairs
+                    state[term, 2] += 1
                     pair_term[n_pairs] = term
                     pair_count[n_pairs] = 1
                     n_pairs += 1
                     row_nnz[doc] += 1
         start = end
-    return (terms[:n_terms].copy(), df[:n_terms].copy(), tf[:n_terms].copy(), row_nnz,
-            pair_term[:n_pairs].copy(), pair_count[:n_pairs].copy())
+    return (terms[:n_terms].copy(), state[:n_terms, 2].copy(), state[:n_terms, 3].copy(),
+            row_nnz, pair_term[:n_pairs].copy(), pair_count[:n_pairs].copy())
 
 
 @numba.njit(cache=True)
