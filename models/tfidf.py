@@ -152,8 +152,9 @@ class TfidfEncoder:
         """Fit on ``texts``; returns the encoder and the training matrix (float32 CSR, sorted
         indices, rows l2-normalized, bit-identical to :meth:`transform` of ``texts``).
 
-        Counts in blocks on ``workers`` forked processes (default: every core this process
-        may run on); the result does not depend on it. See :mod:`models.tfidf_fit`."""
+        Counts in blocks on at most ``workers`` forked processes (default: the cores this
+        process may run on; fewer for a small corpus); the result does not depend on it. See
+        :mod:`models.tfidf_fit`."""
         from models.tfidf_fit import fit_tfidf  # build-time code, not loaded when serving
 
         params = params if params is not None else TfidfParams()
@@ -369,10 +370,10 @@ def _tuple_keyed(
     """term -> feature id, with each n-gram keyed by its token tuple (``token_keys``, if
     given, already holds them: checked to join back into ``terms``)."""
     if token_keys is not None:
-        joined = (k if isinstance(k, str) else " ".join(k) for k in token_keys)
-        if len(token_keys) != len(terms) or any(a != b for a, b in zip(joined, terms)):
+        joined = [k if k.__class__ is str else " ".join(k) for k in token_keys]
+        if joined != list(terms):
             raise InvalidInputError("token_keys do not split the terms")
-        return dict(zip(token_keys, range(len(terms))))
+        return dict(zip(token_keys, range(len(terms)), strict=True))
     # One string object per distinct token: 200k bigrams share a few 10k words.
     tokens: dict[str, str] = {}
     intern = tokens.setdefault

@@ -191,7 +191,8 @@ def test_one_and_two_processes_fit_the_same(
 
     train = make_corpus(500, seed=13)
     one = TfidfEncoder.fit(train, params, workers=1)
-    monkeypatch.setattr(tfidf_fit, "_BLOCK_DOCS", 13)  # 39 blocks over 2 forked workers
+    monkeypatch.setattr(tfidf_fit, "_BLOCK_DOCS", 13)  # 39 blocks over 2 forked workers,
+    monkeypatch.setattr(tfidf_fit, "_CHARS_PER_WORKER", 1)  # however small the corpus
     two = TfidfEncoder.fit(train, params, workers=2)
     assert_same_fit(one, two)
     assert_matches(two[1], sklearn_for(params).fit_transform(train))
@@ -302,9 +303,19 @@ def test_bad_inputs() -> None:
     for texts in ([], ["", " "], "one string"):
         with pytest.raises(InvalidInputError):
             TfidfEncoder.fit(texts)
-    for workers in (1, 2):  # the error is raised in a worker process, and reaches us
-        with pytest.raises(InvalidInputError, match="strings"):
-            TfidfEncoder.fit([*make_corpus(100, seed=6), None], workers=workers)
+    with pytest.raises(InvalidInputError, match="strings"):
+        TfidfEncoder.fit([*make_corpus(100, seed=6), None])
+    with pytest.raises(InvalidInputError, match="strings"):
+        TfidfEncoder.fit([*make_corpus(100, seed=6), b"bytes"], TfidfParams(lowercase=False))
+
+
+def test_worker_errors_reach_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.tfidf_fit as tfidf_fit
+
+    monkeypatch.setattr(tfidf_fit, "_CHARS_PER_WORKER", 1)
+    # bytes pass len() but not the str pattern: the worker process raises, we get it.
+    with pytest.raises(InvalidInputError, match="strings"):
+        TfidfEncoder.fit([*make_corpus(100, seed=6), b"bytes"], workers=2)
     with pytest.raises(InvalidInputError):
         TfidfParams(ngram_max=0)
 
