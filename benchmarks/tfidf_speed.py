@@ -16,7 +16,7 @@ corpus: scikit-learn's ``TfidfVectorizer(...).fit_transform(texts)`` against our
 ``TfidfEncoder.fit(texts, params)`` (both cores), each in its own fresh process so that peak
 RSS is its own, timed inside that process with ``perf_counter`` after the texts are read, best
 of 2. Prints docs, seconds each, the ratio, peak RSS (ours: the main process and its largest
-worker) and whether both produced the same vocabulary.
+worker) and whether both produced the same vocabulary. ``--repeat N`` changes the 2.
 """
 
 from __future__ import annotations
@@ -122,14 +122,14 @@ def run(name: str, folder: Path, clock: Callable[[], int]) -> None:
     print(f"{'sklearn transform':<34}{sk_batch:>18,.0f}")
 
 
-def fit_one(method: str, path: Path) -> dict:
-    """Best of 2 fits of ``method`` ('sklearn' or 'ours') on the texts of ``path``."""
+def fit_one(method: str, path: Path, repeat: int) -> dict:
+    """Best of ``repeat`` fits of ``method`` ('sklearn' or 'ours') on the texts of ``path``."""
     texts = read_corpus(path).texts
     params = TfidfParams()
     gc.collect()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     best = float("inf")
-    for _ in range(2):
+    for _ in range(repeat):
         if method == "sklearn":
             from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -160,7 +160,7 @@ def fit_one(method: str, path: Path) -> dict:
     }
 
 
-def run_fit(corpora: dict[str, Path]) -> None:
+def run_fit(corpora: dict[str, Path], repeat: int) -> None:
     print(f"{'corpus':<12}{'docs':>8}{'features':>10}{'sklearn s':>11}{'ours s':>9}"
           f"{'ratio':>7}{'sklearn MB':>12}{'ours MB (main/worker)':>23}  same vocab")
     for name, path in corpora.items():
@@ -170,7 +170,8 @@ def run_fit(corpora: dict[str, Path]) -> None:
         out = {}
         for method in ("sklearn", "ours"):
             proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.tfidf_speed", "--fit-one", method, str(path)],
+                [sys.executable, "-m", "benchmarks.tfidf_speed", "--fit-one", method, str(path),
+                 "--repeat", str(repeat)],
                 check=True, capture_output=True, text=True,
             )
             out[method] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -191,19 +192,22 @@ def main() -> None:
                         help="time the fit against sklearn's fit_transform instead")
     parser.add_argument("--corpus", type=Path, action="append", default=[],
                         help="with --fit: another train.jsonl to time (repeatable)")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="with --fit: best of this many fits (default 2)")
     parser.add_argument("--fit-one", nargs=2, metavar=("METHOD", "PATH"),
                         help=argparse.SUPPRESS)  # the child process of --fit
     args = parser.parse_args()
     if args.fit_one:
-        print(json.dumps(fit_one(args.fit_one[0], Path(args.fit_one[1]))))
+        print(json.dumps(fit_one(args.fit_one[0], Path(args.fit_one[1]), args.repeat)))
         return
     if args.fit:
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"# TF-IDF fit, ours vs sklearn fit_transform ({os.cpu_count()} cores, "
-              f"load average {load}, Python {platform.python_version()}); best of 2")
+              f"load average {load}, Python {platform.python_version()}); "
+              f"best of {args.repeat}")
         corpora = {name: args.data_dir / sub / "train.jsonl" for name, sub in DATASETS.items()}
         corpora.update({path.parent.name: path for path in args.corpus})
-        run_fit(corpora)
+        run_fit(corpora, args.repeat)
         return
     clock = time.process_time_ns if args.cpu_time else time.perf_counter_ns
     # Wall-clock figures: a busy shared machine inflates them, so say how busy it was.

@@ -161,7 +161,8 @@ def fit_tfidf(
     _ROWS_INPUT = (blocks, feature_of, features.idf, params.sublinear_tf)
     try:
         with _pool(workers) as pmap:
-            for nnz, ind, val in pmap(_block_rows, range(len(blocks))):
+            for i, (nnz, ind, val) in enumerate(pmap(_block_rows, range(len(blocks)))):
+                blocks[i] = None  # type: ignore[call-overload]  # done: free it now
                 row_nnz.append(nnz)
                 indices.append(ind)
                 data.append(val)
