@@ -1,11 +1,14 @@
-"""Sparse TF-IDF text encoder: fitted with scikit-learn at build time, applied without it.
+"""Sparse TF-IDF text encoder: scikit-learn's features, fitted and applied without it.
 
 The feature space is exactly scikit-learn's ``TfidfVectorizer`` (lowercase, regex tokens, word
-n-grams, sublinear tf, smoothed idf, l2 rows): fitting delegates to it so vocabulary choice and
-``max_features`` tie-breaking are sklearn's own, and the serving transform reproduces its
-``transform`` from the saved vocabulary and idf with a regex, one dict lookup per term and a
-handful of float operations. scikit-learn is imported only inside :meth:`TfidfEncoder.fit`; the
-serving path never loads it (about 0.5 ms per call there, against ~10-100 µs here).
+n-grams, min_df, max_features, sublinear tf, smoothed idf, l2 rows). :meth:`TfidfEncoder.fit`
+computes it in :mod:`models.tfidf_fit`: a streaming count over blocks of documents on every
+core, with sklearn's vocabulary order and ``max_features`` tie-breaking reproduced, several
+times faster than sklearn's ``fit_transform`` (benchmarks/RESULTS.md, "TF-IDF fit"); the
+parity tests compare the two. The serving transform reproduces sklearn's ``transform`` from
+the saved vocabulary and idf with a regex, one dict lookup per term and a handful of float
+operations (sklearn takes about 0.5 ms per call, against ~10-100 µs here); neither path
+imports scikit-learn, which only the parity tests and benchmarks use.
 
 Bundle files (plain JSON / .npy, never pickle):
 
