@@ -137,7 +137,7 @@ def fit_tfidf(
         n_chars = sum(map(len, texts))
     except TypeError as exc:
         raise InvalidInputError(f"texts must be strings: {exc}") from None
-    workers = min(workers or len(os.sched_getaffinity(0)), max(1, n_chars // _CHARS_PER_WORKER))
+    workers = min(workers or _usable_cores(), max(1, n_chars // _CHARS_PER_WORKER))
     size = max(1, min(_BLOCK_DOCS, -(-n_docs // (workers * _BLOCKS_PER_WORKER))))
     bounds = [(lo, min(lo + size, n_docs)) for lo in range(0, n_docs, size)]
     workers = min(workers, len(bounds))
@@ -558,6 +558,12 @@ def _block_rows(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     counts.sort_indices()
     keys = rows * len(idf) + counts.indices
     return weighted_rows(keys, counts.data, n_rows, idf, sublinear)
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # the cores this process may run on (Linux)
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @contextmanager
