@@ -129,7 +129,6 @@ def fit_tfidf(
 ) -> tuple[_Features, sp.csr_matrix]:
     """(the features, the training matrix) of ``texts``, on at most ``workers`` processes
     (default: the cores this process may run on)."""
-    global _ROWS_INPUT
     if isinstance(texts, str):
         raise InvalidInputError("texts must be a sequence of strings, not one string")
     n_docs = len(texts)
@@ -157,8 +156,15 @@ def fit_tfidf(
     tokens, table, blocks = corpus
     features, feature_of = _select_features(tokens, table, n_max, params, n_docs)
     del tokens, table
+    return features, _rows(blocks, feature_of, features.idf, params.sublinear_tf, workers)
+
+
+def _rows(blocks: list[_Block], feature_of: np.ndarray, idf: np.ndarray, sublinear: bool,
+          workers: int) -> sp.csr_matrix:
+    """Step 3: the training matrix, a block per task; empties ``blocks`` as it goes."""
+    global _ROWS_INPUT
     row_nnz, indices, data = [], [], []
-    _ROWS_INPUT = (blocks, feature_of, features.idf, params.sublinear_tf)
+    _ROWS_INPUT = (blocks, feature_of, idf, sublinear)
     try:
         with _pool(workers) as pmap:
             for i, (nnz, ind, val) in enumerate(pmap(_block_rows, range(len(blocks)))):
@@ -168,7 +174,7 @@ def fit_tfidf(
                 data.append(val)
     finally:
         _ROWS_INPUT = None
-    return features, stack_rows(row_nnz, indices, data, len(features.terms))
+    return stack_rows(row_nnz, indices, data, len(idf))
 
 
 def _count_corpus(
