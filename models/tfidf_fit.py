@@ -237,14 +237,14 @@ def _select_features(
 
 class _TermTable:
     """The distinct terms of the blocks added so far, with summed df and tf (grows by
-    doubling; the hash table of :func:`_merge_into` is rebuilt at each growth)."""
+    doubling, its :func:`_id_slots` rebuilt at each growth)."""
 
     def __init__(self) -> None:
         self.n = 0
         self.keys = np.zeros(0, np.int64)
         self.df = np.zeros(0, np.int64)
         self.tf = np.zeros(0, np.int64)
-        self._slots, self._bits = _hash_table(0)
+        self._slots, self._bits = _id_slots(self.keys, 0)
 
     def add(self, keys: np.ndarray, df: np.ndarray, tf: np.ndarray) -> np.ndarray:
         """Adds a block's distinct terms; returns their int32 ids in the table."""
@@ -254,7 +254,7 @@ class _TermTable:
             if size >= 2**31:
                 raise InvalidInputError("more than 2**31 distinct terms: cannot fit TF-IDF")
             self.keys, self.df, self.tf = (_grown(a, size) for a in (self.keys, self.df, self.tf))
-            self._slots, self._bits = _rehash(self.keys[: self.n], size)
+            self._slots, self._bits = _id_slots(self.keys[: self.n], size)
         self.n, ids = _merge_into(self._slots, self._bits, self.keys, self.df, self.tf, self.n,
                                   keys, df, tf)
         return ids
@@ -470,11 +470,42 @@ def _count_terms(ids: np.ndarray, lengths: np.ndarray, base: int, offsets: np.nd
 
 @numba.njit(cache=True)
 def _rehash(keys: np.ndarray, size: int) -> tuple[np.ndarray, int]:
-    """A hash table for ``size`` keys holding ``keys`` (key i has id i)."""
+    """A :func:`_hash_table` for ``size`` keys holding ``keys`` (key i has id i)."""
     slots, bits = _hash_table(size)
     for i in range(len(keys)):
         _id_of(slots, bits, keys[i], i)
     return slots, bits
+
+
+@numba.njit(cache=True)
+def _id_slots(keys: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+    """An open-addressing table for ``size`` keys of the array ``keys`` holding its current
+    ones: slots hold only int32 ids (-1: free), the key is read from ``keys[id]``. A quarter
+    of :func:`_hash_table`'s bytes, for the corpus table of millions of terms."""
+    bits = 1
+    while (1 << bits) < 2 * size:
+        bits += 1
+    slots = np.full(1 << bits, -1, np.int32)
+    for i in range(len(keys)):
+        _slot_id(slots, bits, keys, keys[i], i)
+    return slots, bits
+
+
+@numba.njit(inline="always")
+def _slot_id(slots: np.ndarray, bits: int, all_keys: np.ndarray, key: int,
+             next_id: int) -> tuple[int, bool]:
+    """:func:`_id_of` for :func:`_id_slots` tables (``all_keys[next_id]`` is set by the
+    caller when the key is new)."""
+    mask = (1 << bits) - 1
+    slot = np.int64((np.uint64(key) * _HASH_MULTIPLIER) >> np.uint64(64 - bits))
+    while True:
+        found = slots[slot]
+        if found == -1:
+            slots[slot] = next_id
+            return next_id, True
+        if all_keys[found] == key:
+            return found, False
+        slot = (slot + 1) & mask
 
 
 @numba.njit(cache=True)
@@ -485,7 +516,7 @@ def _merge_into(slots: np.ndarray, bits: int, all_keys: np.ndarray, all_df: np.n
     have room for them; returns the new ``n`` and each key's int32 id."""
     ids = np.empty(len(keys), np.int32)
     for i in range(len(keys)):
-        term, new = _id_of(slots, bits, keys[i], n)
+        term, new = _slot_id(slots, bits, all_keys, keys[i], n)
         if new:
             all_keys[n] = keys[i]
             n += 1
@@ -500,7 +531,8 @@ def _compile() -> None:
     they inherit the machine code instead of each compiling it."""
     one = np.ones(1, np.int64)
     _count_terms(one, one, 2, np.zeros(1, np.int64))
-    slots, bits = _rehash(one, 1)
+    _rehash(one, 1)
+    slots, bits = _id_slots(one, 1)
     _merge_into(slots, bits, one, one, one, 1, one, one, one)
     _dense_ids(np.zeros(1, np.int64))
 
