@@ -126,6 +126,8 @@ def test_matches_sklearn(params: TfidfParams) -> None:
     assert encoder.n_features <= params.max_features
     assert encoder.feature_names() == ref.get_feature_names_out().tolist()
     np.testing.assert_allclose(encoder._idf, ref.idf_, rtol=1e-6)
+    # The fit hands the encoder its token tuples: the same lookup keys as splitting terms.
+    assert encoder._vocab == TfidfEncoder(encoder.feature_names(), encoder._idf, params)._vocab
 
     assert_matches(train_matrix, ref_train)
     assert_matches(encoder.transform(test), ref.transform(test))
