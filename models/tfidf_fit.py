@@ -217,22 +217,49 @@ def _select_features(
     """Step 2b: (the features, feature id of each corpus term or -1)."""
     df, tf = table.df[: table.n], table.tf[: table.n]
     survivors = np.flatnonzero(df >= params.min_df)
-    names = _term_strings(table.keys[survivors], tokens, _max_base(n_max), n_max)
-    kept = _limit_features(names, tf[survivors], params.max_features)
+    keys, base = table.keys[survivors], _max_base(n_max)
+    by_name = _by_name(keys, tokens, base, n_max)
+    if by_name is None:  # a token holds a character <= " ": sort the joined strings
+        names = _term_strings(keys, tokens, base, n_max)
+        by_name = np.array(sorted(range(len(names)), key=names.__getitem__), dtype=np.int64)
+        del names
+    kept = _limit_features(by_name, tf[survivors], params.max_features)
     if not len(kept):
         raise InvalidInputError(
             "cannot fit TF-IDF on these texts: after pruning, no terms remain; try a lower "
             "min_df")
-    terms = [names[i] for i in kept.tolist()]
+    # Strings for the kept terms only (200k at most, where millions may pass min_df).
+    terms = _term_strings(keys[kept], tokens, base, n_max)
     token_keys = None
     if n_max > 1 and params.token_pattern == DEFAULT_TOKEN_PATTERN:
         # Token tuples for the encoder's vocabulary, from the ids: no splitting of strings.
-        token_keys = _term_strings(table.keys[survivors[kept]], tokens, _max_base(n_max),
-                                   n_max, joined=False)
+        token_keys = _term_strings(keys[kept], tokens, base, n_max, joined=False)
     feature_of = np.full(table.n, -1, np.int32)
     feature_of[survivors[kept]] = np.arange(len(kept), dtype=np.int32)
     idf = _idf(df[survivors[kept]], n_docs, params.smooth_idf)
     return _Features(terms, token_keys, idf), feature_of
+
+
+def _by_name(keys: np.ndarray, tokens: list[str], base: int, n_max: int) -> np.ndarray | None:
+    """Positions of ``keys`` in sklearn's order of their terms (by name), without building
+    the terms: when no token holds a character <= " ", comparing two joined n-grams is
+    comparing their token tuples token by token, a tuple before any it is a prefix of (the
+    space that follows it sorts first). So the terms sort by their tokens' ranks, with one
+    numpy lexsort. None when some token does hold such a character."""
+    if n_max > 1 and tokens and min("".join(tokens)) <= " ":
+        return None
+    rank = np.empty(len(tokens), np.int64)
+    rank[np.array(sorted(range(len(tokens)), key=tokens.__getitem__), dtype=np.int64)] = (
+        np.arange(len(tokens)))
+    order, digits = _digits(keys, base, n_max)
+    columns = []  # columns[p]: rank of the term's token p, -1 past its end
+    for p in range(n_max):
+        column = np.full(len(keys), -1, np.int64)
+        for k in range(p + 1, n_max + 1):
+            at = order == k
+            column[at] = rank[digits[k - 1 - p][at]]
+        columns.append(column)
+    return np.lexsort(columns[::-1])  # the last key given is lexsort's primary one
 
 
 class _TermTable:
@@ -266,14 +293,13 @@ def _grown(a: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _limit_features(names: list[str], tf: np.ndarray, max_features: int) -> np.ndarray:
-    """Positions in ``names`` of the kept features, in sklearn's feature order (by name).
+def _limit_features(by_name: np.ndarray, tf: np.ndarray, max_features: int) -> np.ndarray:
+    """Of the terms ``by_name`` (positions, in name order), those kept, in that order.
 
     sklearn sorts the whole vocabulary by name, then keeps the ``max_features`` terms of
     largest float64 total count by ``(-tf).argsort()``: an unstable sort, so which of the
     terms tied at the cut survive depends on the exact array. The same array (min_df
     survivors in name order, float64 totals) through the same call picks the same terms."""
-    by_name = np.array(sorted(range(len(names)), key=names.__getitem__), dtype=np.int64)
     if len(by_name) <= max_features:
         return by_name
     tfs = tf[by_name].astype(np.float64)  # sklearn sums a float64 count matrix

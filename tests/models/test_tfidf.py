@@ -110,6 +110,8 @@ PARAM_CASES = [
     # Tokens holding spaces: joined n-grams can collide, the fit takes its string path.
     TfidfParams(token_pattern=r"[^,;.\n]+"),
     TfidfParams(token_pattern=r"[^,;.\n]+", ngram_max=3, min_df=1),
+    # Tabs and newlines inside tokens: joined n-grams no longer sort as token tuples.
+    TfidfParams(token_pattern=r"[^ ]+", max_features=300),
 ]
 
 
