@@ -220,7 +220,7 @@ def _select_features(
     keys, base = table.keys[survivors], _max_base(n_max)
     by_name = _by_name(keys, tokens, base, n_max)
     if by_name is None:  # a token holds a character <= " ": sort the joined strings
-        names = _term_strings(keys, tokens, base, n_max)
+        names = _term_strings(keys, tokens, base, n_max)[0]
         by_name = np.array(sorted(range(len(names)), key=names.__getitem__), dtype=np.int64)
         del names
     kept = _limit_features(by_name, tf[survivors], params.max_features)
@@ -228,12 +228,10 @@ def _select_features(
         raise InvalidInputError(
             "cannot fit TF-IDF on these texts: after pruning, no terms remain; try a lower "
             "min_df")
-    # Strings for the kept terms only (200k at most, where millions may pass min_df).
-    terms = _term_strings(keys[kept], tokens, base, n_max)
-    token_keys = None
-    if n_max > 1 and params.token_pattern == DEFAULT_TOKEN_PATTERN:
-        # Token tuples for the encoder's vocabulary, from the ids: no splitting of strings.
-        token_keys = _term_strings(keys[kept], tokens, base, n_max, joined=False)
+    # Strings for the kept terms only (200k at most, where millions may pass min_df), and
+    # the token tuples the encoder keys its vocabulary by: no splitting of strings there.
+    tuples = n_max > 1 and params.token_pattern == DEFAULT_TOKEN_PATTERN
+    terms, token_keys = _term_strings(keys[kept], tokens, base, n_max, tuples=tuples)
     feature_of = np.full(table.n, -1, np.int32)
     feature_of[survivors[kept]] = np.arange(len(kept), dtype=np.int32)
     idf = _idf(df[survivors[kept]], n_docs, params.smooth_idf)
@@ -369,25 +367,27 @@ def _rekey(keys: np.ndarray, remap: np.ndarray, base: int, n_max: int) -> np.nda
 
 
 def _term_strings(
-    keys: np.ndarray, tokens: list[str], base: int, n_max: int, *, joined: bool = True
-) -> list:
-    """sklearn's term (tokens joined by a space) of each corpus key, in the order given; with
-    ``joined=False`` an n-gram is its token tuple instead (the serving vocabulary's key)."""
+    keys: np.ndarray, tokens: list[str], base: int, n_max: int, *, tuples: bool = False
+) -> tuple[list[str], list | None]:
+    """(sklearn's term, tokens joined by a space, of each corpus key in the order given; with
+    ``tuples``, each as the serving vocabulary keys it: a token tuple, a unigram its str)."""
     # By key, each n-gram order is one slice: whole lists built by map() and zip() in C.
     by_key = np.argsort(keys, kind="stable")
     order, digits = _digits(keys[by_key], base, n_max)
     bounds = np.searchsorted(order, np.arange(1, n_max + 2)).tolist()
-    out: list = []
+    joined: list = []
+    split: list = []
     for k in range(1, n_max + 1):
         lo, hi = bounds[k - 1], bounds[k]
         columns = [list(map(tokens.__getitem__, digits[j][lo:hi].tolist()))
                    for j in range(k - 1, -1, -1)]
-        if k == 1:
-            out += columns[0]
-        else:
-            grams = zip(*columns, strict=True)
-            out += map(" ".join, grams) if joined else grams
-    return list(map(out.__getitem__, np.argsort(by_key).tolist()))
+        grams = columns[0] if k == 1 else list(zip(*columns, strict=True))
+        joined += grams if k == 1 else map(" ".join, grams)
+        if tuples:
+            split += grams
+    back = np.argsort(by_key).tolist()
+    return (list(map(joined.__getitem__, back)),
+            list(map(split.__getitem__, back)) if tuples else None)
 
 
 # ------------------------------------------------------------------ compiled counting
