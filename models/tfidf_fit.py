@@ -10,9 +10,10 @@ The corpus is cut into blocks of documents and goes through three steps:
    occurrence, no per-document token list outlives the block.
 2. **vocabulary** (this process, as blocks arrive): give tokens corpus-wide ids, re-key each
    block's terms and add them to one table of the corpus's distinct terms; then keep
-   ``min_df``, build the strings of the surviving terms only, sort them by name and cut to
-   ``max_features`` the way sklearn's ``_limit_features`` does: the same float64 totals in the
-   same order through the same ``argsort`` call, so the same ties win.
+   ``min_df``, sort the survivors by name (through their tokens' ranks: no strings) and cut
+   to ``max_features`` the way sklearn's ``_limit_features`` does: the same float64 totals in
+   the same order through the same ``argsort`` call, so the same ties win. Strings are built
+   for the kept terms only.
 3. **rows** (worker processes, forked after step 2 so they inherit its arrays): map each
    block's terms to feature ids and weight them with :func:`models.tfidf.weighted_rows`, the
    tail of the serving transform, so training rows are bit-identical to what the server
@@ -203,7 +204,7 @@ def _count_corpus(
         if len(firsts) > base:
             return None
         remap = np.searchsorted(firsts, calls)
-        term_ids = table.add(_rekey(counted.terms, remap, base, n_max), counted.df, counted.tf)
+        term_ids = table.add(counted, remap, base, n_max)
         blocks.append(_Block(counted.row_nnz, counted.term_idx, counted.counts, term_ids))
     if not first_call:
         raise InvalidInputError(
@@ -271,17 +272,19 @@ class _TermTable:
         self.tf = np.zeros(0, np.int64)
         self._slots, self._bits = _id_slots(self.keys, 0)
 
-    def add(self, keys: np.ndarray, df: np.ndarray, tf: np.ndarray) -> np.ndarray:
-        """Adds a block's distinct terms; returns their int32 ids in the table."""
-        need = self.n + len(keys)
+    def add(self, block: _BlockCounts, remap: np.ndarray, base: int, n_max: int) -> np.ndarray:
+        """Adds a block's distinct terms, re-keyed from its token ids to the corpus's
+        (``remap``); returns their int32 ids in the table."""
+        need = self.n + len(block.terms)
         if need > len(self.keys):
             size = max(need, 2 * len(self.keys), 1024)
             if size >= 2**31:
                 raise InvalidInputError("more than 2**31 distinct terms: cannot fit TF-IDF")
             self.keys, self.df, self.tf = (_grown(a, size) for a in (self.keys, self.df, self.tf))
             self._slots, self._bits = _id_slots(self.keys[: self.n], size)
+        offsets = np.array(_offsets(base, n_max), dtype=np.int64)
         self.n, ids = _merge_into(self._slots, self._bits, self.keys, self.df, self.tf, self.n,
-                                  keys, df, tf)
+                                  block.terms, block.df, block.tf, remap, base, offsets)
         return ids
 
 
@@ -351,19 +354,6 @@ def _digits(keys: np.ndarray, base: int, n_max: int) -> tuple[np.ndarray, list[n
         digits.append(rest % base)
         rest //= base
     return order, digits
-
-
-def _rekey(keys: np.ndarray, remap: np.ndarray, base: int, n_max: int) -> np.ndarray:
-    """Block keys (token ids local to the block) -> corpus keys (``remap``ped ids)."""
-    if n_max == 1:
-        return remap[keys]
-    order, digits = _digits(keys, base, n_max)
-    out = np.array(_offsets(base, n_max), dtype=np.int64)[order - 1]
-    scale = 1
-    for j, d in enumerate(digits):
-        out += np.where(order > j, remap[d] * scale, 0)
-        scale *= base
-    return out
 
 
 def _term_strings(
@@ -536,15 +526,27 @@ def _slot_id(slots: np.ndarray, bits: int, all_keys: np.ndarray, key: int,
 
 @numba.njit(cache=True)
 def _merge_into(slots: np.ndarray, bits: int, all_keys: np.ndarray, all_df: np.ndarray,
-                all_tf: np.ndarray, n: int, keys: np.ndarray, df: np.ndarray,
-                tf: np.ndarray) -> tuple[int, np.ndarray]:
-    """Adds ``keys`` (distinct) with their df and tf to the first ``n`` of ``all_*``, which
-    have room for them; returns the new ``n`` and each key's int32 id."""
+                all_tf: np.ndarray, n: int, keys: np.ndarray, df: np.ndarray, tf: np.ndarray,
+                remap: np.ndarray, base: int, offsets: np.ndarray) -> tuple[int, np.ndarray]:
+    """Adds a block's distinct ``keys`` with their df and tf to the first ``n`` of ``all_*``
+    (which have room for them), each re-keyed on the way: its token ids (digits in ``base``)
+    mapped through ``remap``. Returns the new ``n`` and each key's int32 id."""
+    n_max = len(offsets)
     ids = np.empty(len(keys), np.int32)
     for i in range(len(keys)):
-        term, new = _slot_id(slots, bits, all_keys, keys[i], n)
+        order = n_max
+        while offsets[order - 1] > keys[i]:
+            order -= 1
+        rest = keys[i] - offsets[order - 1]
+        key = offsets[order - 1]
+        scale = 1
+        for _ in range(order):  # the digits from the last token back
+            key += remap[rest % base] * scale
+            rest //= base
+            scale *= base
+        term, new = _slot_id(slots, bits, all_keys, key, n)
         if new:
-            all_keys[n] = keys[i]
+            all_keys[n] = key
             n += 1
         all_df[term] += df[i]
         all_tf[term] += tf[i]
@@ -559,7 +561,8 @@ def _compile() -> None:
     _count_terms(one, one, 2, np.zeros(1, np.int64))
     _rehash(one, 1)
     slots, bits = _id_slots(one, 1)
-    _merge_into(slots, bits, one, one, one, 1, one, one, one)
+    zero = np.zeros(1, np.int64)
+    _merge_into(slots, bits, one, one, one, 1, zero, one, one, one, 2, zero)
     _dense_ids(np.zeros(1, np.int64))
 
 
