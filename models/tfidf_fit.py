@@ -204,7 +204,7 @@ def _count_corpus(
         if len(firsts) > base:
             return None
         remap = np.searchsorted(firsts, calls)
-        term_ids = table.add(counted, remap, base, n_max)
+        term_ids = table.add(_rekey(counted.terms, remap, base, n_max), counted.df, counted.tf)
         blocks.append(_Block(counted.row_nnz, counted.term_idx, counted.counts, term_ids))
     if not first_call:
         raise InvalidInputError(
@@ -272,19 +272,17 @@ class _TermTable:
         self.tf = np.zeros(0, np.int64)
         self._slots, self._bits = _id_slots(self.keys, 0)
 
-    def add(self, block: _BlockCounts, remap: np.ndarray, base: int, n_max: int) -> np.ndarray:
-        """Adds a block's distinct terms, re-keyed from its token ids to the corpus's
-        (``remap``); returns their int32 ids in the table."""
-        need = self.n + len(block.terms)
+    def add(self, keys: np.ndarray, df: np.ndarray, tf: np.ndarray) -> np.ndarray:
+        """Adds a block's distinct terms; returns their int32 ids in the table."""
+        need = self.n + len(keys)
         if need > len(self.keys):
             size = max(need, 2 * len(self.keys), 1024)
             if size >= 2**31:
                 raise InvalidInputError("more than 2**31 distinct terms: cannot fit TF-IDF")
             self.keys, self.df, self.tf = (_grown(a, size) for a in (self.keys, self.df, self.tf))
             self._slots, self._bits = _id_slots(self.keys[: self.n], size)
-        offsets = np.array(_offsets(base, n_max), dtype=np.int64)
         self.n, ids = _merge_into(self._slots, self._bits, self.keys, self.df, self.tf, self.n,
-                                  block.terms, block.df, block.tf, remap, base, offsets)
+                                  keys, df, tf)
         return ids
 
 
@@ -354,6 +352,19 @@ def _digits(keys: np.ndarray, base: int, n_max: int) -> tuple[np.ndarray, list[n
         digits.append(rest % base)
         rest //= base
     return order, digits
+
+
+def _rekey(keys: np.ndarray, remap: np.ndarray, base: int, n_max: int) -> np.ndarray:
+    """Block keys (token ids local to the block) -> corpus keys (``remap``ped ids)."""
+    if n_max == 1:
+        return remap[keys]
+    order, digits = _digits(keys, base, n_max)
+    out = np.array(_offsets(base, n_max), dtype=np.int64)[order - 1]
+    scale = 1
+    for j, d in enumerate(digits):
+        out += np.where(order > j, remap[d] * scale, 0)
+        scale *= base
+    return out
 
 
 def _term_strings(
@@ -526,27 +537,15 @@ def _slot_id(slots: np.ndarray, bits: int, all_keys: np.ndarray, key: int,
 
 @numba.njit(cache=True)
 def _merge_into(slots: np.ndarray, bits: int, all_keys: np.ndarray, all_df: np.ndarray,
-                all_tf: np.ndarray, n: int, keys: np.ndarray, df: np.ndarray, tf: np.ndarray,
-                remap: np.ndarray, base: int, offsets: np.ndarray) -> tuple[int, np.ndarray]:
-    """Adds a block's distinct ``keys`` with their df and tf to the first ``n`` of ``all_*``
-    (which have room for them), each re-keyed on the way: its token ids (digits in ``base``)
-    mapped through ``remap``. Returns the new ``n`` and each key's int32 id."""
-    n_max = len(offsets)
+                all_tf: np.ndarray, n: int, keys: np.ndarray, df: np.ndarray,
+                tf: np.ndarray) -> tuple[int, np.ndarray]:
+    """Adds ``keys`` (distinct) with their df and tf to the first ``n`` of ``all_*``, which
+    have room for them; returns the new ``n`` and each key's int32 id."""
     ids = np.empty(len(keys), np.int32)
     for i in range(len(keys)):
-        order = n_max
-        while offsets[order - 1] > keys[i]:
-            order -= 1
-        rest = keys[i] - offsets[order - 1]
-        key = offsets[order - 1]
-        scale = 1
-        for _ in range(order):  # the digits from the last token back
-            key += remap[rest % base] * scale
-            rest //= base
-            scale *= base
-        term, new = _slot_id(slots, bits, all_keys, key, n)
+        term, new = _slot_id(slots, bits, all_keys, keys[i], n)
         if new:
-            all_keys[n] = key
+            all_keys[n] = keys[i]
             n += 1
         all_df[term] += df[i]
         all_tf[term] += tf[i]
@@ -561,8 +560,7 @@ def _compile() -> None:
     _count_terms(one, one, 2, np.zeros(1, np.int64))
     _rehash(one, 1)
     slots, bits = _id_slots(one, 1)
-    zero = np.zeros(1, np.int64)
-    _merge_into(slots, bits, one, one, one, 1, zero, one, one, one, 2, zero)
+    _merge_into(slots, bits, one, one, one, 1, one, one, one)
     _dense_ids(np.zeros(1, np.int64))
 
 
