@@ -19,9 +19,10 @@ The corpus is cut into blocks of documents and goes through three steps:
    tail of the serving transform, so training rows are bit-identical to what the server
    computes for the same text.
 
-Memory: the triples (8 bytes per nonzero, as the output matrix), a 4-byte term id per
-distinct term of each block, and about 56 bytes per distinct term of the corpus (key, df, tf,
-hash slots). Results do not depend on the block size or the number of processes.
+Memory: the triples (8 bytes per pair, as the output matrix before min_df), a 4-byte term
+id per distinct term of each block, and 32-80 bytes per distinct term of the corpus (int64
+key, df and tf in arrays grown by doubling, 4-byte hash slots at most half full). Results do
+not depend on the block size or the number of processes.
 
 If a token holds a space (a custom ``token_pattern``), joined n-grams no longer tell their
 tokens apart (sklearn merges ``"a b" + "c"`` with ``"a" + "b c"``); such corpora, and those
