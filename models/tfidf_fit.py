@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from itertools import count
 
 import numba
@@ -109,8 +110,10 @@ class _Block:
     """int32 corpus-wide id of each of the block's terms."""
 
 
-# Step 3's input, set before its workers fork so they inherit it instead of unpickling it.
-_ROWS_INPUT: tuple[list[_Block], np.ndarray, np.ndarray, bool] | None = None
+_RowsInput = tuple[list[_Block], np.ndarray, np.ndarray, bool]
+# Step 3's input in a worker process, set by the pool's initializer: its forked workers get
+# the parent's arrays by inheritance, never pickled (the parent's own global stays None).
+_ROWS_INPUT: _RowsInput | None = None
 
 
 @dataclass
@@ -164,18 +167,14 @@ def fit_tfidf(
 def _rows(blocks: list[_Block], feature_of: np.ndarray, idf: np.ndarray, sublinear: bool,
           workers: int) -> sp.csr_matrix:
     """Step 3: the training matrix, a block per task; empties ``blocks`` as it goes."""
-    global _ROWS_INPUT
+    rows_input = (blocks, feature_of, idf, sublinear)
     row_nnz, indices, data = [], [], []
-    _ROWS_INPUT = (blocks, feature_of, idf, sublinear)
-    try:
-        with _pool(workers) as pmap:
-            for i, (nnz, ind, val) in enumerate(pmap(_block_rows, range(len(blocks)))):
-                blocks[i] = None  # type: ignore[call-overload]  # done: free it now
-                row_nnz.append(nnz)
-                indices.append(ind)
-                data.append(val)
-    finally:
-        _ROWS_INPUT = None
+    with _pool(workers, rows_input) as pmap:
+        for i, (nnz, ind, val) in enumerate(pmap(_block_rows, range(len(blocks)))):
+            blocks[i] = None  # type: ignore[call-overload]  # done: free it now
+            row_nnz.append(nnz)
+            indices.append(ind)
+            data.append(val)
     return stack_rows(row_nnz, indices, data, len(idf))
 
 
@@ -607,10 +606,18 @@ def _tokenize(texts: list[str], tok: _Tokenizer) -> tuple[list[str], np.ndarray]
     return flat, np.array(lengths, dtype=np.int64)
 
 
-def _block_rows(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Step 3 for block ``index`` of ``_ROWS_INPUT``: (nnz per row, feature ids, values)."""
-    assert _ROWS_INPUT is not None
-    blocks, feature_of, idf, sublinear = _ROWS_INPUT
+def _set_rows_input(rows_input: _RowsInput) -> None:
+    global _ROWS_INPUT
+    _ROWS_INPUT = rows_input
+
+
+def _block_rows(index: int, rows_input: _RowsInput | None = None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 3 for block ``index``: (nnz per row, feature ids, values); the input is
+    ``rows_input``, or in a worker the one its pool's initializer set."""
+    rows_input = rows_input or _ROWS_INPUT
+    assert rows_input is not None
+    blocks, feature_of, idf, sublinear = rows_input
     block = blocks[index]
     n_rows = len(block.row_nnz)
     rows = np.repeat(np.arange(n_rows, dtype=np.int64), block.row_nnz)
@@ -633,12 +640,19 @@ def _usable_cores() -> int:
 
 
 @contextmanager
-def _pool(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterator]]:
-    """An ordered ``map`` over ``workers`` forked processes (the builtin one for 1)."""
+def _pool(
+    workers: int, rows_input: _RowsInput | None = None
+) -> Iterator[Callable[[Callable, Iterable], Iterator]]:
+    """An ordered ``map`` over ``workers`` forked processes (the builtin one for 1), whose
+    workers start with ``rows_input`` (for :func:`_block_rows`)."""
     if workers <= 1:
-        yield map
+        yield map if rows_input is None else (
+            lambda fn, items: map(partial(fn, rows_input=rows_input), items))
         return
-    # fork: workers start in milliseconds and need nothing re-imported; tasks carry their data.
+    # fork: workers start in milliseconds and need nothing re-imported; tasks carry their
+    # data, or inherit it through the initializer's arguments (not pickled under fork).
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as executor:
+    init = {} if rows_input is None else {"initializer": _set_rows_input,
+                                          "initargs": (rows_input,)}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, **init) as executor:
         yield executor.map
