@@ -104,7 +104,7 @@ def build(
     tmp = bundle_io.tmp_dir_for(out_dir)
     try:
         with stages("features"):
-            encoder, X, emb = _fit_features(train, params, tmp)
+            encoder, X, emb = _fit_features(train, params, tmp, threads)
         selection = None
         dense = None  # (embeddings, weight) of a fused dense block
         if emb is not None:
@@ -208,7 +208,7 @@ def _train_trees(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, thread
                                                stages=stages, dense_start=dense_start)
 
 
-def _fit_features(train: Corpus, params: BuildParams, folder: Path):
+def _fit_features(train: Corpus, params: BuildParams, folder: Path, threads: int):
     """Returns (encoder or None, TF-IDF or given feature matrix, dense embeddings of the
     training texts or None). With a dense encoder the returned encoder holds it, unweighted:
     the caller fuses once the weight is known."""
@@ -220,7 +220,7 @@ def _fit_features(train: Corpus, params: BuildParams, folder: Path):
         return None, X, None
     from models.tfidf import TfidfEncoder
 
-    tfidf, X = TfidfEncoder.fit(train.texts, params.tfidf)
+    tfidf, X = TfidfEncoder.fit(train.texts, params.tfidf, workers=threads)
     if not params.dense_encoder:
         return FeatureEncoder(tfidf), X, None
     dense = _dense_encoder(params, folder)
@@ -244,7 +244,7 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
     if not names:
         raise InvalidInputError("no labelled document left to choose dense_weight on")
     Y_fit = label_matrix(fit.labels, names)
-    tfidf, X_fit = TfidfEncoder.fit(fit.texts, params.tfidf)
+    tfidf, X_fit = TfidfEncoder.fit(fit.texts, params.tfidf, workers=threads)
     X_valid = tfidf.transform(valid.texts)
     one_tree = dataclasses.replace(params, n_trees=1)
     candidates = []

@@ -1,11 +1,14 @@
-"""Sparse TF-IDF text encoder: fitted with scikit-learn at build time, applied without it.
+"""Sparse TF-IDF text encoder: scikit-learn's features, fitted and applied without it.
 
 The feature space is exactly scikit-learn's ``TfidfVectorizer`` (lowercase, regex tokens, word
-n-grams, sublinear tf, smoothed idf, l2 rows): fitting delegates to it so vocabulary choice and
-``max_features`` tie-breaking are sklearn's own, and the serving transform reproduces its
-``transform`` from the saved vocabulary and idf with a regex, one dict lookup per term and a
-handful of float operations. scikit-learn is imported only inside :meth:`TfidfEncoder.fit`; the
-serving path never loads it (about 0.5 ms per call there, against ~10-100 µs here).
+n-grams, min_df, max_features, sublinear tf, smoothed idf, l2 rows). :meth:`TfidfEncoder.fit`
+computes it in :mod:`models.tfidf_fit`: a streaming count over blocks of documents on every
+core, with sklearn's vocabulary order and ``max_features`` tie-breaking reproduced, several
+times faster than sklearn's ``fit_transform`` (benchmarks/RESULTS.md, "TF-IDF fit"); the
+parity tests compare the two. The serving transform reproduces sklearn's ``transform`` from
+the saved vocabulary and idf with a regex, one dict lookup per term and a handful of float
+operations (sklearn takes about 0.5 ms per call, against ~10-100 µs here); neither path
+imports scikit-learn, which only the parity tests and benchmarks use.
 
 Bundle files (plain JSON / .npy, never pickle):
 
@@ -90,10 +93,14 @@ class TfidfEncoder:
     kind = "tfidf"
 
     def __init__(
-        self, terms: Sequence[str], idf: np.ndarray, params: TfidfParams | None = None
+        self, terms: Sequence[str], idf: np.ndarray, params: TfidfParams | None = None, *,
+        token_keys: Sequence[str | tuple[str, ...]] | None = None,
     ) -> None:
         """``terms[i]`` is the n-gram of feature ``i``; ``idf[i]`` its weight (kept as given,
-        so a read-only memory map stays shared between processes)."""
+        so a read-only memory map stays shared between processes). ``token_keys``: each
+        term already split into its token tuple (a unigram: the term itself), when the caller
+        has them (the fit does), so they need not be split again; trusted to match ``terms``
+        (the tests compare the fit's vocabulary with a loaded one)."""
         self.params = params if params is not None else TfidfParams()
         pattern = self.params.token_pattern
         ngram_max = self.params.ngram_max
@@ -103,7 +110,9 @@ class TfidfEncoder:
         # patterns may match spaces, so their n-grams stay joined strings, as in sklearn.
         self._tuple_keys = pattern == DEFAULT_TOKEN_PATTERN and ngram_max > 1
         self._vocab: dict[str | tuple[str, ...], int] = (
-            _tuple_keyed(terms) if self._tuple_keys else {t: i for i, t in enumerate(terms)}
+            _tuple_keyed(terms, token_keys)
+            if self._tuple_keys
+            else {t: i for i, t in enumerate(terms)}
         )
         if len(self._vocab) != len(terms):
             raise InvalidInputError("terms contain duplicates")
@@ -141,42 +150,21 @@ class TfidfEncoder:
 
     @classmethod
     def fit(
-        cls, texts: Sequence[str], params: TfidfParams | None = None
+        cls, texts: Sequence[str], params: TfidfParams | None = None, *,
+        workers: int | None = None,
     ) -> tuple[TfidfEncoder, sp.csr_matrix]:
         """Fit on ``texts``; returns the encoder and the training matrix (float32 CSR, sorted
-        indices, rows l2-normalized). Needs scikit-learn (the ``build`` extra)."""
-        # Lazy on purpose: the serving image does not ship scikit-learn.
-        from sklearn.feature_extraction.text import TfidfVectorizer
+        indices, rows l2-normalized, bit-identical to :meth:`transform` of ``texts``).
+
+        Counts in blocks on at most ``workers`` forked processes (default: the cores this
+        process may run on; fewer for a small corpus); the result does not depend on it. See
+        :mod:`models.tfidf_fit`."""
+        from models.tfidf_fit import fit_tfidf  # build-time code, not loaded when serving
 
         params = params if params is not None else TfidfParams()
-        if isinstance(texts, str):
-            raise InvalidInputError("texts must be a sequence of strings, not one string")
-        vectorizer = TfidfVectorizer(
-            lowercase=params.lowercase,
-            token_pattern=params.token_pattern,
-            ngram_range=(1, params.ngram_max),
-            min_df=params.min_df,
-            max_features=params.max_features,
-            sublinear_tf=params.sublinear_tf,
-            smooth_idf=params.smooth_idf,
-            use_idf=True,
-            norm="l2",
-            analyzer="word",
-            strip_accents=None,
-            stop_words=None,
-            dtype=np.float64,
-        )
-        try:
-            vectorizer.fit(texts)
-        except ValueError as exc:  # empty vocabulary, min_df above the corpus size, ...
-            raise InvalidInputError(f"cannot fit TF-IDF on these texts: {exc}") from exc
-        except AttributeError as exc:  # a non-string document
-            raise InvalidInputError(f"texts must be strings: {exc}") from exc
-        terms = vectorizer.get_feature_names_out().tolist()
-        encoder = cls(terms, vectorizer.idf_.astype(np.float32), params)
-        # Our own transform (not sklearn's matrix) so training rows are bit-identical to
-        # what the server computes for the same text.
-        return encoder, encoder.transform(texts)
+        features, matrix = fit_tfidf(texts, params, workers)
+        encoder = cls(features.terms, features.idf, params, token_keys=features.token_keys)
+        return encoder, matrix
 
     # ------------------------------------------------------------ transform
 
@@ -238,26 +226,7 @@ class TfidfEncoder:
             row_nnz.append(nnz)
             indices.append(ind)
             data.append(val)
-        n_rows = sum(len(x) for x in row_nnz)
-        indptr = np.zeros(n_rows + 1, dtype=np.int64)
-        if n_rows:
-            np.cumsum(np.concatenate(row_nnz), out=indptr[1:])
-        total = int(indptr[-1])
-        # int32 index arrays unless the matrix is too big for them (scipy needs one dtype).
-        index_dtype = np.int32 if total < np.iinfo(np.int32).max else np.int64
-        matrix = sp.csr_matrix(
-            (
-                np.concatenate(data) if data else np.empty(0, np.float32),
-                np.concatenate(indices).astype(index_dtype, copy=False)
-                if indices
-                else np.empty(0, index_dtype),
-                indptr.astype(index_dtype, copy=False),
-            ),
-            shape=(n_rows, self.n_features),
-            copy=False,
-        )
-        matrix.has_sorted_indices = True
-        return matrix
+        return stack_rows(row_nnz, indices, data, self.n_features)
 
     def _transform_chunk(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(nnz per row, column ids, values) of the rows of ``texts``, in CSR order.
@@ -289,16 +258,7 @@ class TfidfEncoder:
         known = cols >= 0
         # One sort of row-major keys both counts repeated terms and orders the CSR entries.
         keys, tf = np.unique(rows[known] * n_features + cols[known], return_counts=True)
-        rows = keys // n_features
-        cols = (keys - rows * n_features).astype(np.int32)
-        vals = tf.astype(np.float64)
-        if self.params.sublinear_tf:
-            np.log(vals, out=vals)
-            vals += 1.0
-        vals *= self._idf[cols]
-        norms = np.sqrt(np.bincount(rows, weights=vals * vals, minlength=n_rows))
-        vals /= norms[rows]  # every row present in `rows` has a positive norm
-        return np.bincount(rows, minlength=n_rows), cols, vals.astype(np.float32)
+        return weighted_rows(keys, tf, n_rows, self._idf, self.params.sublinear_tf)
 
     # ----------------------------------------------------------- save / load
 
@@ -360,8 +320,64 @@ class TfidfEncoder:
         return cls(terms, idf, params)
 
 
-def _tuple_keyed(terms: Sequence[str]) -> dict[str | tuple[str, ...], int]:
-    """term -> feature id, with each n-gram keyed by its token tuple."""
+def weighted_rows(
+    keys: np.ndarray, tf: np.ndarray, n_rows: int, idf: np.ndarray, sublinear: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(nnz per row, column ids int32, values float32) of l2-normalized TF-IDF rows.
+
+    ``keys`` are ``row * len(idf) + column``, ascending and distinct, ``tf`` the count of
+    each. The transform and the fit both end here, so training rows are bit-identical to what
+    the server computes for the same text."""
+    n_features = len(idf)
+    rows = keys // n_features
+    cols = (keys - rows * n_features).astype(np.int32)
+    vals = tf.astype(np.float64)
+    if sublinear:
+        np.log(vals, out=vals)
+        vals += 1.0
+    vals *= idf[cols]
+    norms = np.sqrt(np.bincount(rows, weights=vals * vals, minlength=n_rows))
+    vals /= norms[rows]  # every row present in `rows` has a positive norm
+    return np.bincount(rows, minlength=n_rows), cols, vals.astype(np.float32)
+
+
+def stack_rows(
+    row_nnz: list[np.ndarray], indices: list[np.ndarray], data: list[np.ndarray],
+    n_features: int,
+) -> sp.csr_matrix:
+    """One float32 CSR matrix (sorted indices) from consecutive blocks of rows."""
+    n_rows = sum(len(x) for x in row_nnz)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    if n_rows:
+        np.cumsum(np.concatenate(row_nnz), out=indptr[1:])
+    total = int(indptr[-1])
+    # int32 index arrays unless the matrix is too big for them (scipy needs one dtype).
+    index_dtype = np.int32 if total < np.iinfo(np.int32).max else np.int64
+    matrix = sp.csr_matrix(
+        (
+            np.concatenate(data) if data else np.empty(0, np.float32),
+            np.concatenate(indices).astype(index_dtype, copy=False)
+            if indices
+            else np.empty(0, index_dtype),
+            indptr.astype(index_dtype, copy=False),
+        ),
+        shape=(n_rows, n_features),
+        copy=False,
+    )
+    matrix.has_sorted_indices = True
+    return matrix
+
+
+def _tuple_keyed(
+    terms: Sequence[str], token_keys: Sequence[str | tuple[str, ...]] | None = None
+) -> dict[str | tuple[str, ...], int]:
+    """term -> feature id, with each n-gram keyed by its token tuple (``token_keys``, if
+    given, already holds them)."""
+    if token_keys is not None:
+        # Only the count is checked: joining every key back costs what splitting does.
+        if len(token_keys) != len(terms):
+            raise InvalidInputError("token_keys and terms differ in length")
+        return dict(zip(token_keys, range(len(terms)), strict=True))
     # One string object per distinct token: 200k bigrams share a few 10k words.
     tokens: dict[str, str] = {}
     intern = tokens.setdefault

@@ -104,6 +104,14 @@ PARAM_CASES = [
     TfidfParams(sublinear_tf=False, smooth_idf=False),
     TfidfParams(lowercase=False),
     TfidfParams(token_pattern=r"(?u)\b\w+\b"),  # a non-default pattern keeps single letters
+    TfidfParams(min_df=1),
+    TfidfParams(ngram_max=3, min_df=1, max_features=300),
+    TfidfParams(ngram_max=4, max_features=5, min_df=1),
+    # Tokens holding spaces: joined n-grams can collide, the fit takes its string path.
+    TfidfParams(token_pattern=r"[^,;.\n]+"),
+    TfidfParams(token_pattern=r"[^,;.\n]+", ngram_max=3, min_df=1),
+    # Tabs and newlines inside tokens: joined n-grams no longer sort as token tuples.
+    TfidfParams(token_pattern=r"[^ ]+", max_features=300),
 ]
 
 
@@ -120,11 +128,125 @@ def test_matches_sklearn(params: TfidfParams) -> None:
     assert encoder.n_features <= params.max_features
     assert encoder.feature_names() == ref.get_feature_names_out().tolist()
     np.testing.assert_allclose(encoder._idf, ref.idf_, rtol=1e-6)
+    # The fit hands the encoder its token tuples: the same lookup keys as splitting terms.
+    assert encoder._vocab == TfidfEncoder(encoder.feature_names(), encoder._idf, params)._vocab
 
     assert_matches(train_matrix, ref_train)
     assert_matches(encoder.transform(test), ref.transform(test))
     assert_one_matches(encoder, test, ref.transform(test))
     assert_one_matches(encoder, train[:100], ref_train)
+
+
+def assert_same_fit(a: tuple[TfidfEncoder, sp.csr_matrix],
+                    b: tuple[TfidfEncoder, sp.csr_matrix]) -> None:
+    """Two fits gave the very same encoder and matrix, bit for bit."""
+    assert a[0].feature_names() == b[0].feature_names()
+    np.testing.assert_array_equal(a[0]._idf, b[0]._idf)
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(a[1], name), getattr(b[1], name))
+
+
+def tied_corpus(seed: int) -> list[str]:
+    """Many terms with the same total count: 300 random words each in exactly two documents
+    once (bigrams of them: once), among words of other counts."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyzéß日"
+    words = sorted({"".join(rng.choices(letters, k=rng.randint(2, 6))) for _ in range(300)})
+    common = ["sauce", "cheese", "bread", "oven"]
+    docs = [" ".join(rng.sample(common, k=rng.randint(1, 4))) for _ in range(50)]
+    for i in range(0, len(words) - 1, 2):
+        docs.append(f"{words[i]} {words[i + 1]}")
+        docs.append(f"{words[i + 1]} , {words[i]}")
+    rng.shuffle(docs)
+    return docs
+
+
+@pytest.mark.parametrize("max_features", [1, 7, 40, 123, 290, 650])
+def test_max_features_ties_as_sklearn(max_features: int) -> None:
+    # The cut falls inside groups of terms of equal total count: sklearn's unstable argsort
+    # decides which survive, and the fit must reproduce that choice, not just the counts.
+    train = tied_corpus(seed=max_features)
+    for ngram_max in (1, 2):
+        params = TfidfParams(max_features=max_features, min_df=1, ngram_max=ngram_max)
+        encoder, X = TfidfEncoder.fit(train, params)
+        ref = sklearn_for(params)
+        ref_train = ref.fit_transform(train)
+        assert encoder.feature_names() == ref.get_feature_names_out().tolist()
+        assert_matches(X, ref_train)
+
+
+def test_fit_rows_are_the_transform() -> None:
+    # The training matrix is what the server computes for the same texts, bit for bit.
+    train = make_corpus(400, seed=12)
+    for params in (TfidfParams(), TfidfParams(token_pattern=r"[^,;.\n]+", ngram_max=3)):
+        encoder, X = TfidfEncoder.fit(train, params)
+        Y = encoder.transform(train)
+        for name in ("indptr", "indices", "data"):
+            np.testing.assert_array_equal(getattr(X, name), getattr(Y, name))
+
+
+@pytest.mark.parametrize("params", [TfidfParams(), TfidfParams(ngram_max=3, min_df=1),
+                                    TfidfParams(token_pattern=r"[^,;.\n]+")],
+                         ids=["default", "trigrams", "string-path"])
+def test_one_and_two_processes_fit_the_same(
+    monkeypatch: pytest.MonkeyPatch, params: TfidfParams
+) -> None:
+    import models.tfidf_fit as tfidf_fit
+
+    train = make_corpus(500, seed=13)
+    one = TfidfEncoder.fit(train, params, workers=1)
+    monkeypatch.setattr(tfidf_fit, "_BLOCK_DOCS", 13)  # 39 blocks over 2 forked workers,
+    monkeypatch.setattr(tfidf_fit, "_CHARS_PER_WORKER", 1)  # however small the corpus
+    two = TfidfEncoder.fit(train, params, workers=2)
+    assert_same_fit(one, two)
+    assert_matches(two[1], sklearn_for(params).fit_transform(train))
+
+
+def test_key_overflow_takes_the_string_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.tfidf_fit as tfidf_fit
+
+    train = make_corpus(400, seed=14)
+    params = TfidfParams(ngram_max=3, min_df=1)
+    packed = TfidfEncoder.fit(train, params)
+    # The corpus has over 20 distinct tokens: their 1..3-grams no longer fit keys below 10**3.
+    assert packed[0].n_features > 20
+    monkeypatch.setattr(tfidf_fit, "_KEY_LIMIT", 10**3)
+    assert tfidf_fit._max_base(3) < 10
+    passes = []
+    count_corpus = tfidf_fit._count_corpus
+
+    def spy(pmap, texts, bounds, tok, n_max):
+        passes.append((tok.joined_ngram_max, n_max))
+        return count_corpus(pmap, texts, bounds, tok, n_max)
+
+    monkeypatch.setattr(tfidf_fit, "_count_corpus", spy)
+    assert_same_fit(packed, TfidfEncoder.fit(train, params))
+    assert passes == [(1, 3), (3, 1)]  # packed n-grams gave up, joined strings did it
+
+
+def test_joined_ngrams_that_collide_merge_as_in_sklearn() -> None:
+    # Tokens with spaces: ("a b", "c") and ("a", "b c") are both the bigram "a b c", and
+    # the token "a b c" is that term too; sklearn counts them as one feature.
+    train = ["a b,c", "a,b c", "a b c", "a b,c,d", "d,a b"] * 2
+    params = TfidfParams(token_pattern=r"[^,]+", min_df=1)
+    encoder, X = TfidfEncoder.fit(train, params)
+    ref = sklearn_for(params)
+    ref_train = ref.fit_transform(train)
+    assert encoder.feature_names() == ref.get_feature_names_out().tolist()
+    np.testing.assert_allclose(encoder._idf, ref.idf_, rtol=1e-6)
+    assert_matches(X, ref_train)
+
+
+def test_fit_does_not_import_sklearn() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['sklearn'] = None  # any import of it now fails\n"
+        "from models.tfidf import TfidfEncoder\n"
+        "texts = ['the sauce and the cheese', 'cheese bread', 'the oven bread'] * 30\n"
+        "encoder, X = TfidfEncoder.fit(texts, workers=2)\n"
+        "assert encoder.n_features > 5 and X.shape == (90, encoder.n_features)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
 
 
 def test_edge_rows() -> None:
@@ -180,6 +302,24 @@ def test_bad_inputs() -> None:
         raw.transform([b"bytes"])
     with pytest.raises(InvalidInputError):
         TfidfEncoder.fit(["a b", "c d"])  # nothing survives the token pattern / min_df
+    with pytest.raises(InvalidInputError):
+        TfidfEncoder.fit(["sauce", "sauce"], TfidfParams(min_df=3))  # min_df above n_docs
+    for texts in ([], ["", " "], "one string"):
+        with pytest.raises(InvalidInputError):
+            TfidfEncoder.fit(texts)
+    with pytest.raises(InvalidInputError, match="strings"):
+        TfidfEncoder.fit([*make_corpus(100, seed=6), None])
+    with pytest.raises(InvalidInputError, match="strings"):
+        TfidfEncoder.fit([*make_corpus(100, seed=6), b"bytes"], TfidfParams(lowercase=False))
+
+
+def test_worker_errors_reach_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.tfidf_fit as tfidf_fit
+
+    monkeypatch.setattr(tfidf_fit, "_CHARS_PER_WORKER", 1)
+    # bytes pass len() but not the str pattern: the worker process raises, we get it.
+    with pytest.raises(InvalidInputError, match="strings"):
+        TfidfEncoder.fit([*make_corpus(100, seed=6), b"bytes"], workers=2)
     with pytest.raises(InvalidInputError):
         TfidfParams(ngram_max=0)
 
