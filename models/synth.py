@@ -306,96 +306,128 @@ def _join_rows(mat: np.ndarray, lengths: np.ndarray, ids: np.ndarray, sep: bytes
     return buf, ends
 
 
+@dataclass
+class _Draws:
+    """A block of documents before any text: each document's labels and words."""
+
+    start: int
+    """Index of the block's first document within its split."""
+    labs: np.ndarray
+    """Label ids, each document's contiguous, in draw order."""
+    n_lab: np.ndarray
+    """Labels per document."""
+    words: np.ndarray
+    """Word ids, each document's contiguous."""
+    n_words: np.ndarray
+    """Words per document."""
+
+
+def _iter_draws(st: _Structure, p: SynthParams, split: str) -> Iterator[_Draws]:
+    """One split, a block of documents at a time, each block from its own random stream."""
+    n_docs = p.n_train if split == "train" else p.n_test
+    for block, start in enumerate(range(0, n_docs, _BLOCK_DOCS)):
+        rng = np.random.default_rng([p.seed, _SPLIT_STREAM[split], block])
+        n = min(_BLOCK_DOCS, n_docs - start)
+        labs, n_lab = _draw_labels(rng, st, p, n)
+        words, n_words = _draw_words(rng, st, p, labs, n_lab)
+        yield _Draws(start, labs, n_lab, words, n_words)
+
+
+def _draw_labels(rng: np.random.Generator, st: _Structure, p: SynthParams, n: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Label ids of n documents (concatenated, in draw order) and labels per document."""
+    geo_p = 1.0 / (1.0 + p.mean_labels_per_doc - p.min_labels_per_doc)
+    want = np.clip(
+        p.min_labels_per_doc + rng.geometric(geo_p, size=n) - 1,
+        p.min_labels_per_doc, p.max_labels_per_doc,
+    )
+    full = (np.zeros(n, np.int64), np.full(n, st.n_labels, np.int64))
+    anchors = np.stack([_draw_in_range(rng, st.cum, *full) for _ in range(2)], axis=1)
+    cand = np.empty((n, _CANDIDATES), dtype=np.int64)
+    cand[:, 0] = anchors[:, 0]
+    anchor = anchors[np.arange(n)[:, None],
+                     (rng.random((n, _CANDIDATES - 1)) < p.p_second_anchor).astype(int)]
+    level = rng.random(anchor.shape)
+    in_sub = level < p.p_same_subtopic
+    in_top = ~in_sub & (level < p.p_same_subtopic + p.p_same_topic)
+    lo = np.where(in_sub, st.sub_lo[anchor], np.where(in_top, st.top_lo[anchor], 0))
+    hi = np.where(in_sub, st.sub_hi[anchor], np.where(in_top, st.top_hi[anchor], st.n_labels))
+    cand[:, 1:] = _draw_in_range(rng, st.cum, lo, hi)
+    # Keep the first `want` distinct candidates of each row, in draw order.
+    order = np.argsort(cand, axis=1, kind="stable")
+    srt = np.take_along_axis(cand, order, axis=1)
+    first_sorted = np.ones_like(srt, dtype=bool)
+    first_sorted[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    first = np.empty_like(first_sorted)
+    np.put_along_axis(first, order, first_sorted, axis=1)
+    rank = np.cumsum(first, axis=1) - 1
+    keep = first & (rank < want[:, None])
+    # row-major: each document's labels, contiguous, in draw order; the first candidate
+    # (the anchor) is always kept, so a document's first label is its anchor
+    return cand[keep], keep.sum(axis=1)
+
+
+def _draw_words(rng: np.random.Generator, st: _Structure, p: SynthParams, labs: np.ndarray,
+                n_lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Word ids of the documents (concatenated) and words per document."""
+    n = len(n_lab)
+    mu = math.log(p.mean_doc_words) - p.doc_words_sigma**2 / 2.0
+    max_len = max(4 * p.mean_doc_words, p.min_doc_words)
+    level_p = np.asarray(p.level_mix, dtype=np.float64) / sum(p.level_mix)
+    lab_start = np.concatenate([[0], np.cumsum(n_lab)[:-1]])
+    n_words = np.clip(
+        np.rint(rng.lognormal(mu, p.doc_words_sigma, size=n)), p.min_doc_words, max_len
+    ).astype(np.int64)
+    doc = np.repeat(np.arange(n), n_words)
+    kind = rng.random(len(doc))
+    words = np.empty(len(doc), dtype=np.int64)
+    is_bg = kind < p.background_share
+    words[is_bg] = np.searchsorted(st.bg_cdf, rng.random(int(is_bg.sum())), side="right")
+    is_conf = ~is_bg & (kind < p.background_share + p.confuser_share)
+    d = doc[is_conf]
+    primary = labs[lab_start[d]]
+    other = _draw_in_range(rng, st.cum, st.top_lo[primary], st.top_hi[primary])
+    words[is_conf] = _own_word(rng, st, other)
+    is_lab = ~(is_bg | is_conf)
+    d = doc[is_lab]
+    lab = labs[lab_start[d] + (rng.random(len(d)) * n_lab[d]).astype(np.int64)]
+    lvl = np.searchsorted(np.cumsum(level_p)[:-1], rng.random(len(d)), side="right")
+    w = np.empty(len(d), dtype=np.int64)
+    m = lvl == 0
+    w[m] = _own_word(rng, st, lab[m])
+    m = lvl == 1
+    j = np.searchsorted(st.level_cdfs[1], rng.random(int(m.sum())), side="right")
+    w[m] = st.sub_base + st.sub_of[lab[m]].astype(np.int64) * p.words_per_subtopic + j
+    m = lvl == 2
+    j = np.searchsorted(st.level_cdfs[2], rng.random(int(m.sum())), side="right")
+    w[m] = st.top_base + st.top_of[lab[m]].astype(np.int64) * p.words_per_topic + j
+    words[is_lab] = w
+    return words, n_words
+
+
 def _iter_blocks(
     st: _Structure, p: SynthParams, split: str
 ) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray, np.ndarray]]:
     """One split, a block of documents at a time: JSONL lines, the block's label ids
     (concatenated), labels per document and words per document."""
-    n_docs = p.n_train if split == "train" else p.n_test
     id_base = 0 if split == "train" else p.n_train
-    geo_p = 1.0 / (1.0 + p.mean_labels_per_doc - p.min_labels_per_doc)
-    mu = math.log(p.mean_doc_words) - p.doc_words_sigma**2 / 2.0
-    max_len = max(4 * p.mean_doc_words, p.min_doc_words)
-    level_p = np.asarray(p.level_mix, dtype=np.float64) / sum(p.level_mix)
-    for block, start in enumerate(range(0, n_docs, _BLOCK_DOCS)):
-        rng = np.random.default_rng([p.seed, _SPLIT_STREAM[split], block])
-        n = min(_BLOCK_DOCS, n_docs - start)
-        # --- labels -------------------------------------------------------------------
-        want = np.clip(
-            p.min_labels_per_doc + rng.geometric(geo_p, size=n) - 1,
-            p.min_labels_per_doc, p.max_labels_per_doc,
-        )
-        full = (np.zeros(n, np.int64), np.full(n, st.n_labels, np.int64))
-        anchors = np.stack([_draw_in_range(rng, st.cum, *full) for _ in range(2)], axis=1)
-        cand = np.empty((n, _CANDIDATES), dtype=np.int64)
-        cand[:, 0] = anchors[:, 0]
-        anchor = anchors[np.arange(n)[:, None],
-                         (rng.random((n, _CANDIDATES - 1)) < p.p_second_anchor).astype(int)]
-        level = rng.random(anchor.shape)
-        in_sub = level < p.p_same_subtopic
-        in_top = ~in_sub & (level < p.p_same_subtopic + p.p_same_topic)
-        lo = np.where(in_sub, st.sub_lo[anchor], np.where(in_top, st.top_lo[anchor], 0))
-        hi = np.where(in_sub, st.sub_hi[anchor], np.where(in_top, st.top_hi[anchor], st.n_labels))
-        cand[:, 1:] = _draw_in_range(rng, st.cum, lo, hi)
-        # Keep the first `want` distinct candidates of each row, in draw order.
-        order = np.argsort(cand, axis=1, kind="stable")
-        srt = np.take_along_axis(cand, order, axis=1)
-        first_sorted = np.ones_like(srt, dtype=bool)
-        first_sorted[:, 1:] = srt[:, 1:] != srt[:, :-1]
-        first = np.empty_like(first_sorted)
-        np.put_along_axis(first, order, first_sorted, axis=1)
-        rank = np.cumsum(first, axis=1) - 1
-        keep = first & (rank < want[:, None])
-        n_lab = keep.sum(axis=1)
-        labs = cand[keep]  # row-major: each document's labels, contiguous, in draw order
-        lab_start = np.concatenate([[0], np.cumsum(n_lab)[:-1]])
-
-        # --- words --------------------------------------------------------------------
-        n_words = np.clip(
-            np.rint(rng.lognormal(mu, p.doc_words_sigma, size=n)), p.min_doc_words, max_len
-        ).astype(np.int64)
-        doc = np.repeat(np.arange(n), n_words)
-        kind = rng.random(len(doc))
-        words = np.empty(len(doc), dtype=np.int64)
-        is_bg = kind < p.background_share
-        words[is_bg] = np.searchsorted(st.bg_cdf, rng.random(int(is_bg.sum())), side="right")
-        is_conf = ~is_bg & (kind < p.background_share + p.confuser_share)
-        d = doc[is_conf]
-        primary = cand[d, 0]
-        other = _draw_in_range(rng, st.cum, st.top_lo[primary], st.top_hi[primary])
-        words[is_conf] = _own_word(rng, st, other)
-        is_lab = ~(is_bg | is_conf)
-        d = doc[is_lab]
-        lab = labs[lab_start[d] + (rng.random(len(d)) * n_lab[d]).astype(np.int64)]
-        lvl = np.searchsorted(np.cumsum(level_p)[:-1], rng.random(len(d)), side="right")
-        w = np.empty(len(d), dtype=np.int64)
-        m = lvl == 0
-        w[m] = _own_word(rng, st, lab[m])
-        m = lvl == 1
-        j = np.searchsorted(st.level_cdfs[1], rng.random(int(m.sum())), side="right")
-        w[m] = st.sub_base + st.sub_of[lab[m]].astype(np.int64) * p.words_per_subtopic + j
-        m = lvl == 2
-        j = np.searchsorted(st.level_cdfs[2], rng.random(int(m.sum())), side="right")
-        w[m] = st.top_base + st.top_of[lab[m]].astype(np.int64) * p.words_per_topic + j
-        words[is_lab] = w
-
-        # --- bytes --------------------------------------------------------------------
+    for b in _iter_draws(st, p, split):
         # Pseudo-words and label names are plain ASCII letters, digits and "/", so they go
         # into JSON strings without escaping.
-        text, t_end = _join_rows(st.vocab, st.vocab_len, words, b" ")
-        t_end = t_end[np.cumsum(n_words) - 1]
+        text, t_end = _join_rows(st.vocab, st.vocab_len, b.words, b" ")
+        t_end = t_end[np.cumsum(b.n_words) - 1]
         t_start = np.concatenate([[0], t_end[:-1]])
-        names, n_end = _join_rows(st.names, st.names_len, labs, b", ", b'"', b'"')
-        n_end = n_end[np.cumsum(n_lab) - 1]
+        names, n_end = _join_rows(st.names, st.names_len, b.labs, b", ", b'"', b'"')
+        n_end = n_end[np.cumsum(b.n_lab) - 1]
         n_start = np.concatenate([[0], n_end[:-1]])
         lines = [
             b'{"id": %d, "text": "%s", "labels": [%s]}\n'
-            % (id_base + start + i, text[ts:te - 1], names[ns:ne - 2])
+            % (id_base + b.start + i, text[ts:te - 1], names[ns:ne - 2])
             for i, (ts, te, ns, ne) in enumerate(
                 zip(t_start.tolist(), t_end.tolist(), n_start.tolist(), n_end.tolist(), strict=True)
             )
         ]
-        yield lines, labs, n_lab, n_words
+        yield lines, b.labs, b.n_lab, b.n_words
 
 
 def _own_word(rng: np.random.Generator, st: _Structure, labels: np.ndarray) -> np.ndarray:
