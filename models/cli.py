@@ -1,6 +1,6 @@
 """``xmc``: build, evaluate, query and serve extreme multi-label classification bundles.
 
-    xmc synth   --labels 5000 --train 20000 --test 5000 --seed 0 --out data/synth
+    xmc synth   --labels 5000 --train 20000 --test 5000 --seed 0 --out data/synth [--format xc]
     xmc build   data/synth/train.jsonl --out artifacts/synth --test data/synth/test.jsonl
     xmc eval    artifacts/synth data/synth/test.jsonl
     xmc predict artifacts/synth "a document to tag"
@@ -83,12 +83,21 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a synthetic XMC corpus (train.jsonl, test.jsonl)",
                        description="A hidden label hierarchy, Zipfian label frequencies with a "
-                       "long tail, 1-10 labels a document; seeded.")
+                       "long tail, 1-10 labels a document; seeded. --format xc writes the same "
+                       "documents as TF-IDF rows (train.txt, test.txt), no text.")
     s.add_argument("--labels", type=int, default=5000)
     s.add_argument("--train", type=int, default=20000)
     s.add_argument("--test", type=int, default=5000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
+    s.add_argument("--format", choices=("jsonl", "xc"), default="jsonl",
+                   help="jsonl: text documents; xc: Extreme Classification Repository feature "
+                   "files (sublinear TF-IDF of word unigrams, idf from train, l2 rows)")
+    s.add_argument("--min-df", type=int,
+                   help="xc only: a word is a feature when in >= this many training documents "
+                   "(default 2)")
+    s.add_argument("--max-features", type=int,
+                   help="xc only: keep the words of highest document frequency (default: all)")
 
     v = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI + uvicorn)")
     try:
@@ -206,10 +215,20 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from models.synth import SynthParams, write_corpus
+    from models.synth import SynthParams, write_corpus, write_xc
 
-    stats = write_corpus(args.out, SynthParams(n_labels=args.labels, n_train=args.train,
-                                               n_test=args.test, seed=args.seed))
+    params = SynthParams(n_labels=args.labels, n_train=args.train, n_test=args.test,
+                         seed=args.seed)
+    if args.format == "xc":
+        feature_knobs = {"min_df": args.min_df, "max_features": args.max_features}
+        stats = write_xc(args.out, params,
+                         **{k: v for k, v in feature_knobs.items() if v is not None})
+    elif args.min_df is not None or args.max_features is not None:
+        print("xmc synth: error: --min-df and --max-features apply to --format xc only "
+              "(text documents are featurized by xmc build)", file=sys.stderr)
+        return 2
+    else:
+        stats = write_corpus(args.out, params)
     print(json.dumps(stats))
     return 0
 

@@ -464,33 +464,224 @@ def write_corpus(out_dir: str | Path, params: SynthParams) -> dict:
     stats: dict = {"params": params.to_json()}
     counts = {}
     for split in ("train", "test"):
-        freq = np.zeros(params.n_labels, dtype=np.int64)
-        n_docs = n_label_occ = n_word_occ = 0
-        max_labels = 0
+        acc = _SplitStats(params.n_labels)
         with (out_dir / f"{split}.jsonl").open("wb") as fh:
             for lines, labs, n_lab, n_words in _iter_blocks(st, params, split):
                 fh.write(b"".join(lines))
-                freq += np.bincount(labs, minlength=params.n_labels)
-                n_docs += len(lines)
-                n_label_occ += int(n_lab.sum())
-                n_word_occ += int(n_words.sum())
-                max_labels = max(max_labels, int(n_lab.max()))
-        counts[split] = freq
-        stats[f"n_{split}"] = n_docs
-        stats[f"mean_labels_per_doc_{split}"] = n_label_occ / max(n_docs, 1)
-        stats[f"mean_words_per_doc_{split}"] = n_word_occ / max(n_docs, 1)
-        stats[f"max_labels_per_doc_{split}"] = max_labels
-    train, test = counts["train"], counts["test"]
-    used = train > 0
-    stats["n_labels"] = params.n_labels
-    stats["n_labels_used"] = int(used.sum())
-    stats["n_labels_used_test"] = int((test > 0).sum())
-    stats["share_labels_lt5_train"] = float((train[used] < 5).mean()) if used.any() else 0.0
-    stats["share_labels_lt5_train_all"] = float((train < 5).mean())
-    stats["median_label_freq_train"] = float(np.median(train[used])) if used.any() else 0.0
-    stats["max_label_freq_train"] = int(train.max())
-    stats["test_labels_unseen_share"] = (
-        float(test[~used].sum() / test.sum()) if test.sum() else 0.0
-    )
+                acc.add(labs, n_lab, n_words)
+        counts[split] = acc.freq
+        stats.update(acc.summary(split))
+    stats.update(_label_stats(counts["train"], counts["test"]))
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     return stats
+
+
+class _SplitStats:
+    """Label and length statistics of one split, gathered block by block."""
+
+    def __init__(self, n_labels: int) -> None:
+        self.freq = np.zeros(n_labels, dtype=np.int64)
+        self.n_docs = self.n_label_occ = self.n_word_occ = self.max_labels = 0
+
+    def add(self, labs: np.ndarray, n_lab: np.ndarray, n_words: np.ndarray) -> None:
+        self.freq += np.bincount(labs, minlength=len(self.freq))
+        self.n_docs += len(n_lab)
+        self.n_label_occ += int(n_lab.sum())
+        self.n_word_occ += int(n_words.sum())
+        self.max_labels = max(self.max_labels, int(n_lab.max()))
+
+    def summary(self, split: str) -> dict:
+        n = max(self.n_docs, 1)
+        return {f"n_{split}": self.n_docs,
+                f"mean_labels_per_doc_{split}": self.n_label_occ / n,
+                f"mean_words_per_doc_{split}": self.n_word_occ / n,
+                f"max_labels_per_doc_{split}": self.max_labels}
+
+
+def _label_stats(train: np.ndarray, test: np.ndarray) -> dict:
+    used = train > 0
+    return {
+        "n_labels": len(train),
+        "n_labels_used": int(used.sum()),
+        "n_labels_used_test": int((test > 0).sum()),
+        "share_labels_lt5_train": float((train[used] < 5).mean()) if used.any() else 0.0,
+        "share_labels_lt5_train_all": float((train < 5).mean()),
+        "median_label_freq_train": float(np.median(train[used])) if used.any() else 0.0,
+        "max_label_freq_train": int(train.max()),
+        "test_labels_unseen_share": float(test[~used].sum() / test.sum()) if test.sum() else 0.0,
+    }
+
+
+def write_xc(out_dir: str | Path, params: SynthParams, *, min_df: int = 2,
+             max_features: int = 0) -> dict:
+    """Stream ``out_dir/train.txt`` and ``out_dir/test.txt``: the documents
+    :func:`write_corpus` writes for the same parameters (same labels, same words), as TF-IDF
+    rows in the Extreme Classification Repository format, with no text at all.
+
+    Features are the words occurring in at least ``min_df`` training documents (the
+    ``max_features`` of highest document frequency when that is > 0), numbered in word-id
+    order; a value is sublinear tf times scikit-learn's smoothed idf of the training split,
+    each row l2-normalized and written with four decimals. Label ids are the synthetic
+    label ids (``l00457`` of the text form is label 457). Returns the statistics of
+    :func:`write_corpus` plus the feature space's.
+    """
+    params.validate()
+    if min_df < 1 or max_features < 0:
+        raise InvalidInputError("min_df must be >= 1 and max_features >= 0 (0 = no cap)")
+    if params.n_train == 0:
+        raise InvalidInputError("the XC form needs training documents: idf comes from them")
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    st = _Structure(params)
+    df = _document_frequencies(st, params)
+    fid_of_word, idf = _feature_space(df, params.n_train, min_df, max_features)
+    if not len(idf):
+        raise InvalidInputError(f"no word occurs in {min_df} training documents; lower min_df")
+    stats: dict = {"params": params.to_json(), "format": "xc", "min_df": min_df,
+                   "max_features": max_features, "n_features": len(idf)}
+    counts = {}
+    for split in ("train", "test"):
+        acc = _SplitStats(params.n_labels)
+        n_docs = params.n_train if split == "train" else params.n_test
+        nnz = 0
+        with (out_dir / f"{split}.txt").open("wb") as fh:
+            fh.write(b"%d %d %d\n" % (n_docs, len(idf), params.n_labels))
+            for b in _iter_draws(st, params, split):
+                fid, val, n_fid = _tfidf_rows(b, fid_of_word, idf)
+                fh.write(_xc_lines(b.labs, b.n_lab, fid, val, n_fid))
+                acc.add(b.labs, b.n_lab, b.n_words)
+                nnz += len(fid)
+        counts[split] = acc.freq
+        stats.update(acc.summary(split))
+        stats[f"mean_features_per_doc_{split}"] = nnz / max(n_docs, 1)
+    stats.update(_label_stats(counts["train"], counts["test"]))
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    return stats
+
+
+# Blocks of word ids gathered before one bincount into the document frequencies: a bincount
+# per block would sweep the whole vocabulary (millions of words at 1M labels) every block.
+_DF_FLUSH = 32
+# Decimals of an XC feature value. Rows are l2-normalized, so values lie in (0, 1]; four
+# decimals keep the file small and move a typical value (0.02-0.3) by well under 1 %.
+_XC_DECIMALS = 4
+
+
+def _document_frequencies(st: _Structure, p: SynthParams) -> np.ndarray:
+    """Training documents containing each word: a first pass over the training split (the
+    second, which writes it, regenerates the same blocks from their seeds)."""
+    n_vocab = len(st.vocab_len)
+    df = np.zeros(n_vocab, dtype=np.int64)
+    pending: list[np.ndarray] = []
+    for b in _iter_draws(st, p, "train"):
+        pending.append(_doc_word_counts(b, n_vocab)[1])
+        if len(pending) == _DF_FLUSH:
+            df += np.bincount(np.concatenate(pending), minlength=n_vocab)
+            pending = []
+    if pending:
+        df += np.bincount(np.concatenate(pending), minlength=n_vocab)
+    return df
+
+
+def _feature_space(df: np.ndarray, n_train: int, min_df: int, max_features: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(feature id of every word, -1 for none; idf of every feature)."""
+    kept = df >= min_df
+    if max_features and int(kept.sum()) > max_features:
+        words = np.flatnonzero(kept)
+        top = words[np.lexsort((words, -df[words]))[:max_features]]  # ties: lower word id
+        kept = np.zeros_like(kept)
+        kept[top] = True
+    words = np.flatnonzero(kept)
+    fid_of_word = np.full(len(df), -1, dtype=np.int64)
+    fid_of_word[words] = np.arange(len(words))
+    # scikit-learn's smooth_idf: as if one more document contained every word
+    idf = np.log((1.0 + n_train) / (1.0 + df[words])) + 1.0
+    return fid_of_word, idf
+
+
+def _doc_word_counts(b: _Draws, n_vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(document, word, count) of every distinct word of every document, sorted by document
+    then word."""
+    doc = np.repeat(np.arange(len(b.n_words), dtype=np.int64), b.n_words)
+    key = np.sort(doc * n_vocab + b.words)
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.append(starts, len(key)))
+    key = key[starts]
+    return key // n_vocab, key % n_vocab, counts
+
+
+def _tfidf_rows(b: _Draws, fid_of_word: np.ndarray, idf: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The block's TF-IDF rows: feature ids (ascending within a row), l2-normalized values
+    and features per document."""
+    doc, word, tf = _doc_word_counts(b, len(fid_of_word))
+    fid = fid_of_word[word]
+    keep = fid >= 0
+    doc, fid, tf = doc[keep], fid[keep], tf[keep]
+    val = (1.0 + np.log(tf)) * idf[fid]
+    n = len(b.n_words)
+    norm = np.sqrt(np.bincount(doc, val * val, minlength=n))
+    val /= norm[doc]
+    return fid, val, np.bincount(doc, minlength=n)
+
+
+def _xc_lines(labs: np.ndarray, n_lab: np.ndarray, fid: np.ndarray, val: np.ndarray,
+              n_fid: np.ndarray) -> bytes:
+    """``l1,l2 fid:val fid:val\n`` for every document of a block, as one buffer.
+
+    Every piece (a label and its comma, a feature, a newline) is a row of one zero-padded
+    byte matrix, in output order; dropping the zero bytes leaves the text."""
+    lab_tok = np.concatenate([_digits(labs), np.full((len(labs), 1), ord(","), np.uint8)], 1)
+    last_lab = np.cumsum(n_lab) - 1
+    lab_tok[last_lab, -1] = 0  # no comma after a document's last label
+    feat_tok = np.concatenate([
+        np.full((len(fid), 1), ord(" "), np.uint8), _digits(fid),
+        np.full((len(fid), 1), ord(":"), np.uint8), _decimals(val)], 1)
+    per_doc = n_lab + n_fid + 1
+    line_start = np.cumsum(per_doc) - per_doc
+    doc_of_lab = np.repeat(np.arange(len(n_lab)), n_lab)
+    doc_of_fid = np.repeat(np.arange(len(n_fid)), n_fid)
+    lab_dest = line_start[doc_of_lab] + np.arange(len(labs)) - (np.cumsum(n_lab) - n_lab)[
+        doc_of_lab]
+    fid_dest = (line_start + n_lab)[doc_of_fid] + np.arange(len(fid)) - (
+        np.cumsum(n_fid) - n_fid)[doc_of_fid]
+    out = np.zeros((int(per_doc.sum()), max(lab_tok.shape[1], feat_tok.shape[1])), np.uint8)
+    out[lab_dest, : lab_tok.shape[1]] = lab_tok
+    out[fid_dest, : feat_tok.shape[1]] = feat_tok
+    out[line_start + per_doc - 1, 0] = ord("\n")
+    return out[out != 0].tobytes()
+
+
+def _digits(a: np.ndarray) -> np.ndarray:
+    """Decimal digits of non-negative integers as a right-aligned byte matrix whose leading
+    positions are zero bytes."""
+    width = len(str(int(a.max()))) if len(a) else 1
+    pow10 = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    out = (a[:, None] // pow10 % 10 + ord("0")).astype(np.uint8)
+    lead = a[:, None] < pow10
+    lead[:, -1] = False  # zero itself is "0"
+    out[lead] = 0
+    return out
+
+
+def _decimals(val: np.ndarray) -> np.ndarray:
+    """Values in (0, 1] as ``0.dddd`` (trailing zeros dropped, at least 0.0001) or ``1``, as a
+    zero-padded byte matrix."""
+    scale = 10**_XC_DECIMALS
+    q = np.clip(np.rint(val * scale).astype(np.int64), 1, scale)
+    pow10 = 10 ** np.arange(_XC_DECIMALS - 1, -1, -1, dtype=np.int64)
+    digits = q[:, None] // pow10 % 10
+    out = np.empty((len(q), 2 + _XC_DECIMALS), dtype=np.uint8)
+    out[:, 0] = ord("0")
+    out[:, 1] = ord(".")
+    out[:, 2:] = digits + ord("0")
+    # a digit stays when it or a digit after it is non-zero
+    out[:, 2:][~np.flip(np.logical_or.accumulate(np.flip(digits != 0, 1), 1), 1)] = 0
+    one = q == scale
+    out[one] = 0
+    out[one, 0] = ord("1")
+    return out
