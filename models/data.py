@@ -202,6 +202,7 @@ _XC_MESSAGES = {
     xcparse.BAD_FEATURE: "bad feature {tok!r} (want fid:value)",
     xcparse.FEATURE_RANGE: "feature id {tok} out of range 0..{n_features_max}",
     xcparse.BAD_VALUE: "bad feature value in {tok!r}",
+    xcparse.GREW: "more than the first pass counted: the file changed while being read",
 }
 
 

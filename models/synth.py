@@ -12,6 +12,10 @@ The generative process, in the spirit of the public XMC benchmarks:
   related but unassigned labels, and a Zipfian background vocabulary;
 * test documents come from the same process, so a few test labels never occur in training.
 
+:func:`write_corpus` writes the documents as text (JSONL); :func:`write_xc` writes the very
+same documents as TF-IDF feature rows in the XC format, with no text, for sizes where
+gigabytes of text and a TF-IDF fit would only be in the way.
+
 Everything is vectorized numpy over fixed blocks of documents, each with its own random
 stream, so the output is byte-identical for a seed whatever the caller does, memory stays
 bounded by the block size plus a few arrays per label, and 1M labels take minutes.

@@ -12,8 +12,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-# Why a line was refused; read_xc turns the code into the message.
-OK, BAD_LABEL, LABEL_RANGE, BAD_FEATURE, FEATURE_RANGE, BAD_VALUE = range(6)
+# Why a line was refused; read_xc turns the code into the message. GREW: the line holds
+# more than the first pass counted (the file changed between the passes); the arrays are
+# never written beyond their end, whatever the file does.
+OK, BAD_LABEL, LABEL_RANGE, BAD_FEATURE, FEATURE_RANGE, BAD_VALUE, GREW = range(7)
 
 # Slots of the parser's state, carried from one buffer to the next.
 ROW, NNZ, NLAB, SKIPPED, LINE, ERR, ERR_START, ERR_END = range(8)
@@ -187,6 +189,8 @@ def _parse_line(buf, s, e, n_features, n_labels, indices, vals, lab_ids, nnz, nl
             if lab >= n_labels:
                 err[0], err[1] = i, j
                 return nnz, nlab, LABEL_RANGE
+            if nlab >= len(lab_ids):
+                return nnz, nlab, GREW
             lab_ids[nlab] = lab
             nlab += 1
             i = j
@@ -208,6 +212,8 @@ def _parse_line(buf, s, e, n_features, n_labels, indices, vals, lab_ids, nnz, nl
         if fid >= n_features:
             err[0], err[1] = t, i
             return nnz, nlab, FEATURE_RANGE
+        if nnz >= len(indices):
+            return nnz, nlab, GREW
         v, i, ok = _parse_float(buf, i + 1, e)
         if not ok:
             while i < e and not _is_blank(buf[i]):
@@ -248,8 +254,10 @@ def parse_lines(buf: np.ndarray, n_features: int, n_labels: int, skip_bad: bool,
                 vals = np.empty(e - s)
             new_nnz, new_nlab, code = _parse_line(buf, s, e, n_features, n_labels, indices,
                                                   vals, lab_ids, nnz, nlab, err)
+            if code == OK and row + 1 >= len(indptr):
+                code = GREW
             if code != OK:
-                if not skip_bad:
+                if not skip_bad or code == GREW:
                     state[ROW], state[NNZ], state[NLAB] = row, nnz, nlab
                     state[ERR], state[ERR_START], state[ERR_END] = code, err[0], err[1]
                     return

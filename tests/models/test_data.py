@@ -145,3 +145,14 @@ def test_empty_body_and_label_only_lines(tmp_path: Path) -> None:
     path.write_text("2 4 2\n1\n0,1\n")
     corpus = read_xc(path)
     assert corpus.labels == [["1"], ["0", "1"]] and corpus.features.nnz == 0
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_file_that_grows_between_the_passes_is_refused(tmp_path: Path, monkeypatch,
+                                                         skip: bool) -> None:
+    path = tmp_path / "g.txt"
+    path.write_text("3 5 3\n0 1:1\n1,2 2:1 3:1\n2 4:1\n")
+    # as if the first pass had seen a shorter file: the arrays are too small for the second
+    monkeypatch.setattr(data.xcparse, "count_separators", lambda buf: (1, 1, 0))
+    with pytest.raises(DataError, match="changed while being read"):
+        read_xc(path, skip_bad_lines=skip)
