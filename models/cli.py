@@ -191,10 +191,10 @@ def _eval(args: argparse.Namespace) -> int:
                 "recall@5", "coverage"):
         if key in result:
             print(f"  {key:<9} {100 * result[key]:6.2f}")
-    print(f"  batch     {result['batch_docs_per_s']:,.0f} docs/s (batches of 256, encoding "
-          "included)")
+    source = "encoding included" if test.is_text else "from feature rows"
+    print(f"  batch     {result['batch_docs_per_s']:,.0f} docs/s (batches of 256, {source})")
     print(f"  latency   p50 {result['latency_ms_p50']:.3f} ms, p99 {result['latency_ms_p99']:.3f}"
-          " ms (one document, encoding included)")
+          f" ms (one document, {source})")
     if result.get("n_docs_without_labels"):
         print(f"  ({result['n_docs_without_labels']} documents without labels left out)")
     return 0
