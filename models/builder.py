@@ -15,7 +15,7 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from models import bundle as bundle_io
 from models.calibration import Calibration
 from models.cluster import pifa_embeddings
-from models.data import Corpus, validation_rows
+from models.data import Corpus, LabelLists, distinct_labels, validation_rows
 from models.engine import LocalEngine, TreeEngine
 from models.errors import BundleError, InvalidInputError
 from models.features import FeatureEncoder, fuse
@@ -40,8 +40,10 @@ from models.tree import Ensemble, quantize
 log = logging.getLogger(__name__)
 
 
-def label_matrix(labels: list[list[str]], label_names: list[str]) -> sp.csr_matrix:
+def label_matrix(labels: Sequence[list[str]], label_names: list[str]) -> sp.csr_matrix:
     """Binary (n_docs, n_labels) matrix; labels missing from ``label_names`` are dropped."""
+    if isinstance(labels, LabelLists):
+        return labels.matrix_for(label_names)
     index = {name: i for i, name in enumerate(label_names)}
     rows, cols = [], []
     for r, doc_labels in enumerate(labels):
@@ -94,7 +96,7 @@ def build(
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise BundleError("exists; pass --force to replace it", out_dir)
-    label_names = sorted({lab for doc in train.labels for lab in doc})
+    label_names = distinct_labels(train.labels)
     if not label_names:
         raise InvalidInputError(f"{train.source or 'training set'}: no document has a label")
     threads = params.threads or os.cpu_count() or 1
@@ -240,7 +242,7 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
             f"{train.n_docs} training documents are too few to choose dense_weight on a "
             f"validation split; give --dense-weight")
     fit, valid = train.subset(fit_rows), train.subset(valid_rows)
-    names = sorted({lab for doc in fit.labels for lab in doc})
+    names = distinct_labels(fit.labels)
     if not names:
         raise InvalidInputError("no labelled document left to choose dense_weight on")
     Y_fit = label_matrix(fit.labels, names)

@@ -4,17 +4,84 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import scipy.sparse as sp
 
+from models import xcparse
 from models.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+class LabelLists(Sequence[list[str]]):
+    """Each document's label names, read-only, backed by a binary CSR label matrix whose
+    column j is the label named ``str(j)`` (XC label ids are integers).
+
+    It reads like the list of lists a JSONL corpus has, but at millions of documents that
+    list would take gigabytes of Python strings; this takes 4 bytes a label."""
+
+    def __init__(self, matrix: sp.csr_matrix) -> None:
+        self.matrix = matrix
+
+    def __len__(self) -> int:
+        return self.matrix.shape[0]
+
+    def __repr__(self) -> str:
+        n_docs, n_labels = self.matrix.shape
+        return f"LabelLists({n_docs} documents, label ids < {n_labels})"
+
+    def __getitem__(self, i):  # int -> list[str]; slice -> LabelLists
+        if isinstance(i, slice):
+            return LabelLists(self.matrix[i])
+        m = self.matrix
+        i = range(m.shape[0])[i]  # negative indices, IndexError
+        return [str(j) for j in m.indices[m.indptr[i]:m.indptr[i + 1]].tolist()]
+
+    def __iter__(self) -> Iterator[list[str]]:
+        m = self.matrix
+        for lo, hi in zip(m.indptr[:-1].tolist(), m.indptr[1:].tolist()):
+            yield [str(j) for j in m.indices[lo:hi].tolist()]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking, like a list
+
+    def take(self, rows: np.ndarray) -> LabelLists:
+        return LabelLists(self.matrix[rows])
+
+    def names(self) -> list[str]:
+        """Distinct label names in use, in :func:`distinct_labels` order."""
+        used = np.flatnonzero(np.bincount(self.matrix.indices, minlength=self.matrix.shape[1]))
+        return sorted(str(j) for j in used.tolist())
+
+    def matrix_for(self, label_names: Sequence[str]) -> sp.csr_matrix:
+        """The label matrix with column k = ``label_names[k]``; labels missing from
+        ``label_names`` are dropped."""
+        m = self.matrix
+        column = np.full(m.shape[1], -1, dtype=np.int64)
+        for k, name in enumerate(label_names):
+            j = int(name) if name.isdecimal() and name.isascii() else -1
+            if 0 <= j < m.shape[1] and str(j) == name:
+                column[j] = k
+        cols = column[m.indices]
+        keep = cols >= 0
+        rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))[keep]
+        return sp.csr_matrix((np.ones(int(keep.sum()), dtype=np.float32), (rows, cols[keep])),
+                             shape=(m.shape[0], len(label_names)))
+
+
+def distinct_labels(labels: Sequence[list[str]]) -> list[str]:
+    """The distinct label names of a corpus, sorted (as strings): the label order of a
+    bundle built from it."""
+    if isinstance(labels, LabelLists):
+        return labels.names()
+    return sorted({lab for doc in labels for lab in doc})
 
 
 @dataclass
@@ -22,12 +89,13 @@ class Corpus:
     """Documents with their label sets.
 
     Exactly one of ``texts`` (raw text, from JSONL) and ``features`` (a CSR matrix, from an
-    XC-format file) is set. ``labels`` holds each document's label names as strings. With
+    XC-format file) is set. ``labels`` holds each document's label names as strings: a list
+    of lists, or for XC input a :class:`LabelLists` over the label matrix. With
     ``features``, ``dense_start`` may say that the columns from there on are a dense block
     (e.g. precomputed sentence embeddings), whose weights are then stored dense.
     """
 
-    labels: list[list[str]]
+    labels: Sequence[list[str]]
     texts: list[str] | None = None
     features: sp.csr_matrix | None = None
     ids: list[object] | None = None
@@ -46,8 +114,12 @@ class Corpus:
 
     def subset(self, rows: Sequence[int] | np.ndarray) -> Corpus:
         rows = np.asarray(rows, dtype=np.int64)
+        if isinstance(self.labels, LabelLists):
+            labels: Sequence[list[str]] = self.labels.take(rows)
+        else:
+            labels = [self.labels[i] for i in rows]
         return Corpus(
-            labels=[self.labels[i] for i in rows],
+            labels=labels,
             texts=[self.texts[i] for i in rows] if self.texts is not None else None,
             features=self.features[rows] if self.features is not None else None,
             ids=[self.ids[i] for i in rows] if self.ids is not None else None,
@@ -123,51 +195,68 @@ def read_jsonl(
     return Corpus(labels=labels, texts=texts, ids=ids, n_skipped=n_skipped, source=str(path))
 
 
+_XC_BUFFER = 1 << 25  # bytes of whole lines parsed at a time
+_XC_MESSAGES = {
+    xcparse.BAD_LABEL: "bad label list {tok!r} (want comma-separated integer ids)",
+    xcparse.LABEL_RANGE: "label id {tok} out of range 0..{n_labels_max}",
+    xcparse.BAD_FEATURE: "bad feature {tok!r} (want fid:value)",
+    xcparse.FEATURE_RANGE: "feature id {tok} out of range 0..{n_features_max}",
+    xcparse.BAD_VALUE: "bad feature value in {tok!r}",
+    xcparse.GREW: "more than the first pass counted: the file changed while being read",
+}
+
+
 def read_xc(path: str | Path, *, skip_bad_lines: bool = False) -> Corpus:
     """Extreme Classification Repository format: header ``n_docs n_features n_labels`` then
     ``l1,l2 fid:val ...`` per document (0-based ids; a leading space means no labels).
-    Rows are returned l2-normalized, as the field's benchmarks use them.
 
-    Read streaming in blocks of lines, each parsed by numpy's C number parser into the
-    CSR arrays (no Python object per non-zero); a block that does not parse cleanly is
-    parsed again line by line, to name the bad line (or skip it)."""
+    Rows are returned l2-normalized, as the field's benchmarks use them, with sorted feature
+    ids (repeats summed); ``labels`` is a :class:`LabelLists` over the label matrix. Two
+    passes over the file (a count of separators sizes the arrays, then a compiled parser
+    fills them), so memory is the output plus one buffer."""
     path = Path(path)
     with path.open("rb") as fh:
         header = fh.readline()
         try:
             n_docs_declared, n_features, n_labels = (int(v) for v in header.split())
+            if min(n_docs_declared, n_features, n_labels) < 0:
+                raise ValueError
         except ValueError:
             raise DataError("header must be 'n_docs n_features n_labels'", path, 1) from None
-        dims = (n_features, n_labels)
-        # label names are the ids as strings: made once, looked up per block
-        label_str = np.array([str(i) for i in range(n_labels)], dtype=object)
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str]]]] = []
-        n_skipped, line_no = 0, 1
-        while True:
-            block = fh.readlines(_XC_BLOCK_BYTES)
-            if not block:
-                break
-            lines = [line for line in block if line.strip()]
-            try:
-                parts.append(_parse_xc_block(lines, dims, label_str))
-            except ValueError:
-                part, skipped = _parse_xc_lines(block, dims, path, line_no, skip_bad_lines)
-                parts.append(part)
-                n_skipped += skipped
-            line_no += len(block)
+        body = fh.tell()
+        lines = colons = commas = 0
+        for buf in _line_buffers(fh):
+            n_nl, n_colon, n_comma = xcparse.count_separators(buf)
+            lines, colons, commas = lines + n_nl + 1, colons + n_colon, commas + n_comma
+        fh.seek(body)
+        indptr = np.zeros(lines + 1, dtype=np.int64)
+        lab_indptr = np.zeros(lines + 1, dtype=np.int64)
+        indices = np.empty(colons, dtype=np.int32)
+        data = np.empty(colons, dtype=np.float32)
+        lab_ids = np.empty(commas + lines, dtype=np.int32)
+        state = np.zeros(xcparse.N_STATE, dtype=np.int64)
+        state[xcparse.LINE] = 1  # the header
+        for buf in _line_buffers(fh):
+            xcparse.parse_lines(buf, n_features, n_labels, skip_bad_lines, indptr, indices,
+                                data, lab_indptr, lab_ids, state)
+            if state[xcparse.ERR] != xcparse.OK:
+                tok = bytes(buf[state[xcparse.ERR_START]:state[xcparse.ERR_END]][:60])
+                message = _XC_MESSAGES[int(state[xcparse.ERR])].format(
+                    tok=tok.decode("utf-8", "replace"), n_labels_max=n_labels - 1,
+                    n_features_max=n_features - 1)
+                raise DataError(f"malformed XC line: {message}", path,
+                                int(state[xcparse.LINE]))
+    n_rows, nnz, nlab = (int(state[k]) for k in (xcparse.ROW, xcparse.NNZ, xcparse.NLAB))
+    n_skipped = int(state[xcparse.SKIPPED])
     if n_skipped:
         log.warning("%s: skipped %d malformed line(s)", path, n_skipped)
-    counts = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-    X = sp.csr_matrix(
-        (np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32),
-         np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32),
-         np.concatenate(([0], np.cumsum(counts)))),
-        shape=(len(counts), n_features),
-    )
-    X.sum_duplicates()
-    X = normalize_rows(X)
+    X = sp.csr_matrix((data[:nnz], indices[:nnz], indptr[: n_rows + 1]),
+                      shape=(n_rows, n_features))
+    Y = sp.csr_matrix((np.ones(nlab, dtype=np.float32), lab_ids[:nlab],
+                       lab_indptr[: n_rows + 1]), shape=(n_rows, n_labels))
+    X.has_sorted_indices = Y.has_sorted_indices = True  # the parser sorts every row
     return Corpus(
-        labels=[labs for p in parts for labs in p[3]],
+        labels=LabelLists(Y),
         features=X,
         n_skipped=n_skipped,
         source=str(path),
@@ -175,77 +264,27 @@ def read_xc(path: str | Path, *, skip_bad_lines: bool = False) -> Corpus:
     )
 
 
-#: bytes of XC lines parsed at once: the block's arrays stay small beside the output's
-_XC_BLOCK_BYTES = 16 << 20
-
-
-def _parse_xc_block(lines: list[bytes], dims: tuple[int, int], label_str: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str]]]:
-    """(non-zeros per row, feature ids, values, label names per row) of well-formed lines;
-    ValueError when any line is not."""
-    n_features, n_labels = dims
-    heads, bodies = [], []
-    for line in lines:
-        head, _, body = line.partition(b" ")
-        heads.append(head)
-        bodies.append(body)
-    counts = np.array([b.count(b":") for b in bodies], dtype=np.int64)
-    n_lab = np.array([h.count(b",") + 1 if h.strip() else 0 for h in heads], dtype=np.int64)
-    text = b" ".join(bodies).replace(b":", b" ")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # numpy warns (not raises) on text it cannot parse
-        numbers = np.fromstring(text, dtype=np.float64, sep=" ") if text.strip() else (
-            np.zeros(0))
-        labs = np.fromstring(b" ".join(heads).replace(b",", b" "), dtype=np.float64,
-                             sep=" ") if n_lab.any() else np.zeros(0)
-    if numbers.size != 2 * counts.sum() or labs.size != n_lab.sum():
-        raise ValueError("token count")
-    fid, val = numbers[0::2], numbers[1::2]
-    for ids, n in ((fid, n_features), (labs, n_labels)):
-        if ids.size and (ids.min() < 0 or ids.max() >= n or np.any(ids != np.floor(ids))):
-            raise ValueError("id out of range")
-    names = label_str[labs.astype(np.int64)].tolist()
-    ends = np.cumsum(n_lab).tolist()
-    per_doc = [list(dict.fromkeys(names[e - k : e])) for e, k in zip(ends, n_lab.tolist())]
-    return counts, fid.astype(np.int32), val.astype(np.float32), per_doc
-
-
-def _parse_xc_lines(block: list[bytes], dims: tuple[int, int], path: Path, first_line: int,
-                    skip_bad_lines: bool
-                    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str]]], int]:
-    """The slow path of a block that did not parse: line by line, naming (or skipping) the
-    malformed ones."""
-    n_features, n_labels = dims
-    counts, fids, vals, labels = [], [], [], []
-    n_skipped = 0
-    for offset, raw in enumerate(block):
-        line = raw.decode("utf-8", errors="replace").rstrip("\n")
-        if not line.strip():
+def _line_buffers(fh: BinaryIO) -> Iterator[np.ndarray]:
+    """The rest of a binary file as buffers of whole lines (the last one may lack its
+    newline). A buffer is reused: each is valid until the next is asked for."""
+    buf = bytearray(_XC_BUFFER)
+    carry = 0
+    while True:
+        with memoryview(buf) as view:
+            n_read = fh.readinto(view[carry:])
+        end = carry + n_read
+        if n_read == 0:
+            if carry:
+                yield np.frombuffer(buf, dtype=np.uint8, count=carry)
+            return
+        cut = buf.rfind(b"\n", 0, end) + 1
+        if cut == 0:  # one line longer than the buffer: grow it
+            buf = buf + bytearray(len(buf))
+            carry = end
             continue
-        try:
-            head, _, rest = line.partition(" ")
-            doc_labels = [int(v) for v in head.split(",")] if head else []
-            if any(not 0 <= lab < n_labels for lab in doc_labels):
-                raise ValueError(f"label id out of range 0..{n_labels - 1}")
-            row_idx, row_val = [], []
-            for tok in rest.split():
-                fid, _, val = tok.partition(":")
-                fid_i = int(fid)
-                if not 0 <= fid_i < n_features:
-                    raise ValueError(f"feature id {fid_i} out of range 0..{n_features - 1}")
-                row_idx.append(fid_i)
-                row_val.append(float(val))
-        except ValueError as exc:
-            if skip_bad_lines:
-                n_skipped += 1
-                continue
-            raise DataError(f"malformed XC line: {exc}", path, first_line + offset + 1) from None
-        labels.append([str(lab) for lab in dict.fromkeys(doc_labels)])
-        counts.append(len(row_idx))
-        fids.extend(row_idx)
-        vals.extend(row_val)
-    return (np.asarray(counts, dtype=np.int64), np.asarray(fids, dtype=np.int32),
-            np.asarray(vals, dtype=np.float32), labels), n_skipped
+        yield np.frombuffer(buf, dtype=np.uint8, count=cut)
+        buf[: end - cut] = buf[cut:end]
+        carry = end - cut
 
 
 def normalize_rows(X: sp.csr_matrix) -> sp.csr_matrix:

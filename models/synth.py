@@ -12,6 +12,10 @@ The generative process, in the spirit of the public XMC benchmarks:
   related but unassigned labels, and a Zipfian background vocabulary;
 * test documents come from the same process, so a few test labels never occur in training.
 
+:func:`write_corpus` writes the documents as text (JSONL); :func:`write_xc` writes the very
+same documents as TF-IDF feature rows in the XC format, with no text, for sizes where
+gigabytes of text and a TF-IDF fit would only be in the way.
+
 Everything is vectorized numpy over fixed blocks of documents, each with its own random
 stream, so the output is byte-identical for a seed whatever the caller does, memory stays
 bounded by the block size plus a few arrays per label, and 1M labels take minutes.
@@ -306,104 +310,128 @@ def _join_rows(mat: np.ndarray, lengths: np.ndarray, ids: np.ndarray, sep: bytes
     return buf, ends
 
 
+@dataclass
+class _Draws:
+    """A block of documents before any text: each document's labels and words."""
+
+    start: int
+    """Index of the block's first document within its split."""
+    labs: np.ndarray
+    """Label ids, each document's contiguous, in draw order."""
+    n_lab: np.ndarray
+    """Labels per document."""
+    words: np.ndarray
+    """Word ids, each document's contiguous."""
+    n_words: np.ndarray
+    """Words per document."""
+
+
+def _iter_draws(st: _Structure, p: SynthParams, split: str) -> Iterator[_Draws]:
+    """One split, a block of documents at a time, each block from its own random stream."""
+    n_docs = p.n_train if split == "train" else p.n_test
+    for block, start in enumerate(range(0, n_docs, _BLOCK_DOCS)):
+        rng = np.random.default_rng([p.seed, _SPLIT_STREAM[split], block])
+        n = min(_BLOCK_DOCS, n_docs - start)
+        labs, n_lab = _draw_labels(rng, st, p, n)
+        words, n_words = _draw_words(rng, st, p, labs, n_lab)
+        yield _Draws(start, labs, n_lab, words, n_words)
+
+
+def _draw_labels(rng: np.random.Generator, st: _Structure, p: SynthParams, n: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Label ids of n documents (concatenated, in draw order) and labels per document."""
+    geo_p = 1.0 / (1.0 + p.mean_labels_per_doc - p.min_labels_per_doc)
+    want = np.clip(
+        p.min_labels_per_doc + rng.geometric(geo_p, size=n) - 1,
+        p.min_labels_per_doc, p.max_labels_per_doc,
+    )
+    full = (np.zeros(n, np.int64), np.full(n, st.n_labels, np.int64))
+    anchors = np.stack([_draw_in_range(rng, st.cum, *full) for _ in range(2)], axis=1)
+    cand = np.empty((n, _CANDIDATES), dtype=np.int64)
+    cand[:, 0] = anchors[:, 0]
+    anchor = anchors[np.arange(n)[:, None],
+                     (rng.random((n, _CANDIDATES - 1)) < p.p_second_anchor).astype(int)]
+    level = rng.random(anchor.shape)
+    in_sub = level < p.p_same_subtopic
+    in_top = ~in_sub & (level < p.p_same_subtopic + p.p_same_topic)
+    lo = np.where(in_sub, st.sub_lo[anchor], np.where(in_top, st.top_lo[anchor], 0))
+    hi = np.where(in_sub, st.sub_hi[anchor], np.where(in_top, st.top_hi[anchor], st.n_labels))
+    cand[:, 1:] = _draw_in_range(rng, st.cum, lo, hi)
+    # Keep the first `want` distinct candidates of each row, in draw order.
+    order = np.argsort(cand, axis=1, kind="stable")
+    srt = np.take_along_axis(cand, order, axis=1)
+    first_sorted = np.ones_like(srt, dtype=bool)
+    first_sorted[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    first = np.empty_like(first_sorted)
+    np.put_along_axis(first, order, first_sorted, axis=1)
+    rank = np.cumsum(first, axis=1) - 1
+    keep = first & (rank < want[:, None])
+    # row-major: each document's labels, contiguous, in draw order; the first candidate
+    # (the anchor) is always kept, so a document's first label is its anchor
+    return cand[keep], keep.sum(axis=1)
+
+
+def _draw_words(rng: np.random.Generator, st: _Structure, p: SynthParams, labs: np.ndarray,
+                n_lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Word ids of the documents (concatenated) and words per document."""
+    n = len(n_lab)
+    mu = math.log(p.mean_doc_words) - p.doc_words_sigma**2 / 2.0
+    max_len = max(4 * p.mean_doc_words, p.min_doc_words)
+    level_p = np.asarray(p.level_mix, dtype=np.float64) / sum(p.level_mix)
+    lab_start = np.concatenate([[0], np.cumsum(n_lab)[:-1]])
+    n_words = np.clip(
+        np.rint(rng.lognormal(mu, p.doc_words_sigma, size=n)), p.min_doc_words, max_len
+    ).astype(np.int64)
+    doc = np.repeat(np.arange(n), n_words)
+    kind = rng.random(len(doc))
+    words = np.empty(len(doc), dtype=np.int64)
+    is_bg = kind < p.background_share
+    words[is_bg] = np.searchsorted(st.bg_cdf, rng.random(int(is_bg.sum())), side="right")
+    is_conf = ~is_bg & (kind < p.background_share + p.confuser_share)
+    d = doc[is_conf]
+    primary = labs[lab_start[d]]
+    other = _draw_in_range(rng, st.cum, st.top_lo[primary], st.top_hi[primary])
+    words[is_conf] = _own_word(rng, st, other)
+    is_lab = ~(is_bg | is_conf)
+    d = doc[is_lab]
+    lab = labs[lab_start[d] + (rng.random(len(d)) * n_lab[d]).astype(np.int64)]
+    lvl = np.searchsorted(np.cumsum(level_p)[:-1], rng.random(len(d)), side="right")
+    w = np.empty(len(d), dtype=np.int64)
+    m = lvl == 0
+    w[m] = _own_word(rng, st, lab[m])
+    m = lvl == 1
+    j = np.searchsorted(st.level_cdfs[1], rng.random(int(m.sum())), side="right")
+    w[m] = st.sub_base + st.sub_of[lab[m]].astype(np.int64) * p.words_per_subtopic + j
+    m = lvl == 2
+    j = np.searchsorted(st.level_cdfs[2], rng.random(int(m.sum())), side="right")
+    w[m] = st.top_base + st.top_of[lab[m]].astype(np.int64) * p.words_per_topic + j
+    words[is_lab] = w
+    return words, n_words
+
+
 def _iter_blocks(
     st: _Structure, p: SynthParams, split: str
 ) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray, np.ndarray]]:
     """One split, a block of documents at a time: JSONL lines, the block's label ids
     (concatenated), labels per document and words per document."""
     id_base = 0 if split == "train" else p.n_train
-    for start, labs, n_lab, words, n_words in _draw_blocks(st, p, split):
+    for b in _iter_draws(st, p, split):
         # Pseudo-words and label names are plain ASCII letters, digits and "/", so they go
         # into JSON strings without escaping.
-        text, t_end = _join_rows(st.vocab, st.vocab_len, words, b" ")
-        t_end = t_end[np.cumsum(n_words) - 1]
+        text, t_end = _join_rows(st.vocab, st.vocab_len, b.words, b" ")
+        t_end = t_end[np.cumsum(b.n_words) - 1]
         t_start = np.concatenate([[0], t_end[:-1]])
-        names, n_end = _join_rows(st.names, st.names_len, labs, b", ", b'"', b'"')
-        n_end = n_end[np.cumsum(n_lab) - 1]
+        names, n_end = _join_rows(st.names, st.names_len, b.labs, b", ", b'"', b'"')
+        n_end = n_end[np.cumsum(b.n_lab) - 1]
         n_start = np.concatenate([[0], n_end[:-1]])
         lines = [
             b'{"id": %d, "text": "%s", "labels": [%s]}\n'
-            % (id_base + start + i, text[ts:te - 1], names[ns:ne - 2])
+            % (id_base + b.start + i, text[ts:te - 1], names[ns:ne - 2])
             for i, (ts, te, ns, ne) in enumerate(
                 zip(t_start.tolist(), t_end.tolist(), n_start.tolist(), n_end.tolist(), strict=True)
             )
         ]
-        yield lines, labs, n_lab, n_words
-
-
-def _draw_blocks(
-    st: _Structure, p: SynthParams, split: str
-) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """One split, a block of documents at a time: the block's first document, its label ids
-    (concatenated), labels per document, word ids (concatenated) and words per document."""
-    n_docs = p.n_train if split == "train" else p.n_test
-    geo_p = 1.0 / (1.0 + p.mean_labels_per_doc - p.min_labels_per_doc)
-    mu = math.log(p.mean_doc_words) - p.doc_words_sigma**2 / 2.0
-    max_len = max(4 * p.mean_doc_words, p.min_doc_words)
-    level_p = np.asarray(p.level_mix, dtype=np.float64) / sum(p.level_mix)
-    for block, start in enumerate(range(0, n_docs, _BLOCK_DOCS)):
-        rng = np.random.default_rng([p.seed, _SPLIT_STREAM[split], block])
-        n = min(_BLOCK_DOCS, n_docs - start)
-        # --- labels -------------------------------------------------------------------
-        want = np.clip(
-            p.min_labels_per_doc + rng.geometric(geo_p, size=n) - 1,
-            p.min_labels_per_doc, p.max_labels_per_doc,
-        )
-        full = (np.zeros(n, np.int64), np.full(n, st.n_labels, np.int64))
-        anchors = np.stack([_draw_in_range(rng, st.cum, *full) for _ in range(2)], axis=1)
-        cand = np.empty((n, _CANDIDATES), dtype=np.int64)
-        cand[:, 0] = anchors[:, 0]
-        anchor = anchors[np.arange(n)[:, None],
-                         (rng.random((n, _CANDIDATES - 1)) < p.p_second_anchor).astype(int)]
-        level = rng.random(anchor.shape)
-        in_sub = level < p.p_same_subtopic
-        in_top = ~in_sub & (level < p.p_same_subtopic + p.p_same_topic)
-        lo = np.where(in_sub, st.sub_lo[anchor], np.where(in_top, st.top_lo[anchor], 0))
-        hi = np.where(in_sub, st.sub_hi[anchor], np.where(in_top, st.top_hi[anchor], st.n_labels))
-        cand[:, 1:] = _draw_in_range(rng, st.cum, lo, hi)
-        # Keep the first `want` distinct candidates of each row, in draw order.
-        order = np.argsort(cand, axis=1, kind="stable")
-        srt = np.take_along_axis(cand, order, axis=1)
-        first_sorted = np.ones_like(srt, dtype=bool)
-        first_sorted[:, 1:] = srt[:, 1:] != srt[:, :-1]
-        first = np.empty_like(first_sorted)
-        np.put_along_axis(first, order, first_sorted, axis=1)
-        rank = np.cumsum(first, axis=1) - 1
-        keep = first & (rank < want[:, None])
-        n_lab = keep.sum(axis=1)
-        labs = cand[keep]  # row-major: each document's labels, contiguous, in draw order
-        lab_start = np.concatenate([[0], np.cumsum(n_lab)[:-1]])
-
-        # --- words --------------------------------------------------------------------
-        n_words = np.clip(
-            np.rint(rng.lognormal(mu, p.doc_words_sigma, size=n)), p.min_doc_words, max_len
-        ).astype(np.int64)
-        doc = np.repeat(np.arange(n), n_words)
-        kind = rng.random(len(doc))
-        words = np.empty(len(doc), dtype=np.int64)
-        is_bg = kind < p.background_share
-        words[is_bg] = np.searchsorted(st.bg_cdf, rng.random(int(is_bg.sum())), side="right")
-        is_conf = ~is_bg & (kind < p.background_share + p.confuser_share)
-        d = doc[is_conf]
-        primary = cand[d, 0]
-        other = _draw_in_range(rng, st.cum, st.top_lo[primary], st.top_hi[primary])
-        words[is_conf] = _own_word(rng, st, other)
-        is_lab = ~(is_bg | is_conf)
-        d = doc[is_lab]
-        lab = labs[lab_start[d] + (rng.random(len(d)) * n_lab[d]).astype(np.int64)]
-        lvl = np.searchsorted(np.cumsum(level_p)[:-1], rng.random(len(d)), side="right")
-        w = np.empty(len(d), dtype=np.int64)
-        m = lvl == 0
-        w[m] = _own_word(rng, st, lab[m])
-        m = lvl == 1
-        j = np.searchsorted(st.level_cdfs[1], rng.random(int(m.sum())), side="right")
-        w[m] = st.sub_base + st.sub_of[lab[m]].astype(np.int64) * p.words_per_subtopic + j
-        m = lvl == 2
-        j = np.searchsorted(st.level_cdfs[2], rng.random(int(m.sum())), side="right")
-        w[m] = st.top_base + st.top_of[lab[m]].astype(np.int64) * p.words_per_topic + j
-        words[is_lab] = w
-
-        yield start, labs, n_lab, words, n_words
+        yield lines, b.labs, b.n_lab, b.n_words
 
 
 def _own_word(rng: np.random.Generator, st: _Structure, labels: np.ndarray) -> np.ndarray:
@@ -440,108 +468,224 @@ def write_corpus(out_dir: str | Path, params: SynthParams) -> dict:
     stats: dict = {"params": params.to_json()}
     counts = {}
     for split in ("train", "test"):
-        freq = np.zeros(params.n_labels, dtype=np.int64)
-        n_docs = n_label_occ = n_word_occ = 0
-        max_labels = 0
+        acc = _SplitStats(params.n_labels)
         with (out_dir / f"{split}.jsonl").open("wb") as fh:
             for lines, labs, n_lab, n_words in _iter_blocks(st, params, split):
                 fh.write(b"".join(lines))
-                freq += np.bincount(labs, minlength=params.n_labels)
-                n_docs += len(lines)
-                n_label_occ += int(n_lab.sum())
-                n_word_occ += int(n_words.sum())
-                max_labels = max(max_labels, int(n_lab.max()))
-        counts[split] = freq
-        stats[f"n_{split}"] = n_docs
-        stats[f"mean_labels_per_doc_{split}"] = n_label_occ / max(n_docs, 1)
-        stats[f"mean_words_per_doc_{split}"] = n_word_occ / max(n_docs, 1)
-        stats[f"max_labels_per_doc_{split}"] = max_labels
-    train, test = counts["train"], counts["test"]
-    used = train > 0
-    stats["n_labels"] = params.n_labels
-    stats["n_labels_used"] = int(used.sum())
-    stats["n_labels_used_test"] = int((test > 0).sum())
-    stats["share_labels_lt5_train"] = float((train[used] < 5).mean()) if used.any() else 0.0
-    stats["share_labels_lt5_train_all"] = float((train < 5).mean())
-    stats["median_label_freq_train"] = float(np.median(train[used])) if used.any() else 0.0
-    stats["max_label_freq_train"] = int(train.max())
-    stats["test_labels_unseen_share"] = (
-        float(test[~used].sum() / test.sum()) if test.sum() else 0.0
-    )
+                acc.add(labs, n_lab, n_words)
+        counts[split] = acc.freq
+        stats.update(acc.summary(split))
+    stats.update(_label_stats(counts["train"], counts["test"]))
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     return stats
 
 
-def write_xc(out_dir: str | Path, params: SynthParams) -> dict:
-    """Stream ``out_dir/train.txt`` and ``out_dir/test.txt`` in the Extreme Classification
-    Repository format: the very documents :func:`write_corpus` writes, as feature rows
-    instead of text, so that a million labels need no gigabytes of text.
+class _SplitStats:
+    """Label and length statistics of one split, gathered block by block."""
 
-    A document's row is TF-IDF over its words, as the text encoder would compute it on
-    unigrams: sublinear tf, smoothed idf from the training split's document frequencies,
-    words in fewer than two training documents dropped (min_df = 2), rows l2-normalized.
-    Labels are the hidden tree's label ids. Two passes over the training blocks (document
-    frequencies, then rows), each block drawn again from its own random stream, so memory
-    stays one block plus a few arrays per word.
+    def __init__(self, n_labels: int) -> None:
+        self.freq = np.zeros(n_labels, dtype=np.int64)
+        self.n_docs = self.n_label_occ = self.n_word_occ = self.max_labels = 0
+
+    def add(self, labs: np.ndarray, n_lab: np.ndarray, n_words: np.ndarray) -> None:
+        self.freq += np.bincount(labs, minlength=len(self.freq))
+        self.n_docs += len(n_lab)
+        self.n_label_occ += int(n_lab.sum())
+        self.n_word_occ += int(n_words.sum())
+        self.max_labels = max(self.max_labels, int(n_lab.max()))
+
+    def summary(self, split: str) -> dict:
+        n = max(self.n_docs, 1)
+        return {f"n_{split}": self.n_docs,
+                f"mean_labels_per_doc_{split}": self.n_label_occ / n,
+                f"mean_words_per_doc_{split}": self.n_word_occ / n,
+                f"max_labels_per_doc_{split}": self.max_labels}
+
+
+def _label_stats(train: np.ndarray, test: np.ndarray) -> dict:
+    used = train > 0
+    return {
+        "n_labels": len(train),
+        "n_labels_used": int(used.sum()),
+        "n_labels_used_test": int((test > 0).sum()),
+        "share_labels_lt5_train": float((train[used] < 5).mean()) if used.any() else 0.0,
+        "share_labels_lt5_train_all": float((train < 5).mean()),
+        "median_label_freq_train": float(np.median(train[used])) if used.any() else 0.0,
+        "max_label_freq_train": int(train.max()),
+        "test_labels_unseen_share": float(test[~used].sum() / test.sum()) if test.sum() else 0.0,
+    }
+
+
+def write_xc(out_dir: str | Path, params: SynthParams, *, min_df: int = 2,
+             max_features: int = 0) -> dict:
+    """Stream ``out_dir/train.txt`` and ``out_dir/test.txt``: the documents
+    :func:`write_corpus` writes for the same parameters (same labels, same words), as TF-IDF
+    rows in the Extreme Classification Repository format, with no text at all.
+
+    Features are the words occurring in at least ``min_df`` training documents (the
+    ``max_features`` of highest document frequency when that is > 0), numbered in word-id
+    order; a value is sublinear tf times scikit-learn's smoothed idf of the training split,
+    each row l2-normalized and written with four decimals. Label ids are the synthetic
+    label ids (``l00457`` of the text form is label 457). Returns the statistics of
+    :func:`write_corpus` plus the feature space's.
     """
     params.validate()
+    if min_df < 1 or max_features < 0:
+        raise InvalidInputError("min_df must be >= 1 and max_features >= 0 (0 = no cap)")
+    if params.n_train == 0:
+        raise InvalidInputError("the XC form needs training documents: idf comes from them")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     st = _Structure(params)
-    n_vocab = len(st.vocab_len)
-    df = np.zeros(n_vocab, dtype=np.int64)
-    for _, _, _, words, n_words in _draw_blocks(st, params, "train"):
-        df += np.bincount(_distinct_words(words, n_words, n_vocab)[1], minlength=n_vocab)
-    feature_of = np.where(df >= 2, np.cumsum(df >= 2) - 1, -1)
-    n_features = int((df >= 2).sum())
-    idf = np.log((1.0 + params.n_train) / (1.0 + df[df >= 2])) + 1.0
-    stats: dict = {"params": params.to_json(), "format": "xc", "n_features": n_features}
+    df = _document_frequencies(st, params)
+    fid_of_word, idf = _feature_space(df, params.n_train, min_df, max_features)
+    if not len(idf):
+        raise InvalidInputError(f"no word occurs in {min_df} training documents; lower min_df")
+    stats: dict = {"params": params.to_json(), "format": "xc", "min_df": min_df,
+                   "max_features": max_features, "n_features": len(idf)}
+    counts = {}
     for split in ("train", "test"):
+        acc = _SplitStats(params.n_labels)
         n_docs = params.n_train if split == "train" else params.n_test
         nnz = 0
-        with (out_dir / f"{split}.txt").open("w", encoding="ascii") as fh:
-            fh.write(f"{n_docs} {n_features} {params.n_labels}\n")
-            for _, labs, n_lab, words, n_words in _draw_blocks(st, params, split):
-                lines, block_nnz = _xc_lines(labs, n_lab, words, n_words, feature_of, idf,
-                                             n_vocab)
-                fh.write(lines)
-                nnz += block_nnz
-        stats[f"n_{split}"] = n_docs
+        with (out_dir / f"{split}.txt").open("wb") as fh:
+            fh.write(b"%d %d %d\n" % (n_docs, len(idf), params.n_labels))
+            for b in _iter_draws(st, params, split):
+                fid, val, n_fid = _tfidf_rows(b, fid_of_word, idf)
+                fh.write(_xc_lines(b.labs, b.n_lab, fid, val, n_fid))
+                acc.add(b.labs, b.n_lab, b.n_words)
+                nnz += len(fid)
+        counts[split] = acc.freq
+        stats.update(acc.summary(split))
         stats[f"mean_features_per_doc_{split}"] = nnz / max(n_docs, 1)
-    stats["n_labels"] = params.n_labels
+    stats.update(_label_stats(counts["train"], counts["test"]))
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     return stats
 
 
-def _distinct_words(words: np.ndarray, n_words: np.ndarray,
-                    n_vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per document of a block, its distinct words with their counts: (document, word,
-    count), sorted by document then word."""
-    doc = np.repeat(np.arange(len(n_words), dtype=np.int64), n_words)
-    keys, counts = np.unique(doc * n_vocab + words, return_counts=True)
-    return keys // n_vocab, keys % n_vocab, counts
+# Blocks of word ids gathered before one bincount into the document frequencies: a bincount
+# per block would sweep the whole vocabulary (millions of words at 1M labels) every block.
+_DF_FLUSH = 32
+# Decimals of an XC feature value. Rows are l2-normalized, so values lie in (0, 1]; four
+# decimals keep the file small and move a typical value (0.02-0.3) by well under 1 %.
+_XC_DECIMALS = 4
 
 
-def _xc_lines(labs: np.ndarray, n_lab: np.ndarray, words: np.ndarray, n_words: np.ndarray,
-              feature_of: np.ndarray, idf: np.ndarray, n_vocab: int) -> tuple[str, int]:
-    """The XC lines of one block and their non-zero count."""
-    doc, word, tf = _distinct_words(words, n_words, n_vocab)
-    feat = feature_of[word]
-    kept = feat >= 0
-    doc, feat, tf = doc[kept], feat[kept], tf[kept]
-    val = (1.0 + np.log(tf)) * idf[feat]
-    norm = np.sqrt(np.bincount(doc, weights=val * val, minlength=len(n_words)))
-    val /= np.where(norm > 0, norm, 1.0)[doc]
-    row_end = np.searchsorted(doc, np.arange(1, len(n_words) + 1))
-    row_start = np.concatenate(([0], row_end[:-1]))
-    lab_end = np.cumsum(n_lab)
-    lab_start = lab_end - n_lab
-    feat_s, val_s, lab_s = feat.tolist(), val.tolist(), labs.tolist()
-    lines = []
-    for i in range(len(n_words)):
-        head = ",".join(map(str, lab_s[lab_start[i] : lab_end[i]]))
-        body = " ".join(map("%d:%.4g".__mod__, zip(feat_s[row_start[i] : row_end[i]],
-                                                      val_s[row_start[i] : row_end[i]])))
-        lines.append(f"{head} {body}\n")
-    return "".join(lines), int(kept.sum())
+def _document_frequencies(st: _Structure, p: SynthParams) -> np.ndarray:
+    """Training documents containing each word: a first pass over the training split (the
+    second, which writes it, regenerates the same blocks from their seeds)."""
+    n_vocab = len(st.vocab_len)
+    df = np.zeros(n_vocab, dtype=np.int64)
+    pending: list[np.ndarray] = []
+    for b in _iter_draws(st, p, "train"):
+        pending.append(_doc_word_counts(b, n_vocab)[1])
+        if len(pending) == _DF_FLUSH:
+            df += np.bincount(np.concatenate(pending), minlength=n_vocab)
+            pending = []
+    if pending:
+        df += np.bincount(np.concatenate(pending), minlength=n_vocab)
+    return df
+
+
+def _feature_space(df: np.ndarray, n_train: int, min_df: int, max_features: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(feature id of every word, -1 for none; idf of every feature)."""
+    kept = df >= min_df
+    if max_features and int(kept.sum()) > max_features:
+        words = np.flatnonzero(kept)
+        top = words[np.lexsort((words, -df[words]))[:max_features]]  # ties: lower word id
+        kept = np.zeros_like(kept)
+        kept[top] = True
+    words = np.flatnonzero(kept)
+    fid_of_word = np.full(len(df), -1, dtype=np.int64)
+    fid_of_word[words] = np.arange(len(words))
+    # scikit-learn's smooth_idf: as if one more document contained every word
+    idf = np.log((1.0 + n_train) / (1.0 + df[words])) + 1.0
+    return fid_of_word, idf
+
+
+def _doc_word_counts(b: _Draws, n_vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(document, word, count) of every distinct word of every document, sorted by document
+    then word."""
+    doc = np.repeat(np.arange(len(b.n_words), dtype=np.int64), b.n_words)
+    key = np.sort(doc * n_vocab + b.words)
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.append(starts, len(key)))
+    key = key[starts]
+    return key // n_vocab, key % n_vocab, counts
+
+
+def _tfidf_rows(b: _Draws, fid_of_word: np.ndarray, idf: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The block's TF-IDF rows: feature ids (ascending within a row), l2-normalized values
+    and features per document."""
+    doc, word, tf = _doc_word_counts(b, len(fid_of_word))
+    fid = fid_of_word[word]
+    keep = fid >= 0
+    doc, fid, tf = doc[keep], fid[keep], tf[keep]
+    val = (1.0 + np.log(tf)) * idf[fid]
+    n = len(b.n_words)
+    norm = np.sqrt(np.bincount(doc, val * val, minlength=n))
+    val /= norm[doc]
+    return fid, val, np.bincount(doc, minlength=n)
+
+
+def _xc_lines(labs: np.ndarray, n_lab: np.ndarray, fid: np.ndarray, val: np.ndarray,
+              n_fid: np.ndarray) -> bytes:
+    """``l1,l2 fid:val fid:val\n`` for every document of a block, as one buffer.
+
+    Every piece (a label and its comma, a feature, a newline) is a row of one zero-padded
+    byte matrix, in output order; dropping the zero bytes leaves the text."""
+    lab_tok = np.concatenate([_digits(labs), np.full((len(labs), 1), ord(","), np.uint8)], 1)
+    last_lab = np.cumsum(n_lab) - 1
+    lab_tok[last_lab, -1] = 0  # no comma after a document's last label
+    feat_tok = np.concatenate([
+        np.full((len(fid), 1), ord(" "), np.uint8), _digits(fid),
+        np.full((len(fid), 1), ord(":"), np.uint8), _decimals(val)], 1)
+    per_doc = n_lab + n_fid + 1
+    line_start = np.cumsum(per_doc) - per_doc
+    doc_of_lab = np.repeat(np.arange(len(n_lab)), n_lab)
+    doc_of_fid = np.repeat(np.arange(len(n_fid)), n_fid)
+    lab_dest = line_start[doc_of_lab] + np.arange(len(labs)) - (np.cumsum(n_lab) - n_lab)[
+        doc_of_lab]
+    fid_dest = (line_start + n_lab)[doc_of_fid] + np.arange(len(fid)) - (
+        np.cumsum(n_fid) - n_fid)[doc_of_fid]
+    out = np.zeros((int(per_doc.sum()), max(lab_tok.shape[1], feat_tok.shape[1])), np.uint8)
+    out[lab_dest, : lab_tok.shape[1]] = lab_tok
+    out[fid_dest, : feat_tok.shape[1]] = feat_tok
+    out[line_start + per_doc - 1, 0] = ord("\n")
+    return out[out != 0].tobytes()
+
+
+def _digits(a: np.ndarray) -> np.ndarray:
+    """Decimal digits of non-negative integers as a right-aligned byte matrix whose leading
+    positions are zero bytes."""
+    width = len(str(int(a.max()))) if len(a) else 1
+    pow10 = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    out = (a[:, None] // pow10 % 10 + ord("0")).astype(np.uint8)
+    lead = a[:, None] < pow10
+    lead[:, -1] = False  # zero itself is "0"
+    out[lead] = 0
+    return out
+
+
+def _decimals(val: np.ndarray) -> np.ndarray:
+    """Values in (0, 1] as ``0.dddd`` (trailing zeros dropped, at least 0.0001) or ``1``, as a
+    zero-padded byte matrix."""
+    scale = 10**_XC_DECIMALS
+    q = np.clip(np.rint(val * scale).astype(np.int64), 1, scale)
+    pow10 = 10 ** np.arange(_XC_DECIMALS - 1, -1, -1, dtype=np.int64)
+    digits = q[:, None] // pow10 % 10
+    out = np.empty((len(q), 2 + _XC_DECIMALS), dtype=np.uint8)
+    out[:, 0] = ord("0")
+    out[:, 1] = ord(".")
+    out[:, 2:] = digits + ord("0")
+    # a digit stays when it or a digit after it is non-zero
+    out[:, 2:][~np.flip(np.logical_or.accumulate(np.flip(digits != 0, 1), 1), 1)] = 0
+    one = q == scale
+    out[one] = 0
+    out[one, 0] = ord("1")
+    return out

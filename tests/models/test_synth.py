@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from models.data import read_jsonl
+from models.data import read_jsonl, read_xc
 from models.errors import InvalidInputError
-from models.synth import SynthParams, generate, write_corpus
+from models.synth import SynthParams, generate, write_corpus, write_xc
+from xmc.cli import main
 
 SMALL = SynthParams(n_labels=300, n_train=600, n_test=150, seed=3)
 
@@ -108,75 +111,115 @@ def test_params_are_json_serializable_and_validated() -> None:
         generate(SynthParams(background_share=0.95, confuser_share=0.1))
 
 
-XC_SMALL = SynthParams(n_labels=200, n_train=1500, n_test=300, seed=5, mean_doc_words=40)
+# --- the feature-level (XC) form ------------------------------------------------------------
+
+XC_SMALL = SynthParams(n_labels=200, n_train=500, n_test=120, seed=5, mean_doc_words=60)
 
 
-def reference_xc(path):
-    """A plain reader of the XC format: (header, labels per row, {feature: value} per row)."""
+def _plain_xc(path: Path) -> tuple[list[int], list[list[int]], list[dict[int, float]]]:
+    """(header, label ids per line, {fid: value} per line) as written, not normalized again."""
     lines = path.read_text().splitlines()
-    header = tuple(int(v) for v in lines[0].split())
+    header = [int(v) for v in lines[0].split()]
     labels, rows = [], []
     for line in lines[1:]:
-        head, _, body = line.partition(" ")
-        labels.append([int(v) for v in head.split(",")] if head else [])
-        rows.append({int(f): float(v) for f, v in (t.split(":") for t in body.split())})
+        head, *feats = line.split(" ")
+        labels.append([int(v) for v in head.split(",")])
+        rows.append({int(f): float(v) for f, v in (tok.split(":") for tok in feats)})
     return header, labels, rows
 
 
-def test_xc_form_is_the_text_form_as_feature_rows(tmp_path):
-    from models.synth import write_xc
+def _tfidf_oracle(train: list[dict], test: list[dict], min_df: int
+                  ) -> tuple[int, list[list[float]], list[list[float]]]:
+    """Sorted TF-IDF values of each text document: sublinear tf, smoothed idf over the
+    training documents, words in >= min_df of them, l2 rows."""
+    df = Counter(w for d in train for w in set(d["text"].split()))
+    vocab = {w for w, c in df.items() if c >= min_df}
 
-    stats = write_xc(tmp_path / "xc", XC_SMALL)
-    write_corpus(tmp_path / "text", XC_SMALL)
-    (n_docs, n_features, n_labels), labels, rows = reference_xc(tmp_path / "xc" / "train.txt")
-    assert (n_docs, n_features, n_labels) == (1500, stats["n_features"], 200)
-    texts = [json.loads(line) for line in (tmp_path / "text" / "train.jsonl").open()]
-    # the same documents: label names of the text form are the hidden tree's labels
-    from models.synth import _Structure
+    def rows(docs: list[dict]) -> list[list[float]]:
+        out = []
+        for d in docs:
+            tf = Counter(w for w in d["text"].split() if w in vocab)
+            v = [(1 + math.log(c)) * (math.log((1 + len(train)) / (1 + df[w])) + 1)
+                 for w, c in tf.items()]
+            norm = math.sqrt(sum(x * x for x in v))
+            out.append(sorted(x / norm for x in v))
+        return out
 
-    names = _Structure(XC_SMALL).label_names()
-    assert [[names[i] for i in labs] for labs in labels] == [d["labels"] for d in texts]
-    for row in rows:
-        assert row and all(0 <= f < n_features for f in row)
-        assert abs(sum(v * v for v in row.values()) - 1.0) < 1e-3  # l2 rows (4 digits)
-    (_, n_f_test, _), _, test_rows = reference_xc(tmp_path / "xc" / "test.txt")
-    assert n_f_test == n_features and all(f < n_features for r in test_rows for f in r)
+    return len(vocab), rows(train), rows(test)
 
 
-def test_xc_form_is_deterministic(tmp_path):
-    from models.synth import write_xc
+def test_xc_form_is_the_tfidf_of_the_text_documents(tmp_path: Path) -> None:
+    stats = write_xc(tmp_path, XC_SMALL)
+    train, test = generate(XC_SMALL)
+    n_features, want_train, want_test = _tfidf_oracle(train, test, min_df=2)
+    assert stats["n_features"] == n_features
+    for split, docs, want in (("train", train, want_train), ("test", test, want_test)):
+        header, labels, rows = _plain_xc(tmp_path / f"{split}.txt")
+        assert header == [len(docs), n_features, XC_SMALL.n_labels]
+        # the same documents: label ids are the text form's l<id>, in the same order
+        assert labels == [[int(n.rsplit("/l", 1)[1]) for n in d["labels"]] for d in docs]
+        for row, values in zip(rows, want, strict=True):
+            assert list(row) == sorted(row)  # feature ids ascending
+            assert np.allclose(sorted(row.values()), values, atol=0.51e-4)
+            assert abs(math.sqrt(sum(v * v for v in row.values())) - 1) < 2e-3
 
+
+def test_xc_files_parse_with_declared_shapes(tmp_path: Path) -> None:
+    stats = write_xc(tmp_path, XC_SMALL)
+    for split in ("train", "test"):
+        corpus = read_xc(tmp_path / f"{split}.txt")
+        assert corpus.n_docs == stats[f"n_{split}"] == corpus.extra["n_docs_declared"]
+        assert corpus.features.shape == (corpus.n_docs, stats["n_features"])
+        assert corpus.labels.matrix.shape[1] == XC_SMALL.n_labels
+        assert corpus.features.nnz / corpus.n_docs == pytest.approx(
+            stats[f"mean_features_per_doc_{split}"])
+        norms = np.sqrt(np.asarray(corpus.features.multiply(corpus.features).sum(axis=1)))
+        assert np.allclose(norms, 1, atol=1e-6)
+
+
+def test_xc_same_seed_same_bytes(tmp_path: Path) -> None:
     write_xc(tmp_path / "a", XC_SMALL)
     write_xc(tmp_path / "b", XC_SMALL)
-    for name in ("train.txt", "test.txt"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    write_xc(tmp_path / "c", SynthParams(**{**XC_SMALL.to_json(), "seed": 6}))
+    for split in ("train.txt", "test.txt"):
+        a = (tmp_path / "a" / split).read_bytes()
+        assert a == (tmp_path / "b" / split).read_bytes()
+        assert a != (tmp_path / "c" / split).read_bytes()
 
 
-def test_xc_reader_matches_the_plain_reader(tmp_path):
-    from models.data import read_xc
-    from models.synth import write_xc
-
-    write_xc(tmp_path / "xc", XC_SMALL)
-    corpus = read_xc(tmp_path / "xc" / "train.txt")
-    _, labels, rows = reference_xc(tmp_path / "xc" / "train.txt")
-    assert corpus.labels == [[str(v) for v in labs] for labs in labels]
-    X = corpus.features
-    for i, row in enumerate(rows):
-        got = dict(zip(X.indices[X.indptr[i]:X.indptr[i + 1]].tolist(),
-                       X.data[X.indptr[i]:X.indptr[i + 1]].tolist()))
-        norm = sum(v * v for v in row.values()) ** 0.5
-        assert got.keys() == row.keys()
-        assert all(abs(got[f] - v / norm) < 1e-6 for f, v in row.items())
+def test_xc_feature_space_knobs(tmp_path: Path) -> None:
+    all_words = write_xc(tmp_path / "all", XC_SMALL, min_df=1)
+    capped = write_xc(tmp_path / "cap", XC_SMALL, max_features=500)
+    assert capped["n_features"] == 500 < write_xc(tmp_path / "d2", XC_SMALL)["n_features"]
+    assert all_words["n_features"] > 500
+    # the cap keeps the words in the most documents: few rows lose many features
+    assert capped["mean_features_per_doc_train"] > 0.5 * all_words["mean_features_per_doc_train"]
+    with pytest.raises(InvalidInputError, match="min_df"):
+        write_xc(tmp_path / "x", XC_SMALL, min_df=10**6)
+    with pytest.raises(InvalidInputError, match="training documents"):
+        write_xc(tmp_path / "x", SynthParams(n_labels=10, n_train=0, n_test=5))
 
 
-def test_xc_reader_names_the_bad_line_in_a_large_file(tmp_path):
-    from models.data import read_xc
-    from models.errors import DataError
+def test_cli_synth_xc_build_eval(tmp_path: Path, capsys) -> None:
+    data, bundle = tmp_path / "data", tmp_path / "bundle"
+    assert main(["synth", "--format", "xc", "--labels", "60", "--train", "600", "--test",
+                 "100", "--seed", "3", "--out", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "xc"
+    assert sorted(p.name for p in data.iterdir()) == ["test.txt", "train.txt"]
+    assert main(["build", str(data / "train.txt"), "--out", str(bundle), "--n-trees", "1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(bundle), str(data / "test.txt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_docs"] == 100 and result["P@1"] > 0.3
 
-    good = "0,1 0:0.5 3:0.25\n"
-    path = tmp_path / "big.txt"
-    path.write_text("5000 10 4\n" + good * 3000 + "2 1:x\n" + good * 1999)
-    with pytest.raises(DataError, match=r"big\.txt:3002"):
-        read_xc(path)
-    corpus = read_xc(path, skip_bad_lines=True)
-    assert corpus.n_skipped == 1 and corpus.n_docs == 4999
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-features", "10"], "--format xc only"),
+    (["--min-df", "3"], "--format xc only"),
+    (["--format", "xc", "--train", "0"], "training documents"),
+    (["--format", "xc", "--min-df", "0"], "min_df"),
+])
+def test_cli_synth_bad_combinations_exit_2(tmp_path: Path, capsys, args: list[str],
+                                           message: str) -> None:
+    assert main(["synth", "--labels", "20", "--out", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
