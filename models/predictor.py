@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from models.features import FeatureEncoder, require_text
 from models.params import POST_PROCESSORS
 from models.search import Searcher
 from models.tree import Ensemble
+from models.vocab import LabelInfo, read_label_meta
 
 #: per-process memory for direct feature maps of the widest chunks (see build_dense_maps)
 DENSE_MAP_MB = 128
@@ -31,8 +32,11 @@ class Predictor:
     def __init__(self, path: Path, manifest: dict[str, Any], ensemble: Ensemble,
                  label_names: list[str], encoder: FeatureEncoder | None,
                  label_counts: np.ndarray, *, threads: int | None = None,
-                 dense_map_mb: int = DENSE_MAP_MB) -> None:
+                 dense_map_mb: int = DENSE_MAP_MB,
+                 label_info: Mapping[str, LabelInfo] | None = None) -> None:
         self.path = path
+        #: uri, label and notation by label name (empty: the bundle has no vocabulary)
+        self.label_info: Mapping[str, LabelInfo] = label_info or {}
         self.manifest = manifest
         self.ensemble = ensemble
         self.label_names = label_names
@@ -62,7 +66,7 @@ class Predictor:
                 f"encoders give {encoder.n_features} features, manifest says "
                 f"{manifest['n_features']}", folder / "manifest.json")
         return cls(folder, manifest, ensemble, label_names, encoder, counts,
-                   threads=threads)
+                   threads=threads, label_info=read_label_meta(folder, label_names))
 
     # ----------------------------------------------------------------- facts
     @property
