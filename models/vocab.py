@@ -91,7 +91,7 @@ def clean_uri(value: str) -> str:
 
 def read_vocab(path: str | Path, language: str | None = None) -> Vocabulary:
     """A vocabulary from a ``.tsv``, ``.csv`` or SKOS file (chosen by extension);
-    ``language`` picks the label language of CSV and SKOS files."""
+    ``language`` picks the label language of CSV and SKOS files (and names a TSV file's)."""
     path = Path(path)
     if not path.is_file():
         raise DataError("no such vocabulary file", path, 0)

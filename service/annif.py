@@ -263,9 +263,12 @@ def _project(dataplane: DataPlane, name: str) -> dict[str, Any]:
         manifest = dataplane.served(name).predictor.manifest
     vocab = manifest.get("vocab") or {}
     language = vocab.get("language")
+    title = str(manifest.get("name", name))
+    if title == status["repository_version"]:  # built without --name into NAME/VERSION/
+        title = name
     return {
         "project_id": name,
-        "name": str(manifest.get("name", name)),
+        "name": title,
         "language": language or "und",
         "backend": {"backend_id": "xmc"},
         "vocab": {"vocab_id": vocab.get("source", ""), "languages": [language] if language

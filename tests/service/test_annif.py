@@ -28,10 +28,12 @@ FORM = "application/x-www-form-urlencoded"
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, annif_bundle: Path, tiny_bundle: Path
          ) -> Path:  # fmt: skip
-    """Two models: yso (with a vocabulary) and tiny (without)."""
+    """Three models: yso (with a vocabulary), tiny (without), and plain: the tiny bundle in
+    a version folder of its own name, as `xmc build --out REPO/plain/tiny` names it."""
     root = tmp_path_factory.mktemp("annif-repo") / "models"
     publish(root / "yso", "1", annif_bundle)
     publish(root / "tiny", "1", tiny_bundle)
+    publish(root / "plain", "tiny", tiny_bundle)
     return root
 
 
@@ -43,6 +45,7 @@ def loaded(repo: Path) -> dict[str, Any]:
         p = models.load_bundle(repo / name / "1", mmap=True)
         p.warm_up()
         out[name] = p
+    out["plain"] = out["tiny"]
     return out
 
 
@@ -88,15 +91,18 @@ def test_info_and_projects(make: Callable[..., TestClient], loaded: dict[str, An
     info = c.get("/v1/").json()
     assert set(info) == {"title", "version"} and "Annif" in info["title"]
     projects = c.get("/v1/projects").json()["projects"]
-    assert [p["project_id"] for p in projects] == ["tiny", "yso"]
+    assert [p["project_id"] for p in projects] == ["plain", "tiny", "yso"]
     yso = c.get("/v1/projects/yso").json()
-    assert yso == projects[1]
+    assert yso == projects[2]
     assert yso["name"] == "yso-test" and yso["backend"] == {"backend_id": "xmc"}
     assert yso["is_trained"] is True
     assert yso["modification_time"] == loaded["yso"].created_at
     assert yso["vocab"]["size"] == loaded["yso"].n_labels
     assert yso["language"] == yso["vocab_language"] == "en"
-    assert projects[0]["vocab"] is None and projects[0]["language"] == "und"
+    assert projects[1]["vocab"] is None and projects[1]["language"] == "und"
+    assert projects[1]["name"] == "tiny"
+    # the bundle's name is only its version folder's: the project's name is the model's
+    assert projects[0]["name"] == "plain"
 
 
 def test_unknown_project_is_404_with_detail(make: Callable[..., TestClient]) -> None:
