@@ -103,6 +103,11 @@ def test_info_and_projects(make: Callable[..., TestClient], loaded: dict[str, An
     assert projects[1]["name"] == "tiny"
     # the bundle's name is only its version folder's: the project's name is the model's
     assert projects[0]["name"] == "plain"
+    paths = c.get("/openapi.json").json()["paths"]
+    assert {"/v1/", "/v1/projects/{project_id}/suggest", "/v1/projects/{project_id}/learn",
+            "/v1/projects/{project_id}/suggest-batch"} <= set(paths)  # fmt: skip
+    assert "application/x-www-form-urlencoded" in (
+        paths["/v1/projects/{project_id}/suggest"]["post"]["requestBody"]["content"])
 
 
 def test_unknown_project_is_404_with_detail(make: Callable[..., TestClient]) -> None:
