@@ -14,6 +14,7 @@ import numpy as np
 from models.data import Corpus
 from models.metrics import evaluate
 from models.predictor import Predictor
+from models.vocab import Vocabulary
 
 BATCH_SIZE = 256
 
@@ -66,8 +67,12 @@ def evaluate_predictor(predictor: Predictor, corpus: Corpus, *, top_k: int = 5,
     predictor.warm_up()
     preds, secs = predict_corpus(predictor, corpus, top_k=max(top_k, 5), beam_size=beam_size)
     counts = dict(zip(predictor.label_names, predictor.label_counts.tolist()))
+    gold = corpus.labels
+    if predictor.label_info:  # built with a vocabulary: name the test labels as it did
+        known = {n: i for n, i in predictor.label_info.items() if i.uri is not None}
+        gold, _ = Vocabulary(known).canonicalize(gold)
     result: dict[str, Any] = evaluate(
-        preds, corpus.labels, ks=(1, 3, 5), label_counts=counts,
+        preds, gold, ks=(1, 3, 5), label_counts=counts,
         n_train_docs=int(predictor.manifest.get("n_train_docs", 0)) or None,
     )
     result = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}

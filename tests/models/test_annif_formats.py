@@ -164,6 +164,14 @@ def test_bundle_from_annif_files_equals_one_from_jsonl_with_uris(
                                   for n in label_names(train)}  # fmt: skip
     manifest = p_annif.manifest
     assert manifest["vocab"]["n_labels_known"] == manifest["n_labels"]
+    # evaluating on an Annif test file (bare labels too) is evaluating on the URIs
+    from models.evaluate import evaluate_predictor
+
+    test_tsv = write_annif_corpus(tmp_path / "test.tsv", test, bare_every=2)
+    as_uris_test = [{"text": d["text"], "labels": [uri(n) for n in d["labels"]]} for d in test]
+    got = evaluate_predictor(p_annif, read_corpus(test_tsv), measure_speed=False)
+    want = evaluate_predictor(p_plain, corpus_from_docs(as_uris_test), measure_speed=False)
+    assert got == want and got["P@1"] > 0.5
     assert manifest["version"] != p_plain.version  # the metadata is part of the content
 
 
