@@ -7,7 +7,7 @@ DEMO_DATA := data/cooking
 DEMO      := artifacts/demo
 PORT ?= 8000
 
-.PHONY: demo test lint bench-peers bench-http bench-encoders clean
+.PHONY: demo test lint bench-peers bench-http bench-encoders bench-annif clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ bench-http: $(VENV)/.test-deps
 bench-encoders: $(VENV)/.test-deps
 	$(BIN)/python -m benchmarks.encoders --out artifacts/encoders
 	$(BIN)/python -m benchmarks.fusion ../shared/data/cooking_stackexchange --int8
+
+## bench-annif: Annif 1.4.3 (its own venv) and xmc-serve side by side through Annif's REST API
+bench-annif: $(VENV)/.test-deps
+	test -x benchmarks/.venv-annif/bin/annif || bash benchmarks/annif_env.sh
+	$(BIN)/python -m benchmarks.annif ../shared/data/cooking_stackexchange --seconds 6
 
 clean:
 	rm -rf artifacts .numba_cache .pytest_cache

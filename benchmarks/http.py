@@ -279,12 +279,17 @@ async def _py_load(
     concurrency: int,
     seconds: float,
     max_requests: int,
+    content_type: str = "application/json",
+    marker: bytes = b'"text": "',
+    space: bytes = b" ",
 ) -> dict[str, Any]:
+    """Bounded load on raw sockets; in cold mode a unique nonce word goes after ``marker``
+    (the start of the text) in every body, followed by ``space`` (``+`` in a form)."""
     latencies: list[float] = []
     errors = 0
     sent = 0
     stop_at = time.perf_counter() + seconds
-    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
     run = time.monotonic_ns()
 
     async def connection(cid: int) -> None:
@@ -297,8 +302,8 @@ async def _py_load(
                 n += 1
                 body = bodies[(cid * 7919 + n) % len(bodies)]
                 if cold:
-                    nonce = f"zq{run}c{cid}n{n} ".encode()
-                    body = body.replace(b'"text": "', b'"text": "' + nonce)
+                    nonce = f"zq{run}c{cid}n{n}".encode() + space
+                    body = body.replace(marker, marker + nonce)
                 t0 = time.perf_counter()
                 writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
                 status_line = await reader.readline()
@@ -342,10 +347,12 @@ def run_python(
     concurrency: int,
     seconds: float,
     max_requests: int,
+    **body_format: Any,
 ) -> dict[str, Any]:
     before = resource.getrusage(resource.RUSAGE_SELF)
     stats = asyncio.run(
-        _py_load("127.0.0.1", port, path, bodies, cold, concurrency, seconds, max_requests)
+        _py_load("127.0.0.1", port, path, bodies, cold, concurrency, seconds, max_requests,
+                 **body_format)
     )
     after = resource.getrusage(resource.RUSAGE_SELF)
     stats["generator_cpu_s"] = (after.ru_utime - before.ru_utime) + (

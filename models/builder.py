@@ -36,6 +36,7 @@ from models.metrics import best_threshold, evaluate, micro_prf
 from models.params import POST_PROCESSORS, BuildParams
 from models.search import Searcher
 from models.tree import Ensemble, quantize
+from models.vocab import Vocabulary, write_label_meta
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +88,21 @@ def build(
     name: str | None = None,
     force: bool = False,
     engine: TreeEngine | None = None,
+    vocab: Vocabulary | None = None,
 ) -> Path:
     """Build a bundle from ``train`` into ``out_dir``; returns the bundle path. The trees are
     trained on ``engine`` (:mod:`models.engine`: local cores by default, or a Dask cluster);
-    the bundle is the same either way."""
+    the bundle is the same either way. With ``vocab`` the labels of ``train`` and ``test``
+    that are a subject's URI or label become its URI, and the bundle stores each label's
+    uri, label and notation (:mod:`models.vocab`)."""
     params = params or BuildParams()
     params.validate()
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise BundleError("exists; pass --force to replace it", out_dir)
+    if vocab is not None:
+        train = _canonical(train, vocab)
+        test = _canonical(test, vocab) if test is not None else None
     label_names = distinct_labels(train.labels)
     if not label_names:
         raise InvalidInputError(f"{train.source or 'training set'}: no document has a label")
@@ -146,6 +153,8 @@ def build(
         with stages("write"):
             ensemble = writer.finish()
             bundle_io.write_labels(tmp, label_names, label_counts)
+            if vocab is not None:
+                n_known = write_label_meta(tmp, label_names, vocab)
             entries = encoder.save(tmp) if encoder is not None else []
             shutil.rmtree(tmp / "_export", ignore_errors=True)  # the dense export's scratch
             encoder_files = [f for e in entries for f in e.get("files", [])]
@@ -169,6 +178,10 @@ def build(
                 **controls,
                 "metrics": {},
             }
+            if vocab is not None:
+                manifest["vocab"] = {"source": Path(vocab.source).name,
+                                     "language": vocab.language, "n_subjects": len(vocab),
+                                     "n_labels_known": n_known}  # fmt: skip
         build_seconds = time.perf_counter() - t_start
         manifest["build"] = {
             "seconds": round(build_seconds, 3),
@@ -196,6 +209,14 @@ def build(
     log.info("bundle %s (version %s) built in %.1fs", out_dir, manifest["version"],
              build_seconds)
     return out_dir
+
+
+def _canonical(corpus: Corpus, vocab: Vocabulary) -> Corpus:
+    labels, n_unknown = vocab.canonicalize(corpus.labels)
+    if n_unknown:
+        log.warning("%s: %d label(s) are not in the vocabulary %s (kept, without uri)",
+                    corpus.source, n_unknown, vocab.source)
+    return dataclasses.replace(corpus, labels=labels)
 
 
 def _train_trees(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, threads: int,

@@ -5,6 +5,7 @@
     manifest.json            format_version, name, version, created_at, params, n_labels,
                              n_features, trees, encoders, metrics, n_train_docs
     labels.json              label names, in label-id order
+    label_meta.json          optional: uri, label and notation per label (models.vocab)
     label_counts.npy         training documents per label (for PSP@k)
     ensemble.<name>.npy      the tree arrays of models.tree.ENSEMBLE_ARRAYS (format 3; bundles
                              of formats 1 and 2 are still read)
@@ -48,6 +49,8 @@ FORMAT_VERSION = 3
 #: store an int64 row pointer and float32 weights (see _load_old_ensemble)
 READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
+#: files a bundle may have (label_meta.json: see models.vocab)
+OPTIONAL_FILES = ("label_meta.json",)
 
 
 def tmp_dir_for(out_dir: Path) -> Path:
@@ -136,6 +139,8 @@ def content_hash(folder: Path, params: dict[str, Any], encoder_files: list[str])
     h = hashlib.sha256()
     names = sorted(f"ensemble.{n}.npy" for n in ENSEMBLE_ARRAYS)
     names += ["label_counts.npy", "labels.json", *sorted(encoder_files)]
+    # optional files count only when present, so bundles without them keep their version
+    names += [name for name in OPTIONAL_FILES if (folder / name).is_file()]
     for name in names:
         h.update(name.encode())
         with (folder / name).open("rb") as fh:

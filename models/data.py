@@ -1,7 +1,9 @@
-"""Readers for the two input formats: JSONL documents and XC-repository sparse features."""
+"""Readers for the input formats: JSONL documents, Annif's short-text TSV corpora and
+XC-repository sparse features."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -13,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from models import xcparse
-from models.errors import DataError
+from models.errors import DataError, InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -139,17 +141,21 @@ def validation_rows(n_docs: int, share: float, seed: int) -> tuple[np.ndarray, n
 def read_corpus(
     path: str | Path, *, label_field: str = "labels", skip_bad_lines: bool = False
 ) -> Corpus:
-    """Read a ``.jsonl`` text corpus or an XC-format ``.txt`` feature file (by extension)."""
+    """Read a ``.jsonl`` text corpus, an Annif ``.tsv`` (or ``.tsv.gz``) corpus or an
+    XC-format ``.txt`` feature file (by extension)."""
     path = Path(path)
     if not path.is_file():
         raise DataError("no such file", path, 0)
     if path.suffix == ".jsonl" or path.suffix == ".json":
         return read_jsonl(path, label_field=label_field, skip_bad_lines=skip_bad_lines)
+    if path.name.endswith((".tsv", ".tsv.gz")):
+        return read_annif_tsv(path, skip_bad_lines=skip_bad_lines)
     return read_xc(path, skip_bad_lines=skip_bad_lines)
 
 
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open("r", encoding="utf-8", errors="strict") as fh:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="strict") as fh:
         try:
             for line_no, line in enumerate(fh, start=1):
                 yield line_no, line
@@ -204,6 +210,48 @@ _XC_MESSAGES = {
     xcparse.BAD_VALUE: "bad feature value in {tok!r}",
     xcparse.GREW: "more than the first pass counted: the file changed while being read",
 }
+
+
+def read_annif_tsv(path: str | Path, *, skip_bad_lines: bool = False) -> Corpus:
+    """Annif's short-text corpus: ``text<TAB>subject subject ...`` a line, each subject a URI
+    in angle brackets (kept without them) or a bare label; a line without a tab is malformed.
+    With a vocabulary the builder maps labels to their URIs (see :mod:`models.vocab`)."""
+    path = Path(path)
+    texts: list[str] = []
+    labels: list[list[str]] = []
+    n_skipped = 0
+    for line_no, line in _iter_lines(path):
+        line = line.lstrip("\ufeff") if line_no == 1 else line  # Annif reads utf-8-sig
+        if not line.strip():
+            continue
+        text, tab, subjects = line.rstrip("\r\n").partition("\t")
+        if not tab or not text.strip():
+            if skip_bad_lines:
+                n_skipped += 1
+                continue
+            why = "no tab between text and subjects" if not tab else "empty text"
+            raise DataError(why, path, line_no)
+        names = (s[1:-1] if s.startswith("<") and s.endswith(">") else s
+                 for s in subjects.split())
+        texts.append(text)
+        labels.append(list(dict.fromkeys(n for n in names if n)))
+    if n_skipped:
+        log.warning("%s: skipped %d malformed line(s)", path, n_skipped)
+    return Corpus(labels=labels, texts=texts, ids=[None] * len(texts), n_skipped=n_skipped,
+                  source=str(path))
+
+
+def concat_corpora(parts: Sequence[Corpus]) -> Corpus:
+    """Text corpora one after the other (e.g. training data and ``learn`` feedback logs)."""
+    if any(not c.is_text for c in parts):
+        raise InvalidInputError("extra training data joins text corpora only, not XC features")
+    return Corpus(
+        labels=[lab for c in parts for lab in c.labels],
+        texts=[t for c in parts for t in c.texts or []],
+        ids=[i for c in parts for i in (c.ids or [None] * c.n_docs)],
+        n_skipped=sum(c.n_skipped for c in parts),
+        source=" + ".join(c.source for c in parts),
+    )
 
 
 def read_xc(path: str | Path, *, skip_bad_lines: bool = False) -> Corpus:

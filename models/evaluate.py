@@ -19,6 +19,7 @@ import numpy as np
 from models.data import Corpus
 from models.metrics import evaluate, expected_calibration_error, micro_prf
 from models.predictor import Predictor
+from models.vocab import Vocabulary
 
 BATCH_SIZE = 256
 
@@ -76,12 +77,16 @@ def evaluate_predictor(predictor: Predictor, corpus: Corpus, *, top_k: int = 5,
     preds, raw, secs = predict_corpus(predictor, corpus, top_k=max(top_k, 5),
                                       beam_size=beam_size)
     counts = dict(zip(predictor.label_names, predictor.label_counts.tolist()))
+    gold = corpus.labels
+    if predictor.label_info:  # built with a vocabulary: name the test labels as it did
+        known = {n: i for n, i in predictor.label_info.items() if i.uri is not None}
+        gold, _ = Vocabulary(known).canonicalize(gold)
     result: dict[str, Any] = evaluate(
-        preds, corpus.labels, ks=(1, 3, 5), label_counts=counts,
+        preds, gold, ks=(1, 3, 5), label_counts=counts,
         n_train_docs=int(predictor.manifest.get("n_train_docs", 0)) or None,
     )
     result = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}
-    result.update(score_metrics(predictor, preds, raw, corpus.labels, top_k=top_k))
+    result.update(score_metrics(predictor, preds, raw, gold, top_k=top_k))
     result["top_k"] = top_k
     result["beam_size"] = beam_size
     if measure_speed:

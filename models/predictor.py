@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ from models.filters import FilterCompiler, FilterSpec
 from models.params import POST_PROCESSORS
 from models.search import Searcher
 from models.tree import Ensemble
+from models.vocab import LabelInfo, read_label_meta
 
 #: per-process memory for direct feature maps of the widest chunks (see build_dense_maps)
 DENSE_MAP_MB = 128
@@ -48,9 +49,12 @@ class Predictor:
                  label_names: list[str], encoder: FeatureEncoder | None,
                  label_counts: np.ndarray, *, threads: int | None = None,
                  dense_map_mb: int = DENSE_MAP_MB,
-                 calibration: Calibration | None = None) -> None:
+                 calibration: Calibration | None = None,
+                 label_info: Mapping[str, LabelInfo] | None = None) -> None:
         self.path = path
         self.calibration = calibration
+        #: uri, label and notation by label name (empty: the bundle has no vocabulary)
+        self.label_info: Mapping[str, LabelInfo] = label_info or {}
         self.manifest = manifest
         self.ensemble = ensemble
         self.label_names = label_names
@@ -83,7 +87,8 @@ class Predictor:
                 f"{manifest['n_features']}", folder / "manifest.json")
         calibration = Calibration.load(folder) if "calibration" in manifest else None
         return cls(folder, manifest, ensemble, label_names, encoder, counts,
-                   threads=threads, calibration=calibration)
+                   threads=threads, calibration=calibration,
+                   label_info=read_label_meta(folder, label_names))
 
     # ----------------------------------------------------------------- facts
     @property

@@ -4,7 +4,7 @@ answer)."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
+from models.vocab import LabelInfo, describe
 from service import metrics
+from service.annif import add_annif_routes
 from service.cache import Answer
 from service.dataplane import DataPlane, Prediction, install_reload_signal
 from service.errors import (
@@ -109,6 +111,7 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     _add_model_routes(app, dataplane)
     _add_health_routes(app, dataplane)
     add_v2_routes(app, dataplane, parse)
+    add_annif_routes(app, dataplane, parse)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -139,7 +142,7 @@ def _add_predict_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> No
         req = await parse.single(request)
         result = await dataplane.predict(name, [req.text], req.top_k, req.beam_size)
         payload = {
-            "labels": _labels(result.answers[0], req.min_score),
+            "labels": _labels(result.answers[0], req.min_score, result.label_info),
             "model": result.model,
             "cached": result.cached[0],
         }
@@ -154,7 +157,8 @@ def _add_predict_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> No
         texts = [doc.text for doc in req.documents]
         result = await dataplane.predict(name, texts, req.top_k, req.beam_size)
         results = [
-            {"id": doc.id, "labels": _labels(answer, req.min_score), "cached": hit}
+            {"id": doc.id, "labels": _labels(answer, req.min_score, result.label_info),
+             "cached": hit}
             for doc, answer, hit in zip(req.documents, result.answers, result.cached, strict=True)
         ]
         log_fields: dict[str, Any] = {"n_docs": len(texts), "n_cached": sum(result.cached)}
@@ -292,8 +296,12 @@ def _fill(dataplane: DataPlane, result: Prediction) -> BackgroundTask | None:
     return BackgroundTask(dataplane.cache.set_many, result.fill) if result.fill else None
 
 
-def _labels(answer: Answer, min_score: float) -> list[dict[str, Any]]:
-    return [{"label": label, "score": score} for label, score in answer if score >= min_score]
+def _labels(answer: Answer, min_score: float, info: Mapping[str, LabelInfo]
+            ) -> list[dict[str, Any]]:  # fmt: skip
+    if not info:  # no vocabulary: the label's name is all there is (the common, fast case)
+        return [{"label": label, "score": score} for label, score in answer
+                if score >= min_score]  # fmt: skip
+    return [describe(label, score, info) for label, score in answer if score >= min_score]
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:

@@ -15,14 +15,20 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.errors import BundleError, NoTextEncoderError
-from service import metrics, repository
+from models.vocab import LabelInfo
+from service import feedback, metrics, repository
 from service.cache import Answer, AnswerCache, cache_key, make_cache, normalize_text
-from service.errors import ModelNotFoundError, NotReadyError, VersionRefusedError
+from service.errors import (
+    LearningUnavailableError,
+    ModelNotFoundError,
+    NotReadyError,
+    VersionRefusedError,
+)
 from service.execution import Coalescer, PredictThreads
 from service.registry import Loader, ModelEntry, ServedPredictor, ServedVersion, refresh
 from service.settings import Settings
@@ -44,6 +50,8 @@ class Prediction:
     model: dict[str, str]
     k: int
     fill: list[tuple[str, Answer]] = field(default_factory=list)
+    #: uri, label and notation of the answering version's labels (empty: no vocabulary)
+    label_info: Mapping[str, LabelInfo] = field(default_factory=dict)
 
 
 class DataPlane:
@@ -292,7 +300,8 @@ class DataPlane:
         cached = [answer is not None for answer in found]
         if not miss_texts:
             k = min(top_k, served.n_labels)
-            return Prediction(found, cached, served.ref, k)  # type: ignore[arg-type]
+            return Prediction(found, cached, served.ref, k,  # type: ignore[arg-type]
+                              label_info=served.label_info)  # fmt: skip
         if len(texts) == 1:
             scored = [await self._coalescer.submit(served, miss_texts[0], top_k, beam_size)]
         else:
@@ -302,7 +311,38 @@ class DataPlane:
             for key, answer in zip(keys, found, strict=True)
         ]
         fill = [(key, scored[i]) for key, i in miss_index.items()]
-        return Prediction(answers, cached, served.ref, min(top_k, served.n_labels), fill)
+        return Prediction(answers, cached, served.ref, min(top_k, served.n_labels), fill,
+                          served.label_info)  # fmt: skip
+
+    # ------------------------------------------------------------------ learning
+    async def learn(
+        self, name: str, documents: Sequence[tuple[str, Sequence[feedback.Subject]]]
+    ) -> int:
+        """Append ``documents`` (text, subjects) to model ``name``'s feedback log, durably;
+        the model served does not change. Returns how many were written. Raises
+        :class:`LearningUnavailableError` when learning is off or the log cannot be written."""
+        served = self.served(name)  # an unknown model is a 404 whether learning is on or off
+        folder = self.settings.feedback_dir
+        if folder is None:
+            raise LearningUnavailableError(
+                "learning is off: set XMC_FEEDBACK_DIR to keep learned documents for the "
+                "next build (xmc build --extra-train)"
+            )
+        if not documents:
+            return 0
+        by_label = {info.label: n for n, info in served.label_info.items()}
+        docs = [(text, feedback.label_names(subjects, served.label_info, by_label))
+                for text, subjects in documents]  # fmt: skip
+        data = feedback.encode_lines(docs, served.name, served.ref["version"])
+        loop = asyncio.get_running_loop()
+        try:
+            path = feedback.log_path(folder, served.name)
+            await loop.run_in_executor(None, feedback.append_durably, path, data)
+        except (OSError, ValueError) as exc:
+            log.error("learn: the feedback log of %s cannot be written: %s", served.name, exc)
+            raise LearningUnavailableError(f"the feedback log cannot be written: {exc}") from None
+        metrics.LEARNED_DOCS.labels(served.name).inc(len(docs))
+        return len(docs)
 
     async def _predict_batch(
         self, served: ServedVersion, texts: list[str], top_k: int, beam_size: int

@@ -71,6 +71,10 @@ class VersionRefusedError(ServiceError):
     """A reload found a version that cannot be served; the old one keeps serving."""
 
 
+class LearningUnavailableError(ServiceError):
+    """Learning is off (no XMC_FEEDBACK_DIR) or its log cannot be written."""
+
+
 # Most specific first: the first class in a raised error's MRO that is here decides.
 STATUS_BY_ERROR: dict[type[BaseException], tuple[int, str]] = {
     MalformedRequestError: (400, "Malformed request"),
@@ -80,6 +84,7 @@ STATUS_BY_ERROR: dict[type[BaseException], tuple[int, str]] = {
     PayloadTooLargeError: (413, "Payload too large"),
     RequestValidationFailed: (422, "Invalid request"),
     NotReadyError: (503, "Model not ready"),
+    LearningUnavailableError: (503, "Learning unavailable"),
     InvalidInputError: (422, "Invalid input"),  # includes NoTextEncoderError
     DataError: (422, "Invalid data"),
     BundleError: (503, "Model unavailable"),
@@ -135,8 +140,8 @@ async def _xmc_error(request: Request, exc: Exception) -> Response:
     headers = None
     if isinstance(exc, UnauthorizedError):
         headers = {"WWW-Authenticate": "Bearer"}
-    elif status == 503:
-        headers = {"Retry-After": "1"}
+    elif status == 503 and not isinstance(exc, LearningUnavailableError):
+        headers = {"Retry-After": "1"}  # learning stays off until an operator turns it on
     detail = exc.detail if isinstance(exc, ServiceError) else str(exc)
     extra = exc.extra if isinstance(exc, ServiceError) else None
     return problem_response(request, status, title, detail, errors, headers, extra)

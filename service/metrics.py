@@ -81,6 +81,11 @@ RELOADS = Counter(
     "(corrupt, incomplete or incompatible: the old version kept serving).",
     ["model", "outcome"],
 )
+LEARNED_DOCS = Counter(
+    "xmc_learned_documents_total",
+    "Documents appended to a model's feedback log by the Annif learn route.",
+    ["model"],
+)
 
 
 _children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}

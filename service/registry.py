@@ -18,6 +18,7 @@ from typing import Literal, Protocol
 import scipy.sparse as sp
 
 from models.errors import BundleError
+from models.vocab import LabelInfo
 from service import metrics, repository
 from service.repository import SAFE_PUBLISHING, Source
 
@@ -49,6 +50,8 @@ class ServedPredictor(Protocol):
     def default_top_k(self) -> int: ...
     @property
     def default_beam_size(self) -> int: ...
+    @property
+    def label_info(self) -> Mapping[str, LabelInfo]: ...
 
     def encode(self, texts: Sequence[str]) -> sp.csr_matrix: ...
 
@@ -71,8 +74,8 @@ Loader = Callable[[str], ServedPredictor]
 class ServedVersion:
     """One loaded version of a model and the requests using it (counted on the loop)."""
 
-    __slots__ = ("beam_size", "inflight", "n_labels", "name", "predictor", "ref", "retired",
-                 "source", "top_k")  # fmt: skip
+    __slots__ = ("beam_size", "inflight", "label_info", "n_labels", "name", "predictor", "ref",
+                 "retired", "source", "top_k")  # fmt: skip
 
     def __init__(self, name: str, predictor: ServedPredictor, source: Source) -> None:
         self.name = name
@@ -82,6 +85,7 @@ class ServedVersion:
         self.top_k = predictor.default_top_k
         self.beam_size = predictor.default_beam_size
         self.n_labels = predictor.n_labels
+        self.label_info = predictor.label_info
         self.inflight = 0
         self.retired = False
 

@@ -58,7 +58,12 @@ class BatchRequest(PredictParams):
 
 
 class Label(BaseModel):
-    label: str = Field(description="Label name as in the training data.")
+    label: str = Field(description="Label name as in the training data; with a vocabulary "
+                       "(xmc build --vocab), the subject's label in it.")
+    uri: str | None = Field(default=None, description="The subject's URI: present when the "
+                            "bundle's vocabulary knows the label.")  # fmt: skip
+    notation: str | None = Field(default=None, description="The subject's notation "
+                                 "(e.g. a class number), when the vocabulary has one.")
     score: float = Field(
         description="Confidence in (0, 1], higher is better: the mean over the bundle's "
         "trees of the product of the node scores on the label's root-to-leaf path. "

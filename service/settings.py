@@ -34,6 +34,12 @@ class Settings(BaseSettings):
         description="Watch the bundle or repository folder and switch to a new version as "
         "soon as it is published (off: only SIGHUP and the reload route do).",
     )
+    feedback_dir: Path | None = Field(
+        default=None,
+        description="Folder of the learn feedback logs: the Annif route POST "
+        "/v1/projects/{name}/learn appends its documents to NAME.jsonl there (fsync'ed; "
+        "`xmc build --extra-train` reads it). Unset: learning is off (503).",
+    )
     host: str = Field(default="127.0.0.1", description="Address uvicorn binds to.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port uvicorn binds to.")
     workers: int = Field(

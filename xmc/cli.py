@@ -26,8 +26,9 @@ EPILOG = """Typical session:
   xmc predict artifacts/synth "some text to tag"
   xmc serve artifacts/synth
 
-Input files: .jsonl with one {"text": ..., "labels": [...]} object a line, or an Extreme
-Classification Repository feature file (.txt; header 'n_docs n_features n_labels')."""
+Input files: .jsonl with one {"text": ..., "labels": [...]} object a line, Annif's short-text
+corpus (.tsv or .tsv.gz: text, a tab, then <uri> or label subjects separated by spaces), or an
+Extreme Classification Repository feature file (.txt; header 'n_docs n_features n_labels')."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="train a bundle from labelled documents",
                        description="Fit the encoder, cluster the labels into an ensemble of "
                        "trees, train a ranker per node and write a bundle folder.")
-    b.add_argument("train", nargs="?", help="training data (.jsonl or XC .txt)")
+    b.add_argument("train", nargs="?", help="training data (.jsonl, Annif .tsv or XC .txt)")
     b.add_argument("--out", help="bundle folder to write")
     b.add_argument("--params", help="JSON file of build parameters (see --print-default-params)")
     b.add_argument("--test", help="test set: its metrics are stored in the manifest")
@@ -73,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--calibrate", action="store_true",
                    help="fit an isotonic map score -> probability that the label is right on "
                    "the same held-out predictions; served scores are then calibrated")
+    b.add_argument("--extra-train", action="append", default=[], metavar="FILE",
+                   help="more training documents, after TRAIN (e.g. a learn feedback log, "
+                   "XMC_FEEDBACK_DIR/NAME.jsonl); repeatable")
+    b.add_argument("--vocab", metavar="FILE",
+                   help="subject vocabulary (Annif's .tsv, .csv or SKOS .ttl): labels that "
+                   "are a subject's URI or label become its URI, and the bundle answers uri, "
+                   "label and notation")
+    b.add_argument("--vocab-language", metavar="LANG",
+                   help="label language of a CSV or SKOS vocabulary (default: the first "
+                   "label_xx column; in SKOS the most common language)")
     b.add_argument("--print-default-params", action="store_true",
                    help="print the default build parameters as JSON and exit")
 
@@ -189,23 +200,29 @@ def _build(args: argparse.Namespace) -> int:
             setattr(params, flag, True)
     logging.getLogger("models").setLevel(logging.INFO)
     from models.builder import build
-    from models.data import read_corpus
+    from models.data import concat_corpora, read_corpus
     from models.engine import open_engine
+    from models.vocab import read_vocab
 
     # the flag wins over the environment; the engine connects before the data is read, so
     # that a wrong address fails fast
     with contextlib.closing(open_engine(args.dask or os.environ.get("XMC_DASK"))) as engine:
+        vocab = read_vocab(args.vocab, args.vocab_language) if args.vocab else None
         train = read_corpus(args.train, label_field=args.label_field,
                             skip_bad_lines=args.skip_bad_lines)
+        if args.extra_train:
+            train = concat_corpora([train, *(
+                read_corpus(f, label_field=args.label_field, skip_bad_lines=args.skip_bad_lines)
+                for f in args.extra_train)])
         if train.n_skipped:
-            print(f"skipped {train.n_skipped} malformed line(s) in {args.train}",
+            print(f"skipped {train.n_skipped} malformed line(s) in {train.source}",
                   file=sys.stderr)
         test = None
         if args.test:
             test = read_corpus(args.test, label_field=args.label_field,
                                skip_bad_lines=args.skip_bad_lines)
         out = build(train, args.out, params, test=test, name=args.name, force=args.force,
-                    engine=engine)
+                    engine=engine, vocab=vocab)
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     summary = {k: manifest[k] for k in ("name", "version", "n_labels", "n_features")}
     summary["build_seconds"] = manifest["build"]["seconds"]
@@ -252,6 +269,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     import models
+    from models.vocab import describe
 
     predictor = models.load_bundle(args.bundle)
     model = {"name": predictor.name, "version": predictor.version}
@@ -262,7 +280,7 @@ def _predict(args: argparse.Namespace) -> int:
         ranked = predictor.predict([text], top_k=args.top_k, beam_size=args.beam_size,
                                    label_filter=label_filter, threshold=args.threshold,
                                    min_score=args.min_score, explain=args.explain)[0]
-        labels = [{"label": r[0], "score": round(r[1], 6)} for r in ranked]
+        labels = [describe(r[0], round(r[1], 6), predictor.label_info) for r in ranked]
         if args.explain:
             for entry, r in zip(labels, ranked):
                 entry["explanation"] = [{"term": x["term"],

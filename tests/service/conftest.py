@@ -210,3 +210,23 @@ def corrupt_copy(bundle: Path, dest: Path) -> Path:
 
 def version_of(bundle: Path) -> str:
     return str(json.loads((bundle / "manifest.json").read_text())["version"])
+
+
+@pytest.fixture(scope="session")
+def annif_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_docs: Any) -> Path:
+    """A bundle built the way an Annif user would: Annif's short-text corpus (URIs, some
+    subjects by bare label) and a TSV vocabulary in English, so every label has a uri and a
+    label, and every other one a notation."""
+    from models.builder import build
+    from models.data import read_corpus
+    from models.vocab import read_vocab
+    from tests.annif_data import write_annif_corpus, write_vocab_tsv
+    from tests.conftest import tiny_params
+
+    train, _ = tiny_docs
+    folder = tmp_path_factory.mktemp("annif")
+    corpus = write_annif_corpus(folder / "train.tsv", train)
+    names = sorted({lab for d in train for lab in d["labels"]})
+    vocab = read_vocab(write_vocab_tsv(folder / "vocab.tsv", names), language="en")
+    return build(read_corpus(corpus), folder / "yso", tiny_params(), name="yso-test",
+                 vocab=vocab)
