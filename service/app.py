@@ -33,6 +33,8 @@ from service.middleware import RequestContextMiddleware
 from service.parsing import Parser
 from service.registry import Loader, ServedPredictor
 from service.schemas import (
+    BATCH_EXAMPLES,
+    PREDICT_EXAMPLES,
     BatchRequest,
     BatchResponse,
     Health,
@@ -175,31 +177,30 @@ def _add_predict_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> No
         payload = {"results": results, "model": result.model, "threshold": result.threshold}
         return _json(payload, _fill(dataplane, result))
 
-    one, many = _body_schema(PredictRequest), _body_schema(BatchRequest)
+    one = _body_schema(PredictRequest, PREDICT_EXAMPLES)
+    many = _body_schema(BatchRequest, BATCH_EXAMPLES)
     errors = _problems(400, 401, 404, 413, 422, 503)
 
     @app.post("/v1/predict", response_model=PredictResponse, openapi_extra=one,
-              responses=errors,
-              tags=["predict"], summary="Labels of one document (default model)")  # fmt: skip
+              responses=errors, tags=["predict"],
+              summary="Labels of one document (default model)")  # fmt: skip
     async def predict(request: Request) -> Response:
         return await predict_one(request, None)
 
     @app.post("/v1/predict/batch", response_model=BatchResponse, openapi_extra=many,
-              responses=errors,
-              tags=["predict"], summary="Labels of several documents, one vectorized call "
-              "(default model)")  # fmt: skip
+              responses=errors, tags=["predict"],
+              summary="Labels of several documents, one vectorized call (default model)",
+              )  # fmt: skip
     async def predict_batch(request: Request) -> Response:
         return await predict_many(request, None)
 
     @app.post("/v1/models/{name}/predict", response_model=PredictResponse, openapi_extra=one,
-              responses=errors,
-              tags=["predict"], summary="Labels of one document")  # fmt: skip
+              responses=errors, tags=["predict"], summary="Labels of one document")  # fmt: skip
     async def model_predict(request: Request, name: str) -> Response:
         return await predict_one(request, name)
 
     @app.post("/v1/models/{name}/predict/batch", response_model=BatchResponse,
-              openapi_extra=many, responses=errors,
-              tags=["predict"],
+              openapi_extra=many, responses=errors, tags=["predict"],
               summary="Labels of several documents")  # fmt: skip
     async def model_predict_batch(request: Request, name: str) -> Response:
         return await predict_many(request, name)
@@ -348,12 +349,13 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
             for s in statuses}  # fmt: skip
 
 
-def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+def _body_schema(model: type[BaseModel], examples: dict[str, Any]) -> dict[str, Any]:
     """Document a body the route reads itself (for speed) as if FastAPI parsed it."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {
         "requestBody": {
             "required": True,
-            "content": {_JSON: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            "content": {_JSON: {"schema": schema, "examples": examples}},
         }
     }
 

@@ -17,6 +17,24 @@ LabelEntry = Annotated[str, Field(min_length=1)]
 ThresholdField = Literal["auto"] | Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
 
 _EXAMPLE_TEXT = "How long should I knead bread dough?"
+#: request examples, named for the OpenAPI media type (Swagger UI offers them in a list)
+PREDICT_EXAMPLES: dict[str, dict[str, Any]] = {
+    "labels": {"summary": "The 3 best labels", "value": {"text": _EXAMPLE_TEXT, "top_k": 3}},
+    "controls": {
+        "summary": "A filter, the tuned threshold and explanations",
+        "value": {"text": _EXAMPLE_TEXT, "top_k": 5, "filter": {"exclude": ["baking"]},
+                  "threshold": "auto", "explain": True},
+    },
+}
+BATCH_EXAMPLES: dict[str, dict[str, Any]] = {
+    "filtered": {
+        "summary": "Two documents, an include filter and a threshold",
+        "value": {"documents": [{"id": "q1", "text": "sourdough starter"},
+                                {"id": 2, "text": "knife"}],
+                  "top_k": 5, "filter": {"include": ["bread", "baking", "knives"]},
+                  "threshold": 0.1},
+    },
+}
 
 
 class FilterSpec(BaseModel):
@@ -81,11 +99,8 @@ class PredictParams(BaseModel):
 class PredictRequest(PredictParams):
     """One document to label."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"text": _EXAMPLE_TEXT, "top_k": 3},
-        {"text": _EXAMPLE_TEXT, "top_k": 5, "filter": {"exclude": ["baking"]},
-         "threshold": "auto", "explain": True},
-    ]})  # fmt: skip
+    model_config = ConfigDict(json_schema_extra={
+        "examples": [e["value"] for e in PREDICT_EXAMPLES.values()]})  # fmt: skip
 
     text: str = Field(description="The document; not empty, at most XMC_MAX_TEXT_BYTES bytes.")
 
@@ -102,10 +117,8 @@ class Document(BaseModel):
 class BatchRequest(PredictParams):
     """Several documents scored in one vectorized call."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"documents": [{"id": "q1", "text": "sourdough starter"}, {"id": 2, "text": "knife"}],
-         "top_k": 5, "filter": {"include": ["bread", "baking", "knives"]}, "threshold": 0.1},
-    ]})  # fmt: skip
+    model_config = ConfigDict(json_schema_extra={
+        "examples": [e["value"] for e in BATCH_EXAMPLES.values()]})  # fmt: skip
 
     documents: list[Document] = Field(
         min_length=1, description="At most XMC_MAX_BATCH_SIZE documents."

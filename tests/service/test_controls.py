@@ -400,6 +400,8 @@ def test_openapi_documents_the_controls(client: TestClient) -> None:
     assert {"threshold", "calibrated", "config"} <= set(schemas["ModelInfo"]["properties"])
     for path in ("/v1/predict", "/v1/predict/batch", "/v1/models/{name}/predict",
                  "/v1/models/{name}/predict/batch"):  # fmt: skip
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert any("filter" in e["value"] for e in body["examples"].values()), path
         responses = spec["paths"][path]["post"]["responses"]
         assert {"200", "400", "401", "404", "413", "422", "503"} <= set(responses), path
         assert "application/problem+json" in responses["422"]["content"]
