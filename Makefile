@@ -23,13 +23,13 @@ $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[build,dev,export]'
 	touch $@ $(VENV)/.demo-deps
 
-## demo: the shipped cooking questions -> bundle -> eval -> predict -> serve on :$(PORT)
+## demo: the shipped cooking questions -> bundle (with a tuned threshold) -> eval -> predict -> serve on :$(PORT) (a page to try it at /)
 demo: $(VENV)/.demo-deps
-	$(BIN)/xmc build $(DEMO_DATA)/train.jsonl --out $(DEMO) --name cooking --force
+	$(BIN)/xmc build $(DEMO_DATA)/train.jsonl --out $(DEMO) --name cooking --force --tune-threshold
 	$(BIN)/xmc eval $(DEMO) $(DEMO_DATA)/test.jsonl
 	$(BIN)/xmc predict $(DEMO) "how long to boil an egg" \
 	  "can I freeze bread dough overnight" --top-k 3
-	@echo "serving $(DEMO) on http://127.0.0.1:$(PORT) (docs at /docs); Ctrl-C stops"
+	@echo "serving $(DEMO) on http://127.0.0.1:$(PORT) (try it at /, API docs at /docs); Ctrl-C stops"
 	$(BIN)/xmc serve $(DEMO) --port $(PORT)
 
 ## test: the whole suite (the same command CI runs)

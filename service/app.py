@@ -23,8 +23,10 @@ from models.vocab import LabelInfo, describe
 from service import metrics
 from service.annif import add_annif_routes
 from service.cache import Answer
+from service.controls import Controls
 from service.dataplane import DataPlane, Prediction, install_reload_signal
 from service.errors import (
+    PROBLEM_JSON,
     ModelNotFoundError,
     UnauthorizedError,
     install_error_handlers,
@@ -33,6 +35,8 @@ from service.middleware import RequestContextMiddleware
 from service.parsing import Parser
 from service.registry import Loader, ServedPredictor
 from service.schemas import (
+    BATCH_EXAMPLES,
+    PREDICT_EXAMPLES,
     BatchRequest,
     BatchResponse,
     Health,
@@ -41,6 +45,7 @@ from service.schemas import (
     ModelStatus,
     PredictRequest,
     PredictResponse,
+    Problem,
     Readiness,
 )
 from service.settings import Settings
@@ -49,10 +54,13 @@ from service.v2 import add_v2_routes
 # Swagger UI 5 (renders OpenAPI 3.1) shipped inside a PyPI wheel: /docs needs no internet.
 _SWAGGER_STATIC = Path(fastapi_offline.__file__).parent / "static"
 _STATIC_URL = "/static/docs"
+# The page to try a model (GET /): plain files of this package, calling only the public API.
+_PAGE = Path(__file__).parent / "page"
+_PAGE_URL = "/static/page"
 _JSON = "application/json"
 
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
 OPEN_PREFIXES = ("/v2/health/",)
 
 
@@ -106,10 +114,12 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
         access_log_enabled=settings.access_log,
     )
     app.mount(_STATIC_URL, StaticFiles(directory=_SWAGGER_STATIC), name="docs-static")
+    app.mount(_PAGE_URL, StaticFiles(directory=_PAGE), name="page-static")
     parse = Parser(settings)
     _add_predict_routes(app, dataplane, parse)
     _add_model_routes(app, dataplane)
     _add_health_routes(app, dataplane)
+    _add_page_route(app)
     add_v2_routes(app, dataplane, parse)
     add_annif_routes(app, dataplane, parse)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -140,11 +150,13 @@ def _add_predict_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> No
 
     async def predict_one(request: Request, name: str | None) -> Response:
         req = await parse.single(request)
-        result = await dataplane.predict(name, [req.text], req.top_k, req.beam_size)
+        result = await dataplane.predict(name, [req.text], req.top_k, req.beam_size,
+                                         Controls.of(req))  # fmt: skip
         payload = {
-            "labels": _labels(result.answers[0], req.min_score, result.label_info),
+            "labels": _labels(result.answers[0], result.label_info),
             "model": result.model,
             "cached": result.cached[0],
+            "threshold": result.threshold,
         }
         log_fields: dict[str, Any] = {"n_docs": 1, "cached": result.cached[0]}
         if settings.log_text:
@@ -155,38 +167,43 @@ def _add_predict_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> No
     async def predict_many(request: Request, name: str | None) -> Response:
         req = await parse.batch(request)
         texts = [doc.text for doc in req.documents]
-        result = await dataplane.predict(name, texts, req.top_k, req.beam_size)
+        result = await dataplane.predict(name, texts, req.top_k, req.beam_size,
+                                         Controls.of(req))  # fmt: skip
         results = [
-            {"id": doc.id, "labels": _labels(answer, req.min_score, result.label_info),
-             "cached": hit}
+            {"id": doc.id, "labels": _labels(answer, result.label_info), "cached": hit}
             for doc, answer, hit in zip(req.documents, result.answers, result.cached, strict=True)
         ]
         log_fields: dict[str, Any] = {"n_docs": len(texts), "n_cached": sum(result.cached)}
         if settings.log_text:
             log_fields["texts"] = texts
         request.scope["state"]["log"] = log_fields
-        return _json({"results": results, "model": result.model}, _fill(dataplane, result))
+        payload = {"results": results, "model": result.model, "threshold": result.threshold}
+        return _json(payload, _fill(dataplane, result))
 
-    one, many = _body_schema(PredictRequest), _body_schema(BatchRequest)
+    one = _body_schema(PredictRequest, PREDICT_EXAMPLES)
+    many = _body_schema(BatchRequest, BATCH_EXAMPLES)
+    errors = _problems(400, 401, 404, 413, 422, 503)
 
     @app.post("/v1/predict", response_model=PredictResponse, openapi_extra=one,
-              tags=["predict"], summary="Labels of one document (default model)")  # fmt: skip
+              responses=errors, tags=["predict"],
+              summary="Labels of one document (default model)")  # fmt: skip
     async def predict(request: Request) -> Response:
         return await predict_one(request, None)
 
     @app.post("/v1/predict/batch", response_model=BatchResponse, openapi_extra=many,
-              tags=["predict"], summary="Labels of several documents, one vectorized call "
-              "(default model)")  # fmt: skip
+              responses=errors, tags=["predict"],
+              summary="Labels of several documents, one vectorized call (default model)",
+              )  # fmt: skip
     async def predict_batch(request: Request) -> Response:
         return await predict_many(request, None)
 
     @app.post("/v1/models/{name}/predict", response_model=PredictResponse, openapi_extra=one,
-              tags=["predict"], summary="Labels of one document")  # fmt: skip
+              responses=errors, tags=["predict"], summary="Labels of one document")  # fmt: skip
     async def model_predict(request: Request, name: str) -> Response:
         return await predict_one(request, name)
 
     @app.post("/v1/models/{name}/predict/batch", response_model=BatchResponse,
-              openapi_extra=many, tags=["predict"],
+              openapi_extra=many, responses=errors, tags=["predict"],
               summary="Labels of several documents")  # fmt: skip
     async def model_predict_batch(request: Request, name: str) -> Response:
         return await predict_many(request, name)
@@ -208,11 +225,16 @@ def _add_model_routes(app: FastAPI, dataplane: DataPlane) -> None:
             "encoder": manifest.get("encoders"),
             "params": manifest.get("params"),
             "metrics": manifest.get("metrics") or {},
+            "threshold": p.tuned_threshold,
+            "calibrated": "calibration" in manifest,
+            "config": served.config.describe(),
         }
         return Response(orjson.dumps(payload, default=str), media_type=_JSON)
 
+    missing = _problems(401, 404, 503)
+
     @app.get("/v1/model", response_model=ModelInfo, tags=["model"],
-             summary="The default model")  # fmt: skip
+             summary="The default model", responses=missing)  # fmt: skip
     async def model_info() -> Response:
         return info(None)
 
@@ -222,7 +244,7 @@ def _add_model_routes(app: FastAPI, dataplane: DataPlane) -> None:
         return _json({"models": dataplane.models(), "default": _default_or_none(dataplane)})
 
     @app.get("/v1/models/{name}", response_model=ModelInfo, tags=["model"],
-             summary="One model")  # fmt: skip
+             summary="One model", responses=missing)  # fmt: skip
     async def named_model(name: str) -> Response:
         return info(name)
 
@@ -278,6 +300,16 @@ def _add_health_routes(app: FastAPI, dataplane: DataPlane) -> None:
         )
 
 
+def _add_page_route(app: FastAPI) -> None:
+    page = (_PAGE / "index.html").read_bytes()
+
+    @app.get("/", include_in_schema=False)
+    async def try_it() -> Response:
+        """A page to try the models in a browser; open, like /docs (the API calls it makes
+        send the key the user types when keys are set)."""
+        return Response(page, media_type="text/html; charset=utf-8")
+
+
 def _default_or_none(dataplane: DataPlane) -> str | None:
     try:
         return dataplane.default_name()
@@ -296,20 +328,43 @@ def _fill(dataplane: DataPlane, result: Prediction) -> BackgroundTask | None:
     return BackgroundTask(dataplane.cache.set_many, result.fill) if result.fill else None
 
 
-def _labels(answer: Answer, min_score: float, info: Mapping[str, LabelInfo]
-            ) -> list[dict[str, Any]]:  # fmt: skip
-    if not info:  # no vocabulary: the label's name is all there is (the common, fast case)
-        return [{"label": label, "score": score} for label, score in answer
-                if score >= min_score]  # fmt: skip
-    return [describe(label, score, info) for label, score in answer if score >= min_score]
+def _labels(answer: Answer, info: Mapping[str, LabelInfo]) -> list[dict[str, Any]]:
+    out = []
+    for entry in answer:
+        # no vocabulary: the label's name is all there is (the common, fast case)
+        shaped = describe(entry[0], entry[1], info) if info else {
+            "label": entry[0], "score": entry[1]}
+        if len(entry) == 3:  # explained
+            shaped["explanation"] = entry[2]
+        out.append(shaped)
+    return out
 
 
-def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+_PROBLEM_WHEN = {
+    400: "The body is not JSON.",
+    401: "API keys are set and the request has none or a wrong one.",
+    404: "No model of that name (or several and no default); `models` lists them.",
+    413: "The body, a text or the batch is over its limit.",
+    422: "A field is invalid, or the filter names a label the model does not know "
+    "(`unknown_labels` lists them), or threshold is \"auto\" for a model without one.",
+    503: "The model is not loaded (yet).",
+}
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses of the problem+json errors a route answers."""
+    ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    return {s: {"description": _PROBLEM_WHEN[s], "content": {PROBLEM_JSON: ref}}
+            for s in statuses}  # fmt: skip
+
+
+def _body_schema(model: type[BaseModel], examples: dict[str, Any]) -> dict[str, Any]:
     """Document a body the route reads itself (for speed) as if FastAPI parsed it."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {
         "requestBody": {
             "required": True,
-            "content": {_JSON: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            "content": {_JSON: {"schema": schema, "examples": examples}},
         }
     }
 
@@ -321,7 +376,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         title=app.title, version=app.version, summary=app.summary, routes=app.routes
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (PredictRequest, BatchRequest):
+    for model in (PredictRequest, BatchRequest, Problem):
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body

@@ -5,10 +5,13 @@ calls have a hard socket timeout (≤ 50 ms); after an error the Redis cache ste
 a back-off pause (1 s doubling to 30 s) during which every lookup is a miss, then tries
 again.
 
-Keys: ``prefix + model version + ":" + blake2b(normalized text, top_k, beam_size)``. The
-model version is the bundle's content hash, so a new model never reads an old answer.
-``min_score`` is applied after the lookup, so it is not part of the key.
-Values: the orjson list ``[[label, score], ...]`` best first (floats round-trip exactly).
+Keys: ``prefix + model version + ":" + blake2b(normalized text, top_k, beam_size[, search])``
+where ``search`` digests the label filters and ``explain`` when a request has them
+(:class:`service.controls.Search`). The model version is the bundle's content hash, so a new
+model never reads an old answer. ``threshold`` and ``min_score`` are applied after the
+lookup, so they are not part of the key.
+Values: the orjson list ``[[label, score], ...]`` best first (floats round-trip exactly), each
+entry with its explanation as a third member when asked for.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -27,7 +30,8 @@ from service import metrics
 
 log = logging.getLogger("xmc.cache")
 
-Answer = list[tuple[str, float]]
+#: best first, each (label, score), or (label, score, explanation) when one was asked for
+Answer = list[tuple[Any, ...]]
 
 
 def normalize_text(text: str) -> str:
@@ -35,10 +39,14 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
-def cache_key(prefix: str, version: str, text: str, top_k: int, beam_size: int) -> str:
-    """Key of one answer; ``text`` must already be normalized."""
+def cache_key(prefix: str, version: str, text: str, top_k: int, beam_size: int,
+              search: str = "") -> str:  # fmt: skip
+    """Key of one answer; ``text`` must already be normalized; ``search`` is the digest of
+    the request's filters and explain option (empty: none)."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16)
     digest.update(f"\0{top_k}\0{beam_size}".encode())
+    if search:
+        digest.update(f"\0{search}".encode())
     return f"{prefix}{version}:{digest.hexdigest()}"
 
 
@@ -47,7 +55,12 @@ def encode_answer(answer: Answer) -> bytes:
 
 
 def decode_answer(raw: bytes | str) -> Answer:
-    return [(label, score) for label, score in orjson.loads(raw)]
+    answer = []
+    for entry in orjson.loads(raw):
+        if not isinstance(entry, list) or not 2 <= len(entry) <= 3:
+            raise ValueError("not an answer")
+        answer.append(tuple(entry))
+    return answer
 
 
 class AnswerCache(Protocol):

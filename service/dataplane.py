@@ -23,6 +23,7 @@ from models.errors import BundleError, NoTextEncoderError
 from models.vocab import LabelInfo
 from service import feedback, metrics, repository
 from service.cache import Answer, AnswerCache, cache_key, make_cache, normalize_text
+from service.controls import PLAIN, Controls, Search, plan
 from service.errors import (
     LearningUnavailableError,
     ModelNotFoundError,
@@ -38,12 +39,16 @@ log = logging.getLogger("xmc.service")
 # Above this many documents a batch's key hashing runs in a thread, off the event loop.
 _OFFLOAD_DOCS = 512
 
+#: what a coalesced group is scored by: one model version and one search (filters, explain)
+Job = tuple[ServedVersion, Search]
+
 
 @dataclass
 class Prediction:
     """Answers in request order, whether each came from the cache, the model that answered,
-    how many labels were asked for (``k``, at most the model's label count), and the new
-    answers to write to the cache once the response is sent."""
+    how many labels were asked for (``k``, at most the model's label count), the new
+    answers to write to the cache once the response is sent (whole: before the threshold),
+    and the score below which labels were dropped (``threshold``, 0: none)."""
 
     answers: list[Answer]
     cached: list[bool]
@@ -52,6 +57,14 @@ class Prediction:
     fill: list[tuple[str, Answer]] = field(default_factory=list)
     #: uri, label and notation of the answering version's labels (empty: no vocabulary)
     label_info: Mapping[str, LabelInfo] = field(default_factory=dict)
+    threshold: float = 0.0
+
+    def cut(self, threshold: float) -> Prediction:
+        """Drop the labels scoring below ``threshold`` (answers are best first)."""
+        if threshold > 0:
+            self.answers = [[e for e in answer if e[1] >= threshold] for answer in self.answers]
+        self.threshold = threshold
+        return self
 
 
 class DataPlane:
@@ -65,7 +78,7 @@ class DataPlane:
         self._entries: dict[str, ModelEntry] = {}
         self._repository = False
         self.threads = PredictThreads(settings.predict_threads)
-        self._coalescer: Coalescer[ServedVersion] = Coalescer(
+        self._coalescer: Coalescer[Job] = Coalescer(
             self._predict_batch, settings.predict_threads, settings.coalesce_max_docs
         )
         self.cache: AnswerCache = make_cache(
@@ -244,11 +257,14 @@ class DataPlane:
 
     # ------------------------------------------------------------------ predicting
     async def predict(
-        self, name: str | None, texts: list[str], top_k: int | None, beam_size: int | None
-    ) -> Prediction:
+        self, name: str | None, texts: list[str], top_k: int | None, beam_size: int | None,
+        controls: Controls | None = None,
+    ) -> Prediction:  # fmt: skip
         """Answer ``texts`` with model ``name`` (None: the default); ``top_k`` and
-        ``beam_size`` default to the bundle's. Cache first, then one model call for the
-        unique misses: a lone text joins the coalescer, anything else is one batch."""
+        ``beam_size`` default to the bundle's; ``controls`` (filter, threshold, min_score,
+        explain) combine with the model's config (:mod:`service.controls`). Cache first,
+        then one model call for the unique misses: a lone text joins the coalescer,
+        anything else is one batch; the threshold applies last."""
         served = self.served(name)
         served.inflight += 1  # released below; a replaced version closes after the last
         try:
@@ -258,29 +274,31 @@ class DataPlane:
                 )
             top_k = top_k or served.top_k
             beam_size = beam_size or served.beam_size
+            search, threshold = plan(served.predictor, served.config, controls or Controls())
             version = served.ref["version"]
             if len(texts) > _OFFLOAD_DOCS:
                 # A large batch's normalizing and hashing is milliseconds of CPU: not on the loop.
                 loop = asyncio.get_running_loop()
                 normalized, keys = await loop.run_in_executor(
-                    None, self._keys, texts, version, top_k, beam_size
+                    None, self._keys, texts, version, top_k, beam_size, search.key
                 )
             else:
-                normalized, keys = self._keys(texts, version, top_k, beam_size)
-            return await self._answer(served, normalized, keys, top_k, beam_size)
+                normalized, keys = self._keys(texts, version, top_k, beam_size, search.key)
+            found = await self._answer((served, search), normalized, keys, top_k, beam_size)
+            return found.cut(threshold)
         finally:
             served.release()
 
     def _keys(
-        self, texts: Sequence[str], version: str, top_k: int, beam_size: int
+        self, texts: Sequence[str], version: str, top_k: int, beam_size: int, search: str
     ) -> tuple[list[str], list[str]]:
         prefix = self.settings.cache_prefix
         normalized = [normalize_text(t) for t in texts]
-        return normalized, [cache_key(prefix, version, t, top_k, beam_size) for t in normalized]
+        return normalized, [cache_key(prefix, version, t, top_k, beam_size, search)
+                            for t in normalized]  # fmt: skip
 
     async def _answer(
-        self, served: ServedVersion, texts: list[str], keys: list[str], top_k: int,
-        beam_size: int,
+        self, job: Job, texts: list[str], keys: list[str], top_k: int, beam_size: int,
     ) -> Prediction:  # fmt: skip
         start = time.perf_counter()
         found = await self.cache.get_many(keys)
@@ -298,14 +316,15 @@ class DataPlane:
         if n_miss:
             metrics.CACHE_MISSES.inc(n_miss)
         cached = [answer is not None for answer in found]
+        served = job[0]
         if not miss_texts:
             k = min(top_k, served.n_labels)
             return Prediction(found, cached, served.ref, k,  # type: ignore[arg-type]
                               label_info=served.label_info)  # fmt: skip
         if len(texts) == 1:
-            scored = [await self._coalescer.submit(served, miss_texts[0], top_k, beam_size)]
+            scored = [await self._coalescer.submit(job, miss_texts[0], top_k, beam_size)]
         else:
-            scored = await self._predict_batch(served, miss_texts, top_k, beam_size)
+            scored = await self._predict_batch(job, miss_texts, top_k, beam_size)
         answers = [
             answer if answer is not None else scored[miss_index[key]]
             for key, answer in zip(keys, found, strict=True)
@@ -345,11 +364,12 @@ class DataPlane:
         return len(docs)
 
     async def _predict_batch(
-        self, served: ServedVersion, texts: list[str], top_k: int, beam_size: int
+        self, job: Job, texts: list[str], top_k: int, beam_size: int
     ) -> list[Answer]:
         """Score ``texts`` as one batch in a prediction thread (the kernels release the GIL)."""
+        served, search = job
         answers, stages = await self.threads.submit(
-            _predict_staged, served.predictor, texts, top_k, beam_size
+            _predict_staged, served.predictor, texts, top_k, beam_size, search
         )
         for stage, seconds in stages:
             metrics.child(metrics.STAGE_LATENCY, stage).observe(seconds)
@@ -357,21 +377,25 @@ class DataPlane:
 
 
 def _predict_staged(
-    predictor: ServedPredictor, texts: list[str], top_k: int, beam_size: int
-) -> tuple[list[Answer], list[tuple[str, float]]]:
+    predictor: ServedPredictor, texts: list[str], top_k: int, beam_size: int,
+    search: Search = PLAIN,
+) -> tuple[list[Answer], list[tuple[str, float]]]:  # fmt: skip
     """Predict and time the stages. One text takes the model's fused path (encode and
     search in one call, ~3x cheaper than apart), timed as stage ``predict``; a batch is
     encoded, then searched, each timed."""
     start = time.perf_counter()
+    kwargs = search.kwargs()
     if len(texts) == 1:
-        raw = predictor.predict(texts, top_k=top_k, beam_size=beam_size)
+        raw = predictor.predict(texts, top_k=top_k, beam_size=beam_size, **kwargs)
         stages = [("predict", time.perf_counter() - start)]
     else:
         features = predictor.encode(texts)
         encoded = time.perf_counter()
-        raw = predictor.predict_features(features, top_k=top_k, beam_size=beam_size)
+        raw = predictor.predict_features(features, top_k=top_k, beam_size=beam_size, **kwargs)
         stages = [("encode", encoded - start), ("search", time.perf_counter() - encoded)]
     # float(): numpy scalars would not survive the cache's JSON round trip identically.
+    if search.explain:
+        return [[(str(e[0]), float(e[1]), e[2]) for e in answer] for answer in raw], stages
     return [[(str(label), float(score)) for label, score in answer] for answer in raw], stages
 
 

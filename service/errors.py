@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.errors import BundleError, DataError, InvalidInputError, XMCError
+from models.errors import BundleError, DataError, InvalidInputError, UnknownLabelError, XMCError
 
 log = logging.getLogger("xmc.service")
 
@@ -144,6 +144,8 @@ async def _xmc_error(request: Request, exc: Exception) -> Response:
         headers = {"Retry-After": "1"}  # learning stays off until an operator turns it on
     detail = exc.detail if isinstance(exc, ServiceError) else str(exc)
     extra = exc.extra if isinstance(exc, ServiceError) else None
+    if isinstance(exc, UnknownLabelError):  # all of them, where the detail shows ten
+        extra = {"unknown_labels": exc.labels}
     return problem_response(request, status, title, detail, errors, headers, extra)
 
 

@@ -13,14 +13,17 @@ import gc
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import scipy.sparse as sp
 
 from models.errors import BundleError
+from models.filters import FilterSpec
+from models.predictor import Threshold
 from models.vocab import LabelInfo
 from service import metrics, repository
-from service.repository import SAFE_PUBLISHING, Source
+from service.controls import ModelConfig
+from service.repository import SAFE_PUBLISHING, Fingerprint, Source
 
 log = logging.getLogger("xmc.service")
 
@@ -52,16 +55,25 @@ class ServedPredictor(Protocol):
     def default_beam_size(self) -> int: ...
     @property
     def label_info(self) -> Mapping[str, LabelInfo]: ...
+    def tuned_threshold(self) -> dict[str, Any] | None: ...
 
     def encode(self, texts: Sequence[str]) -> sp.csr_matrix: ...
 
+    # label_filter and explain are passed only when a request asks for them
     def predict(
-        self, texts: Sequence[str], *, top_k: int | None = None, beam_size: int | None = None
-    ) -> list[list[tuple[str, float]]]: ...
+        self, texts: Sequence[str], *, top_k: int | None = None, beam_size: int | None = None,
+        label_filter: FilterSpec | None = None, explain: bool = False,
+    ) -> list[list[tuple[Any, ...]]]: ...
 
     def predict_features(
-        self, X: sp.csr_matrix, *, top_k: int | None = None, beam_size: int | None = None
-    ) -> list[list[tuple[str, float]]]: ...
+        self, X: sp.csr_matrix, *, top_k: int | None = None, beam_size: int | None = None,
+        label_filter: FilterSpec | None = None, explain: bool = False,
+    ) -> list[list[tuple[Any, ...]]]: ...
+
+    def allowed_labels(self, label_filter: FilterSpec | None) -> Any: ...
+
+    def score_cut(self, threshold: Threshold = None, min_score: float | None = None
+                  ) -> float: ...  # fmt: skip
 
     def warm_up(self) -> None: ...
 
@@ -74,13 +86,15 @@ Loader = Callable[[str], ServedPredictor]
 class ServedVersion:
     """One loaded version of a model and the requests using it (counted on the loop)."""
 
-    __slots__ = ("beam_size", "inflight", "label_info", "n_labels", "name", "predictor", "ref",
-                 "retired", "source", "top_k")  # fmt: skip
+    __slots__ = ("beam_size", "config", "inflight", "label_info", "n_labels", "name", "predictor",
+                 "ref", "retired", "source", "top_k")  # fmt: skip
 
-    def __init__(self, name: str, predictor: ServedPredictor, source: Source) -> None:
+    def __init__(self, name: str, predictor: ServedPredictor, source: Source,
+                 config: ModelConfig | None = None) -> None:  # fmt: skip
         self.name = name
         self.predictor = predictor
         self.source = source
+        self.config = config or ModelConfig()
         self.ref = {"name": name, "version": predictor.version}
         self.top_k = predictor.default_top_k
         self.beam_size = predictor.default_beam_size
@@ -134,7 +148,7 @@ class ModelEntry:
         self.current: ServedVersion | None = None
         self.state: State = "loading"
         self.last_error: str | None = None
-        self.refused: tuple[str, str | None] | None = None
+        self.refused: Fingerprint | None = None
         self.lock = asyncio.Lock()
 
     def locate(self) -> Source:
@@ -172,7 +186,7 @@ async def refresh(entry: ModelEntry, loader: Loader, force: bool) -> Outcome:
             return "refused"
         loop = asyncio.get_running_loop()
         try:
-            predictor = await loop.run_in_executor(None, _load_verified, loader, source)
+            predictor, config = await loop.run_in_executor(None, _load_verified, loader, source)
         except Exception as exc:
             return _refuse(entry, source.fingerprint, f"{type(exc).__name__}: {exc}")
         if cur is not None and cur.predictor.has_text_encoder and not predictor.has_text_encoder:
@@ -181,9 +195,9 @@ async def refresh(entry: ModelEntry, loader: Loader, force: bool) -> Outcome:
             return _refuse(entry, source.fingerprint, why)
         # What was loaded, not what the manifest said a moment before: a manifest rewritten
         # during the load shows as a change at the next look.
-        loaded = Source(source.path, source.repository_version, predictor.version)
+        loaded = Source(source.path, source.repository_version, predictor.version, source.config)
         entry.name = entry.name or predictor.name
-        new = ServedVersion(entry.name, predictor, loaded)
+        new = ServedVersion(entry.name, predictor, loaded, config)
         new.announce()
         entry.current, entry.state, entry.last_error, entry.refused = new, "ready", None, None
         if cur is not None:
@@ -198,19 +212,21 @@ async def refresh(entry: ModelEntry, loader: Loader, force: bool) -> Outcome:
         return "switched"
 
 
-def _load_verified(loader: Loader, source: Source) -> ServedPredictor:
-    """Load (the loader checks every array's bounds) and run one prediction: a bundle that
-    passes both can serve."""
+def _load_verified(loader: Loader, source: Source) -> tuple[ServedPredictor, ModelConfig]:
+    """Load (the loader checks every array's bounds), run one prediction and check the
+    model's config.json against it: a version that passes all three can serve."""
+    config = ModelConfig.parse(source.config)
     predictor = loader(str(source.path))
     try:
         predictor.warm_up()
+        config.check(predictor)
     except BaseException:
         predictor.close()
         raise
-    return predictor
+    return predictor, config
 
 
-def _refuse(entry: ModelEntry, fingerprint: tuple[str, str | None] | None, why: str) -> Outcome:
+def _refuse(entry: ModelEntry, fingerprint: Fingerprint | None, why: str) -> Outcome:
     entry.last_error = why
     entry.refused = fingerprint
     name = entry.name or str(entry.location)

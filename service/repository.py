@@ -9,8 +9,9 @@ The version served is the one that ``PATH/NAME/current`` links to when that syml
 else the greatest VERSION (compared as integers when every name is digits, else as strings).
 Names starting with ``.`` are ignored, so a version is published by writing it to
 ``PATH/NAME/.tmp-x/`` and renaming it into place (``xmc build --out PATH/NAME/7`` does exactly
-that). Reading a bundle never needs the web stack: ``xmc serve`` uses this module before any
-worker starts.
+that). A model's defaults may sit beside its versions in ``PATH/NAME/config.json`` (see
+:mod:`service.controls`); a change to it reloads the model like a new version. Reading a
+bundle never needs the web stack: ``xmc serve`` uses this module before any worker starts.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ log = logging.getLogger("xmc.service")
 
 MANIFEST = "manifest.json"
 CURRENT = "current"
+CONFIG = "config.json"
 SAFE_PUBLISHING = (
     "publish a version as a new folder: copy it to NAME/.tmp-x/ and rename that to "
     "NAME/VERSION/ (or `xmc build --out NAME/VERSION`), never copy over served files"
@@ -40,17 +42,22 @@ SUPERVISOR_PID_ENV = "XMC_SUPERVISOR_PID"
 class Source:
     """One version on disk as the repository names it, before it is loaded.
 
-    ``fingerprint`` tells whether what is on disk changed: the version folder's real path and
-    the content hash its manifest declares (None when the manifest cannot be read).
+    ``fingerprint`` tells whether what is on disk changed: the version folder's real path,
+    the content hash its manifest declares (None when the manifest cannot be read) and the
+    model's ``config.json`` as read (None without one).
     """
 
     path: Path
     repository_version: str | None
     declared_version: str | None
+    config: bytes | None = None
 
     @property
-    def fingerprint(self) -> tuple[str, str | None]:
-        return (str(self.path), self.declared_version)
+    def fingerprint(self) -> Fingerprint:
+        return (str(self.path), self.declared_version, self.config)
+
+
+Fingerprint = tuple[str, str | None, bytes | None]
 
 
 def is_bundle(path: Path) -> bool:
@@ -72,7 +79,7 @@ def resolve(model_dir: Path) -> Source:
         target = current.resolve()
         if not target.is_dir():
             raise BundleError(f"'{CURRENT}' links to {target}, which is not a folder", current)
-        return Source(target, target.name, declared_version(target))
+        return Source(target, target.name, declared_version(target), read_config(model_dir))
     versions = [
         entry.name
         for entry in model_dir.iterdir()
@@ -83,7 +90,15 @@ def resolve(model_dir: Path) -> Source:
     numeric = all(name.isdigit() for name in versions)
     best = max(versions, key=int) if numeric else max(versions)
     folder = (model_dir / best).resolve()
-    return Source(folder, best, declared_version(folder))
+    return Source(folder, best, declared_version(folder), read_config(model_dir))
+
+
+def read_config(model_dir: Path) -> bytes | None:
+    """The bytes of a model's ``config.json``, None without one; other read errors raise."""
+    try:
+        return (model_dir / CONFIG).read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def single(bundle: Path) -> Source:

@@ -7,9 +7,51 @@ document them in the OpenAPI schema, since pydantic serialization dominated a ca
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+#: a label name, or a prefix ending in ``*``
+LabelEntry = Annotated[str, Field(min_length=1)]
+#: ``"auto"`` (the threshold tuned at build) or a score in 0..1
+ThresholdField = Literal["auto"] | Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
+
+_EXAMPLE_TEXT = "How long should I knead bread dough?"
+#: request examples, named for the OpenAPI media type (Swagger UI offers them in a list)
+PREDICT_EXAMPLES: dict[str, dict[str, Any]] = {
+    "labels": {"summary": "The 3 best labels", "value": {"text": _EXAMPLE_TEXT, "top_k": 3}},
+    "controls": {
+        "summary": "A filter, the tuned threshold and explanations",
+        "value": {"text": _EXAMPLE_TEXT, "top_k": 5, "filter": {"exclude": ["baking"]},
+                  "threshold": "auto", "explain": True},
+    },
+}
+BATCH_EXAMPLES: dict[str, dict[str, Any]] = {
+    "filtered": {
+        "summary": "Two documents, an include filter and a threshold",
+        "value": {"documents": [{"id": "q1", "text": "sourdough starter"},
+                                {"id": 2, "text": "knife"}],
+                  "top_k": 5, "filter": {"include": ["bread", "baking", "knives"]},
+                  "threshold": 0.1},
+    },
+}
+
+
+class FilterSpec(BaseModel):
+    """Which labels may be returned: an entry is an exact label name or, ending in ``*``, a
+    prefix (``science/physics/*``). Exclude wins over include."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include: list[LabelEntry] | None = Field(
+        default=None,
+        description="Only these labels may be returned (absent: all). An exact name the model "
+        "does not know is a 422 naming it; a prefix that matches nothing allows nothing.",
+        examples=[["baking", "bread*"]],
+    )
+    exclude: list[LabelEntry] | None = Field(
+        default=None, description="These labels are never returned.", examples=[["dough"]]
+    )
 
 
 class PredictParams(BaseModel):
@@ -32,10 +74,33 @@ class PredictParams(BaseModel):
     min_score: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Drop labels scoring below this."
     )
+    filter: FilterSpec | None = Field(
+        default=None,
+        description="Label filter, applied inside the search (filtered labels never take a "
+        "beam slot, so k allowed labels come back when the model has them). Combined with "
+        "the model's configured filter: this include narrows it, this exclude adds to it.",
+        examples=[{"include": ["baking", "bread*"], "exclude": ["dough"]}],
+    )
+    threshold: ThresholdField | None = Field(
+        default=None,
+        description='Drop labels scoring below this: a score in 0..1, or "auto" for the '
+        "threshold tuned at build (422 when the model has none; see /v1/models/{name}). "
+        "With min_score too, the larger applies; top_k still caps. Default: the model's "
+        "configured threshold, else none.",
+        examples=["auto", 0.3],
+    )
+    explain: bool = Field(
+        default=False,
+        description="Add to each label its explanation: the 5 input terms that pushed it up "
+        "most, with their contributions (costs nothing when false).",
+    )
 
 
 class PredictRequest(PredictParams):
     """One document to label."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "examples": [e["value"] for e in PREDICT_EXAMPLES.values()]})  # fmt: skip
 
     text: str = Field(description="The document; not empty, at most XMC_MAX_TEXT_BYTES bytes.")
 
@@ -52,8 +117,21 @@ class Document(BaseModel):
 class BatchRequest(PredictParams):
     """Several documents scored in one vectorized call."""
 
+    model_config = ConfigDict(json_schema_extra={
+        "examples": [e["value"] for e in BATCH_EXAMPLES.values()]})  # fmt: skip
+
     documents: list[Document] = Field(
         min_length=1, description="At most XMC_MAX_BATCH_SIZE documents."
+    )
+
+
+class Term(BaseModel):
+    term: str = Field(description="An input term (or \"[dense encoder]\" for a fused "
+                      "bundle's sentence-embedding block).")  # fmt: skip
+    contribution: float = Field(
+        description="How much it raised the label's classifier margins (TF-IDF value times "
+        "the weights on the label's path, averaged over the trees): margin units, not "
+        "score units."
     )
 
 
@@ -67,7 +145,12 @@ class Label(BaseModel):
     score: float = Field(
         description="Confidence in (0, 1], higher is better: the mean over the bundle's "
         "trees of the product of the node scores on the label's root-to-leaf path. "
-        "Comparable within one model version; not a calibrated probability."
+        "Comparable within one model version; not a calibrated probability unless the "
+        "model was built with --calibrate (see /v1/models/{name}: calibrated)."
+    )
+    explanation: list[Term] | None = Field(
+        default=None,
+        description="With explain: the terms that pushed this label up most, largest first.",
     )
 
 
@@ -77,10 +160,15 @@ class ModelRef(BaseModel):
     version: str = Field(description="Content hash of the bundle.")
 
 
+_CUT = ("The score below which labels were dropped: the larger of threshold (the request's "
+        "or the model's configured one) and min_score; 0 when none applied.")
+
+
 class PredictResponse(BaseModel):
     labels: list[Label] = Field(description="Best first.")
     model: ModelRef
     cached: bool = Field(description="True when the answer came from the cache.")
+    threshold: float = Field(description=_CUT)
 
 
 class BatchResult(BaseModel):
@@ -92,6 +180,21 @@ class BatchResult(BaseModel):
 class BatchResponse(BaseModel):
     results: list[BatchResult] = Field(description="In request order.")
     model: ModelRef
+    threshold: float = Field(description=_CUT)
+
+
+class TunedThreshold(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    value: float = Field(description='The score threshold that "auto" applies.')
+    micro_f1: float = Field(description="Micro-F1 at that threshold on the held-out split.")
+    precision: float
+    recall: float
+
+
+class ModelConfigInfo(BaseModel):
+    filter: FilterSpec | None = Field(description="Filter applied to every request.")
+    threshold: ThresholdField | None = Field(description="Threshold of requests without one.")
 
 
 class ModelInfo(BaseModel):
@@ -107,6 +210,13 @@ class ModelInfo(BaseModel):
     encoder: Any = Field(description="Text encoder(s) of the bundle, from its manifest.")
     params: Any = Field(default=None, description="Build parameters from the manifest.")
     metrics: Any = Field(description="Evaluation metrics recorded at build time (may be {}).")
+    threshold: TunedThreshold | None = Field(
+        description="The threshold tuned at build (xmc build --tune-threshold), else null."
+    )
+    calibrated: bool = Field(description="Scores are calibrated probabilities (--calibrate).")
+    config: ModelConfigInfo = Field(
+        description="The model's defaults from PATH/NAME/config.json (empty without one)."
+    )
 
 
 class ModelStatus(BaseModel):
@@ -125,6 +235,22 @@ class ModelList(BaseModel):
     models: list[ModelStatus]
     default: str | None = Field(
         description="The model /v1/predict answers with (null: several and none named)."
+    )
+
+
+class Problem(BaseModel):
+    """An error (RFC 9457 problem+json)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    request_id: str | None = None
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="Field-level errors: loc, msg, type."
     )
 
 

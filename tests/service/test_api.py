@@ -26,7 +26,8 @@ def test_predict_shape(client: TestClient, sample_texts: list[str], predictor: A
     r = client.post("/v1/predict", json={"text": sample_texts[0], "top_k": 3})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"labels", "model", "cached"}
+    assert set(body) == {"labels", "model", "cached", "threshold"}
+    assert body["threshold"] == 0.0
     assert body["model"] == {"name": predictor.name, "version": predictor.version}
     assert body["cached"] is False
     labels = body["labels"]
@@ -274,6 +275,9 @@ def test_docs_render_offline(client: TestClient) -> None:
         "top_k",
         "beam_size",
         "min_score",
+        "filter",
+        "threshold",
+        "explain",
     }
 
 

@@ -183,7 +183,7 @@ def test_fresh_venv_serves_without_builder_deps(tiny_bundle: Path, tmp_path: Pat
             shutil.copy(REPO / name, src / name)
     if not (src / "README.md").exists():
         (src / "README.md").write_text("xmc-serve\n")
-    for pkg in ("models", "service"):
+    for pkg in ("models", "service", "xmc"):
         shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
@@ -212,6 +212,9 @@ def test_fresh_venv_serves_without_builder_deps(tiny_bundle: Path, tmp_path: Pat
         assert 1 <= len(body["labels"]) <= 3
         assert all(0 < x["score"] <= 1 for x in body["labels"])
         assert body["model"]["name"]
+        # The page's files are package data: the installed package serves them.
+        for path in ("/", "/static/page/page.js", "/static/page/page.css"):
+            assert httpx.get(f"{base}{path}", timeout=10).status_code == 200, path
     finally:
         assert stop(proc) == 0
 
