@@ -137,7 +137,7 @@ def prepare(data_dir: str | Path, work_root: str | Path, *, label_field: str = "
     sp.save_npz(feature_dir / "Y_train.npz", label_matrix(train.labels, index))
     sp.save_npz(feature_dir / "Y_test.npz", label_matrix(test.labels, index))
     (feature_dir / "labels.json").write_text(json.dumps(label_names))
-    (feature_dir / "test_truth.json").write_text(json.dumps(test.labels))
+    (feature_dir / "test_truth.json").write_text(json.dumps(list(test.labels)))
     meta = {
         "stamp": stamp,
         "kind": kind,

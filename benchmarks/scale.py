@@ -13,8 +13,9 @@ worker's memory from the kernel's ``/proc/PID/smaps_rollup`` (private vs shared 
 Figures per size: build seconds by stage, build peak RSS, ensemble bytes per tree (ours: the
 ``ensemble.*.npy`` arrays; PECOS: its saved model folder), P@1/P@5, 1-document p50/p99 and
 batch docs/s from feature rows, and the ratios the scale issue asks for. Results accumulate
-in ``benchmarks/.work/scale/results.json``; the table goes into benchmarks/RESULTS.md
-("Scale") and the log-log plot into benchmarks/scale.png.
+in ``benchmarks/scale_results.json`` (kept in the repository: one size is rerun at a time,
+and the table shows them all); the table goes into benchmarks/RESULTS.md ("Scale") and the
+log-log plot into benchmarks/scale.png.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from benchmarks.peers import RESULTS_MD, replace_section, run_peer, score_run
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work" / "scale"
 PLOT = HERE / "scale.png"
+RESULTS_JSON = HERE / "scale_results.json"
 SECTION = "## Scale: 5k to 1M labels, ours and PECOS back to back"
 SMAPS_KEYS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
 
@@ -133,11 +135,13 @@ def run_size(n_labels: int, args: argparse.Namespace) -> dict:
     print(f"== {fs.name}: {fs.n_train_docs} train / {fs.n_test_docs} test docs, "
           f"{len(fs.label_names)} labels, {fs.n_features} features "
           f"(synth {synth_s:.0f} s, feature files {time.perf_counter() - t0:.0f} s)", flush=True)
+    command = ".venv/bin/python -m benchmarks.scale " + shlex.join(sys.argv[1:])
     row: dict = {"n_labels": n_labels, "n_train": fs.n_train_docs, "synth_s": synth_s}
+    if not args.report_only:
+        row["command"] = command
     truths = fs.test_truth()
     peer_args = argparse.Namespace(threads=2, top_k=5, beam=10, latency_docs=1000,
                                    timeout=args.timeout)
-    command = ".venv/bin/python -m benchmarks.scale " + shlex.join(sys.argv[1:])
     for peer in args.peers:
         run_dir = WORK / fs.name / peer
         if not args.report_only:
@@ -155,8 +159,7 @@ def run_size(n_labels: int, args: argparse.Namespace) -> dict:
 
 
 def load_results() -> dict[str, dict]:
-    path = WORK / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.is_file() else {}
 
 
 def _f(v: object, fmt: str) -> str:
@@ -190,9 +193,10 @@ def table(results: dict[str, dict]) -> str:
 
 
 def ratios(results: dict[str, dict]) -> str:
-    lines = ["| labels | bundle bytes per tree | build peak RSS | training per tree | "
-             "P@1 ours − PECOS | ready s | worker private MB (each) | worker shared MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| labels | bundle bytes per tree | build peak RSS | training per tree (wall) | "
+             "training per tree (CPU s) | P@1 ours − PECOS | ready s | worker private MB "
+             "(each) | worker shared MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(results, key=int):
         o, p = results[key].get("ours", {}), results[key].get("pecos", {})
         if "P@1" not in o:
@@ -202,14 +206,25 @@ def ratios(results: dict[str, dict]) -> str:
         private = " / ".join(_f(w["Private_Clean"] + w["Private_Dirty"], ".0f") for w in workers)
         shared = " / ".join(_f(w["Shared_Clean"] + w["Shared_Dirty"], ".0f") for w in workers)
         if "P@1" in p:
-            r = (o["ensemble_mb_per_tree"] / p["model_mb"], o["peak_rss_mb"] / p["peak_rss_mb"],
-                 o["train_s"] / o["n_trees"] / p["train_s"], 100 * (o["P@1"] - p["P@1"]))
-            cells = (f"{r[0]:.2f}×", f"{r[1]:.2f}×", f"{r[2]:.2f}×", f"{r[3]:+.2f}")
+            cells = (f"{o['ensemble_mb_per_tree'] / p['model_mb']:.2f}×",
+                     f"{o['peak_rss_mb'] / p['peak_rss_mb']:.2f}×",
+                     f"{o['train_s'] / o['n_trees'] / p['train_s']:.2f}×",
+                     _cpu_ratio(o, p), f"{100 * (o['P@1'] - p['P@1']):+.2f}")
         else:
-            cells = ("–",) * 4
+            cells = ("–",) * 5
         lines.append(f"| {int(key):,} | {' | '.join(cells)} | {_f(serve.get('ready_s'), '.1f')} "
                      f"| {private} | {shared} |")
     return "\n".join(lines)
+
+
+def _cpu_ratio(ours: dict, pecos: dict) -> str:
+    """CPU seconds of training per tree, ours / PECOS's: on a shared machine the wall clock
+    also counts the other jobs, the CPU seconds only the work (older runs lack them)."""
+    o_cpu, p_cpu = ours.get("train_cpu_s"), pecos.get("train_cpu_s")
+    if not (o_cpu and p_cpu):
+        return "–"
+    per_tree = o_cpu / ours["n_trees"]
+    return f"{per_tree / p_cpu:.2f}× ({per_tree:.0f} / {p_cpu:.0f})"
 
 
 def plot(results: dict[str, dict]) -> None:
@@ -239,9 +254,11 @@ def plot(results: dict[str, dict]) -> None:
     fig.savefig(PLOT, dpi=110)
 
 
-def write_section(results: dict[str, dict], command: str) -> None:
-    body = (f"{SECTION}\n\n`{command}` (this machine: 2 cores, 24 GB; see the figures' dates in "
-            "`benchmarks/.work/scale/results.json`). Synthetic feature-level sets (`xmc synth "
+def write_section(results: dict[str, dict]) -> None:
+    commands = sorted({r["command"] for r in results.values() if "command" in r})
+    body = ("Run with " + ", ".join(f"`{c}`" for c in commands) + " (this machine: 2 cores, "
+            "24 GB; each figure's date and the load average around it are in "
+            "`benchmarks/scale_results.json`). Synthetic feature-level sets (`xmc synth "
             "--format xc --labels N --train 2N --test 5000 --seed 0`); both libraries train "
             "from the same feature file with 2 threads, predict with top-5, beam 10, from "
             "feature rows. Ours: 3 trees, default build (int8 weights); PECOS: one tree, its "
@@ -269,11 +286,10 @@ def main() -> int:
         results[str(n)] = {**old, **run_size(n, args)}
         if "serve" in old.get("ours", {}) and "serve" not in results[str(n)].get("ours", {}):
             results[str(n)]["ours"]["serve"] = old["ours"]["serve"]
-        (WORK / "results.json").write_text(json.dumps(results, indent=1))
+        RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
         print(table({str(n): results[str(n)]}), flush=True)
         print(ratios({str(n): results[str(n)]}), flush=True)
-    command = ".venv/bin/python -m benchmarks.scale " + shlex.join(sys.argv[1:])
-    write_section(results, command)
+    write_section(results)
     plot(results)
     print(f"wrote {RESULTS_MD.name} ({SECTION[3:]}) and {PLOT.name}")
     return 0

@@ -117,6 +117,8 @@ def main() -> None:
                if is_text else "XC features via predict_features"],
         extra={"core_revision": code, "seed": args.seed, "tfidf_fit_s": tfidf_fit_s,
                "build_wall_s": build_wall_s,
+               # CPU seconds say what training cost where the wall clock is shared
+               "train_cpu_s": manifest["build"].get("cpu_seconds_train"),
                "build_seconds_manifest": manifest["build"]["seconds"], "stages": stages,
                "n_trees": len(manifest["trees"]),
                "ensemble_mb_per_tree": sum(f.stat().st_size for f in bundle.glob(
