@@ -34,6 +34,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.features import prepare
 from benchmarks.peers import RESULTS_MD, replace_section, run_peer, score_run
 
@@ -41,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work" / "scale"
 PLOT = HERE / "scale.png"
 RESULTS_JSON = HERE / "scale_results.json"
+LARGEST = 1_000_000
 SECTION = "## Scale: 5k to 1M labels, ours and PECOS back to back"
 SMAPS_KEYS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
 
@@ -227,6 +230,35 @@ def _cpu_ratio(ours: dict, pecos: dict) -> str:
     return f"{per_tree / p_cpu:.2f}× ({per_tree:.0f} / {p_cpu:.0f})"
 
 
+#: what a size that was not run is extrapolated for, and from which figures
+EXTRAPOLATED = (("training s per tree (wall)", lambda r: r["train_s"] / r.get("n_trees", 1)),
+                ("build peak RSS MB", lambda r: r["peak_rss_mb"]),
+                ("ensemble MB per tree", lambda r: r.get("ensemble_mb_per_tree",
+                                                         r["model_mb"])),
+                ("1-doc p50 ms", lambda r: r["latency_p50_ms"]))
+
+
+def extrapolate(results: dict[str, dict], n_labels: int) -> str:
+    """A straight line through the measured sizes on log-log axes (least squares), read at
+    ``n_labels``: the figures a size that could not be run would have, with the slope (the
+    power of the label count each one grows with)."""
+    lines = [f"| figure at {n_labels:,} labels (extrapolated) | ours | slope | PECOS | slope |",
+             "|---|---|---|---|---|"]
+    for title, get in EXTRAPOLATED:
+        cells = []
+        for peer in ("ours", "pecos"):
+            pts = [(int(k), get(v[peer])) for k, v in results.items()
+                   if int(k) < n_labels and "P@1" in v.get(peer, {})]
+            if len(pts) < 2:
+                cells += ["–", "–"]
+                continue
+            x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+            slope, icept = np.polyfit(x, y, 1)
+            cells += [f"{np.exp(icept + slope * np.log(n_labels)):,.1f}", f"{slope:.2f}"]
+        lines.append(f"| {title} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def plot(results: dict[str, dict]) -> None:
     import matplotlib
 
@@ -266,6 +298,8 @@ def write_section(results: dict[str, dict]) -> None:
             "trees, PECOS its saved model folder.\n\n" + table(results) + "\n\nRatios (ours / "
             "PECOS) and `xmc serve` (2 workers; memory from `/proc/PID/smaps_rollup` once "
             "ready):\n\n" + ratios(results) + "\n\n![scale](scale.png)\n")
+    if str(LARGEST) not in results:
+        body += ("\n" + extrapolate(results, LARGEST) + "\n")
     RESULTS_MD.write_text(replace_section(RESULTS_MD.read_text(), SECTION, body))
 
 

@@ -1,0 +1,26 @@
+"""The scale benchmark's extrapolation: a power law through the measured sizes."""
+
+from benchmarks.scale import extrapolate
+
+
+def _run(n: int, power: float) -> dict:
+    value = 2e-3 * n**power
+    return {"P@1": 0.5, "train_s": 3 * value, "n_trees": 3, "peak_rss_mb": value,
+            "ensemble_mb_per_tree": value, "model_mb": value, "latency_p50_ms": value}
+
+
+def test_a_power_law_is_read_back_exactly_at_the_target_size() -> None:
+    results = {str(n): {"ours": _run(n, 1.5), "pecos": _run(n, 0.5)} for n in (5000, 50000)}
+    table = extrapolate(results, 1_000_000)
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert len(rows) == 4
+    for cells in rows:
+        assert cells[1] == f"{2e-3 * 1e6**1.5:,.1f}" and cells[2] == "1.50"
+        assert cells[3] == f"{2e-3 * 1e6**0.5:,.1f}" and cells[4].rstrip(" |") == "0.50"
+
+
+def test_a_library_with_one_measured_size_is_not_extrapolated() -> None:
+    results = {"5000": {"ours": _run(5000, 1.0), "pecos": _run(5000, 1.0)},
+               "50000": {"ours": _run(50000, 1.0), "pecos": {"missing": {"reason": "x"}}}}
+    rows = extrapolate(results, 1_000_000).splitlines()[2:]
+    assert all(row.rstrip(" |").endswith("– | –") for row in rows)
