@@ -82,6 +82,7 @@ def array_bytes(ens: Ensemble) -> dict[str, int]:
 def one_run(fit: Corpus, valid: Corpus, seed: int, tmp: Path) -> dict[str, dict]:
     params = BuildParams()
     params.seed = seed
+    params.weight_dtype = "float32"  # the forest every dtype is quantized from
     predictor = models.load_bundle(build(fit, tmp / f"b{seed}", params), mmap=False)
     X = (predictor.encode(valid.texts) if valid.is_text
          else sp.csr_matrix(valid.features, dtype=np.float32))
