@@ -112,9 +112,9 @@ def _field_error(field: str, msg: str) -> dict[str, Any]:
 def check_media_type(request: Request, media_types: Collection[str]) -> None:
     """Refuse a body declared as something the route does not read. No content type at all
     is taken as the route's own (tritonclient sends none); JSON routes take ``+json`` types."""
-    declared = request.headers.get("content-type", "")
+    declared = request.headers.get("content-type", "").strip()
     media = declared.partition(";")[0].strip().lower()
-    if not media or media in media_types or (JSON in media_types and media.endswith("+json")):
+    if not declared or media in media_types or (JSON in media_types and media.endswith("+json")):
         return
     raise UnsupportedMediaTypeError(
         f"content type {media!r} is not read here: send {' or '.join(media_types)}"
