@@ -21,6 +21,7 @@ from tests.service.conftest import served
 
 PROBLEM = "application/problem+json"
 JSON = {"content-type": "application/json"}
+FORM = {"content-type": "application/x-www-form-urlencoded"}
 MB = 1024 * 1024
 BODY_TIMEOUT_S = 1.0
 
@@ -103,8 +104,7 @@ CASES: dict[str, tuple[str, dict[str, str], bytes, tuple[int, ...]]] = {
     "explain 0": ("/v1/predict", JSON, b'{"text": "egg", "explain": 0}', (422,)),
     "text/plain": ("/v1/predict", {"content-type": "text/plain"}, b'{"text": "egg"}', (415,)),
     "XML": ("/v1/predict/batch", {"content-type": "application/xml"}, b"<doc>egg</doc>", (415,)),
-    "a form to JSON": ("/v1/predict", {"content-type": "application/x-www-form-urlencoded"},
-                       b"text=egg", (415,)),
+    "a form to JSON": ("/v1/predict", FORM, b"text=egg", (415,)),
     "JSON to the form route": ("/v1/projects/tiny/suggest", JSON, b'{"text": "egg"}', (415,)),
     "multipart": ("/v2/models/tiny/infer", {"content-type": "multipart/form-data; boundary=x"},
                   b"--x--", (415,)),
@@ -113,6 +113,12 @@ CASES: dict[str, tuple[str, dict[str, str], bytes, tuple[int, ...]]] = {
     # str.isdigit() takes "²", int() does not: a 500 until only ASCII digits were read
     "inference header ²": ("/v2/models/tiny/infer", {**JSON, "inference-header-content-length":
                            b"\xb2"}, b'{"inputs": []}', (404, 422)),
+    # which of two values counts would be a guess; int() would take "+5" and " 5"
+    "form field twice": ("/v1/projects/tiny/suggest", FORM, b"text=egg&text=ham", (422,)),
+    "limit +5": ("/v1/projects/tiny/suggest", FORM, b"text=egg&limit=%2B5", (422,)),
+    "limit empty": ("/v1/projects/tiny/suggest", FORM, b"text=egg&limit=", (422,)),
+    "query field twice": ("/v1/projects/tiny/suggest-batch?limit=1&limit=2", JSON,
+                          b'{"documents": [{"text": "egg"}]}', (422,)),
     "inference header past the body": ("/v2/models/tiny/infer",
                                        {**JSON, "inference-header-content-length": "999999"},
                                        b'{"inputs": []}', (404, 422)),
