@@ -7,7 +7,7 @@ DEMO_DATA := data/cooking
 DEMO      := artifacts/demo
 PORT ?= 8000
 
-.PHONY: demo test lint bench-peers bench-http bench-encoders bench-annif clean
+.PHONY: demo test lint bench-peers bench-http bench-encoders bench-annif bench-fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ bench-http: $(VENV)/.test-deps
 bench-encoders: $(VENV)/.test-deps
 	$(BIN)/python -m benchmarks.encoders --out artifacts/encoders
 	$(BIN)/python -m benchmarks.fusion ../shared/data/cooking_stackexchange --int8
+
+## bench-fuzz: schemathesis over every operation of the served spec (over 1,000 cases, --checks all), open and with API keys
+bench-fuzz: $(VENV)/.test-deps
+	$(BIN)/xmc build $(DEMO_DATA)/train.jsonl --out artifacts/fuzz/cooking/1 --name cooking --force --tune-threshold
+	$(BIN)/python -m benchmarks.fuzz artifacts/fuzz
+	$(BIN)/python -m benchmarks.fuzz artifacts/fuzz --keys
 
 ## bench-annif: Annif 1.4.3 (its own venv) and xmc-serve side by side through Annif's REST API
 bench-annif: $(VENV)/.test-deps

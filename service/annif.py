@@ -33,11 +33,17 @@ from starlette.background import BackgroundTask
 from models.vocab import LabelInfo
 from service.cache import Answer
 from service.dataplane import DataPlane, Prediction
-from service.errors import MalformedRequestError, PayloadTooLargeError, RequestValidationFailed
-from service.parsing import Parser, read_body, validate
+from service.errors import (
+    BODY_PROBLEMS,
+    MalformedRequestError,
+    PayloadTooLargeError,
+    RequestValidationFailed,
+    problem_responses,
+)
+from service.parsing import FORM, Parser, validate
+from service.schemas import TEXT_SCHEMA, DocumentId, Text, body_schema, limit
 
 _JSON = "application/json"
-_FORM = "application/x-www-form-urlencoded"
 #: Annif's default number of results
 DEFAULT_LIMIT = 10
 
@@ -46,21 +52,29 @@ DEFAULT_LIMIT = 10
 class AnnifDocument(BaseModel):
     """A document of suggest-batch; ``metadata`` is accepted and not used."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    text: str
-    document_id: str | int | None = None
+    text: Text
+    document_id: DocumentId = None
     metadata: dict[str, Any] | None = None
 
 
 class AnnifBatchRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    documents: list[AnnifDocument]
+    documents: list[AnnifDocument] = Field(json_schema_extra=limit("maxItems", "max_batch_size"))
+
+
+def _one_of_present(*fields: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """The spec of "at least one of these fields, as given": what a model validator checks."""
+    return {"anyOf": [{"required": [name], "properties": {name: schema}}
+                      for name, schema in fields]}  # fmt: skip
 
 
 class LearnSubject(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_one_of_present(
+        ("uri", {"type": "string", "minLength": 1}),
+        ("label", {"type": "string", "minLength": 1})))  # fmt: skip
 
     uri: str | None = None
     label: str | None = None
@@ -73,24 +87,25 @@ class LearnSubject(BaseModel):
 
 
 class LearnText(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    text: str
+    text: Text
 
 
 class LearnDocument(BaseModel):
     """Annif's IndexedDocument: ``text`` at the top (Annif's schema) or inside
     ``document``; the subjects a person gave it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_one_of_present(
+        ("text", {"type": "string"}), ("document", {"type": "object"})))  # fmt: skip
 
-    text: str | None = None
+    text: Text | None = None
     document: LearnText | None = None
     subjects: list[LearnSubject] = Field(min_length=1)
 
 
 class LearnRequest(RootModel[list[LearnDocument]]):
-    pass
+    root: list[LearnDocument] = Field(json_schema_extra=limit("maxItems", "max_batch_size"))
 
 
 # ---------------------------------------------------------------------- response shapes
@@ -140,19 +155,34 @@ class AnnifBatchResult(AnnifResults):
     document_id: str | int | None
 
 
-_SUGGEST_FORM = {
+_LIMIT = {"type": "integer", "minimum": 0, "default": DEFAULT_LIMIT,
+          **limit("maximum", "max_top_k")}  # fmt: skip
+_THRESHOLD = {"type": "number", "minimum": 0, "maximum": 1, "default": 0}
+_SUGGEST = {
     "requestBody": {
         "required": True,
-        "content": {_FORM: {"schema": {
+        "content": {FORM: {"schema": {
             "type": "object", "required": ["text"],
-            "properties": {
-                "text": {"type": "string"},
-                "limit": {"type": "integer", "minimum": 0, "default": DEFAULT_LIMIT},
-                "threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": 0},
-                "language": {"type": "string"},
-            }}}},
+            "properties": {"text": TEXT_SCHEMA, "limit": _LIMIT, "threshold": _THRESHOLD,
+                           "language": {"type": "string"}},
+        }}},
     }
 }  # fmt: skip
+_SUGGEST_BATCH = {
+    **body_schema(AnnifBatchRequest),
+    "parameters": [{"name": name, "in": "query", "required": False, "schema": schema}
+                   for name, schema in (("limit", _LIMIT), ("threshold", _THRESHOLD),
+                                        ("language", {"type": "string"}))],
+}  # fmt: skip
+#: Annif's routes that predict: their body's problems, and those of the model they name
+_PREDICT_PROBLEMS = problem_responses(*BODY_PROBLEMS, 404, 503)
+_LEARN_PROBLEMS = {
+    **_PREDICT_PROBLEMS,
+    503: {**_PREDICT_PROBLEMS[503], "description": "Learning is off (XMC_FEEDBACK_DIR unset) "
+          "or the feedback log cannot be written."},
+}  # fmt: skip
+#: the form and query fields the suggest routes read
+_FIELDS = frozenset(("text", "limit", "threshold", "language"))
 
 
 def _version() -> str:
@@ -177,16 +207,15 @@ def add_annif_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> None:
         return _json({"projects": found})
 
     @app.get("/v1/projects/{project_id}", response_model=AnnifProject, tags=["annif"],
-             summary="Annif: one project")  # fmt: skip
+             summary="Annif: one project", responses=problem_responses(404))  # fmt: skip
     async def project(project_id: str) -> Response:
         return _json(_project(dataplane, project_id))
 
     @app.post("/v1/projects/{project_id}/suggest", response_model=AnnifResults,
-              openapi_extra=_SUGGEST_FORM, tags=["annif"],
+              openapi_extra=_SUGGEST, responses=_PREDICT_PROBLEMS, tags=["annif"],
               summary="Annif: subjects of one text")  # fmt: skip
     async def suggest(request: Request, project_id: str) -> Response:
-        body = await read_body(request, settings.max_body_bytes)
-        form = _form(request, body)
+        form = _form(await parse.body(request, (FORM,)))
         text = form.get("text")
         if text is None:
             raise _invalid(["body", "text"], "text is required")
@@ -203,17 +232,17 @@ def add_annif_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> None:
         return _json(payload, _fill(dataplane, result))
 
     @app.post("/v1/projects/{project_id}/suggest-batch", response_model=list[AnnifBatchResult],
-              tags=["annif"], summary="Annif: subjects of several texts")  # fmt: skip
+              openapi_extra=_SUGGEST_BATCH, responses=_PREDICT_PROBLEMS, tags=["annif"],
+              summary="Annif: subjects of several texts")  # fmt: skip
     async def suggest_batch(request: Request, project_id: str) -> Response:
-        body = await read_body(request, settings.max_body_bytes)
-        req = validate(AnnifBatchRequest, body)
+        req = validate(AnnifBatchRequest, await parse.body(request))
         docs = req.documents
         if len(docs) > settings.max_batch_size:
             raise PayloadTooLargeError(f"batch of {len(docs)} documents is over the limit of "
                                        f"{settings.max_batch_size}")  # fmt: skip
         for i, doc in enumerate(docs):
             parse.check_text(doc.text, ["body", "documents", i, "text"])
-        query = request.query_params
+        query = _fields(request.query_params.multi_items(), "query")
         limit = _limit(query.get("limit"), settings.max_top_k, "query")
         threshold = _threshold(query.get("threshold"), "query")
         _check_language(dataplane, project_id, query.get("language"), "query")
@@ -233,16 +262,16 @@ def add_annif_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> None:
     @app.post("/v1/projects/{project_id}/learn", status_code=204, tags=["annif"],
               summary="Annif: keep labelled documents for the next build (the served model "
               "does not change)",
-              responses={503: {"description": "Learning is off (XMC_FEEDBACK_DIR unset) or "
-                               "the feedback log cannot be written"}})  # fmt: skip
+              openapi_extra=body_schema(LearnRequest), responses=_LEARN_PROBLEMS)
     async def learn(request: Request, project_id: str) -> Response:
-        body = await read_body(request, settings.max_body_bytes)
-        docs = validate(LearnRequest, body).root
+        docs = validate(LearnRequest, await parse.body(request)).root
         if len(docs) > settings.max_batch_size:
             raise PayloadTooLargeError(f"{len(docs)} documents are over the limit of "
                                        f"{settings.max_batch_size}")  # fmt: skip
         documents = []
         for i, doc in enumerate(docs):
+            if doc.document is not None:  # checked even when the top-level text is used
+                parse.check_text(doc.document.text, ["body", i, "document", "text"])
             text = doc.document.text if doc.text is None and doc.document else doc.text
             if text is None:
                 raise _invalid(["body", i, "text"], "a document needs a text")
@@ -294,17 +323,24 @@ def _results(answer: Answer, info: Mapping[str, LabelInfo], threshold: float
     return out
 
 
-def _form(request: Request, body: bytes) -> dict[str, str]:
-    """The fields of a form-encoded body (the last of a repeated one wins)."""
-    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if content_type != _FORM:
-        raise MalformedRequestError(
-            f"suggest takes a form-encoded body ({_FORM}) with text and optionally limit, "
-            "threshold and language")
+def _form(body: bytes) -> dict[str, str]:
+    """The fields of a form-encoded body."""
     try:
-        return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, errors="strict"))
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, errors="strict")
     except (UnicodeDecodeError, ValueError):
         raise MalformedRequestError("the form is not UTF-8 text") from None
+    return _fields(pairs, "body")
+
+
+def _fields(pairs: list[tuple[str, str]], where: str) -> dict[str, str]:
+    """Form or query fields by name; each of ours may be given once (which of several
+    would count is a guess a client should not have to make)."""
+    fields: dict[str, str] = {}
+    for name, value in pairs:
+        if name in fields and name in _FIELDS:
+            raise _invalid([where, name], f"{name} is given more than once")
+        fields[name] = value
+    return fields
 
 
 def _invalid(loc: list[str | int], msg: str) -> RequestValidationFailed:
@@ -312,19 +348,21 @@ def _invalid(loc: list[str | int], msg: str) -> RequestValidationFailed:
 
 
 def _limit(value: str | None, most: int, where: str) -> int:
-    if value is None or value == "":
+    if value is None:
         return min(DEFAULT_LIMIT, most)
-    try:
-        limit = int(value)
-    except ValueError:
-        raise _invalid([where, "limit"], "limit must be an integer") from None
+    # ASCII digits only: int() would also take " 5", "+5", "5_0" and other scripts' digits.
+    if not (value.isascii() and value.isdigit()):
+        if value.startswith("-") and value[1:].isascii() and value[1:].isdigit():
+            raise _invalid([where, "limit"], f"limit must be in 0..{most}")
+        raise _invalid([where, "limit"], "limit must be an integer")
+    limit = int(value)
     if not 0 <= limit <= most:
         raise _invalid([where, "limit"], f"limit must be in 0..{most}")
     return limit
 
 
 def _threshold(value: str | None, where: str) -> float:
-    if value is None or value == "":
+    if value is None:
         return 0.0
     try:
         threshold = float(value)

@@ -16,20 +16,20 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
 from models.vocab import LabelInfo, describe
 from service import metrics
-from service.annif import add_annif_routes
+from service.annif import AnnifBatchRequest, LearnRequest, add_annif_routes
 from service.cache import Answer
 from service.controls import Controls
 from service.dataplane import DataPlane, Prediction, install_reload_signal
 from service.errors import (
-    PROBLEM_JSON,
+    BODY_PROBLEMS,
     ModelNotFoundError,
     UnauthorizedError,
     install_error_handlers,
+    problem_responses,
 )
 from service.middleware import RequestContextMiddleware
 from service.parsing import Parser
@@ -47,9 +47,11 @@ from service.schemas import (
     PredictResponse,
     Problem,
     Readiness,
+    body_schema,
+    fill_limits,
 )
 from service.settings import Settings
-from service.v2 import add_v2_routes
+from service.v2 import InferRequest, add_v2_routes
 
 # Swagger UI 5 (renders OpenAPI 3.1) shipped inside a PyPI wheel: /docs needs no internet.
 _SWAGGER_STATIC = Path(fastapi_offline.__file__).parent / "static"
@@ -58,6 +60,12 @@ _STATIC_URL = "/static/docs"
 _PAGE = Path(__file__).parent / "page"
 _PAGE_URL = "/static/page"
 _JSON = "application/json"
+#: the request bodies that routes read themselves (documented in the spec's components)
+BODY_MODELS = (PredictRequest, BatchRequest, InferRequest, AnnifBatchRequest, LearnRequest)
+_PROMETHEUS_TEXT: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Prometheus text exposition format",
+          "content": {"text/plain": {"schema": {"type": "string"}}}},
+}  # fmt: skip
 
 
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
@@ -129,8 +137,7 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
 def _authorizer(keys: list[bytes]) -> Callable[[Request], Awaitable[None]]:
     async def authorize(request: Request) -> None:
         route = request.scope.get("route")
-        path = getattr(route, "path", request.url.path)
-        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        if _is_open(getattr(route, "path", request.url.path)):
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -180,9 +187,9 @@ def _add_predict_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> No
         payload = {"results": results, "model": result.model, "threshold": result.threshold}
         return _json(payload, _fill(dataplane, result))
 
-    one = _body_schema(PredictRequest, PREDICT_EXAMPLES)
-    many = _body_schema(BatchRequest, BATCH_EXAMPLES)
-    errors = _problems(400, 401, 404, 413, 422, 503)
+    one = body_schema(PredictRequest, PREDICT_EXAMPLES)
+    many = body_schema(BatchRequest, BATCH_EXAMPLES)
+    errors = problem_responses(*BODY_PROBLEMS, 404, 503)
 
     @app.post("/v1/predict", response_model=PredictResponse, openapi_extra=one,
               responses=errors, tags=["predict"],
@@ -231,7 +238,7 @@ def _add_model_routes(app: FastAPI, dataplane: DataPlane) -> None:
         }
         return Response(orjson.dumps(payload, default=str), media_type=_JSON)
 
-    missing = _problems(401, 404, 503)
+    missing = problem_responses(404, 503)
 
     @app.get("/v1/model", response_model=ModelInfo, tags=["model"],
              summary="The default model", responses=missing)  # fmt: skip
@@ -250,15 +257,14 @@ def _add_model_routes(app: FastAPI, dataplane: DataPlane) -> None:
 
     @app.get("/v1/models/{name}/ready", response_model=ModelStatus, tags=["model"],
              summary="200 when the model serves, else 503",
-             responses={503: {"model": ModelStatus}})  # fmt: skip
+             responses={503: {"model": ModelStatus}, **problem_responses(404)})  # fmt: skip
     async def model_ready(name: str) -> Response:
         status = dataplane.describe(name)
         return _json(status, status=200 if status["state"] == "ready" else 503)
 
     @app.post("/v1/models/{name}/reload", response_model=ModelStatus, tags=["model"],
               summary="Switch to the version the repository names now, in every worker",
-              responses={409: {"description": "The version found was refused; the old one "
-                               "keeps serving"}})  # fmt: skip
+              responses=problem_responses(404, 409))  # fmt: skip
     async def reload_model(name: str) -> Response:
         return _json(await dataplane.reload(name))
 
@@ -282,7 +288,8 @@ def _add_health_routes(app: FastAPI, dataplane: DataPlane) -> None:
         payload["cache"] = {"backend": cache.backend, "state": cache.state()}
         return _json(payload, status=200 if ready else 503)
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics",
+             response_class=Response, responses=_PROMETHEUS_TEXT)  # fmt: skip
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -340,48 +347,39 @@ def _labels(answer: Answer, info: Mapping[str, LabelInfo]) -> list[dict[str, Any
     return out
 
 
-_PROBLEM_WHEN = {
-    400: "The body is not JSON.",
-    401: "API keys are set and the request has none or a wrong one.",
-    404: "No model of that name (or several and no default); `models` lists them.",
-    413: "The body, a text or the batch is over its limit.",
-    422: "A field is invalid, or the filter names a label the model does not know "
-    "(`unknown_labels` lists them), or threshold is \"auto\" for a model without one.",
-    503: "The model is not loaded (yet).",
-}
-
-
-def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI responses of the problem+json errors a route answers."""
-    ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
-    return {s: {"description": _PROBLEM_WHEN[s], "content": {PROBLEM_JSON: ref}}
-            for s in statuses}  # fmt: skip
-
-
-def _body_schema(model: type[BaseModel], examples: dict[str, Any]) -> dict[str, Any]:
-    """Document a body the route reads itself (for speed) as if FastAPI parsed it."""
-    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {_JSON: {"schema": schema, "examples": examples}},
-        }
-    }
-
-
 def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The spec as the service behaves: the bodies routes read themselves, the limits the
+    settings set, no FastAPI validation errors (never answered: routes validate themselves
+    into problem+json), and the key check when keys are set."""
     if app.openapi_schema:
         return app.openapi_schema
+    settings: Settings = app.state.settings
     schema = get_openapi(
         title=app.title, version=app.version, summary=app.summary, routes=app.routes
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (PredictRequest, BatchRequest, Problem):
+    for model in (*BODY_MODELS, Problem):
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body
-    app.openapi_schema = schema
-    return schema
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            responses = operation["responses"]
+            if "HTTPValidationError" in orjson.dumps(responses.get("422", {})).decode():
+                del responses["422"]
+            if settings.api_keys and not _is_open(path):
+                operation["security"] = [{"bearer": []}]
+                responses.update({str(k): v for k, v in problem_responses(401).items()})
+    if settings.api_keys:
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    app.openapi_schema = fill_limits(schema, settings)
+    return app.openapi_schema
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 def create_app_from_env() -> FastAPI:

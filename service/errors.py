@@ -48,6 +48,14 @@ class PayloadTooLargeError(ServiceError):
     """The body, a text or a batch is over its configured limit."""
 
 
+class UnsupportedMediaTypeError(ServiceError):
+    """The body's declared content type is not one the route reads."""
+
+
+class RequestTimeoutError(ServiceError):
+    """The client did not send the whole body within the allowed time (a trickle)."""
+
+
 class RequestValidationFailed(ServiceError, InvalidInputError):
     """A field is missing, of the wrong type or out of range."""
 
@@ -80,8 +88,10 @@ STATUS_BY_ERROR: dict[type[BaseException], tuple[int, str]] = {
     MalformedRequestError: (400, "Malformed request"),
     UnauthorizedError: (401, "Unauthorized"),
     ModelNotFoundError: (404, "Model not found"),
+    RequestTimeoutError: (408, "Request timeout"),
     VersionRefusedError: (409, "Version refused"),
     PayloadTooLargeError: (413, "Payload too large"),
+    UnsupportedMediaTypeError: (415, "Unsupported media type"),
     RequestValidationFailed: (422, "Invalid request"),
     NotReadyError: (503, "Model not ready"),
     LearningUnavailableError: (503, "Learning unavailable"),
@@ -90,6 +100,32 @@ STATUS_BY_ERROR: dict[type[BaseException], tuple[int, str]] = {
     BundleError: (503, "Model unavailable"),
     XMCError: (500, "Internal error"),
 }
+
+
+#: what each problem status means, for the OpenAPI description of the routes answering it
+PROBLEM_WHEN: dict[int, str] = {
+    400: "The body is not JSON (or, for a form, not UTF-8).",
+    401: "API keys are set and the request has none or a wrong one.",
+    404: "No model of that name (or several and no default); `models` lists them.",
+    408: "The body did not arrive within XMC_BODY_TIMEOUT_SECONDS.",
+    409: "The version found was refused; the old one keeps serving.",
+    413: "The body, a text or the batch is over its limit.",
+    415: "The body's content type is not one this route reads.",
+    422: "A field is invalid, or the filter names a label the model does not know "
+    "(`unknown_labels` lists them), or threshold is \"auto\" for a model without one.",
+    503: "The model is not loaded (yet), or the service is stopping.",
+}
+
+
+#: the problems of every route that reads a body (besides those of the model it names)
+BODY_PROBLEMS = (400, 408, 413, 415, 422)
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of the problem+json errors a route answers."""
+    ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    return {s: {"description": PROBLEM_WHEN[s], "content": {PROBLEM_JSON: ref}}
+            for s in statuses}  # fmt: skip
 
 
 def status_for(exc: BaseException) -> tuple[int, str]:
@@ -140,6 +176,8 @@ async def _xmc_error(request: Request, exc: Exception) -> Response:
     headers = None
     if isinstance(exc, UnauthorizedError):
         headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, RequestTimeoutError):
+        headers = {"Connection": "close"}  # the rest of the body may still be on its way
     elif status == 503 and not isinstance(exc, LearningUnavailableError):
         headers = {"Retry-After": "1"}  # learning stays off until an operator turns it on
     detail = exc.detail if isinstance(exc, ServiceError) else str(exc)

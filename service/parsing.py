@@ -8,19 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection
 from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from service import metrics
-from service.errors import MalformedRequestError, PayloadTooLargeError, RequestValidationFailed
+from service.errors import (
+    MalformedRequestError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    RequestValidationFailed,
+    UnsupportedMediaTypeError,
+)
 from service.schemas import BatchRequest, PredictParams, PredictRequest
 from service.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
 # Above this size a batch's parsing runs in a thread, off the event loop.
 _OFFLOAD_BYTES = 256 * 1024
+JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
+#: the binary tensor data extension of the Open Inference Protocol
+OCTET_STREAM = "application/octet-stream"
+# Python 3.10 has no asyncio.timeout: wait_for there (a task per body, still correct).
+_TIMEOUT = getattr(asyncio, "timeout", None)
 
 
 class Parser:
@@ -29,9 +42,16 @@ class Parser:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
+    async def body(self, request: Request, media_types: Collection[str] = (JSON,)) -> bytes:
+        """The raw body, once its content type is one of ``media_types`` (or absent), read
+        within the size and time limits."""
+        check_media_type(request, media_types)
+        settings = self.settings
+        return await read_body(request, settings.max_body_bytes, settings.body_timeout_seconds)
+
     async def single(self, request: Request) -> PredictRequest:
         start = time.perf_counter()
-        body = await read_body(request, self.settings.max_body_bytes)
+        body = await self.body(request)
         req = validate(PredictRequest, body)
         self.check_params(req)
         self.check_text(req.text, ["body", "text"])
@@ -41,7 +61,7 @@ class Parser:
     async def batch(self, request: Request) -> BatchRequest:
         start = time.perf_counter()
         settings = self.settings
-        body = await read_body(request, settings.max_body_bytes)
+        body = await self.body(request)
         if len(body) > _OFFLOAD_BYTES:
             # Validating megabytes of JSON takes milliseconds: keep the event loop free.
             loop = asyncio.get_running_loop()
@@ -89,8 +109,35 @@ def _field_error(field: str, msg: str) -> dict[str, Any]:
     return {"loc": ["body", field], "msg": msg, "type": "less_than_equal"}
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it passes ``limit`` (chunked bodies have no length)."""
+def check_media_type(request: Request, media_types: Collection[str]) -> None:
+    """Refuse a body declared as something the route does not read. No content type at all
+    is taken as the route's own (tritonclient sends none); JSON routes take ``+json`` types."""
+    declared = request.headers.get("content-type", "").strip()
+    media = declared.partition(";")[0].strip().lower()
+    if not declared or media in media_types or (JSON in media_types and media.endswith("+json")):
+        return
+    raise UnsupportedMediaTypeError(
+        f"content type {media!r} is not read here: send {' or '.join(media_types)}"
+    )
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused as soon as it passes ``limit`` (chunked bodies have no length), or
+    when it has not all arrived after ``timeout_s`` (a client trickling bytes would
+    otherwise hold its connection and its in-flight slot for as long as it likes)."""
+    reading = _read_all(request, limit)
+    try:
+        if _TIMEOUT is None:
+            return await asyncio.wait_for(reading, timeout_s)
+        async with _TIMEOUT(timeout_s):
+            return await reading
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body did not arrive within {timeout_s:g} s"
+        ) from None
+
+
+async def _read_all(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -108,7 +155,12 @@ def validate(model: type[M], body: bytes) -> M:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         if any(e["type"] == "json_invalid" for e in errors):
             raise MalformedRequestError("request body is not valid JSON") from None
+        shaped = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+                  for e in errors]  # fmt: skip
+        first = shaped[0]
+        where = ".".join(str(part) for part in first["loc"][1:]) or "body"
+        # The detail names the first problem: many clients (tritonclient, annif-client) show
+        # only the detail, not the errors list.
         raise RequestValidationFailed(
-            "request validation failed",
-            [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors],
+            f"request validation failed: {where}: {first['msg']}", shaped
         ) from None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,12 +74,14 @@ def model_names(root: Path) -> list[str]:
 
 def resolve(model_dir: Path) -> Source:
     """The version of one model to serve: ``current`` when it links somewhere, else the
-    greatest version folder. Raises :class:`BundleError` when there is none."""
+    greatest version folder. Raises :class:`BundleError` when there is none, or when what
+    would be served lies outside ``model_dir`` (see :func:`contained`)."""
     current = model_dir / CURRENT
     if current.is_symlink():
-        target = current.resolve()
+        target = contained(current, model_dir)
         if not target.is_dir():
             raise BundleError(f"'{CURRENT}' links to {target}, which is not a folder", current)
+        check_links(target, model_dir)
         return Source(target, target.name, declared_version(target), read_config(model_dir))
     versions = [
         entry.name
@@ -89,8 +92,32 @@ def resolve(model_dir: Path) -> Source:
         raise BundleError("no version folder (expected NAME/VERSION/manifest.json)", model_dir)
     numeric = all(name.isdigit() for name in versions)
     best = max(versions, key=int) if numeric else max(versions)
-    folder = (model_dir / best).resolve()
+    folder = contained(model_dir / best, model_dir)
+    check_links(folder, model_dir)
     return Source(folder, best, declared_version(folder), read_config(model_dir))
+
+
+def contained(path: Path, model_dir: Path) -> Path:
+    """``path`` resolved, refused unless it lies inside the model's folder: a ``current``
+    link, a version folder or a bundle file that leads elsewhere (``..``, another model,
+    anywhere on the disk) would serve what was never published as this model."""
+    real = path.resolve()
+    home = model_dir.resolve()
+    if home not in real.parents:
+        raise BundleError(
+            f"{path.name!r} resolves to {real}, outside the model's folder {home}: a version "
+            "must be a folder of the model (links only within it)", path)  # fmt: skip
+    return real
+
+
+def check_links(folder: Path, model_dir: Path) -> None:
+    """Every symbolic link under a version folder must stay inside the model's folder (a
+    version may share files with another version of the same model, no more)."""
+    for parent, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            entry = Path(parent, name)
+            if entry.is_symlink():
+                contained(entry, model_dir)
 
 
 def read_config(model_dir: Path) -> bytes | None:

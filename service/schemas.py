@@ -7,14 +7,51 @@ document them in the OpenAPI schema, since pydantic serialization dominated a ca
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+#: spec key naming the setting that bounds a field: ``{"maxLength": "max_text_bytes"}``
+#: becomes ``"maxLength": 65536`` in the served spec (:func:`fill_limits`)
+LIMIT_KEY = "x-xmc-limit"
+
+
+def limit(keyword: str, setting: str) -> dict[str, Any]:
+    """json_schema_extra of a field bounded by a setting (the number is filled at serve
+    time, since the settings decide it)."""
+    return {LIMIT_KEY: {keyword: setting}}
 
 #: a label name, or a prefix ending in ``*``
 LabelEntry = Annotated[str, Field(min_length=1)]
 #: ``"auto"`` (the threshold tuned at build) or a score in 0..1
 ThresholdField = Literal["auto"] | Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
+#: A document's text. Emptiness and length are checked by the parser (one clear error
+#: each, the length in UTF-8 bytes), so the spec only declares them: the pattern is "has a
+#: non-space character", and maxLength, in characters, is the bytes limit (a longer
+#: text is surely refused; a shorter one may still be over in bytes).
+#: a character that ``str.isspace()`` (the parser's emptiness test) does not call space,
+#: spelled out: regex dialects disagree on what ``\s`` is (ECMA's lacks \x1c-\x1f)
+NOT_SPACE = r"[^\x09-\x0d\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+TEXT_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 1, "pattern": NOT_SPACE,
+                               **limit("maxLength", "max_text_bytes")}  # fmt: skip
+Text = Annotated[str, Field(json_schema_extra=TEXT_SCHEMA)]
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON Schema's integers, which 3.0 is as much as 3 (strict models refuse floats otherwise).
+# The bounds come before the validator, or pydantic writes them unchanged ("ge") into the spec.
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+NonNegativeInt = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1), BeforeValidator(_integral)]
+#: a client's reference of a document, echoed back: integers within 64 bits, which every JSON
+#: writer (orjson included) and most readers can carry
+DocumentId = str | Int64 | None
+#: what pydantic would otherwise coerce (0 to false, "5" to 5) the spec's types refuse
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 _EXAMPLE_TEXT = "How long should I knead bread dough?"
 #: request examples, named for the OpenAPI media type (Swagger UI offers them in a list)
@@ -41,7 +78,7 @@ class FilterSpec(BaseModel):
     """Which labels may be returned: an entry is an exact label name or, ending in ``*``, a
     prefix (``science/physics/*``). Exclude wins over include."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     include: list[LabelEntry] | None = Field(
         default=None,
@@ -57,17 +94,17 @@ class FilterSpec(BaseModel):
 class PredictParams(BaseModel):
     """Knobs shared by single and batch prediction."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    top_k: int | None = Field(
+    top_k: PositiveInt | None = Field(
         default=None,
-        ge=1,
+        json_schema_extra=limit("maximum", "max_top_k"),
         description="How many labels to return at most; default: the bundle's (its "
         "manifest's params.top_k, 5 unless the build said otherwise).",
     )
-    beam_size: int | None = Field(
+    beam_size: PositiveInt | None = Field(
         default=None,
-        ge=1,
+        json_schema_extra=limit("maximum", "max_beam_size"),
         description="Tree nodes kept per level of the beam search: wider is slower and "
         "recalls more; default: the bundle's (params.beam_size, 10 unless built otherwise).",
     )
@@ -102,16 +139,16 @@ class PredictRequest(PredictParams):
     model_config = ConfigDict(json_schema_extra={
         "examples": [e["value"] for e in PREDICT_EXAMPLES.values()]})  # fmt: skip
 
-    text: str = Field(description="The document; not empty, at most XMC_MAX_TEXT_BYTES bytes.")
+    text: Text = Field(description="The document; not empty, at most XMC_MAX_TEXT_BYTES bytes.")
 
 
 class Document(BaseModel):
     """One document of a batch; ``id`` is echoed back untouched."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    id: str | int | None = Field(default=None, description="Your reference, echoed as given.")
-    text: str = Field(description="The document; not empty, at most XMC_MAX_TEXT_BYTES bytes.")
+    id: DocumentId = Field(default=None, description="Your reference, echoed as given.")
+    text: Text = Field(description="The document; not empty, at most XMC_MAX_TEXT_BYTES bytes.")
 
 
 class BatchRequest(PredictParams):
@@ -121,7 +158,9 @@ class BatchRequest(PredictParams):
         "examples": [e["value"] for e in BATCH_EXAMPLES.values()]})  # fmt: skip
 
     documents: list[Document] = Field(
-        min_length=1, description="At most XMC_MAX_BATCH_SIZE documents."
+        min_length=1,
+        description="At most XMC_MAX_BATCH_SIZE documents.",
+        json_schema_extra=limit("maxItems", "max_batch_size"),
     )
 
 
@@ -172,7 +211,7 @@ class PredictResponse(BaseModel):
 
 
 class BatchResult(BaseModel):
-    id: str | int | None
+    id: DocumentId
     labels: list[Label]
     cached: bool
 
@@ -276,3 +315,27 @@ class Readiness(BaseModel):
     )
     cache: CacheState
     detail: str | None = None
+
+
+def body_schema(model: type[BaseModel], examples: dict[str, Any] | None = None,
+                media_type: str = "application/json") -> dict[str, Any]:  # fmt: skip
+    """``openapi_extra`` of a route that reads its body itself (for speed), documenting the
+    body as if FastAPI parsed it (the model goes into the spec's components)."""
+    content: dict[str, Any] = {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+    if examples:
+        content["examples"] = examples
+    return {"requestBody": {"required": True, "content": {media_type: content}}}
+
+
+def fill_limits(node: Any, settings: Settings) -> Any:
+    """A copy of a spec with every :func:`limit` marker replaced by the number its setting
+    holds now (a copy: the markers' dicts are shared module constants)."""
+    if isinstance(node, dict):
+        out = {key: fill_limits(value, settings) for key, value in node.items()
+               if key != LIMIT_KEY}  # fmt: skip
+        for keyword, setting in node.get(LIMIT_KEY, {}).items():
+            out[keyword] = getattr(settings, setting)
+        return out
+    if isinstance(node, list):
+        return [fill_limits(value, settings) for value in node]
+    return node

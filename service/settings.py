@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1, description="Largest request body in bytes; more = 413."
     )
+    body_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Time a client has to send a whole request body; later = 408 and the "
+        "connection is closed (a client trickling bytes holds a connection until then).",
+    )
 
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

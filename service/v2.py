@@ -12,46 +12,144 @@ protocol's ``error`` member.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from service.cache import Answer
 from service.dataplane import DataPlane
-from service.errors import PayloadTooLargeError, RequestValidationFailed
-from service.parsing import Parser, read_body, validate
+from service.errors import (
+    BODY_PROBLEMS,
+    PayloadTooLargeError,
+    RequestValidationFailed,
+    problem_responses,
+)
+from service.parsing import JSON, OCTET_STREAM, Parser, validate
+from service.schemas import TEXT_SCHEMA, NonNegativeInt, PositiveInt, body_schema, limit
 
 #: the binary data extension: the JSON part's length when binary tensor data follows it
 HEADER_LENGTH = "inference-header-content-length"
 _JSON = "application/json"
 
 
-class Tensor(BaseModel):
-    """One input tensor of an infer request (``data`` absent when it travels as binary)."""
+class TensorParameters(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
 
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    data: list[Any] | None = None
+    binary_data_size: NonNegativeInt | None = Field(
+        default=None, description="Binary extension: bytes of this tensor after the JSON."
+    )
+
+
+#: a JSON ``text`` tensor's data as the service reads it (the binary extension sends none)
+_TEXT_DATA = {
+    "type": "array", "minItems": 1, **limit("maxItems", "max_batch_size"),
+    "items": TEXT_SCHEMA,
+    "description": "The documents; as many as shape[0].",
+}  # fmt: skip
+
+
+class Tensor(BaseModel):
+    """The input tensor of an infer request: ``text``, BYTES, shape ``[n]``."""
+
+    # In plain JSON the data is required; with the binary extension it follows the JSON.
+    model_config = ConfigDict(strict=True, json_schema_extra={
+        "required": ["name", "shape", "datatype", "data"]})  # fmt: skip
+
+    name: Literal["text"]
+    shape: list[PositiveInt] = Field(min_length=1, max_length=1)
+    datatype: Literal["BYTES"]
+    parameters: TensorParameters = Field(default_factory=TensorParameters)
+    data: Annotated[list[Any] | None, WithJsonSchema(_TEXT_DATA)] = None
+
+
+class OutputParameters(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    binary_data: bool | None = None
 
 
 class RequestedOutput(BaseModel):
-    name: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    model_config = ConfigDict(strict=True)
+
+    name: Literal["labels", "scores"]
+    parameters: OutputParameters = Field(default_factory=OutputParameters)
+
+
+class InferParameters(BaseModel):
+    """Known request parameters; others are accepted and ignored, as the protocol allows."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    top_k: PositiveInt | None = Field(default=None, json_schema_extra=limit("maximum", "max_top_k"))
+    beam_size: PositiveInt | None = Field(
+        default=None, json_schema_extra=limit("maximum", "max_beam_size")
+    )
+    binary_data_output: bool = False
 
 
 class InferRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     id: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[Tensor] = Field(min_length=1)
+    parameters: InferParameters = Field(default_factory=InferParameters)
+    inputs: list[Tensor] = Field(min_length=1, max_length=1)
     outputs: list[RequestedOutput] | None = None
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class TensorInfo(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+
+class OutputTensor(BaseModel):
+    name: Literal["labels", "scores"]
+    datatype: Literal["BYTES", "FP32"]
+    shape: list[int]
+    data: list[str] | list[float] | None = Field(
+        default=None, description="Row-major; absent when the tensor is sent as binary data."
+    )
+    parameters: dict[str, Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[OutputTensor]
+
+
+_INFER_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "JSON, or (binary data asked for) the JSON part followed by the "
+          "tensors' bytes, its length in Inference-Header-Content-Length",
+          "content": {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}},
+    **problem_responses(*BODY_PROBLEMS, 404, 503),
+}  # fmt: skip
 
 
 def _invalid(loc: list[str | int], msg: str) -> RequestValidationFailed:
@@ -76,18 +174,13 @@ def _bytes_elements(raw: bytes) -> list[bytes]:
 
 
 def _texts(req: InferRequest, binary: bytes) -> list[str]:
-    """The documents of the one input tensor ``text``."""
-    if len(req.inputs) != 1 or req.inputs[0].name != "text":
-        raise _invalid(["inputs"], "exactly one input tensor, named 'text', is expected")
+    """The documents of the one input tensor ``text`` (its name, type and shape are checked
+    by the model)."""
     tensor = req.inputs[0]
-    if tensor.datatype != "BYTES":
-        raise _invalid(["inputs", 0, "datatype"], "the 'text' tensor must be BYTES")
-    if len(tensor.shape) != 1 or tensor.shape[0] < 1:
-        raise _invalid(["inputs", 0, "shape"], "the 'text' tensor's shape must be [n], n ≥ 1")
-    size = tensor.parameters.get("binary_data_size")
+    size = tensor.parameters.binary_data_size
     if tensor.data is not None:
         elements: list[Any] = tensor.data
-    elif isinstance(size, int) and 0 <= size <= len(binary):
+    elif size is not None and size <= len(binary):
         elements = _bytes_elements(binary[:size])
     else:
         raise _invalid(["inputs", 0, "data"], "the 'text' tensor has no data")
@@ -105,12 +198,10 @@ def _texts(req: InferRequest, binary: bytes) -> list[str]:
     return texts
 
 
-def _param(req: InferRequest, name: str, limit: int) -> int | None:
-    value = req.parameters.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-        raise _invalid(["parameters", name], f"{name} must be an integer in 1..{limit}")
+def _param(value: int | None, name: str, most: int) -> int | None:
+    """A request parameter within its setting's bound (the model checked it is ≥ 1)."""
+    if value is not None and value > most:
+        raise _invalid(["parameters", name], f"{name} must be an integer in 1..{most}")
     return value
 
 
@@ -143,17 +234,21 @@ def _encode(name: str, array: np.ndarray, binary: bool) -> tuple[dict[str, Any],
 def add_v2_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> None:
     settings = parse.settings
 
-    @app.get("/v2/health/live", tags=["v2"], summary="Open Inference Protocol: live")
+    @app.get("/v2/health/live", response_model=Live, tags=["v2"],
+             summary="Open Inference Protocol: live")  # fmt: skip
     async def live() -> Response:
         return Response(b'{"live":true}', media_type=_JSON)
 
-    @app.get("/v2/health/ready", tags=["v2"], summary="Open Inference Protocol: ready")
+    @app.get("/v2/health/ready", response_model=Ready, tags=["v2"],
+             summary="Open Inference Protocol: ready", responses={503: {"model": Ready}})
     async def ready() -> Response:
         ok, _ = dataplane.readiness()
         return Response(orjson.dumps({"ready": ok}), status_code=200 if ok else 503,
                         media_type=_JSON)  # fmt: skip
 
-    @app.get("/v2/models/{name}", tags=["v2"], summary="Open Inference Protocol: metadata")
+    @app.get("/v2/models/{name}", response_model=ModelMetadata, tags=["v2"],
+             summary="Open Inference Protocol: metadata",
+             responses=problem_responses(404, 503))  # fmt: skip
     async def metadata(name: str) -> Response:
         served = dataplane.served(name)
         payload = {
@@ -168,18 +263,22 @@ def add_v2_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> None:
         }
         return Response(orjson.dumps(payload), media_type=_JSON)
 
-    @app.get("/v2/models/{name}/ready", tags=["v2"], summary="Open Inference Protocol: "
-             "model ready")  # fmt: skip
+    @app.get("/v2/models/{name}/ready", response_model=ModelReady, tags=["v2"],
+             summary="Open Inference Protocol: model ready",
+             responses={503: {"model": ModelReady}, **problem_responses(404)})  # fmt: skip
     async def model_ready(name: str) -> Response:
         ok = dataplane.describe(name)["state"] == "ready"
         return Response(orjson.dumps({"name": name, "ready": ok}),
                         status_code=200 if ok else 503, media_type=_JSON)  # fmt: skip
 
-    @app.post("/v2/models/{name}/infer", tags=["v2"], summary="Open Inference Protocol: infer")
+    @app.post("/v2/models/{name}/infer", response_model=InferResponse, tags=["v2"],
+              summary="Open Inference Protocol: infer", responses=_INFER_ANSWERS,
+              openapi_extra=body_schema(InferRequest))  # fmt: skip
     async def infer(request: Request, name: str) -> Response:
-        body = await read_body(request, settings.max_body_bytes)
+        body = await parse.body(request, (JSON, OCTET_STREAM))
         header = request.headers.get(HEADER_LENGTH)
-        json_size = int(header) if header and header.isdigit() else len(body)
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        json_size = int(header) if header and header.isascii() and header.isdigit() else len(body)
         req = validate(InferRequest, body[:json_size])
         texts = _texts(req, body[json_size:])
         if len(texts) > settings.max_batch_size:
@@ -188,8 +287,8 @@ def add_v2_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> None:
             )
         for i, text in enumerate(texts):
             parse.check_text(text, ["inputs", 0, "data", i])
-        top_k = _param(req, "top_k", settings.max_top_k)
-        beam_size = _param(req, "beam_size", settings.max_beam_size)
+        top_k = _param(req.parameters.top_k, "top_k", settings.max_top_k)
+        beam_size = _param(req.parameters.beam_size, "beam_size", settings.max_beam_size)
         result = await dataplane.predict(name, texts, top_k, beam_size)
         return _answer(req, name, result.model["version"], _outputs(result.answers, result.k))
 
@@ -197,13 +296,11 @@ def add_v2_routes(app: FastAPI, dataplane: DataPlane, parse: Parser) -> None:
 def _answer(req: InferRequest, name: str, version: str,
             arrays: tuple[np.ndarray, np.ndarray]) -> Response:  # fmt: skip
     """The infer response, JSON only or JSON then binary tensors, as the request asks."""
-    all_binary = bool(req.parameters.get("binary_data_output", False))
+    all_binary = req.parameters.binary_data_output
     wanted = {"labels": all_binary, "scores": all_binary}
     if req.outputs is not None:
-        unknown = [o.name for o in req.outputs if o.name not in wanted]
-        if unknown:
-            raise _invalid(["outputs"], f"unknown outputs {unknown}: labels, scores exist")
-        wanted = {o.name: bool(o.parameters.get("binary_data", all_binary)) for o in req.outputs}
+        wanted = {o.name: all_binary if o.parameters.binary_data is None
+                  else o.parameters.binary_data for o in req.outputs}  # fmt: skip
     by_name = dict(zip(("labels", "scores"), arrays, strict=True))
     outputs, blobs = [], []
     for output, binary in wanted.items():

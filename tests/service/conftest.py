@@ -8,10 +8,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,39 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     server = RedisProcess(tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tuned_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Any) -> Path:
+    """A bundle with a threshold tuned at build, so that ``threshold: "auto"`` is valid."""
+    from models.builder import build
+    from tests.conftest import tiny_params
+
+    train, _ = tiny_corpus
+    out = tmp_path_factory.mktemp("bundles") / "tuned"
+    return build(train, out, tiny_params(tune_threshold=True), name="tuned")
+
+
+@contextmanager
+def served(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn in a thread on a loopback port (for clients that need a
+    real socket); yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    end = time.monotonic() + 120
+    while not server.started and time.monotonic() < end and thread.is_alive():
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
 
 
 @pytest.fixture(scope="session")

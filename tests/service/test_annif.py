@@ -164,7 +164,7 @@ def test_suggest_bad_form(make: Callable[..., TestClient], form: dict[str, Any],
 def test_suggest_takes_a_form_only(make: Callable[..., TestClient]) -> None:
     c = make(max_text_bytes=50)
     r = c.post("/v1/projects/yso/suggest", json={"text": "a text"})
-    assert "form-encoded" in assert_problem(r, 400)["detail"]
+    assert "application/x-www-form-urlencoded" in assert_problem(r, 415)["detail"]
     r = c.post("/v1/projects/yso/suggest", content=b"text=%ff%fe", headers={"content-type": FORM})
     assert_problem(r, 400)
     assert_problem(suggest(c, "yso", text="word " * 20), 413)

@@ -3,8 +3,6 @@ its defaults (binary tensor data) and in plain JSON, against a server on loopbac
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ import pytest
 
 from service.app import create_app
 from service.settings import Settings
-from tests.service.conftest import free_port, publish
+from tests.service.conftest import publish, served
 
 httpclient = pytest.importorskip("tritonclient.http", reason="dev extra: tritonclient[http]")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -24,23 +22,11 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator[str]:
     """uvicorn in a thread (tritonclient needs a real socket), one model: alpha."""
-    import uvicorn
-
     root = tmp_path_factory.mktemp("v2") / "repo"
     publish(root / "alpha", "1", tiny_bundle)
     app = create_app(Settings(bundle_path=root, access_log=False, watch=False, lru_size=0))
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    end = time.monotonic() + 120
-    while not uv.started and time.monotonic() < end:
-        time.sleep(0.05)
-    assert uv.started
-    yield f"127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=60)
+    with served(app) as base:
+        yield base.removeprefix("http://")
 
 
 def text_input(texts: list[str], binary: bool = True) -> Any:
