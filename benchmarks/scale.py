@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -232,10 +233,19 @@ def _cpu_ratio(ours: dict, pecos: dict) -> str:
 
 #: what a size that was not run is extrapolated for, and from which figures
 EXTRAPOLATED = (("training s per tree (wall)", lambda r: r["train_s"] / r.get("n_trees", 1)),
+                ("training CPU s per tree", lambda r: r["train_cpu_s"] / r.get("n_trees", 1)),
                 ("build peak RSS MB", lambda r: r["peak_rss_mb"]),
                 ("ensemble MB per tree", lambda r: r.get("ensemble_mb_per_tree",
                                                          r["model_mb"])),
                 ("1-doc p50 ms", lambda r: r["latency_p50_ms"]))
+
+
+def _figure(get: Callable[[dict], float], run: dict) -> float | None:
+    """One figure of a run, None where the run predates it."""
+    try:
+        return get(run)
+    except (KeyError, TypeError):
+        return None
 
 
 def extrapolate(results: dict[str, dict], n_labels: int) -> str:
@@ -247,8 +257,9 @@ def extrapolate(results: dict[str, dict], n_labels: int) -> str:
     for title, get in EXTRAPOLATED:
         cells = []
         for peer in ("ours", "pecos"):
-            pts = [(int(k), get(v[peer])) for k, v in results.items()
+            pts = [(int(k), _figure(get, v[peer])) for k, v in results.items()
                    if int(k) < n_labels and "P@1" in v.get(peer, {})]
+            pts = [pt for pt in pts if pt[1] is not None]
             if len(pts) < 2:
                 cells += ["–", "–"]
                 continue

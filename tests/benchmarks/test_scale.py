@@ -5,7 +5,8 @@ from benchmarks.scale import extrapolate
 
 def _run(n: int, power: float) -> dict:
     value = 2e-3 * n**power
-    return {"P@1": 0.5, "train_s": 3 * value, "n_trees": 3, "peak_rss_mb": value,
+    return {"P@1": 0.5, "train_s": 3 * value, "train_cpu_s": 3 * value, "n_trees": 3,
+            "peak_rss_mb": value,
             "ensemble_mb_per_tree": value, "model_mb": value, "latency_p50_ms": value}
 
 
@@ -13,10 +14,17 @@ def test_a_power_law_is_read_back_exactly_at_the_target_size() -> None:
     results = {str(n): {"ours": _run(n, 1.5), "pecos": _run(n, 0.5)} for n in (5000, 50000)}
     table = extrapolate(results, 1_000_000)
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
-    assert len(rows) == 4
+    assert len(rows) == 5
     for cells in rows:
         assert cells[1] == f"{2e-3 * 1e6**1.5:,.1f}" and cells[2] == "1.50"
         assert cells[3] == f"{2e-3 * 1e6**0.5:,.1f}" and cells[4].rstrip(" |") == "0.50"
+
+
+def test_a_figure_older_runs_lack_is_extrapolated_from_the_runs_that_have_it() -> None:
+    results = {str(n): {"ours": _run(n, 1.0), "pecos": _run(n, 1.0)} for n in (5000, 50000)}
+    del results["5000"]["ours"]["train_cpu_s"]
+    cpu_row = extrapolate(results, 1_000_000).splitlines()[3]
+    assert cpu_row.startswith("| training CPU s per tree | – | – | 2,000.0 | 1.00")
 
 
 def test_a_library_with_one_measured_size_is_not_extrapolated() -> None:
