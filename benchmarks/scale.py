@@ -277,15 +277,14 @@ def plot(results: dict[str, dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    panels = (("build seconds (training)", lambda r: r["train_s"]),
-              ("ensemble MB (all trees)", lambda r: r.get("ensemble_mb_per_tree", r["model_mb"])
-               * r.get("n_trees", 1)),
-              ("1-doc p50 ms (feature rows)", lambda r: r["latency_p50_ms"]))
+    figure = dict(EXTRAPOLATED)
+    panels = [(title, figure[title]) for title in (
+        "training CPU s per tree", "ensemble MB per tree", "1-doc p50 ms")]
     for ax, (title, get) in zip(axes, panels):
         for peer, style in (("ours", "o-"), ("pecos", "s--")):
-            pts = [(int(k), get(v[peer])) for k, v in sorted(results.items(), key=lambda kv:
-                                                              int(kv[0]))
-                   if "P@1" in v.get(peer, {})]
+            pts = [(int(k), _figure(get, v[peer])) for k, v in sorted(
+                results.items(), key=lambda kv: int(kv[0])) if "P@1" in v.get(peer, {})]
+            pts = [pt for pt in pts if pt[1] is not None]
             if pts:
                 ax.loglog(*zip(*pts), style, label="xmc-serve (3 trees)" if peer == "ours"
                           else "PECOS XR-Linear (1 tree)")
