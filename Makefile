@@ -32,13 +32,13 @@ demo: $(VENV)/.demo-deps
 	@echo "serving $(DEMO) on http://127.0.0.1:$(PORT) (try it at /, API docs at /docs); Ctrl-C stops"
 	$(BIN)/xmc serve $(DEMO) --port $(PORT)
 
-## test: the whole suite (the same command CI runs)
-test: $(VENV)/.test-deps
-	$(BIN)/ruff check models service xmc tests benchmarks
+## test: the whole suite (the same command CI runs): ruff, mypy (models, service, xmc), pytest
+test: lint
 	$(BIN)/pytest -q
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check models service xmc tests benchmarks
+	$(BIN)/mypy
 
 bench-peers: $(VENV)/.test-deps
 	$(BIN)/pip install -q -e '.[bench]'

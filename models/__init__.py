@@ -46,7 +46,7 @@ def load_bundle(path: str, *, mmap: bool = True) -> Predictor:
     return Predictor.load(path, mmap=mmap)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     if name == "Predictor":
         from models.predictor import Predictor
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,6 +37,9 @@ from models.params import POST_PROCESSORS, BuildParams
 from models.search import Searcher
 from models.tree import Ensemble, quantize
 from models.vocab import Vocabulary, write_label_meta
+
+if TYPE_CHECKING:
+    from models.dense import OnnxTextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +119,12 @@ def build(
             encoder, X, emb = _fit_features(train, params, tmp, threads)
         selection = None
         dense = None  # (embeddings, weight) of a fused dense block
-        if emb is not None:
-            weight = params.dense_weight
-            if weight == "auto":
+        if emb is not None and encoder is not None:  # the encoder that made emb
+            if params.dense_weight == "auto":
                 with stages("dense_weight"):
                     weight, selection = choose_dense_weight(train, emb, params, threads)
+            else:
+                weight = float(params.dense_weight)
             if weight == 0:
                 log.info("dense_weight 0 won on validation: a TF-IDF-only bundle")
                 encoder = FeatureEncoder(encoder.tfidf)
@@ -231,23 +235,24 @@ def _train_trees(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, thread
                                                stages=stages, dense_start=dense_start)
 
 
-def _fit_features(train: Corpus, params: BuildParams, folder: Path, threads: int):
+def _fit_features(train: Corpus, params: BuildParams, folder: Path, threads: int,
+                  ) -> tuple[FeatureEncoder | None, sp.csr_matrix, np.ndarray | None]:
     """Returns (encoder or None, TF-IDF or given feature matrix, dense embeddings of the
     training texts or None). With a dense encoder the returned encoder holds it, unweighted:
     the caller fuses once the weight is known."""
     if not train.is_text:
         if params.dense_encoder:
             raise InvalidInputError("a dense encoder needs text input, not XC features")
-        X = sp.csr_matrix(train.features, dtype=np.float32)
+        X = sp.csr_matrix(train.feature_matrix, dtype=np.float32)
         X.sort_indices()
         return None, X, None
     from models.tfidf import TfidfEncoder
 
-    tfidf, X = TfidfEncoder.fit(train.texts, params.tfidf, workers=threads)
+    tfidf, X = TfidfEncoder.fit(train.text_list, params.tfidf, workers=threads)
     if not params.dense_encoder:
         return FeatureEncoder(tfidf), X, None
     dense = _dense_encoder(params, folder)
-    return FeatureEncoder(tfidf, dense), X, dense.encode(train.texts)
+    return FeatureEncoder(tfidf, dense), X, dense.encode(train.text_list)
 
 
 def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
@@ -267,8 +272,8 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
     if not names:
         raise InvalidInputError("no labelled document left to choose dense_weight on")
     Y_fit = label_matrix(fit.labels, names)
-    tfidf, X_fit = TfidfEncoder.fit(fit.texts, params.tfidf, workers=threads)
-    X_valid = tfidf.transform(valid.texts)
+    tfidf, X_fit = TfidfEncoder.fit(fit.text_list, params.tfidf, workers=threads)
+    X_valid = tfidf.transform(valid.text_list)
     one_tree = dataclasses.replace(params, n_trees=1)
     candidates = []
     for alpha in sorted(set(params.dense_weight_grid)):
@@ -350,12 +355,13 @@ def held_out_controls(train: Corpus, dense: tuple[np.ndarray, float] | None,
                                               params.top_k, params.beam_size)
     finally:
         searcher.close()
-    pair_scores, correct = [], []
+    score_list: list[float] = []
+    correct_list: list[bool] = []
     for row, srow, c, truth in zip(ids.tolist(), scores.tolist(), counts, valid.labels):
         y = set(truth)
-        pair_scores += srow[:c]
-        correct += [names[j] in y for j in row[:c]]
-    pair_scores, correct = np.asarray(pair_scores), np.asarray(correct, dtype=bool)
+        score_list += srow[:c]
+        correct_list += [names[j] in y for j in row[:c]]
+    pair_scores, correct = np.asarray(score_list), np.asarray(correct_list, dtype=bool)
     n_true = sum(len(set(t)) for t in valid.labels)
     calibration, record = None, {}
     if params.calibrate:
@@ -384,15 +390,16 @@ def _held_out_features(train: Corpus, fit_rows: np.ndarray, valid_rows: np.ndarr
     refitted on the fit part alone (the held-out documents' words never shape it); and
     where a dense block starts (None: no dense block)."""
     if not train.is_text:
-        X_fit = sp.csr_matrix(train.features[fit_rows], dtype=np.float32)
-        X_valid = sp.csr_matrix(train.features[valid_rows], dtype=np.float32)
+        X_fit = sp.csr_matrix(train.feature_matrix[fit_rows], dtype=np.float32)
+        X_valid = sp.csr_matrix(train.feature_matrix[valid_rows], dtype=np.float32)
         X_fit.sort_indices()
         X_valid.sort_indices()
         return X_fit, X_valid, train.dense_start
     from models.tfidf import TfidfEncoder
 
-    tfidf, X_fit = TfidfEncoder.fit([train.texts[i] for i in fit_rows], params.tfidf)
-    X_valid = tfidf.transform([train.texts[i] for i in valid_rows])
+    texts = train.text_list
+    tfidf, X_fit = TfidfEncoder.fit([texts[i] for i in fit_rows], params.tfidf)
+    X_valid = tfidf.transform([texts[i] for i in valid_rows])
     if dense is None:
         return X_fit, X_valid, None
     emb, weight = dense
@@ -400,10 +407,12 @@ def _held_out_features(train: Corpus, fit_rows: np.ndarray, valid_rows: np.ndarr
             X_fit.shape[1])
 
 
-def _dense_encoder(params: BuildParams, folder: Path):
+def _dense_encoder(params: BuildParams, folder: Path) -> OnnxTextEncoder:
     from models.dense import OnnxTextEncoder
 
     spec = params.dense_encoder
+    if spec is None:
+        raise InvalidInputError("no dense encoder was asked for")
     if spec == "minilm":
         from models.export import export_minilm
 
@@ -412,11 +421,12 @@ def _dense_encoder(params: BuildParams, folder: Path):
     else:
         model = Path(spec)
         candidates = [model.parent / "tokenizer.json", model.with_suffix(".tokenizer.json")]
-        tokenizer = next((c for c in candidates if c.is_file()), None)
-        if not model.is_file() or tokenizer is None:
+        found = next((c for c in candidates if c.is_file()), None)
+        if not model.is_file() or found is None:
             raise InvalidInputError(
                 f"{spec}: need an .onnx file with tokenizer.json (or "
                 f"{model.stem}.tokenizer.json) beside it")
+        tokenizer = found
         if params.int8:
             from models.export import quantize_int8
 

@@ -263,7 +263,8 @@ def _load_old_ensemble(folder: Path, manifest: dict[str, Any], *, mmap: bool) ->
 
 
 @numba.njit(cache=True)
-def _first_bad_entry(chunk_ptr, row_len, entry_child, child_ptr):
+def _first_bad_entry(chunk_ptr: np.ndarray, row_len: np.ndarray, entry_child: np.ndarray,
+                     child_ptr: np.ndarray) -> int:
     """Index of the first entry whose child offset is outside its chunk's children, or -1;
     one pass, no temporaries."""
     e = 0

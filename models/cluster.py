@@ -97,7 +97,8 @@ def _split_clusters(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
 
 
 @numba.njit(nogil=True, cache=True)
-def _balanced_split(indptr, indices, data, rows, centroids, max_iter, seed):
+def _balanced_split(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray,
+                    centroids: np.ndarray, max_iter: int, seed: int) -> None:
     """Spherical 2-means of ``rows`` with a median cut, in place: afterwards the first
     ceil(n/2) entries of ``rows`` are the left cluster, the rest the right one (each in its
     former order). ``centroids`` is an all-zero (3, n_features) scratch, left all-zero. Costs
@@ -162,7 +163,8 @@ def _balanced_split(indptr, indices, data, rows, centroids, max_iter, seed):
 
 
 @numba.njit(nogil=True, cache=True)
-def _row_features(indptr, indices, rows, centroids):
+def _row_features(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray,
+                  centroids: np.ndarray) -> np.ndarray:
     """The distinct features of ``rows`` (unsorted), found by marking them in the all-zero
     ``centroids`` scratch (and clearing the marks again): no sort of every non-zero."""
     total = 0
@@ -183,7 +185,7 @@ def _row_features(indptr, indices, rows, centroids):
 
 
 @numba.njit(inline="always")
-def _xorshift(state):
+def _xorshift(state: np.uint64) -> np.uint64:
     state ^= state << np.uint64(13)
     state ^= state >> np.uint64(7)
     state ^= state << np.uint64(17)

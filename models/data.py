@@ -4,12 +4,13 @@ XC-repository sparse features."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import overload
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,12 +38,17 @@ class LabelLists(Sequence[list[str]]):
         n_docs, n_labels = self.matrix.shape
         return f"LabelLists({n_docs} documents, label ids < {n_labels})"
 
-    def __getitem__(self, i):  # int -> list[str]; slice -> LabelLists
+    @overload
+    def __getitem__(self, i: int) -> list[str]: ...
+    @overload
+    def __getitem__(self, i: slice) -> LabelLists: ...
+
+    def __getitem__(self, i: int | slice) -> list[str] | LabelLists:
         if isinstance(i, slice):
             return LabelLists(self.matrix[i])
         m = self.matrix
-        i = range(m.shape[0])[i]  # negative indices, IndexError
-        return [str(j) for j in m.indices[m.indptr[i]:m.indptr[i + 1]].tolist()]
+        row = range(m.shape[0])[i]  # negative indices, IndexError
+        return [str(j) for j in m.indices[m.indptr[row]:m.indptr[row + 1]].tolist()]
 
     def __iter__(self) -> Iterator[list[str]]:
         m = self.matrix
@@ -113,6 +119,20 @@ class Corpus:
     @property
     def is_text(self) -> bool:
         return self.texts is not None
+
+    @property
+    def text_list(self) -> list[str]:
+        """The texts, for code that needs them (an error for a feature-level corpus)."""
+        if self.texts is None:
+            raise InvalidInputError(f"{self.source or 'the corpus'} holds feature rows, not texts")
+        return self.texts
+
+    @property
+    def feature_matrix(self) -> sp.csr_matrix:
+        """The feature rows, for code that needs them (an error for a text corpus)."""
+        if self.features is None:
+            raise InvalidInputError(f"{self.source or 'the corpus'} holds texts, not feature rows")
+        return self.features
 
     def subset(self, rows: Sequence[int] | np.ndarray) -> Corpus:
         rows = np.asarray(rows, dtype=np.int64)
@@ -312,7 +332,7 @@ def read_xc(path: str | Path, *, skip_bad_lines: bool = False) -> Corpus:
     )
 
 
-def _line_buffers(fh: BinaryIO) -> Iterator[np.ndarray]:
+def _line_buffers(fh: io.BufferedIOBase) -> Iterator[np.ndarray]:
     """The rest of a binary file as buffers of whole lines (the last one may lack its
     newline). A buffer is reused: each is valid until the next is asked for."""
     buf = bytearray(_XC_BUFFER)

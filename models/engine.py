@@ -173,7 +173,7 @@ class DaskEngine:
         log.info("dask: features, labels and embeddings sent to %d worker(s) in %.1fs",
                  len(workers), time.perf_counter() - t0)
         run_id = uuid.uuid4().hex[:8]  # readable, unique task names on the dashboard
-        futures = [
+        futures: list[Any] = [  # dask Futures, each dropped (None) once its tree is here
             self.client.submit(_tree_task, *shared, params, t, dense_start, self._fingerprint,
                                key=f"xmc-tree-{t}-{run_id}",
                                resources={TREE_RESOURCE: 1} if one_at_a_time else None)

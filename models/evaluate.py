@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,9 +36,9 @@ def predict_corpus(predictor: Predictor, corpus: Corpus, *, top_k: int, beam_siz
     for start in range(0, corpus.n_docs, batch_size):
         stop = min(start + batch_size, corpus.n_docs)
         if corpus.is_text:
-            X = predictor.encode(corpus.texts[start:stop])
+            X = predictor.encode(corpus.text_list[start:stop])
         else:
-            X = corpus.features[start:stop]
+            X = corpus.feature_matrix[start:stop]
         labels, scores, counts = predictor.predict_ids(X, top_k=top_k, beam_size=beam_size)
         names = predictor.label_names
         out.extend([names[j] for j in row[:c]] for row, c in zip(labels.tolist(), counts))
@@ -51,7 +52,7 @@ def single_latencies(predictor: Predictor, corpus: Corpus, *, top_k: int, beam_s
     n = min(n_docs, corpus.n_docs)
     times = np.empty(n)
     if corpus.is_text:
-        docs = corpus.texts
+        docs = corpus.text_list
         for i in range(min(n_warm, n)):
             predictor.predict([docs[i]], top_k=top_k, beam_size=beam_size)
         for i in range(n):
@@ -59,7 +60,7 @@ def single_latencies(predictor: Predictor, corpus: Corpus, *, top_k: int, beam_s
             predictor.predict([docs[i]], top_k=top_k, beam_size=beam_size)
             times[i] = time.perf_counter() - t0
     else:
-        X = corpus.features
+        X = corpus.feature_matrix
         for i in range(min(n_warm, n)):
             predictor.predict_ids(X[i], top_k=top_k, beam_size=beam_size)
         for i in range(n):
@@ -98,7 +99,7 @@ def evaluate_predictor(predictor: Predictor, corpus: Corpus, *, top_k: int = 5,
 
 
 def score_metrics(predictor: Predictor, preds: list[list[str]], raw: list[list[float]],
-                  truths: list[list[str]], *, top_k: int) -> dict[str, float]:
+                  truths: Sequence[list[str]], *, top_k: int) -> dict[str, float]:
     """ECE of the top-5 pairs (raw, and calibrated on a calibrated bundle) and micro-F1 /
     precision / recall of the top ``top_k`` pairs at the tuned threshold, if any; documents
     without true labels are left out, as in :func:`models.metrics.evaluate`."""

@@ -86,7 +86,7 @@ def explain_labels(ens: Ensemble, indices: np.ndarray, values: np.ndarray,
     for label in labels:
         contrib = np.zeros(feats.shape[0])
         bias = 0.0
-        dense = 0.0 if x_dense is not None else None
+        dense = 0.0
         for t in range(ens.n_trees):
             node = int(ens.label_node[t, label])
             while int(ens.parent[node]) >= 0:
@@ -109,7 +109,7 @@ def explain_labels(ens: Ensemble, indices: np.ndarray, values: np.ndarray,
         order = np.argsort(-contrib, kind="stable")
         n = ens.n_trees
         out.append(Explanation(feats[order], contrib[order] / n, bias / n,
-                               None if dense is None else dense / n))
+                               None if x_dense is None else dense / n))
     return out
 
 

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 
 from models.errors import BundleError, NoTextEncoderError
 
+if TYPE_CHECKING:
+    from models.dense import OnnxTextEncoder
+    from models.tfidf import TfidfEncoder
+
 
 class FeatureEncoder:
     """The text encoders of a bundle (``tfidf`` and optionally ``dense`` with its weight)."""
 
-    def __init__(self, tfidf, dense=None, dense_weight: float = 1.0) -> None:
+    def __init__(self, tfidf: TfidfEncoder | None, dense: OnnxTextEncoder | None = None,
+                 dense_weight: float = 1.0) -> None:
         self.tfidf = tfidf
         self.dense = dense
         self.dense_weight = float(dense_weight)
@@ -31,6 +37,7 @@ class FeatureEncoder:
     def transform(self, texts: Sequence[str]) -> sp.csr_matrix:
         """Feature rows (float32 CSR, sorted indices, l2-normalized) for many texts."""
         if self.dense is None:
+            assert self.tfidf is not None  # a bundle has at least one encoder
             return self.tfidf.transform(texts)
         tfidf = self.tfidf.transform(texts) if self.tfidf is not None else None
         return fuse(tfidf, self.dense.encode(texts), self.dense_weight)
@@ -38,6 +45,7 @@ class FeatureEncoder:
     def transform_one(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """(sorted indices int32, values float32) of one text: the fastest path."""
         if self.dense is None:
+            assert self.tfidf is not None
             return self.tfidf.transform_one(text)
         emb = self.dense.encode([text])[0].astype(np.float32) * self.dense_weight
         if self.tfidf is None:

@@ -141,7 +141,7 @@ class FilterCompiler:
         self._ensemble = ensemble
         self._sorted: list[str] | None = None  # built on first use: most models never filter
         self._order: np.ndarray | None = None
-        self._cache: OrderedDict[tuple[LabelFilter, ...], np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[Hashable, np.ndarray] = OrderedDict()  # raw and normalized keys
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -212,6 +212,7 @@ class FilterCompiler:
                 order = sorted(range(self.n_labels), key=self._names.__getitem__)
                 self._order = np.asarray(order, dtype=np.int64)
                 self._sorted = [self._names[i] for i in order]
+            assert self._order is not None  # set together with _sorted
             return self._sorted, self._order
 
     def _nodes_of(self, allowed_labels: np.ndarray) -> np.ndarray:

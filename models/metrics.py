@@ -53,12 +53,14 @@ def evaluate(
         raise ValueError(f"{len(predictions)} predictions for {len(truths)} documents")
     ks = sorted(set(ks))
     with_psp = label_counts is not None and n_train_docs is not None and n_train_docs > 1
+    counts: Mapping[str, int] = label_counts or {}
+    n_docs = n_train_docs or 0
     inv_prop_cache: dict[str, float] = {}
 
     def inv_prop(label: str) -> float:
         v = inv_prop_cache.get(label)
         if v is None:
-            v = 1.0 / propensity(label_counts.get(label, 0), n_train_docs)  # type: ignore[union-attr]
+            v = 1.0 / propensity(counts.get(label, 0), n_docs)
             inv_prop_cache[label] = v
         return v
 

@@ -181,7 +181,8 @@ class BuildParams:
 POST_PROCESSORS = {"l3-hinge": 0, "sigmoid": 1}
 
 
-def _from_dict(cls: type, data: dict[str, Any], overrides: dict[str, type] | None = None):
+def _from_dict(cls: type, data: dict[str, Any], overrides: dict[str, type] | None = None
+               ) -> Any:
     hints = get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(known)
@@ -190,7 +191,7 @@ def _from_dict(cls: type, data: dict[str, Any], overrides: dict[str, type] | Non
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         sub = (overrides or {}).get(name) or hints.get(name)
-        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub) and isinstance(value, dict):
             kwargs[name] = _from_dict(sub, value)
         else:
             kwargs[name] = value

@@ -140,13 +140,15 @@ class Predictor:
         top_k, beam_size = self._check_args(top_k, beam_size)
         cut = self.score_cut(threshold, min_score)
         mask = self._filters.node_mask(label_filter)
+        rows: tuple[np.ndarray, np.ndarray, np.ndarray]
         if len(texts) == 1:
             idx, val = encoder.transform_one(texts[0])
             rows = (np.array([0, idx.shape[0]], dtype=np.int64), idx, val)
         else:
             X = self._as_features(encoder.transform(texts))
             rows = (X.indptr, X.indices, X.data)
-        labels, scores, counts = self._searcher.search(*rows, top_k, beam_size, mask)
+        labels, scores, counts = self._searcher.search(rows[0], rows[1], rows[2], top_k,
+                                                       beam_size, mask)
         return self._named(labels, scores, counts, cut, rows if explain else None)
 
     def predict_features(self, X: sp.spmatrix | np.ndarray, *, top_k: int | None = None,
@@ -212,7 +214,8 @@ class Predictor:
 
     def warm_up(self) -> None:
         """Compile the kernels and run one prediction, so the first request is not slow."""
-        X = sp.csr_matrix((1, self.n_features), dtype=np.float32)
+        X = sp.csr_matrix((np.empty(0, np.float32), np.empty(0, np.int32), np.zeros(2, np.int64)),
+                          shape=(1, self.n_features))
         self.predict_ids(X, top_k=1, beam_size=1)
         if self.encoder is not None:
             self.predict(["warm up"], top_k=1, beam_size=1)
@@ -230,12 +233,12 @@ class Predictor:
                 raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
         return min(int(top_k), self.n_labels), int(beam_size)
 
-    def _as_features(self, X: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
-        if not sp.issparse(X):
-            X = np.asarray(X)
-            if X.ndim != 2:
+    def _as_features(self, given: Any) -> sp.csr_matrix:  # whatever a caller passed
+        if not sp.issparse(given):
+            given = np.asarray(given)
+            if given.ndim != 2:
                 raise InvalidInputError("feature input must be a 2-d matrix")
-        X = sp.csr_matrix(X)
+        X = sp.csr_matrix(given)
         if X.shape[1] != self.n_features:
             raise InvalidInputError(
                 f"feature rows have {X.shape[1]} columns, the bundle has {self.n_features}")
@@ -245,7 +248,7 @@ class Predictor:
             X = X.sorted_indices()
         return X
 
-    def _named(self, labels, scores, counts, cut: float = 0.0,
+    def _named(self, labels: np.ndarray, scores: np.ndarray, counts: np.ndarray, cut: float = 0.0,
                explain_rows: tuple | None = None) -> list[list[tuple]]:
         names = self.label_names
         scores = self.calibrated(scores)

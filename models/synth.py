@@ -446,7 +446,7 @@ def generate(params: SynthParams) -> tuple[list[dict], list[dict]]:
     st = _Structure(params)
     out = []
     for split in ("train", "test"):
-        docs = []
+        docs: list[dict] = []
         for lines, *_ in _iter_blocks(st, params, split):
             docs.extend(json.loads(line) for line in lines)
         out.append(docs)

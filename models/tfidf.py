@@ -27,6 +27,7 @@ from functools import partial
 from itertools import chain, islice, pairwise, repeat
 from math import hypot, log
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -133,7 +134,7 @@ class TfidfEncoder:
             )
         self._idf = idf
         # Indexing a memoryview yields Python floats without creating numpy scalars.
-        self._idf_py = memoryview(idf)
+        self._idf_py = idf.data
         if pattern == DEFAULT_TOKEN_PATTERN:
             pattern = _FAST_DEFAULT_PATTERN
         self._findall = re.compile(pattern).findall
@@ -184,24 +185,25 @@ class TfidfEncoder:
         if ngram_keys is not None:
             counts.update(map(get, ngram_keys(toks)))
         counts.pop(None, None)
-        n = len(counts)
+        known = cast("Counter[int]", counts)  # unknown terms counted under None, dropped
+        n = len(known)
         if n == 0:
             return np.empty(0, np.int32), np.empty(0, np.float32)
         sublinear = self.params.sublinear_tf
         if n <= _SMALL_DOC_TERMS:
             idf = self._idf_py
-            ids = sorted(counts)
+            term_ids = sorted(known)
             if sublinear:
-                vals = [idf[i] * (1.0 + log(counts[i])) for i in ids]
+                vals = [idf[i] * (1.0 + log(known[i])) for i in term_ids]
             else:
-                vals = [idf[i] * counts[i] for i in ids]
+                vals = [idf[i] * known[i] for i in term_ids]
             scale = 1.0 / hypot(*vals)
             return (
-                np.array(ids, dtype=np.int32),
+                np.array(term_ids, dtype=np.int32),
                 np.array([v * scale for v in vals], dtype=np.float32),
             )
-        ids = np.fromiter(counts.keys(), np.int32, n)
-        tf = np.fromiter(counts.values(), np.float64, n)
+        ids = np.fromiter(known.keys(), np.int32, n)
+        tf = np.fromiter(known.values(), np.float64, n)
         order = ids.argsort()
         ids = ids[order]
         tf = tf[order]
@@ -253,7 +255,7 @@ class TfidfEncoder:
         n_rows = len(texts)
         n_features = self.n_features
         cols = np.array(flat, dtype=np.int64)
-        occurrences = np.diff(np.array([0, *ends], dtype=np.int64))
+        occurrences: np.ndarray = np.diff(np.array([0, *ends], dtype=np.int64))
         rows = np.repeat(np.arange(n_rows, dtype=np.int64), occurrences)
         known = cols >= 0
         # One sort of row-major keys both counts repeated terms and orders the CSR entries.

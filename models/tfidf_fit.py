@@ -438,7 +438,8 @@ def _dense_ids(first: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True)
-def _count_terms(ids: np.ndarray, lengths: np.ndarray, base: int, offsets: np.ndarray):
+def _count_terms(ids: np.ndarray, lengths: np.ndarray, base: int, offsets: np.ndarray
+                 ) -> tuple[np.ndarray, ...]:
     """Every 1..n-gram of every document of a block, counted in one pass (n = len(offsets)).
 
     Returns (distinct term keys in first-seen order, their df, their tf, distinct terms per
@@ -652,7 +653,10 @@ def _pool(
     # fork: workers start in milliseconds and need nothing re-imported; tasks carry their
     # data, or inherit it through the initializer's arguments (not pickled under fork).
     context = multiprocessing.get_context("fork")
-    init = {} if rows_input is None else {"initializer": _set_rows_input,
-                                          "initargs": (rows_input,)}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, **init) as executor:
+    if rows_input is None:
+        executor = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    else:
+        executor = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                       initializer=_set_rows_input, initargs=(rows_input,))
+    with executor:
         yield executor.map

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 
@@ -29,13 +30,19 @@ from models.params import POST_PROCESSORS, RankerParams
 from models.search import Searcher
 from models.tree import Ensemble
 
+# what a parent's jobs share: its documents' rows (indptr, local feature ids, values), the
+# features they use, the children's positives (csc) and where the dense block starts
+Prepared = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, sp.csc_matrix, int, np.ndarray]
+
 log = logging.getLogger(__name__)
 
 
 @numba.njit(nogil=True, cache=True)
-def _train_chunk(indptr, indices, data, n_local, pos_indptr, pos_child, n_children,
-                 C, eps, max_iter, bias, threshold, seed, child_offset, keep_from, dense_col,
-                 dim):
+def _train_chunk(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_local: int,
+                 pos_indptr: np.ndarray, pos_child: np.ndarray, n_children: int, C: float,
+                 eps: float, max_iter: int, bias: float, threshold: float, seed: int,
+                 child_offset: int, keep_from: int, dense_col: np.ndarray,
+                 dim: int) -> tuple[np.ndarray, ...]:
     """Local features from ``keep_from`` on are the dense block: their weights go unpruned
     into dense_w[child, dense_col[f - keep_from]] instead of the sparse entries."""
     n = indptr.shape[0] - 1
@@ -79,10 +86,10 @@ def _train_chunk(indptr, indices, data, n_local, pos_indptr, pos_child, n_childr
                 state ^= state << np.uint64(13)
                 state ^= state >> np.uint64(7)
                 state ^= state << np.uint64(17)
-                r = np.int64(state % np.uint64(j + 1))
+                pick = np.int64(state % np.uint64(j + 1))
                 tmp = index[j]
-                index[j] = index[r]
-                index[r] = tmp
+                index[j] = index[pick]
+                index[pick] = tmp
             s = 0
             while s < active:
                 i = index[s]
@@ -206,7 +213,7 @@ def _plan_jobs(parent_docs: sp.csc_matrix, counts: np.ndarray,
     n_docs = np.diff(parent_docs.indptr)
     work = n_docs * counts
     share = max(1, int(work.sum() // (4 * threads)))
-    jobs = []
+    jobs: list[tuple[int, int, int]] = []
     for p in np.argsort(-work, kind="stable"):
         n_groups = int(min(counts[p], max(1, -(-int(work[p]) // share))))
         bounds = np.linspace(0, counts[p], n_groups + 1).astype(int)
@@ -284,9 +291,10 @@ def train_tree(
         node_docs.data[:] = 1.0
         child_start = np.concatenate(([0], np.cumsum(counts)))
         jobs = _plan_jobs(parent_docs, counts, threads)
-        prepared: dict[int, tuple] = {}
+        prepared: dict[int, Prepared] = {}
 
-        def prepare(p: int, pd=parent_docs, node_docs=node_docs, child_start=child_start):
+        def prepare(p: int, pd: sp.csc_matrix = parent_docs, node_docs: sp.csr_matrix = node_docs,
+                    child_start: np.ndarray = child_start) -> Prepared:
             docs = pd.indices[pd.indptr[p] : pd.indptr[p + 1]]
             # a parent holding every document (the root) trains on X itself, not a copy
             Xp = X if len(docs) == n_docs else X[docs]
@@ -301,8 +309,9 @@ def train_tree(
         for p in {p for p, lo, hi in jobs if hi - lo < counts[p]}:
             prepared[p] = prepare(p)
 
-        def run(job: tuple[int, int, int], prepared=prepared, prepare=prepare,
-                child_start=child_start, first=first):
+        def run(job: tuple[int, int, int], prepared: dict[int, Prepared] = prepared,
+                prepare: Callable[[int], Prepared] = prepare, child_start: np.ndarray = child_start,
+                first: int = first) -> tuple:
             p, lo, hi = job
             indptr, local, data, used, pos, keep_from, dense_col = (
                 prepared.get(p) or prepare(p))
@@ -338,7 +347,7 @@ def train_tree(
             n_here, time.perf_counter() - t0,
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         )
-        parent_docs = node_docs
+        next_docs = node_docs
         if params.negatives == "tfn+man" and depth < len(layers) - 1:
             t0 = time.perf_counter()
             partial = _assemble(int(offsets[depth + 1]), depth + 1, child_ptr, parent, bias,
@@ -346,13 +355,13 @@ def train_tree(
                                 chunk_val, chunk_dense, dense_start)
             reached = _matcher_nodes(X, partial, params.negative_beam_size,
                                      POST_PROCESSORS[post_processor], threads)
-            parent_docs = node_docs + reached
-            parent_docs.data[:] = 1.0
+            next_docs = node_docs + reached
+            next_docs.data[:] = 1.0
             log.info("%s layer %d/%d: hard negatives from a beam of %d: %.1f -> %.1f "
                      "parents per document, %.2fs", desc, depth + 1, len(layers),
                      params.negative_beam_size, node_docs.nnz / max(n_docs, 1),
-                     parent_docs.nnz / max(n_docs, 1), time.perf_counter() - t0)
-        parent_docs = parent_docs.tocsc()
+                     next_docs.nnz / max(n_docs, 1), time.perf_counter() - t0)
+        parent_docs = next_docs.tocsc()
         parent_docs.sort_indices()
 
     return _assemble(n_nodes, len(layers), child_ptr, parent, bias, layers[-1][0], chunk_rows,

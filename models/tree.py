@@ -76,7 +76,7 @@ def narrowest(name: str, arrays: list[np.ndarray]) -> np.dtype:
     lo = min((int(a.min()) for a in arrays if a.size), default=0)
     hi = max((int(a.max()) for a in arrays if a.size), default=0)
     for d in allowed:
-        info = np.iinfo(d)
+        info = np.iinfo(d.str)
         if info.min <= lo and hi <= info.max:
             return d
     raise ValueError(f"{name}: values {lo}..{hi} fit none of {allowed}")
@@ -303,7 +303,8 @@ def _layer_bounds(a: dict[str, np.ndarray]) -> np.ndarray:
 
 
 @numba.njit(cache=True)
-def _scales(chunk_ptr, row_len, entry_child, entry_val, child_ptr, qmax, scale):
+def _scales(chunk_ptr: np.ndarray, row_len: np.ndarray, entry_child: np.ndarray,
+            entry_val: np.ndarray, child_ptr: np.ndarray, qmax: float, scale: np.ndarray) -> None:
     """scale[node] = max |weight| of the node / qmax (1 where a node has no weight)."""
     e = 0
     for p in range(chunk_ptr.shape[0] - 1):
@@ -318,7 +319,9 @@ def _scales(chunk_ptr, row_len, entry_child, entry_val, child_ptr, qmax, scale):
 
 
 @numba.njit(cache=True)
-def _quantize(chunk_ptr, row_len, entry_child, entry_val, child_ptr, scale, out):
+def _quantize(chunk_ptr: np.ndarray, row_len: np.ndarray, entry_child: np.ndarray,
+              entry_val: np.ndarray, child_ptr: np.ndarray, scale: np.ndarray,
+              out: np.ndarray) -> None:
     e = 0
     for p in range(chunk_ptr.shape[0] - 1):
         c0 = child_ptr[p]
@@ -337,7 +340,7 @@ def quantize(ens: Ensemble, weight_dtype: str) -> Ensemble:
         raise ValueError("only float32 weights can be quantized")
     if dtype == np.float32:
         return ens
-    qmax = float(np.iinfo(dtype).max)
+    qmax = float(np.iinfo(dtype.str).max)
     scale = np.zeros(ens.n_nodes, dtype=np.float32)
     args = (np.asarray(ens.chunk_ptr), np.asarray(ens.row_len), np.asarray(ens.entry_child),
             np.asarray(ens.entry_val), np.asarray(ens.child_ptr))

@@ -67,7 +67,7 @@ class Vocabulary:
             return name
         return self.by_label.get(name, name)
 
-    def canonicalize(self, labels: list[list[str]]) -> tuple[list[list[str]], int]:
+    def canonicalize(self, labels: Sequence[list[str]]) -> tuple[list[list[str]], int]:
         """Every document's labels as canonical names (order kept, repeats dropped) and the
         number of distinct names the vocabulary does not know."""
         unknown: set[str] = set()
@@ -174,9 +174,9 @@ def _read_skos(path: Path, fmt: str, language: str | None
     subjects = {}
     for uri in concepts:
         by_lang = labels.get(uri, {})
-        label = by_lang.get(language) or by_lang.get(None) or uri
+        name = by_lang.get(language) or by_lang.get(None) or uri
         notation = graph.value(rdflib.URIRef(uri), SKOS.notation)
-        subjects[uri] = LabelInfo(uri, label, str(notation) if notation is not None else None)
+        subjects[uri] = LabelInfo(uri, name, str(notation) if notation is not None else None)
     return subjects, language
 
 

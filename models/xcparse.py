@@ -171,7 +171,9 @@ def _finish_row(indices: np.ndarray, data: np.ndarray, vals: np.ndarray, lo: int
 
 
 @numba.njit(nogil=True)
-def _parse_line(buf, s, e, n_features, n_labels, indices, vals, lab_ids, nnz, nlab, err):
+def _parse_line(buf: np.ndarray, s: int, e: int, n_features: int, n_labels: int,
+                indices: np.ndarray, vals: np.ndarray, lab_ids: np.ndarray, nnz: int, nlab: int,
+                err: np.ndarray) -> tuple[int, int, int]:
     """One non-blank line buf[s:e] (trailing blanks cut) appended at nnz / nlab, its values
     into vals[0:]; returns (new nnz, new nlab, error code); on an error ``err`` holds the
     offending token's span."""
