@@ -34,7 +34,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from models.errors import BundleError
+from models.errors import BundleError, InvalidInputError
 from models.tree import (
     ENSEMBLE_ARRAYS,
     Ensemble,
@@ -85,7 +85,7 @@ class ForestWriter:
     def finish(self) -> Ensemble:
         """Writes the joined arrays, drops the scratch files; returns the forest, mapped."""
         if not self.sizes:
-            raise ValueError("no tree was added")
+            raise InvalidInputError("no tree was added")
         shapes = join_sizes(self.sizes)
         files = {}
         for name, shape in shapes.items():

@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from models.errors import BundleError
+from models.errors import BundleError, InvalidInputError
 
 INT8_METADATA_KEY = "xmc_int8"
 _REQUIRED_INPUTS = ("input_ids", "attention_mask")
@@ -72,13 +72,13 @@ class OnnxTextEncoder:
         allow_spinning: bool = False,
     ) -> None:
         if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
+            raise InvalidInputError(f"max_length must be at least 2, got {max_length}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
         if max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
+            raise InvalidInputError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
         if intra_op_threads < 1:
-            raise ValueError(f"intra_op_threads must be at least 1, got {intra_op_threads}")
+            raise InvalidInputError(f"intra_op_threads must be at least 1, got {intra_op_threads}")
         self.model_path = Path(model_path)
         self.tokenizer_path = Path(tokenizer_path)
         self.max_length = int(max_length)
@@ -145,7 +145,7 @@ class OnnxTextEncoder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings of ``texts``: float32 ``(len(texts), dim)``, rows L2-normalized."""
         if isinstance(texts, str):
-            raise TypeError("encode() takes a sequence of texts, not a single string")
+            raise InvalidInputError("encode() takes a sequence of texts, not a single string")
         n = len(texts)
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from models.dense import INT8_METADATA_KEY, OnnxTextEncoder, sha256_file
-from models.errors import XMCError
+from models.errors import InvalidInputError, XMCError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def export_minilm(
     max_length = _model_max_length(src)
     sample = list(parity_sample) if parity_sample is not None else list(DEFAULT_PARITY_SAMPLE)
     if not sample:
-        raise ValueError("parity_sample must hold at least one text")
+        raise InvalidInputError("parity_sample must hold at least one text")
 
     # The shipped tokenizer.json truncates at 128 and pads to a fixed 128: rewrite it to the
     # model's own 256 with no padding (the encoder pads each sub-batch to its longest text).

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from models.errors import InvalidInputError
+
 PROPENSITY_A = 0.55
 PROPENSITY_B = 1.5
 
@@ -50,7 +52,7 @@ def evaluate(
     without them PSP is omitted.
     """
     if len(predictions) != len(truths):
-        raise ValueError(f"{len(predictions)} predictions for {len(truths)} documents")
+        raise InvalidInputError(f"{len(predictions)} predictions for {len(truths)} documents")
     ks = sorted(set(ks))
     with_psp = label_counts is not None and n_train_docs is not None and n_train_docs > 1
     counts: Mapping[str, int] = label_counts or {}

@@ -21,6 +21,7 @@ from typing import Any
 import numba
 import numpy as np
 
+from models.errors import InvalidInputError
 from models.tree import ROW_BLOCK, Ensemble
 
 L3_HINGE = 0
@@ -468,7 +469,7 @@ class Searcher:
         if node_mask is None:
             node_mask = _NO_MASK
         elif node_mask.shape != (self._n_nodes,) or node_mask.dtype != np.bool_:
-            raise ValueError(f"node_mask must be bool ({self._n_nodes},)")
+            raise InvalidInputError(f"node_mask must be bool ({self._n_nodes},)")
         n = indptr.shape[0] - 1
         indptr = np.asarray(indptr, dtype=np.int64)
         indices = np.asarray(indices, dtype=np.int32)

@@ -33,6 +33,8 @@ from dataclasses import dataclass, fields
 import numba
 import numpy as np
 
+from models.errors import InvalidInputError
+
 #: rows per ``row_mark`` entry: the scan for a row's first entry adds at most ROW_BLOCK - 1
 #: counts, and the marks cost 8 / ROW_BLOCK bytes a row
 ROW_BLOCK = 16
@@ -79,7 +81,7 @@ def narrowest(name: str, arrays: list[np.ndarray]) -> np.dtype:
         info = np.iinfo(d.str)
         if info.min <= lo and hi <= info.max:
             return d
-    raise ValueError(f"{name}: values {lo}..{hi} fit none of {allowed}")
+    raise InvalidInputError(f"{name}: values {lo}..{hi} fit none of {allowed}")
 
 
 def row_marks(row_len: np.ndarray) -> np.ndarray:
@@ -252,7 +254,7 @@ def join_trees(trees: Sequence[TreeArrays]) -> Iterator[tuple[str, np.ndarray]]:
     yield "tree_depth", np.concatenate([a["tree_depth"] for a in arrays])
     starts = {int(a["dense_start"][0]) for a in arrays}
     if len(starts) != 1:
-        raise ValueError(f"trees disagree on dense_start: {sorted(starts)}")
+        raise InvalidInputError(f"trees disagree on dense_start: {sorted(starts)}")
     yield "dense_start", arrays[0]["dense_start"]
     yield "label_node", np.vstack([new_id(t, np.asarray(a["label_node"][0]))
                                    for t, a in enumerate(arrays)])
@@ -337,7 +339,7 @@ def quantize(ens: Ensemble, weight_dtype: str) -> Ensemble:
     value (round to nearest). The dense block stays float32."""
     dtype = np.dtype(WEIGHT_DTYPES[weight_dtype])
     if ens.entry_val.dtype != np.float32:
-        raise ValueError("only float32 weights can be quantized")
+        raise InvalidInputError("only float32 weights can be quantized")
     if dtype == np.float32:
         return ens
     qmax = float(np.iinfo(dtype.str).max)

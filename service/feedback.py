@@ -23,6 +23,7 @@ from pathlib import Path
 
 import orjson
 
+from models.errors import InvalidInputError
 from models.vocab import LabelInfo
 
 #: a model name that is safe as a file name (repository folder names always are)
@@ -35,7 +36,7 @@ Subject = tuple[str | None, str | None]
 def log_path(folder: Path, model: str) -> Path:
     """``folder/model.jsonl``; a model name that is not a plain file name is refused."""
     if not _SAFE_NAME.fullmatch(model):
-        raise ValueError(f"model name {model!r} cannot name a feedback file")
+        raise InvalidInputError(f"model name {model!r} cannot name a feedback file")
     return folder / f"{model}.jsonl"
 
 

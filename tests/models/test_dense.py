@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from models.dense import OnnxTextEncoder, sha256_file
-from models.errors import BundleError, XMCError
+from models.errors import BundleError, InvalidInputError, XMCError
 from tests.models.tiny_onnx import DIM, make_tiny_encoder, reference_embedding
 
 TEXTS = [
@@ -57,7 +57,7 @@ def test_empty_list_gives_zero_rows(tiny: tuple[Path, Path]) -> None:
 
 
 def test_single_string_is_refused(tiny: tuple[Path, Path]) -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidInputError):
         OnnxTextEncoder(*tiny).encode("a string is a sequence of characters")
 
 
@@ -142,7 +142,7 @@ def test_token_type_ids_input_is_fed(tmp_path: Path) -> None:
 def test_bad_arguments_rejected(tiny: tuple[Path, Path]) -> None:
     bad = ({"max_length": 1}, {"batch_size": 0}, {"intra_op_threads": 0}, {"max_batch_tokens": 0})
     for kwargs in bad:
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidInputError):
             OnnxTextEncoder(*tiny, **kwargs)
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from models.errors import InvalidInputError
 from models.metrics import evaluate, propensity
 
 PREDS = [["a", "b", "c"], ["x", "y", "z"], ["b", "a", "q"], ["a"]]
@@ -60,5 +61,5 @@ def test_perfect_predictions_score_one_everywhere():
 
 
 def test_length_mismatch_is_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInputError):
         evaluate([["a"]], [["a"], ["b"]])

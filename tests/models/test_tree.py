@@ -11,7 +11,7 @@ import pytest
 import models
 from models import bundle as bundle_io
 from models.builder import _Stages, _train_trees, label_matrix
-from models.errors import BundleError
+from models.errors import BundleError, InvalidInputError
 from models.tree import ROW_BLOCK, Ensemble, narrowest, quantize, row_marks, row_start, row_starts
 from tests.conftest import corpus_from_docs, tiny_params
 from tests.models.reference import leaf_scores
@@ -130,7 +130,7 @@ def test_quantize_keeps_float32_and_refuses_twice(tiny_float32_bundle):
     ens = models.load_bundle(tiny_float32_bundle).ensemble
     assert quantize(ens, "float32") is ens
     int8 = quantize(Ensemble(**{k: np.asarray(v) for k, v in ens.arrays().items()}), "int8")
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInputError):
         quantize(int8, "int16")
 
 
