@@ -28,6 +28,7 @@ from models.dense import OnnxTextEncoder
 from models.export import export_minilm
 from models.metrics import evaluate
 from models.params import BuildParams
+from models.search import ranked_names
 from models.tfidf import TfidfEncoder
 
 
@@ -87,8 +88,7 @@ def main() -> None:
             secs = time.perf_counter() - t0
             ids, _, counts = predictor.predict_ids(X_test, top_k=5, beam_size=10)
             names = predictor.label_names
-            ranked = [[names[j] for j in row[:c]] for row, c in zip(ids.tolist(), counts)]
-            m = evaluate(ranked, test.labels, ks=(1, 5),
+            m = evaluate(ranked_names(ids, counts, names), test.labels, ks=(1, 5),
                          label_counts=dict(zip(names, predictor.label_counts.tolist())),
                          n_train_docs=train.n_docs)
             single, batch = search_us(predictor, X_test[: args.latency_docs])

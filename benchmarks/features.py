@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from models.data import Corpus, read_corpus
+from models.data import Corpus, label_matrix, read_corpus
 
 # Bumped whenever the feature recipe changes, so cached feature folders are rebuilt.
 FEATURE_VERSION = 1
@@ -75,21 +75,6 @@ def dataset_files(data_dir: Path) -> tuple[str, Path, Path]:
     )
 
 
-def label_matrix(labels: list[list[str]], index: dict[str, int]) -> sp.csr_matrix:
-    """Binary doc x label CSR over ``index``; labels outside it (unseen in train) are dropped
-    because no model can predict them; they stay in ``test_truth.json`` as misses."""
-    indptr = [0]
-    cols: list[int] = []
-    for doc in labels:
-        cols.extend(sorted({index[lab] for lab in doc if lab in index}))
-        indptr.append(len(cols))
-    data = np.ones(len(cols), dtype=np.float32)
-    return sp.csr_matrix(
-        (data, np.asarray(cols, dtype=np.int32), np.asarray(indptr, dtype=np.int64)),
-        shape=(len(labels), len(index)),
-    )
-
-
 def _source_stamp(paths: list[Path]) -> list[list[object]]:
     return [[str(p), p.stat().st_size, int(p.stat().st_mtime)] for p in paths]
 
@@ -129,13 +114,14 @@ def prepare(data_dir: str | Path, work_root: str | Path, *, label_field: str = "
     counts = Counter(lab for doc in train.labels for lab in doc)
     # Deterministic column order: by name, so every run maps the same ids to the same labels.
     label_names = sorted(counts)
-    index = {lab: i for i, lab in enumerate(label_names)}
     for fname, X in (("X_train.npz", X_train), ("X_test.npz", X_test)):
         X = sp.csr_matrix(X, dtype=np.float32)
         X.sort_indices()
         sp.save_npz(feature_dir / fname, X)
-    sp.save_npz(feature_dir / "Y_train.npz", label_matrix(train.labels, index))
-    sp.save_npz(feature_dir / "Y_test.npz", label_matrix(test.labels, index))
+    # test labels unseen in train are dropped (no model can predict them); they stay in
+    # test_truth.json as misses
+    sp.save_npz(feature_dir / "Y_train.npz", label_matrix(train.labels, label_names))
+    sp.save_npz(feature_dir / "Y_test.npz", label_matrix(test.labels, label_names))
     (feature_dir / "labels.json").write_text(json.dumps(label_names))
     (feature_dir / "test_truth.json").write_text(json.dumps(list(test.labels)))
     meta = {

@@ -25,8 +25,9 @@ import scipy.sparse as sp
 import models
 from benchmarks.tune import merge
 from models.builder import build
+from models.bundle import sha256_file
 from models.data import Corpus, read_corpus, validation_rows
-from models.dense import OnnxTextEncoder, sha256_file
+from models.dense import OnnxTextEncoder
 from models.export import export_minilm
 from models.features import fuse
 from models.metrics import evaluate

@@ -28,7 +28,7 @@ from models.builder import build
 from models.data import Corpus, read_corpus
 from models.metrics import evaluate
 from models.params import POST_PROCESSORS, BuildParams
-from models.search import Searcher
+from models.search import Searcher, ranked_names
 from models.tree import WEIGHT_DTYPES, Ensemble, quantize, row_start
 
 ROW_ARRAYS = ("chunk_feat", "row_len", "row_mark")
@@ -55,11 +55,9 @@ def layer_bytes(ens: Ensemble) -> list[float]:
 
 def search_metrics(ens: Ensemble, X: sp.csr_matrix, truth: list[list[str]],
                    names: list[str], post: int) -> dict[str, float]:
-    searcher = Searcher(ens, X.shape[1], post, threads=1, dense_map_mb=128)
-    try:
+    with Searcher(ens, X.shape[1], post, threads=1, dense_map_mb=128) as searcher:
         ids, _, counts = searcher.search(X.indptr, X.indices, X.data, 5, 10)
-        ranked = [[names[j] for j in row[:c]] for row, c in zip(ids.tolist(), counts)]
-        m = evaluate(ranked, truth, ks=(1, 5))
+        m = evaluate(ranked_names(ids, counts, names), truth, ks=(1, 5))
         rows = [X[i] for i in np.linspace(0, X.shape[0] - 1, min(1000, X.shape[0])).astype(int)]
         for x in rows[:50]:
             searcher.search(x.indptr, x.indices, x.data, 5, 10)
@@ -68,8 +66,6 @@ def search_metrics(ens: Ensemble, X: sp.csr_matrix, truth: list[list[str]],
             t0 = time.perf_counter()
             searcher.search(x.indptr, x.indices, x.data, 5, 10)
             times.append(time.perf_counter() - t0)
-    finally:
-        searcher.close()
     return {"P@1": 100 * m["P@1"], "P@5": 100 * m["P@5"],
             "p50_us": 1e6 * float(np.percentile(times, 50)),
             "p99_us": 1e6 * float(np.percentile(times, 99))}

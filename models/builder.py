@@ -15,7 +15,7 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,13 +28,13 @@ import scipy.sparse as sp
 from models import bundle as bundle_io
 from models.calibration import Calibration
 from models.cluster import pifa_embeddings
-from models.data import Corpus, LabelLists, distinct_labels, validation_rows
+from models.data import Corpus, distinct_labels, label_matrix, validation_rows
 from models.engine import LocalEngine, TreeEngine
 from models.errors import BundleError, InvalidInputError
 from models.features import FeatureEncoder, fuse
 from models.metrics import best_threshold, evaluate, micro_prf
 from models.params import POST_PROCESSORS, BuildParams
-from models.search import Searcher
+from models.search import ranked_names, search_matrix
 from models.tree import Ensemble, quantize
 from models.vocab import Vocabulary, write_label_meta
 
@@ -42,24 +42,6 @@ if TYPE_CHECKING:
     from models.dense import OnnxTextEncoder
 
 log = logging.getLogger(__name__)
-
-
-def label_matrix(labels: Sequence[list[str]], label_names: list[str]) -> sp.csr_matrix:
-    """Binary (n_docs, n_labels) matrix; labels missing from ``label_names`` are dropped."""
-    if isinstance(labels, LabelLists):
-        return labels.matrix_for(label_names)
-    index = {name: i for i, name in enumerate(label_names)}
-    rows, cols = [], []
-    for r, doc_labels in enumerate(labels):
-        for lab in doc_labels:
-            j = index.get(lab)
-            if j is not None:
-                rows.append(r)
-                cols.append(j)
-    return sp.csr_matrix(
-        (np.ones(len(rows), dtype=np.float32), (rows, cols)),
-        shape=(len(labels), len(label_names)),
-    )
 
 
 class _Stages:
@@ -284,15 +266,9 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
                                               threads, _Stages(verbose=False),
                                               X_fit.shape[1] if alpha > 0 else None)),
                             params.weight_dtype)
-        searcher = Searcher(ensemble, Xf.shape[1], POST_PROCESSORS[params.post_processor],
-                            threads=threads, dense_map_mb=128)
-        try:
-            ids, _, counts = searcher.search(Xv.indptr, Xv.indices, Xv.data, 5,
-                                             params.beam_size)
-        finally:
-            searcher.close()
-        ranked = [[names[j] for j in row[:c]] for row, c in zip(ids.tolist(), counts)]
-        m = evaluate(ranked, valid.labels, ks=(1, 5))
+        ids, _, counts = search_matrix(ensemble, Xv, POST_PROCESSORS[params.post_processor], 5,
+                                       params.beam_size, threads)
+        m = evaluate(ranked_names(ids, counts, names), valid.labels, ks=(1, 5))
         candidates.append({"dense_weight": float(alpha), "P@1": round(m["P@1"], 6),
                            "P@5": round(m["P@5"], 6)})
         log.info("dense_weight %g: validation P@1 %.4f, P@5 %.4f", alpha, m["P@1"], m["P@5"])
@@ -348,13 +324,8 @@ def held_out_controls(train: Corpus, dense: tuple[np.ndarray, float] | None,
     trees = _train_trees(X_fit, label_matrix(fit.labels, names), params.resolved(
         fused=dense is not None), threads, _Stages(verbose=False), dense_start, engine)
     ensemble = Ensemble.concatenate([quantize(t, params.weight_dtype) for t in trees])
-    searcher = Searcher(ensemble, X_fit.shape[1], POST_PROCESSORS[params.post_processor],
-                        threads=threads, dense_map_mb=128)
-    try:
-        ids, scores, counts = searcher.search(X_valid.indptr, X_valid.indices, X_valid.data,
-                                              params.top_k, params.beam_size)
-    finally:
-        searcher.close()
+    ids, scores, counts = search_matrix(ensemble, X_valid, POST_PROCESSORS[params.post_processor],
+                                        params.top_k, params.beam_size, threads)
     score_list: list[float] = []
     correct_list: list[bool] = []
     for row, srow, c, truth in zip(ids.tolist(), scores.tolist(), counts, valid.labels):

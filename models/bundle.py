@@ -143,11 +143,22 @@ def content_hash(folder: Path, params: dict[str, Any], encoder_files: list[str])
     names += [name for name in OPTIONAL_FILES if (folder / name).is_file()]
     for name in names:
         h.update(name.encode())
-        with (folder / name).open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        _feed_file(h, folder / name)
     h.update(json.dumps(params, sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of one file (an encoder's model is ~90 MB: read in blocks, never whole)."""
+    h = hashlib.sha256()
+    _feed_file(h, Path(path))
+    return h.hexdigest()
+
+
+def _feed_file(h: hashlib._Hash, path: Path) -> None:
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -164,8 +164,10 @@ def read_corpus(
     """Read a ``.jsonl`` text corpus, an Annif ``.tsv`` (or ``.tsv.gz``) corpus or an
     XC-format ``.txt`` feature file (by extension)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError("is a directory, not a data file", path)
     if not path.is_file():
-        raise DataError("no such file", path, 0)
+        raise DataError("no such file", path)
     if path.suffix == ".jsonl" or path.suffix == ".json":
         return read_jsonl(path, label_field=label_field, skip_bad_lines=skip_bad_lines)
     if path.name.endswith((".tsv", ".tsv.gz")):
@@ -175,12 +177,15 @@ def read_corpus(
 
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     opener = gzip.open if path.suffix == ".gz" else open
+    line_no = 0
     with opener(path, "rt", encoding="utf-8", errors="strict") as fh:
         try:
             for line_no, line in enumerate(fh, start=1):
                 yield line_no, line
         except UnicodeDecodeError as exc:
-            raise DataError(f"not UTF-8 text ({exc.reason})", path, line_no + 1) from exc
+            # decoding runs a block ahead of the lines: the bad byte is at or after this line
+            raise DataError(f"not UTF-8 text ({exc.reason}) at or after this line", path,
+                            line_no + 1) from exc
 
 
 def read_jsonl(
@@ -353,6 +358,26 @@ def _line_buffers(fh: io.BufferedIOBase) -> Iterator[np.ndarray]:
         yield np.frombuffer(buf, dtype=np.uint8, count=cut)
         buf[: end - cut] = buf[cut:end]
         carry = end - cut
+
+
+def label_matrix(labels: Sequence[list[str]], label_names: list[str]) -> sp.csr_matrix:
+    """Binary (n_docs, n_labels) matrix; labels missing from ``label_names`` are dropped."""
+    if isinstance(labels, LabelLists):
+        return labels.matrix_for(label_names)
+    index = {name: i for i, name in enumerate(label_names)}
+    rows, cols = [], []
+    for r, doc_labels in enumerate(labels):
+        for lab in doc_labels:
+            j = index.get(lab)
+            if j is not None:
+                rows.append(r)
+                cols.append(j)
+    Y = sp.csr_matrix(
+        (np.ones(len(rows), dtype=np.float32), (rows, cols)),
+        shape=(len(labels), len(label_names)),
+    )
+    Y.data[:] = 1.0  # a label given twice is still one label
+    return Y
 
 
 def normalize_rows(X: sp.csr_matrix) -> sp.csr_matrix:

@@ -21,7 +21,6 @@ be plugged in by path (``models/export.py`` writes MiniLM in exactly this shape)
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,20 +29,12 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from models.bundle import sha256_file
 from models.errors import BundleError, InvalidInputError
 
 INT8_METADATA_KEY = "xmc_int8"
 _REQUIRED_INPUTS = ("input_ids", "attention_mask")
 _OPTIONAL_INPUTS = ("token_type_ids",)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (the model is ~90 MB: never slurp it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class OnnxTextEncoder:

@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from models.data import Corpus
+from models.errors import InvalidInputError
 from models.metrics import evaluate, expected_calibration_error, micro_prf
 from models.predictor import Predictor
+from models.search import ranked_names
 from models.vocab import Vocabulary
 
 BATCH_SIZE = 256
@@ -40,8 +42,7 @@ def predict_corpus(predictor: Predictor, corpus: Corpus, *, top_k: int, beam_siz
         else:
             X = corpus.feature_matrix[start:stop]
         labels, scores, counts = predictor.predict_ids(X, top_k=top_k, beam_size=beam_size)
-        names = predictor.label_names
-        out.extend([names[j] for j in row[:c]] for row, c in zip(labels.tolist(), counts))
+        out.extend(ranked_names(labels, counts, predictor.label_names))
         raw.extend(row[:c] for row, c in zip(scores.tolist(), counts))
     return out, raw, time.perf_counter() - t0
 
@@ -71,9 +72,19 @@ def single_latencies(predictor: Predictor, corpus: Corpus, *, top_k: int, beam_s
     return times
 
 
-def evaluate_predictor(predictor: Predictor, corpus: Corpus, *, top_k: int = 5,
-                       beam_size: int = 10, measure_speed: bool = True) -> dict[str, Any]:
-    """Metrics of :mod:`models.metrics` (fractions in 0..1) plus, optionally, speed."""
+def evaluate_predictor(predictor: Predictor, corpus: Corpus, *, top_k: int | None = None,
+                       beam_size: int | None = None, measure_speed: bool = True,
+                       ) -> dict[str, Any]:
+    """Metrics of :mod:`models.metrics` (fractions in 0..1) plus, optionally, speed.
+    ``top_k`` and ``beam_size`` default to the bundle's. A test set with no document, or
+    none with a label, is refused: its metrics would be zeros that mean nothing."""
+    source = corpus.source or "the test set"
+    if corpus.n_docs == 0:
+        raise InvalidInputError(f"{source}: no document to evaluate on")
+    if not any(len(doc) for doc in corpus.labels):
+        raise InvalidInputError(f"{source}: no document has a label to score against")
+    top_k = predictor.default_top_k if top_k is None else top_k
+    beam_size = predictor.default_beam_size if beam_size is None else beam_size
     predictor.warm_up()
     preds, raw, secs = predict_corpus(predictor, corpus, top_k=max(top_k, 5),
                                       beam_size=beam_size)

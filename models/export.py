@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from models.dense import INT8_METADATA_KEY, OnnxTextEncoder, sha256_file
+from models.bundle import sha256_file
+from models.dense import INT8_METADATA_KEY, OnnxTextEncoder
 from models.errors import InvalidInputError, XMCError
 
 log = logging.getLogger(__name__)

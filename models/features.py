@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
+from models.data import normalize_rows
 from models.errors import BundleError, NoTextEncoderError
 
 if TYPE_CHECKING:
@@ -95,10 +96,7 @@ def fuse(tfidf: sp.csr_matrix | None, dense: np.ndarray, dense_weight: float) ->
     """``[tfidf ; dense_weight * dense]`` rows l2-normalized (float32 CSR, sorted indices)."""
     dense_block = sp.csr_matrix(np.asarray(dense, dtype=np.float32) * np.float32(dense_weight))
     X = dense_block if tfidf is None else sp.hstack([tfidf, dense_block], format="csr")
-    X = sp.csr_matrix(X, dtype=np.float32)
-    norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
-    norms[norms == 0] = 1.0
-    X.data /= np.repeat(norms, np.diff(X.indptr)).astype(np.float32)
+    X = normalize_rows(X)
     X.sort_indices()
     return X
 

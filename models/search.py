@@ -14,12 +14,14 @@ Ties are broken by the smaller node (label) id, so results are reproducible.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from typing import Any
 
 import numba
 import numpy as np
+import scipy.sparse as sp
 
 from models.errors import InvalidInputError
 from models.tree import ROW_BLOCK, Ensemble
@@ -497,6 +499,12 @@ class Searcher:
             self._pool.shutdown(wait=True)
             self._pool = None
 
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def _xdense(self) -> np.ndarray:
         buf = getattr(self._scratch, "xdense", None)
         if buf is None:
@@ -524,3 +532,17 @@ class Searcher:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="xmc-search")
             return self._pool
+
+
+def search_matrix(ensemble: Ensemble, X: sp.csr_matrix, post: int, top_k: int, beam_size: int,
+                  threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One search over CSR rows (sorted indices) with a searcher made for it: what the
+    builder's validation steps and the negative miner need. Its dense maps are capped at
+    128 MB, as a short-lived searcher does not pay back more."""
+    with Searcher(ensemble, X.shape[1], post, threads=threads, dense_map_mb=128) as searcher:
+        return searcher.search(X.indptr, X.indices, X.data, top_k, beam_size)
+
+
+def ranked_names(ids: np.ndarray, counts: np.ndarray, names: Sequence[str]) -> list[list[str]]:
+    """Label names of a search's ids, best first, each row cut at its count."""
+    return [[names[j] for j in row[:c]] for row, c in zip(ids.tolist(), counts.tolist())]

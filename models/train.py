@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from models.cluster import LabelTree
 from models.params import POST_PROCESSORS, RankerParams
-from models.search import Searcher
+from models.search import search_matrix
 from models.tree import Ensemble
 
 # what a parent's jobs share: its documents' rows (indptr, local feature ids, values), the
@@ -417,12 +417,8 @@ def _matcher_nodes(X: sp.csr_matrix, partial: Ensemble, beam_size: int, post: in
                    threads: int) -> sp.csr_matrix:
     """(n_docs, leaves of ``partial``) binary: the nodes of the partial tree's last layer
     that beam search of width ``beam_size`` returns for each document."""
-    searcher = Searcher(partial, X.shape[1], post, threads=threads, dense_map_mb=128)
-    try:
-        top_k = min(beam_size, partial.n_labels)
-        ids, _, counts = searcher.search(X.indptr, X.indices, X.data, top_k, beam_size)
-    finally:
-        searcher.close()
+    top_k = min(beam_size, partial.n_labels)
+    ids, _, counts = search_matrix(partial, X, post, top_k, beam_size, threads)
     keep = np.arange(top_k)[None, :] < counts[:, None]
     rows = np.repeat(np.arange(X.shape[0]), counts)
     return sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, ids[keep])),

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.features import FeatureSet, label_matrix
+from benchmarks.features import FeatureSet
 from benchmarks.peers import (
     ids_to_names,
     load_predictions,
@@ -21,6 +21,7 @@ from benchmarks.peers import (
     score,
     score_run,
 )
+from models.data import label_matrix
 
 LABELS = ["a", "b", "c", "d", "e"]
 # Two documents, top-5 column ids into LABELS, best first; -1 pads a short list.
@@ -103,7 +104,7 @@ def test_score_run_merges_timings_with_accuracy(tmp_path: Path) -> None:
 
 
 def test_label_matrix_keeps_only_training_labels() -> None:
-    Y = label_matrix([["b", "a", "z"], []], {"a": 0, "b": 1})
+    Y = label_matrix([["b", "a", "z", "a"], []], ["a", "b"])
     assert Y.shape == (2, 2)
     assert Y.toarray().tolist() == [[1.0, 1.0], [0.0, 0.0]]
 

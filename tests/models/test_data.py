@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from models import data
-from models.builder import label_matrix
-from models.data import Corpus, LabelLists, distinct_labels, read_corpus, read_xc
+from models.data import Corpus, LabelLists, distinct_labels, label_matrix, read_corpus, read_xc
 from models.errors import DataError
 
 

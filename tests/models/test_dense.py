@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.dense import OnnxTextEncoder, sha256_file
+from models.bundle import sha256_file
+from models.dense import OnnxTextEncoder
 from models.errors import BundleError, InvalidInputError, XMCError
 from tests.models.tiny_onnx import DIM, make_tiny_encoder, reference_embedding
 

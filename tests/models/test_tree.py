@@ -10,7 +10,8 @@ import pytest
 
 import models
 from models import bundle as bundle_io
-from models.builder import _Stages, _train_trees, label_matrix
+from models.builder import _Stages, _train_trees
+from models.data import label_matrix
 from models.errors import BundleError, InvalidInputError
 from models.tree import ROW_BLOCK, Ensemble, narrowest, quantize, row_marks, row_start, row_starts
 from tests.conftest import corpus_from_docs, tiny_params
