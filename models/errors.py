@@ -31,12 +31,14 @@ class BundleError(XMCError):
 
 
 class DataError(XMCError):
-    """A malformed line in an input file; ``path`` and ``line_no`` (1-based) say where."""
+    """An input file that cannot be read: ``path`` says which, and ``line_no`` (1-based)
+    which line when the fault is in one (None when it is the whole file's)."""
 
-    def __init__(self, message: str, path: str | Path, line_no: int) -> None:
+    def __init__(self, message: str, path: str | Path, line_no: int | None = None) -> None:
         self.path = str(path)
         self.line_no = line_no
-        super().__init__(f"{path}:{line_no}: {message}")
+        where = f"{path}:{line_no}" if line_no is not None else str(path)
+        super().__init__(f"{where}: {message}")
 
 
 class InvalidInputError(XMCError):

@@ -123,6 +123,8 @@ class BuildParams:
             raise InvalidInputError("cluster.max_leaf_size must be >= 1")
         if self.n_trees < 1:
             raise InvalidInputError("n_trees must be >= 1")
+        if self.threads < 0:
+            raise InvalidInputError("threads must be >= 0 (0: all cores)")
         if self.ranker.loss != "squared_hinge":
             raise InvalidInputError("ranker.loss must be 'squared_hinge'")
         if self.ranker.negatives not in ("auto", "tfn", "tfn+man"):

@@ -94,7 +94,7 @@ def read_vocab(path: str | Path, language: str | None = None) -> Vocabulary:
     ``language`` picks the label language of CSV and SKOS files (and names a TSV file's)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError("no such vocabulary file", path, 0)
+        raise DataError("no such vocabulary file", path)
     suffix = path.suffix.lower()
     if suffix == ".tsv":
         subjects = dict(_read_tsv(path))
@@ -106,7 +106,7 @@ def read_vocab(path: str | Path, language: str | None = None) -> Vocabulary:
         raise InvalidInputError(
             f"{path}: a vocabulary is .tsv, .csv or SKOS ({', '.join(sorted(_SKOS_SUFFIXES))})")
     if not subjects:
-        raise DataError("the vocabulary has no subject", path, 0)
+        raise DataError("the vocabulary has no subject", path)
     return Vocabulary(subjects, str(path), language)
 
 
@@ -124,7 +124,7 @@ def _read_tsv(path: Path) -> Iterator[tuple[str, LabelInfo]]:
                 notation = vals[2].strip() if len(vals) > 2 and vals[2].strip() else None
                 yield uri, LabelInfo(uri, label, notation)
         except UnicodeDecodeError as exc:
-            raise DataError(f"not UTF-8 text ({exc.reason})", path, 0) from None
+            raise DataError(f"not UTF-8 text ({exc.reason})", path) from None
 
 
 def _read_csv(path: Path, language: str | None) -> tuple[dict[str, LabelInfo], str | None]:
@@ -162,7 +162,7 @@ def _read_skos(path: Path, fmt: str, language: str | None
     try:
         graph.parse(path, format=fmt)
     except Exception as exc:  # rdflib raises many unrelated types for a bad file
-        raise DataError(f"not a readable {fmt} file ({exc})", path, 0) from None
+        raise DataError(f"not a readable {fmt} file ({exc})", path) from None
     concepts = sorted({str(c) for c in graph.subjects(RDF.type, SKOS.Concept)})
     labels: dict[str, dict[str | None, str]] = {}
     for concept, label in graph.subject_objects(SKOS.prefLabel):

@@ -228,8 +228,13 @@ def _load_verified(loader: Loader, source: Source) -> tuple[ServedPredictor, Mod
 
 
 def _refuse(entry: ModelEntry, fingerprint: Fingerprint | None, why: str) -> Outcome:
+    # the watcher looks again at every change in the folder: a fault it already reported
+    # (a model folder with no version yet, say) is logged and counted once, not per look
+    repeated = entry.last_error == why and entry.refused == fingerprint
     entry.last_error = why
     entry.refused = fingerprint
+    if repeated:
+        return "refused"
     name = entry.name or str(entry.location)
     if entry.current is None:
         entry.state = "failed"

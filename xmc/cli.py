@@ -42,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="train a bundle from labelled documents",
                        description="Fit the encoder, cluster the labels into an ensemble of "
                        "trees, train a ranker per node and write a bundle folder.")
-    b.add_argument("train", nargs="?", help="training data (.jsonl, Annif .tsv or XC .txt)")
-    b.add_argument("--out", help="bundle folder to write")
+    b.add_argument("train", metavar="TRAIN",
+                   help="training data (.jsonl, Annif .tsv or XC .txt)")
+    b.add_argument("--out", required=True, help="bundle folder to write")
     b.add_argument("--params", help="JSON file of build parameters (see --print-default-params)")
     b.add_argument("--test", help="test set: its metrics are stored in the manifest")
     b.add_argument("--seed", type=int, help="random seed (overrides --params)")
@@ -85,27 +86,34 @@ def _parser() -> argparse.ArgumentParser:
                    help="label language of a CSV or SKOS vocabulary (default: the first "
                    "label_xx column; in SKOS the most common language)")
     b.add_argument("--print-default-params", action="store_true",
-                   help="print the default build parameters as JSON and exit")
+                   help="print the default build parameters (with --params, that file's) as "
+                   "JSON and exit; needs no TRAIN or --out")
 
     e = sub.add_parser("eval", help="accuracy and speed of a bundle on a test set",
                        description="P@1/3/5, nDCG@1/3/5, PSP@1/3/5, recall@5, coverage@5, batch "
                        "docs/s and single-document latency (encoding included).")
-    e.add_argument("bundle")
-    e.add_argument("test", help="test data (.jsonl or XC .txt)")
-    e.add_argument("--top-k", type=int, default=5)
-    e.add_argument("--beam-size", type=int, default=10)
-    e.add_argument("--label-field", default="labels")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("bundle", help="bundle folder (what xmc build wrote)")
+    e.add_argument("test", help="labelled test data (.jsonl, Annif .tsv or XC .txt)")
+    e.add_argument("--top-k", type=_positive_int,
+                   help="labels scored per document (default: the bundle's top_k)")
+    e.add_argument("--beam-size", type=_positive_int,
+                   help="search beam width (default: the bundle's beam_size)")
+    e.add_argument("--label-field", default="labels",
+                   help="JSONL field holding the labels (default: labels)")
+    e.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of the table")
 
     q = sub.add_parser("predict", help="top-k labels for texts (arguments or stdin lines)",
                        description="Prints one JSON object per text: "
                        '{"labels": [{"label", "score"}, ...], "model": {"name", "version"}}; '
                        'with --explain each label also has "explanation": [{"term", '
                        '"contribution"}, ...].')
-    q.add_argument("bundle")
+    q.add_argument("bundle", help="bundle folder (what xmc build wrote)")
     q.add_argument("texts", nargs="*", help="texts; without any, one text per stdin line")
-    q.add_argument("--top-k", type=int)
-    q.add_argument("--beam-size", type=int)
+    q.add_argument("--top-k", type=_positive_int,
+                   help="labels to return (default: the bundle's top_k)")
+    q.add_argument("--beam-size", type=_positive_int,
+                   help="search beam width (default: the bundle's beam_size)")
     q.add_argument("--include", action="append", metavar="LABEL|PREFIX*",
                    help="return only these labels (repeatable; a trailing * matches a prefix)")
     q.add_argument("--exclude", action="append", metavar="LABEL|PREFIX*",
@@ -122,11 +130,12 @@ def _parser() -> argparse.ArgumentParser:
                        description="A hidden label hierarchy, Zipfian label frequencies with a "
                        "long tail, 1-10 labels a document; seeded. --format xc writes the same "
                        "documents as TF-IDF rows (train.txt, test.txt), no text.")
-    s.add_argument("--labels", type=int, default=5000)
-    s.add_argument("--train", type=int, default=20000)
-    s.add_argument("--test", type=int, default=5000)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", required=True)
+    s.add_argument("--labels", type=int, default=5000, help="labels (default 5000)")
+    s.add_argument("--train", type=int, default=20000,
+                   help="training documents (default 20000)")
+    s.add_argument("--test", type=int, default=5000, help="test documents (default 5000)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--out", required=True, help="folder to write the files into")
     s.add_argument("--format", choices=("jsonl", "xc"), default="jsonl",
                    help="jsonl: text documents; xc: Extreme Classification Repository feature "
                    "files (sublinear TF-IDF of word unigrams, idf from train, l2 rows)")
@@ -147,16 +156,50 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return COMMANDS[args.command](args)
-    except XMCError as exc:
-        print(f"xmc {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        rest = [a for a in argv if a not in ("-v", "--verbose")]
+        if rest[:1] == ["build"] and "--print-default-params" in rest:
+            return _print_params(rest[1:])  # before parsing: TRAIN and --out are not needed
+        args = _parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            return COMMANDS[args.command](args)
+        except XMCError as exc:
+            print(f"xmc {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `xmc predict ... | head`: the reader left; not an error of ours
+        # the interpreter would flush stdout again at exit and fail on the same pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _print_params(argv: list[str]) -> int:
+    from models.params import BuildParams
+
+    p = argparse.ArgumentParser(prog="xmc build")
+    p.add_argument("--params")
+    known, _ = p.parse_known_args(argv)
+    try:
+        params = BuildParams.from_file(known.params) if known.params else BuildParams()
+    except XMCError as exc:
+        print(f"xmc build: error: {exc}", file=sys.stderr)
+        return 2
+    print(params.to_json())
+    return 0
 
 
 def _dense_weight(value: str) -> float | str:
@@ -184,12 +227,6 @@ def _build(args: argparse.Namespace) -> int:
     from models.params import BuildParams
 
     params = BuildParams.from_file(args.params) if args.params else BuildParams()
-    if args.print_default_params:
-        print(BuildParams().to_json() if not args.params else params.to_json())
-        return 0
-    if not args.train or not args.out:
-        print("xmc build: error: TRAIN and --out are required", file=sys.stderr)
-        return 2
     for flag, attr in (("seed", "seed"), ("n_trees", "n_trees"), ("threads", "threads"),
                        ("dense_encoder", "dense_encoder"), ("dense_weight", "dense_weight")):
         value = getattr(args, flag)
@@ -214,9 +251,6 @@ def _build(args: argparse.Namespace) -> int:
             train = concat_corpora([train, *(
                 read_corpus(f, label_field=args.label_field, skip_bad_lines=args.skip_bad_lines)
                 for f in args.extra_train)])
-        if train.n_skipped:
-            print(f"skipped {train.n_skipped} malformed line(s) in {train.source}",
-                  file=sys.stderr)
         test = None
         if args.test:
             test = read_corpus(args.test, label_field=args.label_field,
@@ -245,7 +279,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(f"{predictor.name} (version {predictor.version}) on {args.test}: "
-          f"{result['n_docs']} documents, top_k={args.top_k}, beam_size={args.beam_size}")
+          f"{result['n_docs']} documents, top_k={result['top_k']}, "
+          f"beam_size={result['beam_size']}")
     for key in ("P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5",
                 "recall@5", "coverage"):
         if key in result:
@@ -271,12 +306,19 @@ def _predict(args: argparse.Namespace) -> int:
     import models
     from models.vocab import describe
 
+    blank = [i for i, text in enumerate(args.texts, start=1) if not text.strip()]
+    if blank:  # as over HTTP, where an empty text is a 422: nothing is predicted
+        print(f"xmc predict: error: text argument {blank[0]} is empty", file=sys.stderr)
+        return 2
     predictor = models.load_bundle(args.bundle)
     model = {"name": predictor.name, "version": predictor.version}
     texts = args.texts or (line.rstrip("\n") for line in sys.stdin)
     label_filter = {k: v for k, v in (("include", args.include), ("exclude", args.exclude))
                     if v is not None}
-    for text in texts:
+    for line_no, text in enumerate(texts, start=1):
+        if not text.strip():
+            print(f"xmc predict: error: stdin line {line_no} is empty", file=sys.stderr)
+            return 2
         ranked = predictor.predict([text], top_k=args.top_k, beam_size=args.beam_size,
                                    label_filter=label_filter, threshold=args.threshold,
                                    min_score=args.min_score, explain=args.explain)[0]

@@ -415,3 +415,31 @@ def test_lone_bundle_behind_a_link_follows_the_link(
     os.replace(tmp_path / ".live.tmp", live)
     r = c.post(f"/v1/models/{name}/reload")
     assert r.status_code == 200 and r.json()["version"] == version_of(other_bundle)
+
+
+def test_a_fault_seen_again_is_logged_once(
+    tmp_path: Path, tiny_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the watcher looks again at every change under the repository: a model folder that has
+    # no version yet must not fill the log at each look (it did, several lines a second)
+    from service.registry import ModelEntry, refresh
+
+    empty = tmp_path / "repo" / "pending"
+    empty.mkdir(parents=True)
+    entry = ModelEntry("pending", empty, in_repository=True)
+
+    def load(path: str) -> Any:
+        return models.Predictor.load(path, mmap=True)
+
+    async def scenario() -> tuple[list[str], str]:
+        first = [await refresh(entry, load, force=False) for _ in range(5)]
+        publish(tmp_path / "repo" / "pending", "1", tiny_bundle)  # once there, it serves
+        then = await refresh(entry, load, force=False)
+        if entry.current is not None:
+            entry.current.retire()
+        return first, then
+
+    with caplog.at_level("ERROR", logger="xmc.service"):
+        first, then = asyncio.run(scenario())
+    assert first == ["refused"] * 5 and then == "switched"
+    assert len([r for r in caplog.records if "cannot be served" in r.getMessage()]) == 1
