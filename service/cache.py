@@ -16,6 +16,7 @@ entry with its explanation as a third member when asked for.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -151,15 +152,14 @@ class RedisCache:
         ttl_seconds: int,
         timeout_seconds: float,
         max_connections: int,
-        backoff_initial: float = 1.0,
-        backoff_max: float = 30.0,
+        probe_seconds: float = 1.0,
     ) -> None:
         from redis.asyncio import BlockingConnectionPool, Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
         # Blocking pool: a burst waits (at most the timeout) for a free connection instead
-        # of failing with "too many connections", which would trip the back-off.
+        # of failing with "too many connections", which would mark the cache degraded.
         pool = BlockingConnectionPool.from_url(
             url,
             timeout=timeout_seconds,
@@ -172,35 +172,50 @@ class RedisCache:
         )
         self._redis = Redis(connection_pool=pool)
         self._ttl = ttl_seconds
-        self._backoff_initial = backoff_initial
-        self._backoff_max = backoff_max
-        self._backoff = 0.0
-        self._retry_at = 0.0  # monotonic time before which Redis is not tried
+        # Degraded: requests bypass Redis entirely, and one PING every probe_seconds (in a
+        # task of its own, so no request waits on it) tells when it is back. A fixed, short
+        # probe brings the cache back within about a probe period of Redis's return, where
+        # a back-off doubling to tens of seconds kept it bypassed long after.
+        self._probe_seconds = probe_seconds
+        self._degraded = False
+        self._probe_at = 0.0  # monotonic time of the next probe while degraded
+        self._probe: asyncio.Task[None] | None = None
 
     def _available(self) -> bool:
-        return time.monotonic() >= self._retry_at
+        if not self._degraded:
+            return True
+        if time.monotonic() >= self._probe_at and self._probe is None:
+            self._probe_at = time.monotonic() + self._probe_seconds
+            self._probe = asyncio.get_running_loop().create_task(self._run_probe())
+        return False
+
+    async def _run_probe(self) -> None:
+        try:
+            await self._redis.ping()
+        except Exception:  # still away: the next probe is already scheduled
+            metrics.CACHE_ERRORS.inc()
+        else:
+            self._succeeded()
+        finally:
+            self._probe = None
 
     def _failed(self, exc: BaseException) -> None:
         metrics.CACHE_ERRORS.inc()
-        if time.monotonic() < self._retry_at:
-            return  # a concurrent call already started the pause; don't double it again
-        self._backoff = (
-            self._backoff_initial
-            if self._backoff == 0
-            else min(self._backoff * 2, self._backoff_max)
-        )
-        self._retry_at = time.monotonic() + self._backoff
+        if self._degraded:
+            return  # said once per outage, not per request
+        self._degraded = True
+        self._probe_at = time.monotonic() + self._probe_seconds
         log.warning(
-            "redis cache error (%s: %s); bypassing it for %.1f s",
+            "redis cache error (%s: %s); bypassing it, probing every %.1f s",
             type(exc).__name__,
             exc,
-            self._backoff,
+            self._probe_seconds,
         )
 
     def _succeeded(self) -> None:
-        if self._backoff:
+        if self._degraded:
             log.info("redis cache is back")
-        self._backoff = 0.0
+        self._degraded = False
 
     async def get_many(self, keys: Sequence[str]) -> list[Answer | None]:
         if not keys or not self._available():
@@ -237,10 +252,10 @@ class RedisCache:
         self._succeeded()
 
     def state(self) -> str:
-        return "ok" if self._backoff == 0 else "degraded"
+        return "degraded" if self._degraded else "ok"
 
     async def ping(self) -> None:
-        """Probe Redis (readiness checks), unless it is in its back-off pause."""
+        """Probe Redis (readiness checks); while degraded the periodic probe does it."""
         if not self._available():
             return
         try:
@@ -252,6 +267,8 @@ class RedisCache:
 
     async def close(self) -> None:
         try:
+            if self._probe is not None:
+                self._probe.cancel()
             await self._redis.aclose()
         except Exception:  # closing a dead connection must not fail shutdown
             log.debug("redis close failed", exc_info=True)
@@ -263,8 +280,7 @@ def make_cache(
     timeout_ms: float,
     max_connections: int,
     lru_size: int,
-    backoff_initial: float,
-    backoff_max: float,
+    probe_seconds: float,
 ) -> AnswerCache:
     """Redis if a URL is set, else an LRU, else (size 0) nothing."""
     if redis_url:
@@ -273,8 +289,7 @@ def make_cache(
             ttl_seconds,
             timeout_ms / 1000.0,
             max_connections,
-            backoff_initial,
-            backoff_max,
+            probe_seconds,
         )
     if lru_size > 0:
         return LRUCache(lru_size, ttl_seconds)

@@ -87,8 +87,7 @@ class DataPlane:
             settings.redis_timeout_ms,
             settings.redis_max_connections,
             settings.lru_size,
-            settings.cache_backoff_initial_seconds,
-            settings.cache_backoff_max_seconds,
+            settings.cache_probe_seconds,
         )
         self._watcher: repository.Watcher | None = None
         self._rescan: asyncio.Task[None] | None = None

@@ -104,11 +104,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Answers kept by the in-process LRU when no Redis is set; 0 = no cache.",
     )
-    cache_backoff_initial_seconds: float = Field(
-        default=1.0, gt=0, description="First pause before Redis is tried again after an error."
-    )
-    cache_backoff_max_seconds: float = Field(
-        default=30.0, gt=0, description="Longest pause; each further error doubles the pause."
+    cache_probe_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="While Redis fails, requests bypass it and one PING this often tells when "
+        "it is back.",
     )
 
     max_text_bytes: int = Field(

@@ -189,8 +189,7 @@ def test_paused_redis_is_bypassed_then_used_again(
 ) -> None:
     c = make_client(
         redis_url=own_redis.url,
-        cache_backoff_initial_seconds=0.2,
-        cache_backoff_max_seconds=0.4,
+        cache_probe_seconds=0.2,
     )
     warm = c.post("/v1/predict", json={"text": sample_texts[6]})
     assert c.post("/v1/predict", json={"text": sample_texts[6]}).json()["cached"] is True
@@ -218,7 +217,7 @@ def test_paused_redis_is_bypassed_then_used_again(
 def test_client_pause_and_dead_redis(
     make_client: Callable[..., TestClient], own_redis: Any, sample_texts: list[str]
 ) -> None:
-    c = make_client(redis_url=own_redis.url, cache_backoff_initial_seconds=0.2)
+    c = make_client(redis_url=own_redis.url, cache_probe_seconds=0.2)
     c.post("/v1/predict", json={"text": sample_texts[0]})
     admin = redis.Redis.from_url(own_redis.url)
     admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")
