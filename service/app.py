@@ -31,7 +31,7 @@ from service.errors import (
     install_error_handlers,
     problem_responses,
 )
-from service.middleware import RequestContextMiddleware
+from service.middleware import AdmissionMiddleware, RequestContextMiddleware
 from service.parsing import Parser
 from service.registry import Loader, ServedPredictor
 from service.schemas import (
@@ -116,6 +116,9 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     app.state.dataplane = dataplane
     app.state.settings = settings
     install_error_handlers(app)
+    # added first, so it runs inside the request context (request id, access log, metrics)
+    app.add_middleware(AdmissionMiddleware, max_inflight=settings.max_inflight,
+                       exempt=_is_exempt)
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
@@ -380,6 +383,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 def _is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+def _is_exempt(path: str) -> bool:
+    """Not counted against XMC_MAX_INFLIGHT: probes, metrics and docs must answer under load."""
+    return _is_open(path) or path.startswith((_STATIC_URL, _PAGE_URL))
 
 
 def create_app_from_env() -> FastAPI:

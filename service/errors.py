@@ -113,7 +113,8 @@ PROBLEM_WHEN: dict[int, str] = {
     415: "The body's content type is not one this route reads.",
     422: "A field is invalid, or the filter names a label the model does not know "
     "(`unknown_labels` lists them), or threshold is \"auto\" for a model without one.",
-    503: "The model is not loaded (yet), or the service is stopping.",
+    503: "The model is not loaded (yet), the service is stopping, or XMC_MAX_INFLIGHT "
+    "requests are in flight in this worker (with Retry-After).",
 }
 
 

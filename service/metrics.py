@@ -58,6 +58,9 @@ STAGE_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 CACHE_HITS = Counter("xmc_cache_hits_total", "Documents answered from the cache.")
+OVERLOADED = Counter(
+    "xmc_overload_refusals_total", "Requests refused (503) because XMC_MAX_INFLIGHT were in flight."
+)
 CACHE_MISSES = Counter("xmc_cache_misses_total", "Documents the cache did not have.")
 CACHE_ERRORS = Counter(
     "xmc_cache_errors_total", "Cache calls that failed or timed out (the request went on)."

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -144,6 +145,38 @@ class RequestContextMiddleware:
                 access_log.info("request", extra={"fields": fields})
 
 
+class AdmissionMiddleware:
+    """Bounds the requests a worker works on at once. Beyond ``max_inflight`` a request is
+    refused at once (503, ``Retry-After``) before its body is read, so that overload costs
+    the client a quick retry instead of a queue that grows without limit and times out.
+    Requests for which ``exempt(path)`` holds (health, metrics, docs) are never refused."""
+
+    def __init__(self, app: ASGIApp, max_inflight: int, exempt: Callable[[str], bool]) -> None:
+        self.app = app
+        self.max_inflight = max_inflight
+        self.exempt = exempt
+        self.inflight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.exempt(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        if self.inflight >= self.max_inflight:
+            metrics.OVERLOADED.inc()
+            request_id = scope.get("state", {}).get("request_id", "")
+            await _send_problem(
+                send, scope, 503, "Overloaded",
+                f"{self.max_inflight} requests are in flight in this worker; retry shortly",
+                request_id, headers=[(b"retry-after", b"1")],
+            )  # fmt: skip
+            return
+        self.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1
+
+
 def _too_long(content_length: bytes, limit: int) -> bool:
     try:
         return int(content_length) > limit
@@ -152,7 +185,8 @@ def _too_long(content_length: bytes, limit: int) -> bool:
 
 
 async def _send_problem(
-    send: Send, scope: Scope, status: int, title: str, detail: str, request_id: str
+    send: Send, scope: Scope, status: int, title: str, detail: str, request_id: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     body = orjson.dumps(
         {
@@ -171,6 +205,7 @@ async def _send_problem(
             "headers": [
                 (b"content-type", PROBLEM_JSON.encode()),
                 (b"content-length", str(len(body)).encode()),
+                *(headers or []),
             ],
         }
     )

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1, description="Largest request body in bytes; more = 413."
     )
+    max_inflight: int = Field(
+        default=128,
+        ge=1,
+        description="Requests a worker works on at once (health, metrics and docs not counted); "
+        "one more is refused at once with 503 and Retry-After instead of queueing.",
+    )
     body_timeout_seconds: float = Field(
         default=60.0,
         gt=0,

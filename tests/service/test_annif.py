@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 import models
 from models.data import read_corpus
+from models.errors import InvalidInputError
 from service import feedback
 from service.app import create_app
 from service.settings import Settings
@@ -348,7 +349,7 @@ def test_append_after_a_torn_line_keeps_ours_whole(tmp_path: Path) -> None:
 def test_log_names_are_plain_file_names(tmp_path: Path) -> None:
     assert feedback.log_path(tmp_path, "yso-en.v2") == tmp_path / "yso-en.v2.jsonl"
     for bad in ("../x", "a/b", ".hidden", ""):
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidInputError):
             feedback.log_path(tmp_path, bad)
 
 
