@@ -22,6 +22,7 @@ Computed only when asked for, in plain numpy over the few paths of the returned 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 
@@ -29,6 +30,13 @@ from models.tree import ROW_BLOCK, Ensemble
 
 #: the name of the dense encoder's block in an explanation
 DENSE_TERM = "[dense encoder]"
+
+
+class TermContribution(TypedDict):
+    """One input term's push on a label: what an explanation lists, largest first."""
+
+    term: str
+    contribution: float
 
 
 @dataclass(frozen=True)
@@ -48,11 +56,11 @@ class Explanation:
         """The average over trees of the sum of the path margins."""
         return float(self.contributions.sum()) + self.bias + (self.dense or 0.0)
 
-    def top(self, term_names: list[str] | None, n: int = 5) -> list[dict[str, object]]:
+    def top(self, term_names: list[str] | None, n: int = 5) -> list[TermContribution]:
         """The ``n`` terms that pushed the label up most (positive contributions only), and
         the dense block's entry when there is one."""
         keep = self.contributions[:n] > 0
-        out: list[dict[str, object]] = [
+        out: list[TermContribution] = [
             {"term": term_names[f] if term_names is not None else f"feature {f}",
              "contribution": float(c)}
             for f, c in zip(self.features[:n][keep].tolist(),

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from models import bundle as bundle_io
 from models.calibration import Calibration
 from models.errors import BundleError, InvalidInputError
-from models.explain import explain_labels
+from models.explain import TermContribution, explain_labels
 from models.features import FeatureEncoder, require_text
 from models.filters import FilterCompiler, FilterSpec
 from models.params import POST_PROCESSORS
@@ -27,6 +27,10 @@ DENSE_MAP_MB = 128
 
 #: what ``threshold`` may be: a score, the bundle's tuned one, or none
 Threshold = float | Literal["auto"] | None
+
+
+#: a prediction, best first: (label, score), or (label, score, its terms) when explained
+RankedLabel = tuple[str, float] | tuple[str, float, list[TermContribution]]
 
 
 class Predictor:
@@ -130,7 +134,7 @@ class Predictor:
     def predict(self, texts: Sequence[str], *, top_k: int | None = None,
                 beam_size: int | None = None, label_filter: FilterSpec | None = None,
                 threshold: Threshold = None, min_score: float | None = None,
-                explain: bool = False) -> list[list[tuple]]:
+                explain: bool = False) -> list[list[RankedLabel]]:
         """Top ``top_k`` (label, score) per text, best first; one vectorized batch. See the
         class for ``label_filter``, ``threshold`` and ``min_score``. With ``explain`` each
         entry is (label, score, explanation): see :meth:`explain`."""
@@ -154,7 +158,7 @@ class Predictor:
     def predict_features(self, X: sp.spmatrix | np.ndarray, *, top_k: int | None = None,
                          beam_size: int | None = None, label_filter: FilterSpec | None = None,
                          threshold: Threshold = None, min_score: float | None = None,
-                         explain: bool = False) -> list[list[tuple]]:
+                         explain: bool = False) -> list[list[RankedLabel]]:
         """Like :meth:`predict`, from feature rows (n_docs, n_features), e.g. XC data."""
         cut = self.score_cut(threshold, min_score)
         X = self._as_features(X)
@@ -164,7 +168,7 @@ class Predictor:
                            (X.indptr, X.indices, X.data) if explain else None)
 
     def explain(self, indices: np.ndarray, values: np.ndarray, labels: list[int],
-                n_terms: int = 5) -> list[list[dict[str, object]]]:
+                n_terms: int = 5) -> list[list[TermContribution]]:
         """Per label id: the ``n_terms`` input terms that pushed it up most for the document
         whose sorted feature ids and values are given, as ``[{"term", "contribution"},
         ...]`` (positive contributions only), plus one entry for a dense encoder's block. A
@@ -249,7 +253,7 @@ class Predictor:
         return X
 
     def _named(self, labels: np.ndarray, scores: np.ndarray, counts: np.ndarray, cut: float = 0.0,
-               explain_rows: tuple | None = None) -> list[list[tuple]]:
+               explain_rows: tuple | None = None) -> list[list[RankedLabel]]:
         names = self.label_names
         scores = self.calibrated(scores)
         if explain_rows is None:
@@ -258,7 +262,7 @@ class Predictor:
                 for row, srow, c in zip(labels, scores, counts.tolist())
             ]
         indptr, idx, val = explain_rows
-        out = []
+        out: list[list[RankedLabel]] = []
         for d, (row, srow, c) in enumerate(zip(labels, scores, counts.tolist())):
             kept = [(j, s) for j, s in zip(row[:c].tolist(), srow[:c].tolist()) if s >= cut]
             why = self.explain(idx[indptr[d] : indptr[d + 1]], val[indptr[d] : indptr[d + 1]],

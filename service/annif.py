@@ -311,7 +311,7 @@ def _project(dataplane: DataPlane, name: str) -> dict[str, Any]:
 def _results(answer: Answer, info: Mapping[str, LabelInfo], threshold: float
              ) -> list[dict[str, Any]]:  # fmt: skip
     out = []
-    for name, score in answer:  # best first
+    for name, score, *_ in answer:  # best first
         if score < threshold:
             break
         meta = info.get(name)

@@ -23,16 +23,17 @@ import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import orjson
 
+from models.predictor import RankedLabel
 from service import metrics
 
 log = logging.getLogger("xmc.cache")
 
 #: best first, each (label, score), or (label, score, explanation) when one was asked for
-Answer = list[tuple[Any, ...]]
+Answer = list[RankedLabel]
 
 
 def normalize_text(text: str) -> str:

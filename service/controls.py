@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -44,7 +45,7 @@ class _ConfigFile(BaseModel):
 class Checkable(Protocol):
     """What checking a configuration needs of a loaded model."""
 
-    def allowed_labels(self, label_filter: FilterSpec | None) -> Any: ...
+    def allowed_labels(self, label_filter: FilterSpec | None) -> np.ndarray: ...
 
     def score_cut(self, threshold: Threshold = None, min_score: float | None = None
                   ) -> float: ...  # fmt: skip

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.errors import BundleError, NoTextEncoderError
+from models.predictor import RankedLabel
 from models.vocab import LabelInfo
 from service import feedback, metrics, repository
 from service.cache import Answer, AnswerCache, cache_key, make_cache, normalize_text
@@ -393,9 +394,14 @@ def _predict_staged(
         raw = predictor.predict_features(features, top_k=top_k, beam_size=beam_size, **kwargs)
         stages = [("encode", encoded - start), ("search", time.perf_counter() - encoded)]
     # float(): numpy scalars would not survive the cache's JSON round trip identically.
-    if search.explain:
-        return [[(str(e[0]), float(e[1]), e[2]) for e in answer] for answer in raw], stages
-    return [[(str(label), float(score)) for label, score in answer] for answer in raw], stages
+    return [[_plain(entry) for entry in answer] for answer in raw], stages
+
+
+def _plain(entry: RankedLabel) -> RankedLabel:
+    """Python str and float: numpy scalars would not survive the cache's JSON round trip."""
+    if len(entry) == 3:
+        return str(entry[0]), float(entry[1]), entry[2]
+    return str(entry[0]), float(entry[1])
 
 
 def _has_version(model_dir: Path) -> bool:

@@ -15,11 +15,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import scipy.sparse as sp
 
 from models.errors import BundleError
 from models.filters import FilterSpec
-from models.predictor import Threshold
+from models.predictor import RankedLabel, Threshold
 from models.vocab import LabelInfo
 from service import metrics, repository
 from service.controls import ModelConfig
@@ -64,14 +65,14 @@ class ServedPredictor(Protocol):
     def predict(
         self, texts: Sequence[str], *, top_k: int | None = None, beam_size: int | None = None,
         label_filter: FilterSpec | None = None, explain: bool = False,
-    ) -> list[list[tuple[Any, ...]]]: ...
+    ) -> list[list[RankedLabel]]: ...
 
     def predict_features(
         self, X: sp.csr_matrix, *, top_k: int | None = None, beam_size: int | None = None,
         label_filter: FilterSpec | None = None, explain: bool = False,
-    ) -> list[list[tuple[Any, ...]]]: ...
+    ) -> list[list[RankedLabel]]: ...
 
-    def allowed_labels(self, label_filter: FilterSpec | None) -> Any: ...
+    def allowed_labels(self, label_filter: FilterSpec | None) -> np.ndarray: ...
 
     def score_cut(self, threshold: Threshold = None, min_score: float | None = None
                   ) -> float: ...  # fmt: skip

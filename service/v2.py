@@ -209,7 +209,7 @@ def _outputs(answers: list[Answer], k: int) -> tuple[np.ndarray, np.ndarray]:
     labels = np.full((len(answers), k), "", dtype=object)
     scores = np.zeros((len(answers), k), dtype=np.float32)
     for i, answer in enumerate(answers):
-        for j, (label, score) in enumerate(answer[:k]):
+        for j, (label, score, *_) in enumerate(answer[:k]):
             labels[i, j] = label
             scores[i, j] = score
     return labels, scores

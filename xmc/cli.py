@@ -323,8 +323,8 @@ def _predict(args: argparse.Namespace) -> int:
                                    label_filter=label_filter, threshold=args.threshold,
                                    min_score=args.min_score, explain=args.explain)[0]
         labels = [describe(r[0], round(r[1], 6), predictor.label_info) for r in ranked]
-        if args.explain:
-            for entry, r in zip(labels, ranked):
+        for entry, r in zip(labels, ranked):
+            if len(r) == 3:  # asked for with --explain
                 entry["explanation"] = [{"term": x["term"],
                                          "contribution": round(x["contribution"], 6)}
                                         for x in r[2]]
