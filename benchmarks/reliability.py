@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.http import free_port, listening_sockets, worker_pids
+from service.repository import publish
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cooking"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "RELIABILITY.md"
@@ -267,15 +268,6 @@ def build_bundle(out: Path, seed: int, n_trees: int) -> Path:
                     "--seed", str(seed), "--n-trees", str(n_trees)],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out
-
-
-def publish(model_dir: Path, version: str, bundle: Path) -> Path:
-    """The safe way (docs/service.md): copy under a dot name, then rename into place."""
-    tmp = model_dir / f".tmp-{version}"
-    shutil.copytree(bundle, tmp)
-    final = model_dir / version
-    tmp.rename(final)
-    return final
 
 
 def corrupt(bundle: Path) -> None:

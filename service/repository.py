@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,17 @@ Fingerprint = tuple[str, str | None, bytes | None]
 
 def is_bundle(path: Path) -> bool:
     return (path / MANIFEST).is_file()
+
+
+def publish(model_dir: Path, version: str, bundle: Path) -> Path:
+    """Publish ``bundle`` as ``model_dir/version`` the safe way: copied under a dot name the
+    watcher ignores, then renamed into place, so no reader ever sees half a version."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".tmp-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(bundle, tmp)
+    target = model_dir / version
+    tmp.rename(target)
+    return target
 
 
 def model_names(root: Path) -> list[str]:

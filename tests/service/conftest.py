@@ -219,16 +219,6 @@ def other_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Any) -> 
     return build(train, out, tiny_params(seed=1), name="other")
 
 
-def publish(model_dir: Path, version: str, bundle: Path) -> Path:
-    """Publish the safe way: copy into a dot-folder (ignored), then rename into place."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / f".tmp-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(bundle, tmp)
-    target = model_dir / version
-    tmp.rename(target)
-    return target
-
-
 def largest_array(bundle: Path) -> Path:
     return max(bundle.glob("*.npy"), key=lambda p: p.stat().st_size)
 

@@ -18,8 +18,9 @@ from models.data import read_corpus
 from models.errors import InvalidInputError
 from service import feedback
 from service.app import create_app
+from service.repository import publish
 from service.settings import Settings
-from tests.service.conftest import publish, wait_ready
+from tests.service.conftest import wait_ready
 from tests.service.test_api import assert_problem
 from tests.service.test_cache import SpyPredictor
 

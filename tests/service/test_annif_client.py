@@ -17,8 +17,9 @@ import pytest
 import models
 from models.data import read_corpus
 from service.app import create_app
+from service.repository import publish
 from service.settings import Settings
-from tests.service.conftest import free_port, publish
+from tests.service.conftest import free_port
 from tests.service.test_serve import XMC, serve, stop, wait_http_ready
 
 annif_client = pytest.importorskip("annif_client", reason="dev extra: annif-client")

@@ -21,8 +21,8 @@ from fastapi.testclient import TestClient
 
 import models
 from service.app import create_app
+from service.repository import publish
 from service.settings import Settings
-from tests.service.conftest import publish
 from tests.service.test_api import assert_problem
 from tests.service.test_cache import SpyPredictor
 

@@ -18,7 +18,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.service.conftest import corrupt_copy, publish, version_of
+from service.repository import publish
+from tests.service.conftest import corrupt_copy, version_of
 from tests.service.test_serve import REPO, XMC, free_port, listening_sockets, stop
 
 # Loopback load: bounded in requests and in time (neither is asserted on).

@@ -20,8 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 import models
 from service import repository
 from service.app import create_app
+from service.repository import publish
 from service.settings import Settings
-from tests.service.conftest import corrupt_copy, publish, version_of
+from tests.service.conftest import corrupt_copy, version_of
 from tests.service.test_api import assert_problem
 
 

@@ -19,7 +19,7 @@ import models
 from service import repository
 from service.app import OPEN_PATHS, OPEN_PREFIXES
 from service.middleware import JSONFormatter
-from tests.service.conftest import publish
+from service.repository import publish
 from tests.service.test_api import assert_problem
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from service.app import create_app
+from service.repository import publish
 from service.settings import Settings
-from tests.service.conftest import publish, served
+from tests.service.conftest import served
 
 httpclient = pytest.importorskip("tritonclient.http", reason="dev extra: tritonclient[http]")
 from tritonclient.utils import InferenceServerException  # noqa: E402
