@@ -71,7 +71,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, port: int, workers: int, env: dict[str, str]) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, workers: int, env: dict[str, str],
+                 log_level: str = "warning", stderr: Any = subprocess.DEVNULL
+                 ) -> subprocess.Popen:  # fmt: skip
     xmc = Path(sys.executable).parent / "xmc"
     argv = [
         str(xmc),
@@ -84,11 +86,10 @@ def start_server(bundle: Path, port: int, workers: int, env: dict[str, str]) -> 
         "--workers",
         str(workers),
         "--log-level",
-        "warning",
+        log_level,
     ]
-    return subprocess.Popen(
-        argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    return subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=stderr)
 
 
 def wait_ready(base: str, proc: subprocess.Popen, workers: int) -> None:
