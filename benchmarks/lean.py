@@ -55,7 +55,7 @@ def layer_bytes(ens: Ensemble) -> list[float]:
 
 def search_metrics(ens: Ensemble, X: sp.csr_matrix, truth: list[list[str]],
                    names: list[str], post: int) -> dict[str, float]:
-    with Searcher(ens, X.shape[1], post, threads=1, dense_map_mb=128) as searcher:
+    with Searcher(ens, X.shape[1], post, threads=1, bitmap_mb=128) as searcher:
         ids, _, counts = searcher.search(X.indptr, X.indices, X.data, 5, 10)
         m = evaluate(ranked_names(ids, counts, names), truth, ks=(1, 5))
         rows = [X[i] for i in np.linspace(0, X.shape[0] - 1, min(1000, X.shape[0])).astype(int)]

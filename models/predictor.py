@@ -21,8 +21,9 @@ from models.search import Searcher
 from models.tree import Ensemble
 from models.vocab import LabelInfo, read_label_meta
 
-#: per-process memory for direct feature maps of the widest chunks (see build_dense_maps)
-DENSE_MAP_MB = 128
+#: per-process memory for the feature bitmaps of the top layers' chunks (see
+#: models.search.build_feature_bitmaps)
+BITMAP_MB = 128
 
 
 #: what ``threshold`` may be: a score, the bundle's tuned one, or none
@@ -52,7 +53,7 @@ class Predictor:
     def __init__(self, path: Path, manifest: dict[str, Any], ensemble: Ensemble,
                  label_names: list[str], encoder: FeatureEncoder | None,
                  label_counts: np.ndarray, *, threads: int | None = None,
-                 dense_map_mb: int = DENSE_MAP_MB,
+                 bitmap_mb: int = BITMAP_MB,
                  calibration: Calibration | None = None,
                  label_info: Mapping[str, LabelInfo] | None = None) -> None:
         self.path = path
@@ -70,7 +71,7 @@ class Predictor:
         self.default_beam_size = int(params.get("beam_size", 10))
         self.threads = threads or min(2, os.cpu_count() or 1)
         self._searcher = Searcher(ensemble, self.n_features, self.post, threads=self.threads,
-                                  dense_map_mb=dense_map_mb)
+                                  bitmap_mb=bitmap_mb)
         self._filters = FilterCompiler(label_names, ensemble)
         self._terms: list[str] | None = None
 

@@ -59,6 +59,15 @@ def _dense_dot(w: np.ndarray, w_start: int, x: np.ndarray, x_start: int, n: int)
 
 
 @numba.njit(inline="always")
+def _popcount(x: np.uint64) -> int:
+    """Set bits of a 64-bit word (SWAR: numba has no popcount intrinsic)."""
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return int((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@numba.njit(inline="always")
 def _row_start(row_len: np.ndarray, row_mark: np.ndarray, r: int) -> int:
     """First entry of row r: the mark of its block plus the counts of the rows before it."""
     b = r // ROW_BLOCK
@@ -72,7 +81,7 @@ def _row_start(row_len: np.ndarray, row_mark: np.ndarray, r: int) -> int:
 def _score_chunk(node: int, c0: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarray,
                  chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_len: np.ndarray,
                  row_mark: np.ndarray, entry_child: np.ndarray, entry_val: np.ndarray,
-                 weight_scale: np.ndarray, dense_off: np.ndarray, dense_map: np.ndarray,
+                 weight_scale: np.ndarray, bitmap_off: np.ndarray, bitmap: np.ndarray,
                  dense_start: int, dense_ptr: np.ndarray, dense_val: np.ndarray,
                  out: np.ndarray, n_children: int) -> None:
     """Margins (without bias) of the children c0.. of ``node`` into out[:n_children].
@@ -86,7 +95,7 @@ def _score_chunk(node: int, c0: int, xi: np.ndarray, xv: np.ndarray, xdense: np.
     m = int(np.searchsorted(xi, dense_start))
     if n_rows > 0 and m > 0:
         _sparse_margins(node, xi, xv, xdense, m, r0, r1, chunk_feat, row_len, row_mark,
-                        entry_child, entry_val, dense_off, dense_map, out)
+                        entry_child, entry_val, bitmap_off, bitmap, out)
         for j in range(n_children):
             out[j] *= weight_scale[c0 + j]
     d0 = dense_ptr[node]
@@ -99,23 +108,36 @@ def _score_chunk(node: int, c0: int, xi: np.ndarray, xv: np.ndarray, xdense: np.
 @numba.njit(nogil=True, cache=True)
 def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarray, m: int, r0: int,
                     r1: int, chunk_feat: np.ndarray, row_len: np.ndarray, row_mark: np.ndarray,
-                    entry_child: np.ndarray, entry_val: np.ndarray, dense_off: np.ndarray,
-                    dense_map: np.ndarray, out: np.ndarray) -> None:
+                    entry_child: np.ndarray, entry_val: np.ndarray, bitmap_off: np.ndarray,
+                    bitmap: np.ndarray, out: np.ndarray) -> None:
     """Adds the document's first ``m`` features times the chunk's stored weights into out
     (unscaled: the caller applies each child's weight_scale)."""
-    off = dense_off[node]
+    off = bitmap_off[node]
     if off >= 0:
-        # direct map feature -> entries of this chunk: one lookup per document feature
-        base = _row_start(row_len, row_mark, r0)
+        # feature bitmap of this chunk, 64 features a word, each word followed by the rows
+        # of the words before it: one cache line tells whether and where a feature is
+        cur_r = r0
+        cur_e = _row_start(row_len, row_mark, r0)
         for k in range(m):
             f = xi[k]
-            v = xv[k]
-            for e in range(base + dense_map[off + f], base + dense_map[off + f + 1]):
-                out[entry_child[e]] += v * entry_val[e]
+            w = off + 2 * (f >> 6)
+            bit = np.uint64(1) << np.uint64(f & 63)
+            word = bitmap[w]
+            if word & bit:
+                r = r0 + int(bitmap[w + 1]) + _popcount(word & (bit - np.uint64(1)))
+                if r - cur_r >= ROW_BLOCK:
+                    cur_e = _row_start(row_len, row_mark, r)
+                else:
+                    for q in range(cur_r, r):
+                        cur_e += row_len[q]
+                cur_r = r
+                v = xv[k]
+                for e in range(cur_e, cur_e + row_len[r]):
+                    out[entry_child[e]] += v * entry_val[e]
         return
     n_rows = r1 - r0
-    # galloping binary search costs about m * log2(rows); a scan of the rows against the
-    # dense document costs rows: take the cheaper
+    # binary searches from the last row found cost about m * log2(rows); a scan of the rows
+    # against the dense document costs rows: take the cheaper
     log_rows = 1
     while (1 << log_rows) < n_rows:
         log_rows += 1
@@ -186,7 +208,7 @@ def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_
                  entry_child: np.ndarray, entry_val: np.ndarray, weight_scale: np.ndarray,
                  bias: np.ndarray, node_label: np.ndarray, label_node: np.ndarray,
                  dense_start: int, dense_ptr: np.ndarray, dense_val: np.ndarray,
-                 dense_off: np.ndarray, dense_map: np.ndarray, node_ok: np.ndarray, beam_size: int,
+                 bitmap_off: np.ndarray, bitmap: np.ndarray, node_ok: np.ndarray, beam_size: int,
                  top_k: int, post: int, max_children: int, block: int, out_label: np.ndarray,
                  out_score: np.ndarray, out_n: np.ndarray) -> None:
     """Predict rows row_start..row_stop of a CSR matrix (sorted indices) into out_* rows.
@@ -266,8 +288,8 @@ def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_
                     for i in range(xi.shape[0]):
                         xdense[xi[i]] = xv[i]
                     _score_chunk(p, c0, xi, xv, xdense, chunk_ptr, chunk_feat, row_len,
-                                 row_mark, entry_child, entry_val, weight_scale, dense_off,
-                                 dense_map, dense_start, dense_ptr, dense_val, z, nc)
+                                 row_mark, entry_child, entry_val, weight_scale, bitmap_off,
+                                 bitmap, dense_start, dense_ptr, dense_val, z, nc)
                     for i in range(xi.shape[0]):
                         xdense[xi[i]] = 0.0
                     base = beam_score[d, b]
@@ -300,7 +322,7 @@ def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_
             out_n[row] = _merge_trees(xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr,
                                       chunk_feat, row_len, row_mark, entry_child,
                                       entry_val, weight_scale, bias,
-                                      node_label, label_node, dense_off, dense_map,
+                                      node_label, label_node, bitmap_off, bitmap,
                                       dense_start, dense_ptr, dense_val, post, top_k,
                                       top_id[d], top_n[d], exp_parent[d], exp_path[d],
                                       exp_off[d], n_exp[d], node_score[d], z,
@@ -315,7 +337,7 @@ def _merge_trees(xi: np.ndarray, xv: np.ndarray, xdense: np.ndarray, tree_depth:
                  chunk_feat: np.ndarray, row_len: np.ndarray, row_mark: np.ndarray,
                  entry_child: np.ndarray, entry_val: np.ndarray, weight_scale: np.ndarray,
                  bias: np.ndarray, node_label: np.ndarray, label_node: np.ndarray,
-                 dense_off: np.ndarray, dense_map: np.ndarray, dense_start: int,
+                 bitmap_off: np.ndarray, bitmap: np.ndarray, dense_start: int,
                  dense_ptr: np.ndarray, dense_val: np.ndarray, post: int, top_k: int,
                  top_id: np.ndarray, top_n: np.ndarray, exp_parent: np.ndarray,
                  exp_path: np.ndarray, exp_off: np.ndarray, n_exp: np.ndarray,
@@ -345,7 +367,7 @@ def _merge_trees(xi: np.ndarray, xv: np.ndarray, xdense: np.ndarray, tree_depth:
             total += np.exp(_path_log_score(
                 t, label_node[t, lab], xi, xv, xdense, tree_depth, child_ptr, parent,
                 chunk_ptr, chunk_feat, row_len, row_mark, entry_child, entry_val,
-                weight_scale, bias, dense_off, dense_map, dense_start, dense_ptr, dense_val,
+                weight_scale, bias, bitmap_off, bitmap, dense_start, dense_ptr, dense_val,
                 post, exp_parent, exp_path, exp_off, n_exp, node_score, z))
         n_out = _insert_top(out_label, out_score, n_out, top_k, lab, total / n_trees)
     return n_out
@@ -356,8 +378,8 @@ def _path_log_score(t: int, node: int, xi: np.ndarray, xv: np.ndarray, xdense: n
                     tree_depth: np.ndarray, child_ptr: np.ndarray, parent: np.ndarray,
                     chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_len: np.ndarray,
                     row_mark: np.ndarray, entry_child: np.ndarray, entry_val: np.ndarray,
-                    weight_scale: np.ndarray, bias: np.ndarray, dense_off: np.ndarray,
-                    dense_map: np.ndarray, dense_start: int, dense_ptr: np.ndarray,
+                    weight_scale: np.ndarray, bias: np.ndarray, bitmap_off: np.ndarray,
+                    bitmap: np.ndarray, dense_start: int, dense_ptr: np.ndarray,
                     dense_val: np.ndarray, post: int, exp_parent: np.ndarray, exp_path: np.ndarray,
                     exp_off: np.ndarray, n_exp: np.ndarray, node_score: np.ndarray,
                     z: np.ndarray) -> float:
@@ -372,7 +394,7 @@ def _path_log_score(t: int, node: int, xi: np.ndarray, xv: np.ndarray, xdense: n
                     exp_off[t, layer, b] + node - child_ptr[p]]
         # the beam never expanded p: score this node directly and go up
         _score_chunk(p, child_ptr[p], xi, xv, xdense, chunk_ptr, chunk_feat, row_len,
-                     row_mark, entry_child, entry_val, weight_scale, dense_off, dense_map,
+                     row_mark, entry_child, entry_val, weight_scale, bitmap_off, bitmap,
                      dense_start, dense_ptr, dense_val, z, child_ptr[p + 1] - child_ptr[p])
         acc += _log_post(z[node - child_ptr[p]] + bias[node], post)
         node = p
@@ -380,45 +402,56 @@ def _path_log_score(t: int, node: int, xi: np.ndarray, xv: np.ndarray, xdense: n
     return acc
 
 
-def build_dense_maps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_len: np.ndarray,
-                     n_features: int, budget_bytes: int,
-                     min_share: float = 1 / 64) -> tuple[np.ndarray, np.ndarray]:
-    """Direct feature -> entry maps for the chunks that use at least ``min_share`` of the
-    features, in node order (roots and top layers first: every document expands them) until
-    ``budget_bytes`` is spent. Returns (dense_off per node, -1 for none; dense_map int32 of
-    entry offsets relative to the chunk's first entry, n_features + 1 per mapped chunk)."""
+#: chunks with fewer rows are searched directly: a binary search of a few rows is as fast as
+#: a bitmap word and costs no memory
+BITMAP_MIN_ROWS = 16
+
+
+def build_feature_bitmaps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, n_features: int,
+                          budget_bytes: int, parent: np.ndarray | None = None,
+                          min_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Feature bitmaps for the chunks with at least ``min_rows`` rows, layer by layer (every
+    document expands the top layers; ``parent`` gives the layers, else node order) until
+    ``budget_bytes`` is spent. Returns (bitmap_off per node, -1 for none; bitmap uint64:
+    per chunk and 64 features, the word of the features it has, then the chunk's rows in
+    the words before)."""
     n_nodes = chunk_ptr.shape[0] - 1
-    dense_off = np.full(n_nodes, -1, dtype=np.int64)
-    per_map = (n_features + 1) * 4
-    n_rows = np.diff(chunk_ptr)
-    eligible = np.flatnonzero(n_rows >= max(1, int(min_share * n_features)))
-    chosen = eligible[: budget_bytes // per_map].astype(np.int64)
-    dense_map = np.empty(len(chosen) * (n_features + 1), dtype=np.int32)
-    _fill_dense_maps(np.asarray(chunk_ptr), np.asarray(chunk_feat), np.asarray(row_len),
-                     chosen, n_features, dense_map)
-    dense_off[chosen] = np.arange(len(chosen), dtype=np.int64) * (n_features + 1)
-    return dense_off, dense_map
+    bitmap_off = np.full(n_nodes, -1, dtype=np.int64)
+    n_words = (n_features + 63) >> 6
+    per_chunk = 2 * n_words * 8
+    layer = np.zeros(n_nodes, dtype=np.int64)
+    if parent is not None and n_nodes:
+        par = np.asarray(parent)
+        for _ in range(n_nodes):
+            deeper = np.where(par >= 0, layer[np.maximum(par, 0)] + 1, 0)
+            if np.array_equal(deeper, layer):
+                break
+            layer = deeper
+    min_rows = BITMAP_MIN_ROWS if min_rows is None else min_rows
+    eligible = np.flatnonzero(np.diff(chunk_ptr) >= max(1, min_rows))
+    eligible = eligible[np.argsort(layer[eligible], kind="stable")]
+    chosen = eligible[: budget_bytes // per_chunk].astype(np.int64)
+    bitmap = np.zeros(len(chosen) * 2 * n_words, dtype=np.uint64)
+    _fill_feature_bitmaps(np.asarray(chunk_ptr), np.asarray(chunk_feat), chosen, n_words,
+                          bitmap)
+    bitmap_off[chosen] = np.arange(len(chosen), dtype=np.int64) * 2 * n_words
+    return bitmap_off, bitmap
 
 
 @numba.njit(nogil=True, cache=True)
-def _fill_dense_maps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_len: np.ndarray,
-                     chosen: np.ndarray, n_features: int, out: np.ndarray) -> None:
-    """out[k * (n_features + 1) + f] = the entries of chunk chosen[k] in rows whose feature
-    is below f: one pass over the chunk's rows and the map, no search."""
+def _fill_feature_bitmaps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, chosen: np.ndarray,
+                     n_words: int, out: np.ndarray) -> None:
+    """Sets each chosen chunk's feature bits, then the running row count before each word."""
     for k in range(chosen.shape[0]):
         node = chosen[k]
-        base = k * (n_features + 1)
-        acc = 0
-        f = 0
+        base = k * 2 * n_words
         for r in range(chunk_ptr[node], chunk_ptr[node + 1]):
-            feat = chunk_feat[r]
-            while f <= feat:
-                out[base + f] = acc
-                f += 1
-            acc += row_len[r]
-        while f <= n_features:
-            out[base + f] = acc
-            f += 1
+            f = chunk_feat[r]
+            out[base + 2 * (f >> 6)] |= np.uint64(1) << np.uint64(f & 63)
+        acc = 0
+        for w in range(n_words):
+            out[base + 2 * w + 1] = np.uint64(acc)
+            acc += _popcount(out[base + 2 * w])
 
 
 #: below this many documents a batch runs on the calling thread
@@ -438,16 +471,16 @@ class Searcher:
     over a partly trained tree."""
 
     def __init__(self, ensemble: Ensemble, n_features: int, post: int, *, threads: int,
-                 dense_map_mb: int) -> None:
+                 bitmap_mb: int) -> None:
         self.n_features = n_features
         self.post = post
         self.threads = max(1, threads)
         self.max_children = ensemble.max_children()
         self._n_nodes = ensemble.n_nodes
         self._tree_layers = int(np.asarray(ensemble.tree_depth).sum())
-        dense_off, dense_map = build_dense_maps(
-            np.asarray(ensemble.chunk_ptr), np.asarray(ensemble.chunk_feat),
-            np.asarray(ensemble.row_len), n_features, dense_map_mb << 20)
+        bitmap_off, bitmap = build_feature_bitmaps(
+            np.asarray(ensemble.chunk_ptr), np.asarray(ensemble.chunk_feat), n_features,
+            bitmap_mb << 20, np.asarray(ensemble.parent))
         self._scratch = threading.local()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -459,7 +492,7 @@ class Searcher:
             ensemble.entry_child, ensemble.entry_val, ensemble.weight_scale, ensemble.bias,
             ensemble.node_label, ensemble.label_node,
         )), int(ensemble.dense_start[0]), np.asarray(ensemble.dense_ptr),
-            np.asarray(ensemble.dense_val), dense_off, dense_map)
+            np.asarray(ensemble.dense_val), bitmap_off, bitmap)
 
     def search(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, top_k: int,
                beam_size: int, node_mask: np.ndarray | None = None,
@@ -539,7 +572,7 @@ def search_matrix(ensemble: Ensemble, X: sp.csr_matrix, post: int, top_k: int, b
     """One search over CSR rows (sorted indices) with a searcher made for it: what the
     builder's validation steps and the negative miner need. Its dense maps are capped at
     128 MB, as a short-lived searcher does not pay back more."""
-    with Searcher(ensemble, X.shape[1], post, threads=threads, dense_map_mb=128) as searcher:
+    with Searcher(ensemble, X.shape[1], post, threads=threads, bitmap_mb=128) as searcher:
         return searcher.search(X.indptr, X.indices, X.data, top_k, beam_size)
 
 

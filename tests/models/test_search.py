@@ -121,19 +121,54 @@ def test_model_does_not_depend_on_thread_count(tmp_path, tiny_corpus, tiny_predi
     assert one.version == three.version == tiny_predictor.version
 
 
-def test_direct_feature_maps_count_the_entries_before_each_feature(tiny_predictor):
-    from models.search import build_dense_maps
+@pytest.mark.parametrize(("bitmap_mb", "min_rows"), [(0, 16), (64, 1)])
+def test_exhaustive_scores_with_and_without_feature_bitmaps(tiny_predictor, test_rows, monkeypatch,
+                                                            bitmap_mb, min_rows):
+    """No chunk searched through a bitmap, then every chunk: the same exhaustive scores."""
+    import models.search
+
+    monkeypatch.setattr(models.search, "BITMAP_MIN_ROWS", min_rows)
+    _, X = test_rows
+    ref = reference_scores(tiny_predictor, X)
+    n = tiny_predictor.n_labels
+    ens = tiny_predictor.ensemble
+    post = tiny_predictor._searcher.post
+    with models.search.Searcher(ens, tiny_predictor.n_features, post, threads=1,
+                                bitmap_mb=bitmap_mb) as searcher:
+        labels, scores, counts = searcher.search(X.indptr, X.indices, X.data, n, n)
+    assert (counts == n).all()
+    for d in range(X.shape[0]):
+        assert np.allclose(scores[d], ref[d, labels[d]], atol=1e-6)
+
+
+def test_feature_bitmaps_mark_each_chunks_features_and_count_the_rows_before(tiny_predictor):
+    from models.search import build_feature_bitmaps
 
     ens = tiny_predictor.ensemble
     n_features = tiny_predictor.n_features
-    off, maps = build_dense_maps(ens.chunk_ptr, ens.chunk_feat, ens.row_len, n_features,
-                                 budget_bytes=1 << 30, min_share=0.0)
-    row_len = np.asarray(ens.row_len, dtype=np.int64)
+    n_words = (n_features + 63) // 64
+    off, bitmap = build_feature_bitmaps(ens.chunk_ptr, ens.chunk_feat, n_features,
+                                        budget_bytes=1 << 30, min_rows=1)
     mapped = np.flatnonzero(off >= 0)
     # an ample budget maps every chunk that has a row
-    assert mapped.tolist() == np.flatnonzero(np.diff(ens.chunk_ptr) > 0).tolist()
+    assert sorted(mapped.tolist()) == np.flatnonzero(np.diff(ens.chunk_ptr) > 0).tolist()
     for node in mapped[:: max(1, len(mapped) // 50)]:
         r0, r1 = int(ens.chunk_ptr[node]), int(ens.chunk_ptr[node + 1])
-        feats, lens = np.asarray(ens.chunk_feat[r0:r1]), row_len[r0:r1]
-        want = [int(lens[feats < f].sum()) for f in range(n_features + 1)]
-        assert maps[off[node] : off[node] + n_features + 1].tolist() == want
+        feats = np.asarray(ens.chunk_feat[r0:r1])
+        words = bitmap[off[node] : off[node] + 2 * n_words].reshape(n_words, 2)
+        has = [bool((int(words[f // 64, 0]) >> (f % 64)) & 1) for f in range(n_features)]
+        assert has == [f in set(feats.tolist()) for f in range(n_features)]
+        assert words[:, 1].tolist() == [int((feats < 64 * w).sum()) for w in range(n_words)]
+
+
+def test_a_small_bitmap_budget_covers_the_top_layers_first(tiny_predictor):
+    from models.search import build_feature_bitmaps
+
+    ens = tiny_predictor.ensemble
+    per_chunk = 16 * ((tiny_predictor.n_features + 63) // 64)
+    n_roots = ens.n_trees
+    off, _ = build_feature_bitmaps(ens.chunk_ptr, ens.chunk_feat, tiny_predictor.n_features,
+                                   budget_bytes=n_roots * per_chunk,
+                                   parent=np.asarray(ens.parent), min_rows=1)
+    # every tree's root, not the first tree's whole top
+    assert sorted(np.flatnonzero(off >= 0).tolist()) == sorted(ens.tree_root.tolist())
