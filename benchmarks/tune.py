@@ -58,13 +58,15 @@ def main() -> None:
     ap.add_argument("--valid-share", type=float, default=0.15)
     ap.add_argument("--seeds", type=int, nargs="*", default=[0])
     ap.add_argument("--label-field", default="labels")
+    ap.add_argument("--json", type=Path, help="append one line per variant and seed here")
     args = ap.parse_args()
     corpus = read_corpus(train_file(args.data_dir), label_field=args.label_field)
     base = BuildParams().to_dict()
     print(f"{args.data_dir.name}: {corpus.n_docs} train docs, validation share "
           f"{args.valid_share}, seeds {args.seeds}")
-    print("| variant | P@1 | P@3 | P@5 | PSP@5 | train s (wall) | train s (CPU) | MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | P@1 | P@3 | P@5 | (P@1+P@5)/2 ± sd | PSP@5 | train s (wall) "
+          "| train s (CPU) | MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for variant in args.variants:
         rows = []
         for seed in args.seeds:
@@ -82,9 +84,18 @@ def main() -> None:
                 m = evaluate_predictor(predictor, valid, measure_speed=False)
                 rows.append((m["P@1"], m["P@3"], m["P@5"], m["PSP@5"], wall,
                              manifest["build"].get("cpu_seconds_train", float("nan")), mb))
+                if args.json:
+                    with args.json.open("a") as fh:
+                        fh.write(json.dumps({"data": args.data_dir.name, "variant": variant,
+                                             "seed": seed, **{k: m[k] for k in (
+                                                 "P@1", "P@3", "P@5", "PSP@5")},
+                                             "train_s": wall, "train_cpu_s": rows[-1][5],
+                                             "mb": mb}) + "\n")
         r = np.mean(rows, axis=0)
+        both = 100 * (np.array([x[0] for x in rows]) + np.array([x[2] for x in rows])) / 2
         print(f"| `{variant}` | {100 * r[0]:.2f} | {100 * r[1]:.2f} | {100 * r[2]:.2f} | "
-              f"{100 * r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.1f} |", flush=True)
+              f"{both.mean():.2f} ± {both.std():.2f} | {100 * r[3]:.2f} | {r[4]:.2f} | "
+              f"{r[5]:.2f} | {r[6]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
