@@ -4,7 +4,9 @@ Labels are split recursively into two equal halves (spherical 2-means whose assi
 cut at the median of the similarity difference, so every split is balanced).
 ``log2(branching_factor)`` binary levels make one tree layer, and splitting goes on by whole
 layers until a cluster holds at most ``max_leaf_size`` labels: a balanced k-ary split, as
-PECOS's hierarchical k-means makes (5,000 labels: 16 x 16 clusters of about 20 labels).
+PECOS's hierarchical k-means makes (5,000 labels: 16 x 16 clusters of about 20 labels). With
+``round_depth`` off, splitting stops as soon as clusters are small enough and the splits that
+do not fill a layer widen the top one (5,000 labels, leaves of 100: 64 clusters of about 70).
 """
 
 from __future__ import annotations
@@ -60,10 +62,13 @@ def build_tree(Z: sp.csr_matrix, params: ClusterParams, seed: int,
     if params.max_leaf_size >= n_labels:
         return LabelTree(np.zeros(n_labels, dtype=np.int64), 0, [])
     step = int(math.log2(params.branching_factor))
-    # whole layers of branching_factor children, as a k-ary split repeated until clusters
-    # hold at most max_leaf_size labels; never more clusters than labels
     needed = math.ceil(math.log2(n_labels / params.max_leaf_size))
-    depth_bits = min(step * math.ceil(needed / step), int(math.log2(n_labels)))
+    if params.round_depth:
+        # whole layers of branching_factor children, as a k-ary split repeated until
+        # clusters hold at most max_leaf_size labels; never more clusters than labels
+        depth_bits = min(step * math.ceil(needed / step), int(math.log2(n_labels)))
+    else:
+        depth_bits = needed
     Zc = sp.csr_matrix(Z, dtype=np.float32)
     indptr, indices = Zc.indptr.astype(np.int64), Zc.indices.astype(np.int64)
     # perm lists the labels cluster by cluster; cluster c of a level is perm[bounds[c]:...]
@@ -84,6 +89,9 @@ def build_tree(Z: sp.csr_matrix, params: ClusterParams, seed: int,
     leaf_code = np.empty(n_labels, dtype=np.int64)
     leaf_code[perm] = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
     layer_bits = sorted(range(depth_bits, 0, -step))
+    if not params.round_depth and len(layer_bits) > 1 and layer_bits[0] < step:
+        # the top layer takes the splits left over: a wider root, one layer fewer
+        layer_bits = layer_bits[1:]
     return LabelTree(leaf_code, depth_bits, layer_bits)
 
 

@@ -27,6 +27,11 @@ class ClusterParams:
     max_leaf_size: int = 100
     """Most labels under one bottom cluster. A value >= the number of labels gives the
     one-level (one-vs-all) model the literature compares against."""
+    round_depth: bool = True
+    """True: split on to whole layers of ``branching_factor`` (bottom clusters of
+    max_leaf_size / branching_factor .. max_leaf_size labels, as PECOS). False: only as far
+    as max_leaf_size needs (bottom clusters of max_leaf_size / 2 .. max_leaf_size labels),
+    the splits left over widening the root's layer: a shallower tree."""
     kmeans_max_iter: int = 20
     """Iterations of spherical 2-means per split (it stops earlier when assignments settle)."""
 

@@ -80,3 +80,26 @@ def test_separable_labels_split_at_the_top():
     tree = build_tree(Z, ClusterParams(branching_factor=2, max_leaf_size=30), seed=0)
     top = tree.leaf_code >> (tree.depth_bits - 1)
     assert len(set(top[:30])) == 1 and len(set(top[30:])) == 1 and top[0] != top[30]
+
+
+@pytest.mark.parametrize(("n_labels", "layer_bits", "largest"), [
+    (1000, [4, 8], 4),  # 1000 / 10 needs 7 splits: one rounded up to 8, 16 x 16 leaves of 3-4
+    (1000, [7], 8),  # not rounded: the 7 splits in one wide layer, leaves of 7-8
+])
+def test_depth_is_rounded_to_whole_layers_or_not(n_labels, layer_bits, largest):
+    Z = random_rows(n_labels, 300, 0)
+    round_depth = layer_bits == [4, 8]
+    tree = build_tree(Z, ClusterParams(branching_factor=16, max_leaf_size=10,
+                                       round_depth=round_depth), seed=0)
+    assert tree.layer_bits == layer_bits
+    sizes = np.bincount(tree.leaf_code)
+    assert sizes.max() == largest and sizes.max() <= 10 and sizes.min() >= largest - 1
+
+
+def test_unrounded_depth_gives_the_leftover_splits_to_the_top_layer():
+    Z = random_rows(3000, 300, 0)
+    # 3000 / 10 needs 9 splits: 16-way layers would be 1 + 4 + 4; the top one takes the 1
+    tree = build_tree(Z, ClusterParams(branching_factor=16, max_leaf_size=10,
+                                       round_depth=False), seed=0)
+    assert tree.layer_bits == [5, 9]
+    assert np.bincount(tree.leaf_code >> 4).size == 32
