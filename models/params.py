@@ -27,7 +27,7 @@ class ClusterParams:
     max_leaf_size: int = 100
     """Most labels under one bottom cluster. A value >= the number of labels gives the
     one-level (one-vs-all) model the literature compares against."""
-    round_depth: bool = True
+    round_depth: bool = False
     """True: split on to whole layers of ``branching_factor`` (bottom clusters of
     max_leaf_size / branching_factor .. max_leaf_size labels, as PECOS). False: only as far
     as max_leaf_size needs (bottom clusters of max_leaf_size / 2 .. max_leaf_size labels),

@@ -61,7 +61,7 @@ def test_split_matches_the_dense_reference(seed):
 
 def test_tree_is_balanced_and_independent_of_threads():
     Z = random_rows(1000, 300, 0)
-    params = ClusterParams(branching_factor=4, max_leaf_size=10)
+    params = ClusterParams(branching_factor=4, max_leaf_size=10, round_depth=True)
     one = build_tree(Z, params, seed=3, threads=1)
     two = build_tree(Z, params, seed=3, threads=2)
     assert np.array_equal(one.leaf_code, two.leaf_code)

@@ -29,10 +29,11 @@ def test_rows(tiny_predictor, tiny_corpus):
 
 
 def test_tree_is_deep_enough_to_matter(tiny_predictor):
-    # 120 labels, branching 4, at most 6 labels a leaf: 4-way layers down to 64 clusters
+    # 120 labels, branching 4, at most 6 labels a leaf: 5 binary splits, the leftover one
+    # widening the top layer (8 clusters), then 4-way down to 32 clusters
     n = tiny_predictor.n_labels
     assert tiny_predictor.manifest["trees"] == [
-        {"depth": 4, "layer_widths": [4, 16, 64, n]}] * 3
+        {"depth": 3, "layer_widths": [8, 32, n]}] * 3
     assert tiny_predictor.ensemble.n_trees == 3
 
 
