@@ -347,13 +347,15 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
                         trees, votes, partial(searcher.label_scores, *rows), w, 5)
                     candidates.append({"k": k, "power": power, "weight": w,
                                        **_p1_p5(ids, counts, names, valid)})
-        candidates.append({"k": 0, "power": 0.0, "weight": 0.0,
-                           **_p1_p5(trees[0], trees[2], names, valid)})
+        alone = {"k": 0, "power": 0.0, "weight": 0.0, **_p1_p5(trees[0], trees[2], names,
+                                                                valid)}
+    if 0 in params.knn_weight_grid:  # the trees alone
+        candidates.append(alone)
     best = max(candidates, key=lambda c: (c["P@1"], c["P@5"], -c["weight"], -c["k"],
                                           -c["power"]))
     log.info("knn: k %d, power %g, weight %g: validation P@1 %.4f, P@5 %.4f (trees alone "
              "%.4f, %.4f)", best["k"], best["power"], best["weight"], best["P@1"], best["P@5"],
-             candidates[-1]["P@1"], candidates[-1]["P@5"])
+             alone["P@1"], alone["P@5"])
     return VoteRule(int(best["k"]), best["power"], best["weight"]), {
         "validation_share": params.validation_share, "n_validation_docs": len(valid_rows),
         "n_trees": 1, "candidates": candidates,
@@ -367,7 +369,7 @@ def _block_of(X: sp.csr_matrix, dense_start: int, dim: int) -> np.ndarray:
 def _p1_p5(ids: np.ndarray, counts: np.ndarray, names: list[str], valid: Corpus,
            ) -> dict[str, float]:
     m = evaluate(ranked_names(ids, counts, names), valid.labels, ks=(1, 5))
-    return {"P@1": round(m["P@1"], 6), "P@5": round(m["P@5"], 6)}
+    return {"P@1": round(float(m["P@1"]), 6), "P@5": round(float(m["P@5"]), 6)}
 
 
 @dataclass

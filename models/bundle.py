@@ -13,6 +13,9 @@
     calibration_{x,y}.npy    built with --calibrate: the knots of the score calibration
                              (models.calibration); the manifest then has "calibration", and
                              "threshold" when built with --tune-threshold
+    knn.usearch              built with --knn (format 4): the usearch index of the training
+    knn.label_{ptr,ids}.npy  documents' embeddings and their labels, CSR (models.knn); the
+                             manifest then has "knn" (k, power, weight, bytes, sha256)
 
 Arrays load with ``allow_pickle=False`` and, by default, ``mmap_mode="r"`` so that several
 server processes share one copy. ``version`` is a content hash over arrays, label names,

@@ -148,10 +148,11 @@ class KnnMatcher:
         query = np.ascontiguousarray(emb[live], dtype=np.float32)
         with self._lock:
             found = self.index.search(query, k, exact=self.exact, threads=threads)
-        assert isinstance(found, BatchMatches)
+        # one query row gives Matches (1-d), several BatchMatches (2-d)
         got = np.asarray(found.keys).astype(np.int64).reshape(len(live), -1)[:, :k]
         dist = np.asarray(found.distances, dtype=np.float32).reshape(len(live), -1)[:, :k]
-        counts = np.asarray(found.counts).reshape(-1)
+        counts = (np.asarray(found.counts).reshape(-1) if isinstance(found, BatchMatches)
+                  else np.array([len(found)]))
         filled = np.arange(got.shape[1])[None, :] < counts[:, None]
         if np.any(filled & ((got < 0) | (got >= self.n_docs))):
             raise BundleError(f"kNN index returned a key outside 0..{self.n_docs - 1}")

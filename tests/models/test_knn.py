@@ -14,9 +14,9 @@ import models
 from models.builder import build
 from models.errors import BundleError, InvalidInputError
 from models.knn import KnnMatcher, VoteRule
-from tests.conftest import tiny_params
+from tests.conftest import corpus_from_docs, tiny_params
 from tests.models.reference import leaf_scores
-from tests.models.tiny_onnx import make_tiny_encoder
+from tests.models.tiny_onnx import WORDS, make_tiny_encoder
 
 
 # ----------------------------------------------------------------- the oracle
@@ -110,9 +110,29 @@ def tiny_model(tmp_path_factory):
     return model
 
 
+def word_docs(n: int, seed: int, n_labels: int = 24) -> list[dict]:
+    """Documents of the tiny encoder's own words (so that their embeddings differ: unknown
+    words all map to one token), 1-3 labels each, each label with words of its own."""
+    rng = np.random.default_rng(seed)
+    topics = [rng.choice(WORDS, size=6, replace=False) for _ in range(n_labels)]
+    docs = []
+    for i in range(n):
+        labels = rng.choice(n_labels, size=rng.integers(1, 4), replace=False)
+        words = [w for j in labels for w in rng.choice(topics[j], size=3)]
+        words += list(rng.choice(WORDS, size=3))
+        rng.shuffle(words)
+        docs.append({"id": i, "text": " ".join(words), "labels": [f"t{j:02d}" for j in labels]})
+    return docs
+
+
 @pytest.fixture(scope="module")
-def knn_bundle(tmp_path_factory, tiny_corpus, tiny_model):
-    train, _ = tiny_corpus
+def word_corpus():
+    return corpus_from_docs(word_docs(700, seed=1)), corpus_from_docs(word_docs(60, seed=2))
+
+
+@pytest.fixture(scope="module")
+def knn_bundle(tmp_path_factory, word_corpus, tiny_model):
+    train, _ = word_corpus
     # the held-out threshold fuses the kNN votes too: built here to run that path
     return build(train, tmp_path_factory.mktemp("knn") / "b",
                  knn_params(tiny_model, tune_threshold=True))
@@ -147,15 +167,15 @@ def test_manifest_records_the_knn_part(knn_bundle):
     assert m["build"]["ensemble_bytes"] > 0
     sel = m["build"]["knn_selection"]
     assert sel["chosen"] == {"k": 5, "power": 1.0, "weight": 0.4}
-    assert [c["weight"] for c in sel["candidates"]] == [0.4, 0.0]  # 0: the trees alone
+    assert [c["weight"] for c in sel["candidates"]] == [0.4]
     assert "threshold" in m
 
 
-def test_fused_scores_match_the_oracle(knn_bundle, tiny_corpus):
-    train, test = tiny_corpus
+def test_fused_scores_match_the_oracle(knn_bundle, word_corpus):
+    train, test = word_corpus
     predictor = models.load_bundle(knn_bundle)
     assert predictor.knn is not None
-    X = predictor.encode(test.texts[:15])
+    X = predictor.encode(test.texts[:30])
     want = oracle_fused(predictor, train, X)
     n = predictor.n_labels
     ids, scores, counts = predictor.predict_ids(X, top_k=n, beam_size=n)
@@ -176,8 +196,8 @@ def test_fused_scores_match_the_oracle(knn_bundle, tiny_corpus):
                                    atol=1e-5)
 
 
-def test_text_single_batch_and_features_agree(knn_bundle, tiny_corpus):
-    _, test = tiny_corpus
+def test_text_single_batch_and_features_agree(knn_bundle, word_corpus):
+    _, test = word_corpus
     predictor = models.load_bundle(knn_bundle)
     texts = test.texts[:12]
     batch = predictor.predict(texts, top_k=5)
@@ -188,10 +208,10 @@ def test_text_single_batch_and_features_agree(knn_bundle, tiny_corpus):
         np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
 
 
-def test_label_filter_applies_to_voted_labels(knn_bundle, tiny_corpus):
-    _, test = tiny_corpus
+def test_label_filter_applies_to_voted_labels(knn_bundle, word_corpus):
+    _, test = word_corpus
     predictor = models.load_bundle(knn_bundle)
-    allowed = predictor.label_names[::7]
+    allowed = predictor.label_names[::4]  # 6 of 24
     got = predictor.predict(test.texts[:20], top_k=5, label_filter={"include": allowed})
     assert all(lab in set(allowed) for row in got for lab, _ in row)
     assert all(len(row) == 5 for row in got)
@@ -226,7 +246,7 @@ def test_bundle_without_knn_loads_as_before(tiny_predictor):
 
 
 def test_weight_zero_builds_no_knn_part(tmp_path, tiny_corpus, tiny_model):
-    train, test = tiny_corpus
+    train, _ = tiny_corpus
     params = knn_params(tiny_model, n_trees=1, knn_weight_grid=[0.0])
     out = build(train, tmp_path / "b", params)
     m = json.loads((out / "manifest.json").read_text())
