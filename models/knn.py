@@ -47,9 +47,11 @@ KNN_ARRAYS: dict[str, tuple[type, ...]] = {
 }
 INDEX_FILE = "knn.usearch"
 KIND = "usearch"
-#: below this many indexed documents a query is compared with every one of them (exact;
-#: about 0.5 ms at 384 dimensions), above it the index's HNSW graph is walked
-EXACT_MAX_DOCS = 50_000
+#: up to this many indexed documents a query is compared with every one of them (exact),
+#: above it the index's HNSW graph is walked: on cooking's 12,404 MiniLM embeddings (384
+#: dimensions) 0.30 ms instead of 2.0 ms a query, recall of the exact 10 / 30 / 50 nearest
+#: 0.99 / 0.98 / 0.97
+EXACT_MAX_DOCS = 4096
 
 #: (label ids, scores): one row of a ranking, best first
 Ranking = tuple[np.ndarray, np.ndarray]
