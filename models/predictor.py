@@ -38,11 +38,13 @@ class Predictor:
     """Ranks a bundle's labels for documents; thread-safe.
 
     Scores lie in (0, 1]: a label's score is the mean over the ensemble's trees of the
-    product of its node scores along its root-to-label path (see ``post_processor``).
+    product of its node scores along its root-to-label path (see ``post_processor``). A
+    bundle built with ``knn`` fuses in its neighbours' votes: ``(1 - w) * that + w * vote``
+    (see :mod:`models.knn`; the explanations stay those of the trees' part).
 
     With a calibrated bundle (``xmc build --calibrate``) :meth:`predict` and
     :meth:`predict_features` return calibrated scores instead (see
-    :mod:`models.calibration`); :meth:`predict_ids` always returns the raw ensemble scores.
+    :mod:`models.calibration`); :meth:`predict_ids` always returns the raw scores.
 
     Controls of every predict call: ``label_filter`` (see :mod:`models.filters`: only labels
     it allows are searched and returned), ``threshold`` and ``min_score`` (labels scoring
