@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,9 +33,10 @@ from models.data import Corpus, distinct_labels, label_matrix, validation_rows
 from models.engine import LocalEngine, TreeEngine
 from models.errors import BundleError, InvalidInputError
 from models.features import FeatureEncoder, fuse
+from models.knn import KnnMatcher, VoteRule, dense_block, fuse_rankings, knn_search, vote
 from models.metrics import best_threshold, evaluate, micro_prf
 from models.params import POST_PROCESSORS, BuildParams
-from models.search import ranked_names, search_matrix
+from models.search import Searcher, ranked_names, search_matrix
 from models.tree import Ensemble, quantize
 from models.vocab import Vocabulary, write_label_meta
 
@@ -116,10 +118,17 @@ def build(
                 dense = (emb, float(weight))
             del emb
         engine = engine or LocalEngine()
+        rule, knn_selection = None, None
+        if params.knn:
+            with stages("knn_choice"):
+                rule, knn_selection = choose_knn(train, dense, params, threads)
+            if rule.weight == 0:
+                log.info("knn weight 0 won on validation: a bundle without the kNN part")
+                rule = None
         held_out = None
         if params.tune_threshold or params.calibrate:
             with stages("held_out"):
-                held_out = held_out_controls(train, dense, params, threads, engine)
+                held_out = held_out_controls(train, dense, params, threads, engine, rule)
         del dense
         Y = label_matrix(train.labels, label_names)
         label_counts = np.asarray(Y.sum(axis=0)).ravel().astype(np.int64)
@@ -146,9 +155,15 @@ def build(
             encoder_files = [f for e in entries for f in e.get("files", [])]
             controls = held_out.save(tmp) if held_out is not None else {}
             encoder_files += controls.get("calibration", {}).get("files", [])
+            if rule is not None:
+                assert dense_start is not None  # choose_knn refuses features without one
+                controls["knn"] = KnnMatcher.build(
+                    _block_of(X, dense_start, X.shape[1] - dense_start), Y, rule).save(tmp)
+                encoder_files += controls["knn"]["files"]
             param_dict = params.to_dict()
             manifest: dict[str, Any] = {
-                "format_version": bundle_io.FORMAT_VERSION,
+                "format_version": bundle_io.KNN_FORMAT_VERSION if rule is not None
+                else bundle_io.FORMAT_VERSION,
                 "name": name or out_dir.name,
                 # threads changes how fast, never what is built: not part of the identity
                 "version": bundle_io.content_hash(
@@ -180,6 +195,10 @@ def build(
         }
         if selection is not None:
             manifest["build"]["dense_weight_selection"] = selection
+        if knn_selection is not None:
+            manifest["build"]["knn_selection"] = knn_selection
+        if rule is not None:
+            manifest["build"]["knn_bytes"] = manifest["knn"]["bytes"]
         if test is not None:
             bundle_io.write_manifest(tmp, manifest)
             from models.evaluate import evaluate_predictor
@@ -258,7 +277,8 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
     X_valid = tfidf.transform(valid.text_list)
     one_tree = dataclasses.replace(params, n_trees=1)
     candidates = []
-    for alpha in sorted(set(params.dense_weight_grid)):
+    # with a kNN part the features must keep a dense block for it to read
+    for alpha in sorted(a for a in set(params.dense_weight_grid) if a > 0 or not params.knn):
         Xf = fuse(X_fit, emb[fit_rows], alpha) if alpha > 0 else X_fit
         Xv = fuse(X_valid, emb[valid_rows], alpha) if alpha > 0 else X_valid
         # scored as it would be stored: quantized as weight_dtype says
@@ -282,6 +302,76 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
     }
 
 
+def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: BuildParams,
+               threads: int) -> tuple[VoteRule, dict[str, Any]]:
+    """The kNN vote rule (k, power) and weight with the best P@1 (then P@5, then the smaller
+    weight, k and power) on the seeded ``validation_share`` of ``train``: one tree trained
+    as the bundle's trees are on the rest, a kNN over the rest, their fusion scored on the
+    held-out documents for every candidate (the tree and the neighbours are computed once).
+    ``dense``: the fused block's embeddings and weight, as for :func:`held_out_controls`.
+    Returns the rule and the table behind the choice for the manifest."""
+    fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
+    if not len(valid_rows) or not len(fit_rows):
+        raise InvalidInputError(
+            f"{train.n_docs} training documents are too few to choose the kNN weight on a "
+            "validation split")
+    fit, valid = train.subset(fit_rows), train.subset(valid_rows)
+    names = distinct_labels(fit.labels)
+    X_fit, X_valid, dense_start = _held_out_features(train, fit_rows, valid_rows, dense,
+                                                     params)
+    if dense_start is None or dense_start >= X_fit.shape[1]:
+        raise InvalidInputError("knn needs a dense block: give --dense-encoder (or feature "
+                                "input that declares one)")
+    Y_fit = label_matrix(fit.labels, names)
+    one_tree = dataclasses.replace(params, n_trees=1).resolved(fused=True)
+    ensemble = quantize(next(_train_trees(X_fit, Y_fit, one_tree, threads,
+                                          _Stages(verbose=False), dense_start)),
+                        params.weight_dtype)
+    dim = X_fit.shape[1] - dense_start
+    matcher = KnnMatcher.build(_block_of(X_fit, dense_start, dim), Y_fit,
+                               VoteRule(1, 1.0, 0.0))
+    post = POST_PROCESSORS[params.post_processor]
+    with Searcher(ensemble, X_fit.shape[1], post, threads=threads,
+                  bitmap_mb=128) as searcher:
+        rows = (X_valid.indptr, X_valid.indices, X_valid.data)
+        trees = searcher.search(*rows, 5, params.beam_size)
+        keys, sims = matcher.neighbours(_block_of(X_valid, dense_start, dim),
+                                        max(params.knn_k_grid), threads)
+        candidates = []
+        for k in sorted(set(params.knn_k_grid)):
+            for power in sorted(set(params.knn_power_grid)):
+                votes = vote(keys[:, :k], sims[:, :k], matcher.label_ptr, matcher.label_ids,
+                             len(names), power)
+                for w in sorted(set(params.knn_weight_grid) - {0.0}):
+                    ids, _, counts = fuse_rankings(
+                        trees, votes, partial(searcher.label_scores, *rows), w, 5)
+                    candidates.append({"k": k, "power": power, "weight": w,
+                                       **_p1_p5(ids, counts, names, valid)})
+        alone = {"k": 0, "power": 0.0, "weight": 0.0, **_p1_p5(trees[0], trees[2], names,
+                                                                valid)}
+    if 0 in params.knn_weight_grid:  # the trees alone
+        candidates.append(alone)
+    best = max(candidates, key=lambda c: (c["P@1"], c["P@5"], -c["weight"], -c["k"],
+                                          -c["power"]))
+    log.info("knn: k %d, power %g, weight %g: validation P@1 %.4f, P@5 %.4f (trees alone "
+             "%.4f, %.4f)", best["k"], best["power"], best["weight"], best["P@1"], best["P@5"],
+             alone["P@1"], alone["P@5"])
+    return VoteRule(int(best["k"]), best["power"], best["weight"]), {
+        "validation_share": params.validation_share, "n_validation_docs": len(valid_rows),
+        "n_trees": 1, "candidates": candidates,
+        "chosen": {"k": best["k"], "power": best["power"], "weight": best["weight"]}}
+
+
+def _block_of(X: sp.csr_matrix, dense_start: int, dim: int) -> np.ndarray:
+    return dense_block(X.indptr, X.indices, X.data, dense_start, dim)
+
+
+def _p1_p5(ids: np.ndarray, counts: np.ndarray, names: list[str], valid: Corpus,
+           ) -> dict[str, float]:
+    m = evaluate(ranked_names(ids, counts, names), valid.labels, ks=(1, 5))
+    return {"P@1": round(float(m["P@1"]), 6), "P@5": round(float(m["P@5"]), 6)}
+
+
 @dataclass
 class HeldOut:
     """What the held-out predictions gave: the tuned threshold (manifest entry) and the
@@ -303,13 +393,15 @@ class HeldOut:
 
 def held_out_controls(train: Corpus, dense: tuple[np.ndarray, float] | None,
                       params: BuildParams, threads: int,
-                      engine: TreeEngine | None = None) -> HeldOut:
+                      engine: TreeEngine | None = None, knn: VoteRule | None = None,
+                      ) -> HeldOut:
     """A model trained as the bundle will be (same parameters, all its trees) on train less
     the seeded ``validation_share`` predicts the held-out documents (``top_k``,
     ``beam_size``); on those (label, score) pairs: the isotonic calibration
     (``params.calibrate``), then the threshold maximizing micro-F1 on the scores as they will
     be served (``params.tune_threshold``). ``dense``: the fused block's embeddings of every
-    training document and its weight."""
+    training document and its weight; ``knn``: the vote rule of a kNN part, whose votes
+    over the fit part are then fused in as the bundle fuses them."""
     fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
     if not len(valid_rows) or not len(fit_rows):
         raise InvalidInputError(
@@ -324,8 +416,15 @@ def held_out_controls(train: Corpus, dense: tuple[np.ndarray, float] | None,
     trees = _train_trees(X_fit, label_matrix(fit.labels, names), params.resolved(
         fused=dense is not None), threads, _Stages(verbose=False), dense_start, engine)
     ensemble = Ensemble.concatenate([quantize(t, params.weight_dtype) for t in trees])
-    ids, scores, counts = search_matrix(ensemble, X_valid, POST_PROCESSORS[params.post_processor],
-                                        params.top_k, params.beam_size, threads)
+    matcher = None
+    if knn is not None and dense_start is not None:
+        matcher = KnnMatcher.build(_block_of(X_fit, dense_start, X_fit.shape[1] - dense_start),
+                                   label_matrix(fit.labels, names), knn)
+    with Searcher(ensemble, X_fit.shape[1], POST_PROCESSORS[params.post_processor],
+                  threads=threads, bitmap_mb=128) as searcher:
+        ids, scores, counts = knn_search(
+            searcher, matcher, (X_valid.indptr, X_valid.indices, X_valid.data), params.top_k,
+            params.beam_size, dense_start=dense_start or 0, threads=threads)
     score_list: list[float] = []
     correct_list: list[bool] = []
     for row, srow, c, truth in zip(ids.tolist(), scores.tolist(), counts, valid.labels):

@@ -13,6 +13,9 @@
     calibration_{x,y}.npy    built with --calibrate: the knots of the score calibration
                              (models.calibration); the manifest then has "calibration", and
                              "threshold" when built with --tune-threshold
+    knn.usearch              built with --knn (format 4): the usearch index of the training
+    knn.label_{ptr,ids}.npy  documents' embeddings and their labels, CSR (models.knn); the
+                             manifest then has "knn" (k, power, weight, bytes, sha256)
 
 Arrays load with ``allow_pickle=False`` and, by default, ``mmap_mode="r"`` so that several
 server processes share one copy. ``version`` is a content hash over arrays, label names,
@@ -45,9 +48,12 @@ from models.tree import (
 )
 
 FORMAT_VERSION = 3
+#: the format of a bundle with a kNN part (models.knn): the trees' arrays are format 3's, but
+#: a reader that knows no kNN must refuse it rather than serve the trees alone
+KNN_FORMAT_VERSION = 4
 #: versions this build reads: 1 lacks the dense-block arrays (its bundles have none); 1 and 2
 #: store an int64 row pointer and float32 weights (see _load_old_ensemble)
-READABLE_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 #: files a bundle may have (label_meta.json: see models.vocab)
 OPTIONAL_FILES = ("label_meta.json",)

@@ -114,6 +114,23 @@ class BuildParams:
     dense encoder's block of weights stays float32. int8, the smallest, scored within 0.1
     validation P@1 of float32 wherever it was measured (benchmarks/RESULTS.md)."""
 
+    knn: bool = False
+    """Add the kNN matcher (:mod:`models.knn`): the training documents nearest a query, by
+    cosine similarity of the dense block (the dense encoder's embedding) in a usearch index,
+    vote for their labels, and the votes join the trees' scores as ``(1 - w) * tree + w *
+    knn``. Needs a dense block: ``dense_encoder`` (then alpha 0 is no candidate of
+    ``dense_weight_grid``) or feature input that declares one. ``w``, the neighbours and the
+    vote exponent are chosen on the validation split (``validation_share``); a choice of
+    ``w = 0`` builds no kNN part."""
+    knn_k_grid: list[int] = field(default_factory=lambda: [10, 30, 50])
+    """Candidate numbers of neighbours that vote."""
+    knn_power_grid: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    """Candidate vote exponents: a neighbour at similarity s votes with s ** power (0: one
+    vote each)."""
+    knn_weight_grid: list[float] = field(
+        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    """Candidate weights w of the kNN votes (0: the trees alone)."""
+
     def __post_init__(self) -> None:
         if self.tfidf is None:
             from models.tfidf import TfidfParams
@@ -149,6 +166,16 @@ class BuildParams:
         if self.dense_weight == "auto" and (
                 not self.dense_weight_grid or min(self.dense_weight_grid) < 0):
             raise InvalidInputError("dense_weight_grid must list alphas >= 0")
+        if self.knn and self.dense_weight == "auto" and not any(
+                a > 0 for a in self.dense_weight_grid):
+            raise InvalidInputError("knn needs a dense block: dense_weight_grid must list an "
+                                    "alpha > 0")
+        if not self.knn_k_grid or min(self.knn_k_grid) < 1:
+            raise InvalidInputError("knn_k_grid must list neighbour counts >= 1")
+        if not self.knn_power_grid or min(self.knn_power_grid) < 0:
+            raise InvalidInputError("knn_power_grid must list exponents >= 0")
+        if not self.knn_weight_grid or not all(0 <= w <= 1 for w in self.knn_weight_grid):
+            raise InvalidInputError("knn_weight_grid must list weights in 0..1")
         if not 0 < self.validation_share < 1:
             raise InvalidInputError("validation_share must lie in (0, 1)")
         if self.beam_size < 1 or self.top_k < 1:

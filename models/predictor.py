@@ -16,6 +16,7 @@ from models.errors import BundleError, InvalidInputError
 from models.explain import TermContribution, explain_labels
 from models.features import FeatureEncoder, require_text
 from models.filters import FilterCompiler, FilterSpec
+from models.knn import KnnMatcher, knn_search
 from models.params import POST_PROCESSORS
 from models.search import Searcher
 from models.tree import Ensemble
@@ -38,11 +39,13 @@ class Predictor:
     """Ranks a bundle's labels for documents; thread-safe.
 
     Scores lie in (0, 1]: a label's score is the mean over the ensemble's trees of the
-    product of its node scores along its root-to-label path (see ``post_processor``).
+    product of its node scores along its root-to-label path (see ``post_processor``). A
+    bundle built with ``knn`` fuses in its neighbours' votes: ``(1 - w) * that + w * vote``
+    (see :mod:`models.knn`; the explanations stay those of the trees' part).
 
     With a calibrated bundle (``xmc build --calibrate``) :meth:`predict` and
     :meth:`predict_features` return calibrated scores instead (see
-    :mod:`models.calibration`); :meth:`predict_ids` always returns the raw ensemble scores.
+    :mod:`models.calibration`); :meth:`predict_ids` always returns the raw scores.
 
     Controls of every predict call: ``label_filter`` (see :mod:`models.filters`: only labels
     it allows are searched and returned), ``threshold`` and ``min_score`` (labels scoring
@@ -55,8 +58,11 @@ class Predictor:
                  label_counts: np.ndarray, *, threads: int | None = None,
                  bitmap_mb: int = BITMAP_MB,
                  calibration: Calibration | None = None,
-                 label_info: Mapping[str, LabelInfo] | None = None) -> None:
+                 label_info: Mapping[str, LabelInfo] | None = None,
+                 knn: KnnMatcher | None = None) -> None:
         self.path = path
+        #: the kNN matcher whose votes join the trees' scores (None: the trees alone)
+        self.knn = knn
         self.calibration = calibration
         #: uri, label and notation by label name (empty: the bundle has no vocabulary)
         self.label_info: Mapping[str, LabelInfo] = label_info or {}
@@ -91,9 +97,16 @@ class Predictor:
                 f"encoders give {encoder.n_features} features, manifest says "
                 f"{manifest['n_features']}", folder / "manifest.json")
         calibration = Calibration.load(folder) if "calibration" in manifest else None
+        knn = None
+        if "knn" in manifest:
+            dim = int(manifest["n_features"]) - int(ensemble.dense_start[0])
+            if not isinstance(manifest["knn"], dict) or dim < 1:
+                raise BundleError("a kNN part needs a dense block", folder / "manifest.json")
+            knn = KnnMatcher.load(folder, manifest["knn"], n_labels=ensemble.n_labels,
+                                  dim=dim, mmap=mmap)
         return cls(folder, manifest, ensemble, label_names, encoder, counts,
                    threads=threads, calibration=calibration,
-                   label_info=read_label_meta(folder, label_names))
+                   label_info=read_label_meta(folder, label_names), knn=knn)
 
     # ----------------------------------------------------------------- facts
     @property
@@ -144,7 +157,6 @@ class Predictor:
         encoder = require_text(self.encoder)
         top_k, beam_size = self._check_args(top_k, beam_size)
         cut = self.score_cut(threshold, min_score)
-        mask = self._filters.node_mask(label_filter)
         rows: tuple[np.ndarray, np.ndarray, np.ndarray]
         if len(texts) == 1:
             idx, val = encoder.transform_one(texts[0])
@@ -152,8 +164,7 @@ class Predictor:
         else:
             X = self._as_features(encoder.transform(texts))
             rows = (X.indptr, X.indices, X.data)
-        labels, scores, counts = self._searcher.search(rows[0], rows[1], rows[2], top_k,
-                                                       beam_size, mask)
+        labels, scores, counts = self._search(rows, top_k, beam_size, label_filter)
         return self._named(labels, scores, counts, cut, rows if explain else None)
 
     def predict_features(self, X: sp.spmatrix | np.ndarray, *, top_k: int | None = None,
@@ -181,12 +192,12 @@ class Predictor:
     def predict_ids(self, X: sp.spmatrix | np.ndarray, *, top_k: int | None = None,
                     beam_size: int | None = None, label_filter: FilterSpec | None = None,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw result: label ids (n, top_k; -1 pads), ensemble scores (n, top_k), counts
-        (n,); neither calibration nor threshold applied."""
+        """Raw result: label ids (n, top_k; -1 pads), scores (n, top_k), counts (n,);
+        neither calibration nor threshold applied. The scores are the ensemble's, fused
+        with the kNN votes when the bundle has a kNN part (:mod:`models.knn`)."""
         top_k, beam_size = self._check_args(top_k, beam_size)
-        mask = self._filters.node_mask(label_filter)
         X = self._as_features(X)
-        return self._searcher.search(X.indptr, X.indices, X.data, top_k, beam_size, mask)
+        return self._search((X.indptr, X.indices, X.data), top_k, beam_size, label_filter)
 
     def calibrated(self, scores: np.ndarray) -> np.ndarray:
         """Raw ensemble scores as this bundle serves them: calibrated when it has a
@@ -230,6 +241,17 @@ class Predictor:
         self._searcher.close()
 
     # ----------------------------------------------------------------- internals
+    def _search(self, rows: tuple[np.ndarray, np.ndarray, np.ndarray], top_k: int,
+                beam_size: int, label_filter: FilterSpec | None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mask = self._filters.node_mask(label_filter)
+        allowed = None
+        if self.knn is not None and label_filter is not None:
+            allowed = self._filters.label_mask(label_filter)
+        return knn_search(self._searcher, self.knn, rows, top_k, beam_size,
+                          dense_start=int(self.ensemble.dense_start[0]), node_mask=mask,
+                          allowed=allowed, threads=self.threads)
+
     def _check_args(self, top_k: int | None, beam_size: int | None) -> tuple[int, int]:
         top_k = self.default_top_k if top_k is None else top_k
         beam_size = self.default_beam_size if beam_size is None else beam_size

@@ -402,6 +402,56 @@ def _path_log_score(t: int, node: int, xi: np.ndarray, xv: np.ndarray, xdense: n
     return acc
 
 
+@numba.njit(nogil=True, cache=True)
+def score_labels(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, xdense: np.ndarray,
+                 cand_ptr: np.ndarray, cand_label: np.ndarray, child_ptr: np.ndarray,
+                 parent: np.ndarray, chunk_ptr: np.ndarray, chunk_feat: np.ndarray,
+                 row_len: np.ndarray, row_mark: np.ndarray, entry_child: np.ndarray,
+                 entry_val: np.ndarray, weight_scale: np.ndarray, bias: np.ndarray,
+                 label_node: np.ndarray, dense_start: int, dense_ptr: np.ndarray,
+                 dense_val: np.ndarray, bitmap_off: np.ndarray, bitmap: np.ndarray, post: int,
+                 max_children: int, node_log: np.ndarray, scored: np.ndarray,
+                 touched: np.ndarray, out: np.ndarray) -> None:
+    """out[c] = the exact ensemble score (mean over trees of the path score) of label
+    cand_label[c] for CSR row d, c in cand_ptr[d]..cand_ptr[d + 1]. A parent's chunk is
+    scored once per row (``scored`` / ``node_log``: per node, left all-False again; ``touched``
+    holds the parents scored); ``xdense`` as in :func:`predict_rows`."""
+    n_trees = label_node.shape[0]
+    z = np.empty(max(max_children, 1))
+    for d in range(indptr.shape[0] - 1):
+        xi = indices[indptr[d]:indptr[d + 1]]
+        xv = data[indptr[d]:indptr[d + 1]]
+        for i in range(xi.shape[0]):
+            xdense[xi[i]] = xv[i]
+        n_touched = 0
+        for c in range(cand_ptr[d], cand_ptr[d + 1]):
+            total = 0.0
+            for t in range(n_trees):
+                node = label_node[t, cand_label[c]]
+                acc = 0.0
+                while parent[node] >= 0:
+                    p = parent[node]
+                    if not scored[p]:
+                        c0 = child_ptr[p]
+                        nc = child_ptr[p + 1] - c0
+                        _score_chunk(p, c0, xi, xv, xdense, chunk_ptr, chunk_feat, row_len,
+                                     row_mark, entry_child, entry_val, weight_scale, bitmap_off,
+                                     bitmap, dense_start, dense_ptr, dense_val, z, nc)
+                        for j in range(nc):
+                            node_log[c0 + j] = _log_post(z[j] + bias[c0 + j], post)
+                        scored[p] = True
+                        touched[n_touched] = p
+                        n_touched += 1
+                    acc += node_log[node]
+                    node = p
+                total += np.exp(acc)
+            out[c] = total / n_trees
+        for i in range(n_touched):
+            scored[touched[i]] = False
+        for i in range(xi.shape[0]):
+            xdense[xi[i]] = 0.0
+
+
 #: chunks with fewer rows are searched directly: a binary search of a few rows is as fast as
 #: a bitmap word and costs no memory
 BITMAP_MIN_ROWS = 16
@@ -526,6 +576,30 @@ class Searcher:
         for f in futures:
             f.result()
         return labels, scores, counts
+
+    def label_scores(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+                     cand_ptr: np.ndarray, cand_label: np.ndarray) -> np.ndarray:
+        """float64 per candidate: the exact ensemble score of label ``cand_label[c]`` for
+        CSR row d (sorted indices), c in ``cand_ptr[d]..cand_ptr[d + 1]``; whatever a beam
+        would have found, as the search's merge scores its labels."""
+        cand_label = np.asarray(cand_label, dtype=np.int64)
+        n_labels = self._arrays[13].shape[1]
+        if cand_label.size and (cand_label.min() < 0 or cand_label.max() >= n_labels):
+            raise InvalidInputError(f"label ids must lie in 0..{n_labels - 1}")
+        out = np.zeros(cand_label.shape[0], dtype=np.float64)
+        scratch = getattr(self._scratch, "label_nodes", None)
+        if scratch is None:
+            scratch = (np.zeros(self._n_nodes), np.zeros(self._n_nodes, dtype=np.bool_),
+                       np.zeros(self._n_nodes, dtype=np.int64))
+            self._scratch.label_nodes = scratch
+        # the ensemble's arrays but tree_root, tree_depth and node_label, in kernel order
+        a = self._arrays
+        args = (np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int32),
+                np.asarray(data, dtype=np.float32), self._xdense(),
+                np.asarray(cand_ptr, dtype=np.int64), cand_label, *a[2:12], a[13], *a[14:],
+                self.post, self.max_children, *scratch, out)
+        score_labels(*args)
+        return out
 
     def close(self) -> None:
         if self._pool is not None:

@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
                    "default) chooses it by P@1 on a validation split carved from TRAIN, and "
                    "builds TF-IDF only when that wins")
     b.add_argument("--int8", action="store_true", help="quantize the dense encoder to int8")
+    b.add_argument("--knn", action="store_true",
+                   help="add a kNN matcher: the training documents nearest a text by its "
+                   "dense embedding (usearch index) vote for their labels, joined to the "
+                   "trees' scores with a weight chosen on a validation split carved from "
+                   "TRAIN (0: no kNN part); needs --dense-encoder")
     b.add_argument("--tune-threshold", action="store_true",
                    help="tune a global score threshold for micro-F1 on a validation split "
                    "carved from TRAIN (a model trained on the rest; about doubles the build "
@@ -232,7 +237,7 @@ def _build(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             setattr(params, attr, value)
-    for flag in ("int8", "tune_threshold", "calibrate"):
+    for flag in ("int8", "tune_threshold", "calibrate", "knn"):
         if getattr(args, flag):
             setattr(params, flag, True)
     logging.getLogger("models").setLevel(logging.INFO)

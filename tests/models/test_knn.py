@@ -1,0 +1,301 @@
+"""The kNN matcher against a plain numpy oracle that shares no code with it (brute-force
+cosine neighbours, then the vote), and bundles built with ``knn`` (tiny ONNX encoder)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import models
+from models.builder import build
+from models.errors import BundleError, InvalidInputError
+from models.knn import KnnMatcher, VoteRule
+from tests.conftest import corpus_from_docs, tiny_params
+from tests.models.reference import leaf_scores
+from tests.models.tiny_onnx import WORDS, make_tiny_encoder
+
+
+# ----------------------------------------------------------------- the oracle
+def oracle_votes(train: np.ndarray, Y: np.ndarray, queries: np.ndarray, k: int,
+                 power: float) -> np.ndarray:
+    """(n_queries, n_labels): the k most cosine-similar training rows (ties: the smaller
+    row), each voting sim ** power (negative sims: 0) for its labels, over the total."""
+    a = train / np.linalg.norm(train, axis=1, keepdims=True)
+    out = np.zeros((queries.shape[0], Y.shape[1]))
+    for q, query in enumerate(queries):
+        norm = np.linalg.norm(query)
+        if norm == 0:
+            continue
+        sims = a @ (query / norm)
+        nearest = sorted(range(len(sims)), key=lambda i: (-sims[i], i))[:k]
+        weights = np.array([max(sims[i], 0.0) ** power for i in nearest])
+        if weights.sum() == 0:
+            continue
+        for w, i in zip(weights, nearest):
+            out[q] += w * Y[i]
+        out[q] /= weights.sum()
+    return out
+
+
+def random_set(seed: int, n: int = 300, dim: int = 16, n_labels: int = 25,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    Y = (rng.random((n, n_labels)) < 0.08).astype(np.float64)
+    Y[np.arange(n), rng.integers(0, n_labels, n)] = 1  # every document has a label
+    return emb, Y
+
+
+@pytest.mark.parametrize(("k", "power"), [(1, 1.0), (5, 1.0), (10, 0.0), (30, 4.0)])
+def test_votes_match_the_oracle(k: int, power: float) -> None:
+    emb, Y = random_set(0)
+    rng = np.random.default_rng(1)
+    queries = np.vstack([rng.normal(size=(40, emb.shape[1])), emb[:5] * 3.0,
+                         np.zeros((1, emb.shape[1]))]).astype(np.float32)
+    matcher = KnnMatcher.build(emb, sp.csr_matrix(Y), VoteRule(k, power, 0.5))
+    got = matcher.votes(queries).toarray()
+    want = oracle_votes(emb.astype(np.float64), Y, queries.astype(np.float64), k, power)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not got[-1].any()  # a zero query has no neighbour
+
+
+def test_neighbours_are_the_nearest_with_their_similarity() -> None:
+    emb, Y = random_set(2)
+    matcher = KnnMatcher.build(emb, sp.csr_matrix(Y), VoteRule(7, 1.0, 0.5))
+    keys, sims = matcher.neighbours(emb[:10], 7)
+    a = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    for q in range(10):
+        exact = a @ a[q]
+        assert keys[q, 0] == q  # a training document is its own nearest
+        np.testing.assert_allclose(sims[q], exact[keys[q]], atol=1e-5)
+        np.testing.assert_allclose(sims[q], np.sort(exact)[::-1][:7], atol=1e-5)
+
+
+def test_a_large_index_walks_its_graph_and_finds_nearly_all_neighbours() -> None:
+    emb, Y = random_set(5, n=6000, dim=12)
+    matcher = KnnMatcher.build(emb, sp.csr_matrix(Y), VoteRule(10, 1.0, 0.5))
+    assert not matcher.exact  # above EXACT_MAX_DOCS
+    queries = emb[:200] + 0.1 * np.random.default_rng(6).normal(size=(200, 12))
+    got, _ = matcher.neighbours(queries.astype(np.float32), 10)
+    a = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    exact = np.argsort(-(queries @ a.T), axis=1)[:, :10]
+    recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, exact)])
+    assert recall > 0.9
+
+
+def test_more_neighbours_asked_than_indexed() -> None:
+    emb, Y = random_set(3, n=6)
+    matcher = KnnMatcher.build(emb, sp.csr_matrix(Y), VoteRule(10, 1.0, 0.5))
+    keys, _ = matcher.neighbours(emb[:2], 10)
+    assert (keys[:, :6] >= 0).all() and (keys[:, 6:] == -1).all()
+    np.testing.assert_allclose(matcher.votes(emb[:2]).toarray(),
+                               oracle_votes(emb, Y, emb[:2], 10, 1.0), atol=1e-5)
+
+
+def test_index_file_is_the_same_for_the_same_data(tmp_path) -> None:
+    emb, Y = random_set(4, n=2000)
+    entries = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        matcher = KnnMatcher.build(emb, sp.csr_matrix(Y), VoteRule(5, 1.0, 0.5))
+        entries.append(matcher.save(tmp_path / name))
+    assert entries[0] == entries[1]  # the index's sha256 among them
+    assert (tmp_path / "a" / "knn.usearch").read_bytes() == (
+        tmp_path / "b" / "knn.usearch").read_bytes()
+
+
+# ----------------------------------------------------------------- bundles with a kNN part
+def knn_params(model, **overrides):
+    base = dict(n_trees=2, dense_encoder=str(model), dense_weight=2.0, knn=True,
+                knn_k_grid=[5], knn_power_grid=[1.0], knn_weight_grid=[0.4])
+    return tiny_params(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    model, _ = make_tiny_encoder(tmp_path_factory.mktemp("enc-knn"))
+    return model
+
+
+def word_docs(n: int, seed: int, n_labels: int = 24) -> list[dict]:
+    """Documents of the tiny encoder's own words (so that their embeddings differ: unknown
+    words all map to one token), 1-3 labels each, each label with words of its own."""
+    rng = np.random.default_rng(seed)
+    topics = [rng.choice(WORDS, size=6, replace=False) for _ in range(n_labels)]
+    docs = []
+    for i in range(n):
+        labels = rng.choice(n_labels, size=rng.integers(1, 4), replace=False)
+        words = [w for j in labels for w in rng.choice(topics[j], size=3)]
+        words += list(rng.choice(WORDS, size=3))
+        rng.shuffle(words)
+        docs.append({"id": i, "text": " ".join(words), "labels": [f"t{j:02d}" for j in labels]})
+    return docs
+
+
+@pytest.fixture(scope="module")
+def word_corpus():
+    return corpus_from_docs(word_docs(700, seed=1)), corpus_from_docs(word_docs(60, seed=2))
+
+
+@pytest.fixture(scope="module")
+def knn_bundle(tmp_path_factory, word_corpus, tiny_model):
+    train, _ = word_corpus
+    # the held-out threshold fuses the kNN votes too: built here to run that path
+    return build(train, tmp_path_factory.mktemp("knn") / "b",
+                 knn_params(tiny_model, tune_threshold=True))
+
+
+def oracle_fused(predictor, train, X: sp.csr_matrix) -> np.ndarray:
+    """(n_docs, n_labels): (1 - w) * exact ensemble score + w * oracle votes over the
+    training documents' embeddings (the dense block of their feature rows)."""
+    entry = predictor.manifest["knn"]
+    start = int(predictor.ensemble.dense_start[0])
+    X_train = predictor.encode(train.texts)
+    index = {name: j for j, name in enumerate(predictor.label_names)}
+    Y = np.zeros((train.n_docs, predictor.n_labels))
+    for i, labels in enumerate(train.labels):
+        Y[i, [index[lab] for lab in labels]] = 1
+    votes = oracle_votes(X_train[:, start:].toarray().astype(np.float64), Y,
+                         X[:, start:].toarray().astype(np.float64), entry["k"], entry["power"])
+    trees = leaf_scores(predictor.ensemble, X, predictor.manifest["params"]["post_processor"])
+    return (1 - entry["weight"]) * trees + entry["weight"] * votes
+
+
+def test_manifest_records_the_knn_part(knn_bundle):
+    m = json.loads((knn_bundle / "manifest.json").read_text())
+    assert m["format_version"] == 4
+    assert m["params"]["knn"] is True
+    entry = m["knn"]
+    assert (entry["kind"], entry["k"], entry["power"], entry["weight"]) == (
+        "usearch", 5, 1.0, 0.4)
+    assert entry["n_docs"] == m["n_train_docs"] and entry["dim"] == 8
+    assert entry["bytes"] == sum((knn_bundle / f).stat().st_size for f in entry["files"])
+    assert m["build"]["knn_bytes"] == entry["bytes"]
+    assert m["build"]["ensemble_bytes"] > 0
+    sel = m["build"]["knn_selection"]
+    assert sel["chosen"] == {"k": 5, "power": 1.0, "weight": 0.4}
+    assert [c["weight"] for c in sel["candidates"]] == [0.4]
+    assert "threshold" in m
+
+
+def test_fused_scores_match_the_oracle(knn_bundle, word_corpus):
+    train, test = word_corpus
+    predictor = models.load_bundle(knn_bundle)
+    assert predictor.knn is not None
+    X = predictor.encode(test.texts[:30])
+    want = oracle_fused(predictor, train, X)
+    n = predictor.n_labels
+    ids, scores, counts = predictor.predict_ids(X, top_k=n, beam_size=n)
+    for d in range(X.shape[0]):
+        assert counts[d] == n
+        np.testing.assert_allclose(scores[d], want[d, ids[d]], atol=1e-5)
+        np.testing.assert_allclose(scores[d], np.sort(want[d])[::-1], atol=1e-5)
+    # a narrow top-k over a full beam: the fused top 5 exactly, voted labels the trees did
+    # not return scored exactly too
+    ids, scores, _ = predictor.predict_ids(X, top_k=5, beam_size=n)
+    for d in range(X.shape[0]):
+        np.testing.assert_allclose(scores[d], want[d, ids[d]], atol=1e-5)
+        np.testing.assert_allclose(scores[d], np.sort(want[d])[::-1][:5], atol=1e-5)
+    # and a narrow beam still returns exact fused scores
+    ids, scores, counts = predictor.predict_ids(X, top_k=5, beam_size=2)
+    for d in range(X.shape[0]):
+        np.testing.assert_allclose(scores[d, : counts[d]], want[d, ids[d, : counts[d]]],
+                                   atol=1e-5)
+
+
+def test_text_single_batch_and_features_agree(knn_bundle, word_corpus):
+    _, test = word_corpus
+    predictor = models.load_bundle(knn_bundle)
+    texts = test.texts[:12]
+    batch = predictor.predict(texts, top_k=5)
+    singles = [predictor.predict([t], top_k=5)[0] for t in texts]
+    feats = predictor.predict_features(predictor.encode(texts), top_k=5)
+    for a, b, c in zip(batch, singles, feats):
+        assert [lab for lab, _ in a] == [lab for lab, _ in b] == [lab for lab, _ in c]
+        np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+
+
+def test_label_filter_applies_to_voted_labels(knn_bundle, word_corpus):
+    _, test = word_corpus
+    predictor = models.load_bundle(knn_bundle)
+    allowed = predictor.label_names[::4]  # 6 of 24
+    got = predictor.predict(test.texts[:20], top_k=5, label_filter={"include": allowed})
+    assert all(lab in set(allowed) for row in got for lab, _ in row)
+    assert all(len(row) == 5 for row in got)
+
+
+def test_tampered_index_is_refused(knn_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(knn_bundle, copy)
+    index = copy / "knn.usearch"
+    raw = bytearray(index.read_bytes())
+    raw[-1] ^= 0xFF
+    index.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="sha256") as err:
+        models.load_bundle(str(copy))
+    assert "knn.usearch" in str(err.value)
+
+
+def test_out_of_range_label_ids_are_refused(knn_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(knn_bundle, copy)
+    ids = np.load(copy / "knn.label_ids.npy")
+    ids[0] = 10_000
+    np.save(copy / "knn.label_ids.npy", ids)
+    with pytest.raises(BundleError, match="out of range"):
+        models.load_bundle(str(copy))
+
+
+def test_bundle_without_knn_loads_as_before(tiny_predictor):
+    assert tiny_predictor.knn is None
+    assert tiny_predictor.manifest["format_version"] == 3
+    assert "knn" not in tiny_predictor.manifest
+
+
+def test_weight_zero_builds_no_knn_part(tmp_path, tiny_corpus, tiny_model):
+    train, _ = tiny_corpus
+    params = knn_params(tiny_model, n_trees=1, knn_weight_grid=[0.0])
+    out = build(train, tmp_path / "b", params)
+    m = json.loads((out / "manifest.json").read_text())
+    assert "knn" not in m and m["format_version"] == 3 and not list(out.glob("knn.*"))
+    assert m["build"]["knn_selection"]["chosen"]["weight"] == 0.0
+    assert models.load_bundle(str(out)).knn is None
+
+
+def test_knn_needs_a_dense_block(tmp_path, tiny_corpus):
+    train, _ = tiny_corpus
+    with pytest.raises(InvalidInputError, match="dense block"):
+        build(train, tmp_path / "b", tiny_params(n_trees=1, knn=True))
+
+
+def test_knn_keeps_alpha_zero_out_of_the_dense_weight_choice(tiny_model):
+    with pytest.raises(InvalidInputError, match="dense block"):
+        knn_params(tiny_model, dense_weight="auto", dense_weight_grid=[0.0]).validate()
+
+
+@pytest.mark.parametrize("bad", [{"knn_k_grid": [0]}, {"knn_power_grid": [-1.0]},
+                                 {"knn_weight_grid": [1.5]}, {"knn_weight_grid": []}])
+def test_bad_knn_grids_are_refused(bad, tiny_model):
+    with pytest.raises(InvalidInputError, match="knn_"):
+        knn_params(tiny_model, **bad).validate()
+
+
+def test_cli_knn_flag_sets_the_parameter(tmp_path, tiny_docs, tiny_model):
+    from xmc.cli import main
+
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(d) + "\n" for d in tiny_docs[0][:400]))
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"n_trees": 1, "knn_k_grid": [5], "knn_power_grid": [1.0],
+                                  "knn_weight_grid": [0.3],
+                                  "cluster": {"branching_factor": 4, "max_leaf_size": 6}}))
+    assert main(["build", str(train_file), "--out", str(tmp_path / "b"), "--params",
+                 str(params), "--dense-encoder", str(tiny_model), "--dense-weight", "1",
+                 "--knn"]) == 0
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["params"]["knn"] is True and m["knn"]["weight"] == 0.3
