@@ -173,7 +173,7 @@ def _f(v: object, fmt: str) -> str:
 def table(results: dict[str, dict]) -> str:
     lines = [
         "| labels | train docs | library | train s (per tree) | peak RSS MB | ensemble MB per "
-        "tree | P@1 | P@5 | 1-doc p50 / p99 ms | batch docs/s |",
+        "tree (+ bitmaps) | P@1 | P@5 | 1-doc p50 / p99 ms | batch docs/s |",
         "|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(results, key=int):
         row = results[key]
@@ -187,19 +187,21 @@ def table(results: dict[str, dict]) -> str:
                 continue
             n_trees = r.get("n_trees", 1)
             mb = r.get("ensemble_mb_per_tree", r["model_mb"])
+            bitmaps = f" (+ {r['bitmap_mb_per_tree']:.1f})" if "bitmap_mb_per_tree" in r else ""
             lines.append(
                 f"| {int(key):,} | {row['n_train']:,} | {title} | {_f(r['train_s'], '.1f')} "
                 f"({_f(r['train_s'] / n_trees, '.1f')}) | {_f(r['peak_rss_mb'], '.0f')} | "
-                f"{_f(mb, '.1f')} | {_f(100 * r['P@1'], '.2f')} | {_f(100 * r['P@5'], '.2f')} "
+                f"{_f(mb, '.1f')}{bitmaps} | {_f(100 * r['P@1'], '.2f')} | "
+                f"{_f(100 * r['P@5'], '.2f')} "
                 f"| {_f(r['latency_p50_ms'], '.3f')} / {_f(r['latency_p99_ms'], '.3f')} | "
                 f"{_f(r['batch_docs_per_s'], ',.0f')} |")
     return "\n".join(lines)
 
 
 def ratios(results: dict[str, dict]) -> str:
-    lines = ["| labels | bundle bytes per tree | build peak RSS | training per tree (wall) | "
-             "training per tree (CPU s) | P@1 ours − PECOS | ready s | worker private MB "
-             "(each) | worker shared MB |",
+    lines = ["| labels | bundle bytes per tree (with bitmaps) | build peak RSS | "
+             "training per tree (wall) | training per tree (CPU s) | P@1 ours − PECOS | "
+             "ready s | worker private MB (each) | worker shared MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(results, key=int):
         o, p = results[key].get("ours", {}), results[key].get("pecos", {})
@@ -210,7 +212,9 @@ def ratios(results: dict[str, dict]) -> str:
         private = " / ".join(_f(w["Private_Clean"] + w["Private_Dirty"], ".0f") for w in workers)
         shared = " / ".join(_f(w["Shared_Clean"] + w["Shared_Dirty"], ".0f") for w in workers)
         if "P@1" in p:
-            cells = (f"{o['ensemble_mb_per_tree'] / p['model_mb']:.2f}×",
+            with_bitmaps = o["ensemble_mb_per_tree"] + o.get("bitmap_mb_per_tree", 0.0)
+            cells = (f"{o['ensemble_mb_per_tree'] / p['model_mb']:.2f}× "
+                     f"({with_bitmaps / p['model_mb']:.2f}×)",
                      f"{o['peak_rss_mb'] / p['peak_rss_mb']:.2f}×",
                      f"{o['train_s'] / o['n_trees'] / p['train_s']:.2f}×",
                      _cpu_ratio(o, p), f"{100 * (o['P@1'] - p['P@1']):+.2f}")
@@ -305,9 +309,11 @@ def write_section(results: dict[str, dict]) -> None:
             "from the same feature file with 2 threads, predict with top-5, beam 10, from "
             "feature rows. Ours: 3 trees, default build (int8 weights); PECOS: one tree, its "
             "CLI defaults. Bundle bytes: ours the `ensemble.*.npy` arrays divided by the "
-            "trees, PECOS its saved model folder.\n\n" + table(results) + "\n\nRatios (ours / "
-            "PECOS) and `xmc serve` (2 workers; memory from `/proc/PID/smaps_rollup` once "
-            "ready):\n\n" + ratios(results) + "\n\n![scale](scale.png)\n")
+            "trees (in brackets the search's feature bitmaps stored beside them, "
+            "`search.bitmap_*.npy`), PECOS its saved model folder.\n\n" + table(results)
+            + "\n\nRatios (ours / PECOS) and `xmc serve` (2 workers; memory from "
+            "`/proc/PID/smaps_rollup` once ready):\n\n" + ratios(results)
+            + "\n\n![scale](scale.png)\n")
     if str(LARGEST) not in results:
         body += ("\n" + extrapolate(results, LARGEST) + "\n")
     RESULTS_MD.write_text(replace_section(RESULTS_MD.read_text(), SECTION, body))

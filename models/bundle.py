@@ -9,6 +9,10 @@
     label_counts.npy         training documents per label (for PSP@k)
     ensemble.<name>.npy      the tree arrays of models.tree.ENSEMBLE_ARRAYS (format 3; bundles
                              of formats 1 and 2 are still read)
+    search.bitmap_{off,words}.npy
+                             the search's feature bitmaps (models.search.FeatureBitmaps),
+                             mapped by every serving process; a bundle without them (built
+                             before they were stored) gets them built at load, per process
     <encoder files>          e.g. tfidf_vocab.json, tfidf_idf.npy, dense model + tokenizer
     calibration_{x,y}.npy    built with --calibrate: the knots of the score calibration
                              (models.calibration); the manifest then has "calibration", and
@@ -38,6 +42,7 @@ import numba
 import numpy as np
 
 from models.errors import BundleError, InvalidInputError
+from models.search import FeatureBitmaps
 from models.tree import (
     ENSEMBLE_ARRAYS,
     Ensemble,
@@ -55,8 +60,10 @@ KNN_FORMAT_VERSION = 4
 #: store an int64 row pointer and float32 weights (see _load_old_ensemble)
 READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
+#: the stored feature bitmaps: FeatureBitmaps field -> dtype (file search.bitmap_<field>.npy)
+BITMAP_ARRAYS: dict[str, type] = {"off": np.int64, "words": np.uint64}
 #: files a bundle may have (label_meta.json: see models.vocab)
-OPTIONAL_FILES = ("label_meta.json",)
+OPTIONAL_FILES = ("label_meta.json", *(f"search.bitmap_{n}.npy" for n in BITMAP_ARRAYS))
 
 
 def tmp_dir_for(out_dir: Path) -> Path:
@@ -132,6 +139,26 @@ class _ScratchTree(dict):
 
 def _scratch_arrays(scratch: Path, t: int) -> dict[str, np.ndarray]:
     return _ScratchTree(scratch, t)
+
+
+def write_feature_bitmaps(folder: Path, bitmaps: FeatureBitmaps) -> None:
+    for name in BITMAP_ARRAYS:
+        np.save(folder / f"search.bitmap_{name}.npy", getattr(bitmaps, name), allow_pickle=False)
+
+
+def load_feature_bitmaps(folder: Path, ensemble: Ensemble, n_features: int, *, mmap: bool,
+                         budget_mb_if_absent: int) -> FeatureBitmaps:
+    """The bundle's stored feature bitmaps, checked (see FeatureBitmaps.problem); a bundle
+    without them gets them built here, within ``budget_mb_if_absent``."""
+    paths = {name: folder / f"search.bitmap_{name}.npy" for name in BITMAP_ARRAYS}
+    if not any(p.is_file() for p in paths.values()):
+        return FeatureBitmaps.build(ensemble, n_features, budget_mb_if_absent)
+    bitmaps = FeatureBitmaps(**{name: load_npy(paths[name], mmap=mmap, dtype=dtype)
+                                for name, dtype in BITMAP_ARRAYS.items()})
+    found = bitmaps.problem(np.asarray(ensemble.chunk_ptr), n_features)
+    if found is not None:
+        raise BundleError(found[1], paths[found[0]])
+    return bitmaps
 
 
 def write_labels(folder: Path, label_names: list[str], label_counts: np.ndarray) -> None:

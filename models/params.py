@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from models.errors import InvalidInputError
+from models.search import BITMAP_MB
 from models.tree import WEIGHT_DTYPES
 
 
@@ -113,6 +114,10 @@ class BuildParams:
     per classifier (its largest weight maps to the type's largest value), or ``float32``. The
     dense encoder's block of weights stays float32. int8, the smallest, scored within 0.1
     validation P@1 of float32 wherever it was measured (benchmarks/RESULTS.md)."""
+    bitmap_mb: int = BITMAP_MB
+    """Memory for the search's feature bitmaps, stored in the bundle so that every serving
+    process maps one copy (models.search.FeatureBitmaps): the chunks of the top layers get
+    them first, as every document searches those. 0 stores none."""
 
     knn: bool = False
     """Add the kNN matcher (:mod:`models.knn`): the training documents nearest a query, by
@@ -178,6 +183,8 @@ class BuildParams:
             raise InvalidInputError("knn_weight_grid must list weights in 0..1")
         if not 0 < self.validation_share < 1:
             raise InvalidInputError("validation_share must lie in (0, 1)")
+        if self.bitmap_mb < 0:
+            raise InvalidInputError("bitmap_mb must be >= 0")
         if self.beam_size < 1 or self.top_k < 1:
             raise InvalidInputError("beam_size and top_k must be >= 1")
 

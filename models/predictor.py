@@ -18,14 +18,9 @@ from models.features import FeatureEncoder, require_text
 from models.filters import FilterCompiler, FilterSpec
 from models.knn import KnnMatcher, knn_search
 from models.params import POST_PROCESSORS
-from models.search import Searcher
+from models.search import BITMAP_MB, FeatureBitmaps, Searcher
 from models.tree import Ensemble
 from models.vocab import LabelInfo, read_label_meta
-
-#: per-process memory for the feature bitmaps of the top layers' chunks (see
-#: models.search.build_feature_bitmaps)
-BITMAP_MB = 128
-
 
 #: what ``threshold`` may be: a score, the bundle's tuned one, or none
 Threshold = float | Literal["auto"] | None
@@ -55,8 +50,8 @@ class Predictor:
 
     def __init__(self, path: Path, manifest: dict[str, Any], ensemble: Ensemble,
                  label_names: list[str], encoder: FeatureEncoder | None,
-                 label_counts: np.ndarray, *, threads: int | None = None,
-                 bitmap_mb: int = BITMAP_MB,
+                 label_counts: np.ndarray, *, bitmaps: FeatureBitmaps,
+                 threads: int | None = None,
                  calibration: Calibration | None = None,
                  label_info: Mapping[str, LabelInfo] | None = None,
                  knn: KnnMatcher | None = None) -> None:
@@ -76,8 +71,10 @@ class Predictor:
         self.default_top_k = int(params.get("top_k", 5))
         self.default_beam_size = int(params.get("beam_size", 10))
         self.threads = threads or min(2, os.cpu_count() or 1)
+        #: the search's feature bitmaps: the bundle's, mapped, or built at load for an older one
+        self.bitmaps = bitmaps
         self._searcher = Searcher(ensemble, self.n_features, self.post, threads=self.threads,
-                                  bitmap_mb=bitmap_mb)
+                                  bitmaps=bitmaps)
         self._filters = FilterCompiler(label_names, ensemble)
         self._terms: list[str] | None = None
 
@@ -104,7 +101,9 @@ class Predictor:
                 raise BundleError("a kNN part needs a dense block", folder / "manifest.json")
             knn = KnnMatcher.load(folder, manifest["knn"], n_labels=ensemble.n_labels,
                                   dim=dim, mmap=mmap)
-        return cls(folder, manifest, ensemble, label_names, encoder, counts,
+        bitmaps = bundle_io.load_feature_bitmaps(folder, ensemble, int(manifest["n_features"]),
+                                                 mmap=mmap, budget_mb_if_absent=BITMAP_MB)
+        return cls(folder, manifest, ensemble, label_names, encoder, counts, bitmaps=bitmaps,
                    threads=threads, calibration=calibration,
                    label_info=read_label_meta(folder, label_names), knn=knn)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
@@ -504,6 +505,63 @@ def _fill_feature_bitmaps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, chosen:
             acc += _popcount(out[base + 2 * w])
 
 
+#: memory for the feature bitmaps of a bundle that has none stored (older formats) and of
+#: the builder's own short-lived searchers
+BITMAP_MB = 128
+
+
+@dataclass(frozen=True)
+class FeatureBitmaps:
+    """The feature bitmaps of an ensemble's chunks (:func:`build_feature_bitmaps`): ``off``
+    (int64 per node, -1 for a chunk without one) and ``words`` (uint64). A bundle stores
+    them, so every serving process maps one copy; older bundles get them built at load."""
+
+    off: np.ndarray
+    words: np.ndarray
+
+    @classmethod
+    def build(cls, ensemble: Ensemble, n_features: int, budget_mb: int) -> FeatureBitmaps:
+        off, words = build_feature_bitmaps(
+            np.asarray(ensemble.chunk_ptr), np.asarray(ensemble.chunk_feat), n_features,
+            budget_mb << 20, np.asarray(ensemble.parent))
+        return cls(off, words)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.off.nbytes + self.words.nbytes)
+
+    def problem(self, chunk_ptr: np.ndarray, n_features: int) -> tuple[str, str] | None:
+        """(array name, what is wrong) when the bitmaps could lead the search out of a
+        chunk's rows, else None. The search trusts each word's row count plus the bits
+        below a feature to land within the chunk: so every mapped block must count its
+        words' bits exactly and in total hold the chunk's rows. Checked block by block,
+        vectorized, without a copy of the words."""
+        n_nodes = chunk_ptr.shape[0] - 1
+        block = 2 * ((n_features + 63) >> 6)
+        if self.off.shape != (n_nodes,):
+            return "off", "length does not match the node count"
+        if self.words.ndim != 1 or self.words.shape[0] % block:
+            return "words", f"length is not a multiple of {block} words (one chunk)"
+        n_blocks = self.words.shape[0] // block
+        nodes = np.flatnonzero(self.off >= 0)
+        used = np.asarray(self.off[nodes])
+        if np.any(self.off < -1) or np.any(used % block) or np.any(used >= n_blocks * block):
+            return "off", "offset out of range"
+        totals = np.zeros(n_blocks, dtype=np.int64)
+        words = self.words.reshape(n_blocks, block // 2, 2)
+        step = max(1, (8 << 20) // (block * 8))
+        for s in range(0, n_blocks, step):
+            part = np.asarray(words[s : s + step])
+            bits = np.bitwise_count(part[:, :, 0]).astype(np.int64)
+            before = np.cumsum(bits, axis=1) - bits
+            if not np.array_equal(part[:, :, 1].astype(np.int64), before):
+                return "words", "a row count does not match the bits before it"
+            totals[s : s + step] = before[:, -1] + bits[:, -1]
+        if not np.array_equal(totals[used // block], np.diff(np.asarray(chunk_ptr))[nodes]):
+            return "words", "a chunk's bits do not add up to its rows"
+        return None
+
+
 #: below this many documents a batch runs on the calling thread
 PARALLEL_MIN_DOCS = 64
 #: documents per block of the batch kernel, and the scratch memory a block may use
@@ -516,21 +574,18 @@ _NO_MASK.flags.writeable = False
 
 
 class Searcher:
-    """Beam search over one :class:`Ensemble` with its feature maps, scratch and thread pool;
+    """Beam search over one :class:`Ensemble` with its feature bitmaps, scratch and thread pool;
     thread-safe. The predictor serves with one; the builder mines hard negatives with one
     over a partly trained tree."""
 
     def __init__(self, ensemble: Ensemble, n_features: int, post: int, *, threads: int,
-                 bitmap_mb: int) -> None:
+                 bitmaps: FeatureBitmaps) -> None:
         self.n_features = n_features
         self.post = post
         self.threads = max(1, threads)
         self.max_children = ensemble.max_children()
         self._n_nodes = ensemble.n_nodes
         self._tree_layers = int(np.asarray(ensemble.tree_depth).sum())
-        bitmap_off, bitmap = build_feature_bitmaps(
-            np.asarray(ensemble.chunk_ptr), np.asarray(ensemble.chunk_feat), n_features,
-            bitmap_mb << 20, np.asarray(ensemble.parent))
         self._scratch = threading.local()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -542,7 +597,7 @@ class Searcher:
             ensemble.entry_child, ensemble.entry_val, ensemble.weight_scale, ensemble.bias,
             ensemble.node_label, ensemble.label_node,
         )), int(ensemble.dense_start[0]), np.asarray(ensemble.dense_ptr),
-            np.asarray(ensemble.dense_val), bitmap_off, bitmap)
+            np.asarray(ensemble.dense_val), np.asarray(bitmaps.off), np.asarray(bitmaps.words))
 
     def search(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, top_k: int,
                beam_size: int, node_mask: np.ndarray | None = None,
@@ -644,9 +699,9 @@ class Searcher:
 def search_matrix(ensemble: Ensemble, X: sp.csr_matrix, post: int, top_k: int, beam_size: int,
                   threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One search over CSR rows (sorted indices) with a searcher made for it: what the
-    builder's validation steps and the negative miner need. Its dense maps are capped at
-    128 MB, as a short-lived searcher does not pay back more."""
-    with Searcher(ensemble, X.shape[1], post, threads=threads, bitmap_mb=128) as searcher:
+    builder's validation steps and the negative miner need."""
+    bitmaps = FeatureBitmaps.build(ensemble, X.shape[1], BITMAP_MB)
+    with Searcher(ensemble, X.shape[1], post, threads=threads, bitmaps=bitmaps) as searcher:
         return searcher.search(X.indptr, X.indices, X.data, top_k, beam_size)
 
 

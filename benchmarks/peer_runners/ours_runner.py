@@ -122,7 +122,11 @@ def main() -> None:
                "build_seconds_manifest": manifest["build"]["seconds"], "stages": stages,
                "n_trees": len(manifest["trees"]),
                "ensemble_mb_per_tree": sum(f.stat().st_size for f in bundle.glob(
-                   "ensemble.*.npy")) / 2**20 / len(manifest["trees"])},
+                   "ensemble.*.npy")) / 2**20 / len(manifest["trees"]),
+               # the search's feature bitmaps, stored beside the trees (apart: an index of
+               # the ensemble's arrays, sized by a build parameter)
+               "bitmap_mb_per_tree": sum(f.stat().st_size for f in bundle.glob(
+                   "search.bitmap_*.npy")) / 2**20 / len(manifest["trees"])},
     )
     predictor.close()
     # The bundle is large on big corpora and reproducible from the seed: keep only figures

@@ -175,3 +175,62 @@ def test_dense_block_of_the_wrong_size_is_refused(tiny_bundle, tmp_path):
     with pytest.raises(BundleError, match="dense block") as err:
         models.load_bundle(b)
     assert "ensemble.dense_ptr.npy" in str(err.value)
+
+
+def test_stored_feature_bitmaps_are_mapped_and_equal_those_built_from_the_trees(tiny_bundle):
+    from models.search import FeatureBitmaps
+
+    p = models.load_bundle(tiny_bundle, mmap=True)
+    assert isinstance(p.bitmaps.words, np.memmap)  # one copy shared by serving processes
+    built = FeatureBitmaps.build(p.ensemble, p.n_features, p.manifest["params"]["bitmap_mb"])
+    assert (p.bitmaps.off >= 0).any()
+    assert np.array_equal(p.bitmaps.off, built.off)
+    assert np.array_equal(p.bitmaps.words, built.words)
+    assert p.manifest["build"]["bitmap_bytes"] == built.nbytes
+
+
+def test_a_bundle_without_stored_bitmaps_builds_them_at_load(tiny_bundle, tmp_path):
+    """Bundles written before the bitmaps were stored still load and answer the same."""
+    b = copy_bundle(tiny_bundle, tmp_path)
+    for f in b.glob("search.bitmap_*.npy"):
+        f.unlink()
+    old, new = models.load_bundle(b), models.load_bundle(tiny_bundle)
+    assert not isinstance(old.bitmaps.words, np.memmap)
+    assert np.array_equal(old.bitmaps.off, new.bitmaps.off)
+    texts = ["a first document", "another one about something"]
+    assert old.predict(texts, top_k=5) == new.predict(texts, top_k=5)
+
+
+def _shift_a_row_count(off, words, block):
+    words[off[off >= 0][0] + 3] += 1  # the rows before the chunk's second word
+
+
+def _clear_a_bit(off, words, block):
+    first = off[off >= 0][0]
+    w = first + 2 * int(np.flatnonzero(words[first : first + block : 2])[0])
+    words[w] &= words[w] - np.uint64(1)  # one feature fewer than the chunk has rows
+
+
+def _misalign_an_offset(off, words, block):
+    off[np.flatnonzero(off >= 0)[0]] += 2
+
+
+def _point_past_the_end(off, words, block):
+    off[np.flatnonzero(off >= 0)[0]] = words.shape[0]
+
+
+@pytest.mark.parametrize(("corrupt", "victim"), [
+    (_shift_a_row_count, "words"), (_clear_a_bit, "words"), (_misalign_an_offset, "off"),
+    (_point_past_the_end, "off")])
+def test_bitmaps_that_could_lead_the_search_out_of_a_chunk_are_refused(tiny_bundle, tmp_path,
+                                                                      corrupt, victim):
+    b = copy_bundle(tiny_bundle, tmp_path)
+    off = np.load(b / "search.bitmap_off.npy")
+    words = np.load(b / "search.bitmap_words.npy")
+    n_features = json.loads((b / "manifest.json").read_text())["n_features"]
+    corrupt(off, words, 2 * ((n_features + 63) // 64))
+    np.save(b / "search.bitmap_off.npy", off)
+    np.save(b / "search.bitmap_words.npy", words)
+    with pytest.raises(BundleError) as err:
+        models.load_bundle(b)
+    assert f"search.bitmap_{victim}.npy" in str(err.value)

@@ -134,8 +134,9 @@ def test_exhaustive_scores_with_and_without_feature_bitmaps(tiny_predictor, test
     n = tiny_predictor.n_labels
     ens = tiny_predictor.ensemble
     post = tiny_predictor._searcher.post
+    bitmaps = models.search.FeatureBitmaps.build(ens, tiny_predictor.n_features, bitmap_mb)
     with models.search.Searcher(ens, tiny_predictor.n_features, post, threads=1,
-                                bitmap_mb=bitmap_mb) as searcher:
+                                bitmaps=bitmaps) as searcher:
         labels, scores, counts = searcher.search(X.indptr, X.indices, X.data, n, n)
     assert (counts == n).all()
     for d in range(X.shape[0]):
