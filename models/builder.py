@@ -41,7 +41,7 @@ from models.tree import Ensemble, quantize
 from models.vocab import Vocabulary, write_label_meta
 
 if TYPE_CHECKING:
-    from models.dense import OnnxTextEncoder
+    from models.dense import TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -482,12 +482,18 @@ def _held_out_features(train: Corpus, fit_rows: np.ndarray, valid_rows: np.ndarr
             X_fit.shape[1])
 
 
-def _dense_encoder(params: BuildParams, folder: Path) -> OnnxTextEncoder:
-    from models.dense import OnnxTextEncoder
+def _dense_encoder(params: BuildParams, folder: Path) -> TextEncoder:
+    from models.dense import OnnxTextEncoder, StaticTextEncoder
 
     spec = params.dense_encoder
     if spec is None:
         raise InvalidInputError("no dense encoder was asked for")
+    if spec == "minilm-static":
+        from models.export import distill_minilm_static
+
+        static = distill_minilm_static(folder / "_export")
+        return StaticTextEncoder(np.load(static["embeddings_path"], allow_pickle=False),
+                                 static["tokenizer_path"])
     if spec == "minilm":
         from models.export import export_minilm
 

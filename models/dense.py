@@ -1,4 +1,6 @@
-"""Dense sentence encoder served with onnxruntime (serving side: no torch, no transformers).
+"""Dense sentence encoders of the serving side (no torch, no transformers): an ONNX model run
+with onnxruntime (:class:`OnnxTextEncoder`), or static token embeddings distilled from one
+(:class:`StaticTextEncoder`, at the end of this module).
 
 The model contract, so that any ONNX sentence encoder with a ``tokenizer.json`` beside it can
 be plugged in by path (``models/export.py`` writes MiniLM in exactly this shape):
@@ -24,12 +26,13 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from models.bundle import sha256_file
+from models.bundle import load_npy, sha256_file
 from models.errors import BundleError, InvalidInputError
 
 INT8_METADATA_KEY = "xmc_int8"
@@ -251,4 +254,123 @@ class OnnxTextEncoder:
                 f"dense encoder dim is {encoder.dim}, manifest says {entry['dim']}",
                 path=folder / model_name,
             )
+        return encoder
+
+
+class TextEncoder(Protocol):
+    """What a bundle's dense encoder offers (:class:`OnnxTextEncoder`,
+    :class:`StaticTextEncoder`)."""
+
+    kind: str
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def save(self, folder: Path, prefix: str = "dense") -> dict: ...
+
+
+class StaticTextEncoder:
+    """Static token embeddings: a document's embedding is the mean of its tokens' rows,
+    L2-normalized; no neural network runs at serving time, only the tokenizer and a lookup.
+
+    The rows come from a model2vec distillation of a sentence encoder
+    (:func:`models.export.distill_minilm_static`): each vocabulary token's embedding through
+    the full model, reduced by PCA and weighted down by its frequency. Tokens are taken
+    without the special tokens and without the unknown token, up to ``max_length`` of them,
+    as model2vec's own ``encode`` does (the build checks the two agree).
+    """
+
+    kind = "static"
+
+    def __init__(self, embeddings: np.ndarray, tokenizer_path: Path, *,
+                 max_length: int = 512) -> None:
+        if embeddings.ndim != 2 or embeddings.dtype not in (np.float16, np.float32):
+            raise InvalidInputError(
+                f"static embeddings must be a float16/float32 matrix, got {embeddings.dtype} "
+                f"{embeddings.shape}")
+        if max_length < 1:
+            raise InvalidInputError(f"max_length must be at least 1, got {max_length}")
+        self.embeddings = embeddings
+        self.tokenizer_path = Path(tokenizer_path)
+        self.max_length = int(max_length)
+        self.dim = int(embeddings.shape[1])
+        self._tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        n_vocab = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        if n_vocab > embeddings.shape[0]:
+            # a token id past the last row would index out of the matrix
+            raise InvalidInputError(
+                f"the tokenizer has {n_vocab} tokens but there are only "
+                f"{embeddings.shape[0]} embedding rows")
+        unk = getattr(self._tokenizer.model, "unk_token", None)
+        unk_id = self._tokenizer.token_to_id(unk) if unk else None
+        self._unk_id = -1 if unk_id is None else int(unk_id)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of ``texts``: float32 ``(len(texts), dim)``, rows L2-normalized (a text
+        without known tokens: a zero row)."""
+        if isinstance(texts, str):
+            raise InvalidInputError("encode() takes a sequence of texts, not a single string")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not len(texts):
+            return out
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        for i, enc in enumerate(encodings):
+            ids = np.asarray(enc.ids[: self.max_length + 1], dtype=np.int64)
+            ids = ids[ids != self._unk_id][: self.max_length]
+            if ids.size:
+                out[i] = self.embeddings[ids].astype(np.float32).mean(axis=0)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    def save(self, folder: Path, prefix: str = "dense") -> dict:
+        """Write ``{prefix}.static.npy`` and ``{prefix}.tokenizer.json`` into the bundle
+        ``folder``; return the manifest entry."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        emb_name, tok_name = f"{prefix}.static.npy", f"{prefix}.tokenizer.json"
+        np.save(folder / emb_name, np.asarray(self.embeddings), allow_pickle=False)
+        dst = folder / tok_name
+        if not (dst.exists() and dst.samefile(self.tokenizer_path)):
+            shutil.copyfile(self.tokenizer_path, dst)
+        return {
+            "kind": self.kind,
+            "files": [emb_name, tok_name],
+            "embeddings": emb_name,
+            "tokenizer": tok_name,
+            "sha256": {name: sha256_file(folder / name) for name in (emb_name, tok_name)},
+            "dim": self.dim,
+            "max_length": self.max_length,
+        }
+
+    @classmethod
+    def load(cls, folder: Path, entry: dict, *, mmap: bool = True) -> StaticTextEncoder:
+        """Open the encoder of a manifest ``entry`` (from :meth:`save`): a BundleError naming
+        the file when one is missing, does not match its sha256 or does not fit the other."""
+        folder = Path(folder)
+        emb_name, tok_name = entry.get("embeddings"), entry.get("tokenizer")
+        if not (isinstance(emb_name, str) and isinstance(tok_name, str)):
+            raise BundleError("static encoder entry names no embeddings and tokenizer files")
+        hashes = entry.get("sha256") or {}
+        for name in (emb_name, tok_name):
+            path = folder / name
+            if not path.is_file():
+                raise BundleError("static encoder file is missing", path=path)
+            if hashes.get(name) != sha256_file(path):
+                raise BundleError(f"sha256 mismatch: manifest says {hashes.get(name)}",
+                                  path=path)
+        emb_path = folder / emb_name
+        embeddings = load_npy(emb_path, mmap=mmap, dtype=(np.float16, np.float32))
+        try:
+            encoder = cls(embeddings, folder / tok_name,
+                          max_length=int(entry.get("max_length", 512)))
+        except InvalidInputError as exc:
+            raise BundleError(str(exc), path=emb_path) from None
+        except Exception as exc:  # tokenizers raises its own types
+            raise BundleError(f"cannot open static encoder: {exc}",
+                              path=folder / tok_name) from exc
+        if int(entry.get("dim", encoder.dim)) != encoder.dim:
+            raise BundleError(f"static encoder dim is {encoder.dim}, manifest says "
+                              f"{entry['dim']}", path=emb_path)
         return encoder

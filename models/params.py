@@ -86,7 +86,9 @@ class BuildParams:
     threads: int = 0
     """Training threads; 0 means all cores."""
     dense_encoder: str | None = None
-    """``minilm`` (the packaged all-MiniLM-L6-v2, exported to ONNX at build time) or a path
+    """``minilm`` (the packaged all-MiniLM-L6-v2, exported to ONNX at build time),
+    ``minilm-static`` (the same distilled into static token embeddings by model2vec at build
+    time: served by a tokenizer and a lookup, see models.dense.StaticTextEncoder) or a path
     to an ONNX sentence encoder with ``tokenizer.json`` beside it; None for TF-IDF only."""
     dense_weight: float | str = "auto"
     """alpha in features = [tfidf ; alpha * dense], rows l2-normalized; ``auto`` picks it

@@ -59,9 +59,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="train the trees on the Dask cluster whose scheduler is at ADDRESS "
                    "(e.g. tcp://scheduler:8786; default: $XMC_DASK, else local cores; needs "
                    "the [build] extra); the bundle is the same, see docs/dask.md")
-    b.add_argument("--dense-encoder", metavar="minilm|PATH",
-                   help="fuse a dense ONNX sentence encoder: 'minilm' (packaged MiniLM, exported "
-                   "at build time; needs the [export] extra) or PATH/model.onnx with "
+    b.add_argument("--dense-encoder", metavar="minilm|minilm-static|PATH",
+                   help="fuse a dense sentence encoder: 'minilm' (packaged MiniLM, exported "
+                   "to ONNX at build time; needs the [export] extra), 'minilm-static' (MiniLM "
+                   "distilled into static token embeddings at build time: no network at "
+                   "serving time; needs the [export] extra) or PATH/model.onnx with "
                    "tokenizer.json beside it")
     b.add_argument("--dense-weight", type=_dense_weight, metavar="ALPHA|auto",
                    help="weight of the dense block in [tfidf ; alpha * dense]; 'auto' (the "
