@@ -3,7 +3,7 @@ into static token embeddings, each with or without the kNN matcher; scored on te
 
     python -m benchmarks.fused DATA_DIR [DATA_DIR ...] [--out artifacts/fused]
         [--bundles tfidf minilm minilm+knn minilm-int8 minilm-static minilm-static+knn]
-        [--params '{"knn_k_grid": [30]}'] [--tag NAME]
+        [--params '{"knn_k_grid": [30]}'] [--tag NAME] [--reuse]
 
 Each bundle is built exactly as ``xmc build TRAIN [--dense-encoder minilm|minilm-static]
 [--int8] [--knn]`` builds it (default parameters; the dense weight, the kNN rule and its
@@ -11,7 +11,9 @@ weight chosen on the builder's own validation split, never on test), then evalua
 test (``models.evaluate``: P@1, P@5, PSP@5, the single-document latency from raw text after
 warm-up). Printed per bundle: those, the chosen dense weight and kNN rule, the dense
 encoder's own p50 per text (one text per call, as a request has it), the bytes of the trees
-and of the kNN part, and the build seconds.
+and of the kNN part, and the build seconds. ``--reuse`` evaluates bundles built by an earlier
+run again instead of rebuilding them (their build seconds are the manifest's): to time them
+on a quiet machine.
 """
 
 from __future__ import annotations
@@ -64,14 +66,12 @@ def encoder_p50_ms(predictor: models.Predictor, texts: list[str]) -> float:
 
 
 def run(data_dir: Path, out: Path, name: str, extra: dict[str, Any],
-        tag: str = "") -> dict[str, Any]:
-    train = read_corpus(data_dir / "train.jsonl")
+        tag: str = "", reuse: bool = False) -> dict[str, Any]:
     test = read_corpus(data_dir / "test.jsonl")
-    params = BuildParams.from_dict({**extra, **bundle_params(name)})
     folder = out / f"{data_dir.name}-{name}{tag}"
-    t0 = time.perf_counter()
-    build(train, folder, params, force=True)
-    seconds = time.perf_counter() - t0
+    if not (reuse and (folder / "manifest.json").is_file()):
+        params = BuildParams.from_dict({**extra, **bundle_params(name)})
+        build(read_corpus(data_dir / "train.jsonl"), folder, params, force=True)
     predictor = models.load_bundle(str(folder))
     m = predictor.manifest
     metrics = evaluate_predictor(predictor, test)
@@ -83,7 +83,7 @@ def run(data_dir: Path, out: Path, name: str, extra: dict[str, Any],
            "encoder_p50_ms": encoder_p50_ms(predictor, test.text_list[:1000]),
            "dense_weight": dense[0]["weight"] if dense else 0.0,
            "knn": chosen, "knn_bytes": m["build"].get("knn_bytes", 0),
-           "ensemble_bytes": m["build"]["ensemble_bytes"], "build_s": round(seconds, 1)}
+           "ensemble_bytes": m["build"]["ensemble_bytes"], "build_s": m["build"]["seconds"]}
     predictor.close()
     return row
 
@@ -97,6 +97,8 @@ def main() -> None:
                     help=f"which bundles: {', '.join(ENCODERS)}, the dense ones with "
                     "an optional +knn")
     ap.add_argument("--tag", default="", help="suffix of the bundle folders")
+    ap.add_argument("--reuse", action="store_true",
+                    help="evaluate the bundles an earlier run built instead of rebuilding")
     ap.add_argument("--params", default="{}",
                     help="JSON of build parameters for every bundle (e.g. the kNN grids)")
     args = ap.parse_args()
@@ -108,7 +110,7 @@ def main() -> None:
     rows = []
     for d in args.data_dirs:
         for name in args.bundles:
-            rows.append(run(d, args.out, name, extra, args.tag))
+            rows.append(run(d, args.out, name, extra, args.tag, args.reuse))
             print(json.dumps(rows[-1]), flush=True)
     print("| data | bundle | P@1 | P@5 | PSP@5 | dense weight | kNN (k, power, weight) "
           "| 1-doc p50 ms | encoder p50 ms | kNN bytes | tree bytes | build s |")

@@ -82,6 +82,8 @@ def test_params_print_and_read_back(tmp_path):
         BuildParams.from_file(path)
     with pytest.raises(InvalidInputError, match="branching_factor"):
         BuildParams(cluster=ClusterParams(branching_factor=12)).validate()
+    with pytest.raises(InvalidInputError, match="bitmap_mb"):
+        BuildParams(bitmap_mb=-1).validate()
 
 
 def write_lines(path, lines):

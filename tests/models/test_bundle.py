@@ -234,3 +234,13 @@ def test_bitmaps_that_could_lead_the_search_out_of_a_chunk_are_refused(tiny_bund
     with pytest.raises(BundleError) as err:
         models.load_bundle(b)
     assert f"search.bitmap_{victim}.npy" in str(err.value)
+
+
+def test_bitmap_mb_zero_stores_none_and_answers_the_same(tmp_path, tiny_corpus):
+    train, test = tiny_corpus
+    lean = models.load_bundle(build(train, tmp_path / "lean", tiny_params(n_trees=1,
+                                                                          bitmap_mb=0)))
+    full = models.load_bundle(build(train, tmp_path / "full", tiny_params(n_trees=1)))
+    assert lean.bitmaps.words.size == 0 and (lean.bitmaps.off == -1).all()
+    assert (full.bitmaps.off >= 0).any()
+    assert lean.predict(test.texts[:30], top_k=5) == full.predict(test.texts[:30], top_k=5)
