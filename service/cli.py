@@ -62,8 +62,11 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"xmc serve: bad setting: {exc}", file=sys.stderr)
         return 2
-    # Fail fast when nothing can be served, here, once, rather than in every worker.
-    problem = _check_servable(path)
+    # Fail fast on a path that holds nothing to serve. Whether its models load is left to
+    # the workers, which load them anyway: checking here first would add a whole load to the
+    # time until ready. If every worker fails its first start, the supervisor asks
+    # _check_servable why, says it once and exits 2.
+    problem = _check_layout(path)
     if problem:
         print(f"xmc serve: {problem}", file=sys.stderr)
         return 2
@@ -75,12 +78,16 @@ def serve_command(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
 
     from service.middleware import configure_logging
-    from service.workers import supervise
+    from service.workers import NothingToServe, supervise
 
     configure_logging(settings.log_level)
     # A supervisor at any worker count: whatever kills a worker, it is restarted.
     try:
-        return supervise(settings.host, settings.port, settings.workers)
+        return supervise(settings.host, settings.port, settings.workers,
+                         diagnose=lambda: _check_servable(path))
+    except NothingToServe as exc:
+        print(f"xmc serve: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"xmc serve: cannot listen on {settings.host}:{settings.port}: {exc}",
               file=sys.stderr)  # fmt: skip
@@ -90,24 +97,37 @@ def serve_command(args: argparse.Namespace) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def _check_layout(path: Path) -> str | None:
+    """None when ``path`` is a bundle folder or a model repository with models; else why
+    not. Reads folder names only."""
+    from service import repository
+
+    if repository.is_bundle(path):
+        return None
+    if not path.is_dir():
+        return f"{path} is not a bundle folder (no manifest.json) nor a model repository"
+    if not repository.model_names(path):
+        return (f"{path} is neither a bundle folder (no manifest.json) nor a model repository "
+                "(no NAME/VERSION/manifest.json)")  # fmt: skip
+    return None
+
+
 def _check_servable(path: Path) -> str | None:
     """None when at least one model loads; else why not. A repository's models that fail
     are reported on stderr (the workers serve the others). Memory-mapped: this costs little."""
     import models
     from service import repository
 
+    problem = _check_layout(path)
+    if problem:
+        return problem
     if repository.is_bundle(path):
         try:
             models.load_bundle(str(path), mmap=True).close()
         except models.XMCError as exc:
             return f"cannot load {path}: {exc}"
         return None
-    if not path.is_dir():
-        return f"{path} is not a bundle folder (no manifest.json) nor a model repository"
     names = repository.model_names(path)
-    if not names:
-        return (f"{path} is neither a bundle folder (no manifest.json) nor a model repository "
-                "(no NAME/VERSION/manifest.json)")  # fmt: skip
     failures = []
     for name in names:
         try:

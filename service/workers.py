@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 from service.repository import SAFE_PUBLISHING, SUPERVISOR_PID_ENV
@@ -108,9 +109,18 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exited with status {exitcode}"
 
 
-def supervise(host: str, port: int, n_workers: int) -> int:
+class NothingToServe(Exception):
+    """Every worker failed its first start, and ``diagnose`` says why (the message)."""
+
+
+def supervise(host: str, port: int, n_workers: int,
+              diagnose: Callable[[], str | None] = lambda: None) -> int:
     """Run ``n_workers`` workers until SIGTERM/SIGINT; 0 after a clean stop, 1 if workers
     could not load any model, time after time, before any of them ever served.
+
+    When a worker fails its first start before any worker served, ``diagnose`` is asked why
+    (None: no reason found, so a passing fault, and the worker is restarted as below); with
+    a reason the workers are stopped and NothingToServe raised with it.
 
     Whatever ends a worker later (a crash, SIGBUS from a bundle truncated under it), it is
     restarted, with a pause that doubles while restarts keep failing (at most 30 s): never
@@ -131,11 +141,13 @@ def supervise(host: str, port: int, n_workers: int) -> int:
         for slot in range(n_workers):
             supervisor.start(slot)
         log.info("started %d workers on %s:%d (SO_REUSEPORT)", n_workers, host, port)
-        supervisor.run()
+        supervisor.run(diagnose)
     finally:
         reserved.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if supervisor.problem is not None:
+        raise NothingToServe(supervisor.problem)
     return 1 if supervisor.gave_up else 0
 
 
@@ -151,6 +163,7 @@ class _Supervisor:
         self.ever_up = False  # a worker lived past the crash window: it served
         self.crashes = 0  # quick deaths in a row
         self.startup_failures = 0  # workers in a row that could not load any model
+        self.problem: str | None = None  # why nothing can be served, once diagnosed
 
     def start(self, slot: int) -> None:
         proc = self._ctx.Process(target=worker_main, name=f"xmc-worker-{slot}")
@@ -174,7 +187,7 @@ class _Supervisor:
         log.info("SIGHUP: every worker rescans its models")
         self.signal_workers(signal.SIGHUP)
 
-    def run(self) -> None:
+    def run(self, diagnose: Callable[[], str | None]) -> None:
         while self.workers or (self.restart_at and not self.stopping):
             sentinels = [proc.sentinel for proc, _ in self.workers.values()]
             multiprocessing.connection.wait(sentinels, timeout=0.2)
@@ -185,8 +198,15 @@ class _Supervisor:
                     continue
                 proc.join()
                 del self.workers[slot]
-                if not self.stopping:
-                    self._ended(slot, proc, started)
+                if self.stopping:
+                    continue
+                if (proc.exitcode == STARTUP_FAILED and not self.ever_up
+                        and self.startup_failures == 0):
+                    self.problem = diagnose()
+                    if self.problem is not None:
+                        self.stop(signal.SIGTERM, None)
+                        continue
+                self._ended(slot, proc, started)
             for slot, when in list(self.restart_at.items()):
                 if self.stopping:
                     self.restart_at.clear()
