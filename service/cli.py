@@ -64,8 +64,8 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     # Fail fast on a path that holds nothing to serve. Whether its models load is left to
     # the workers, which load them anyway: checking here first would add a whole load to the
-    # time until ready. If every worker fails its first start, the supervisor asks
-    # _check_servable why, says it once and exits 2.
+    # time until ready. If a worker fails its first start (no model loads), the supervisor
+    # asks _check_servable why, says it once and exits 2.
     problem = _check_layout(path)
     if problem:
         print(f"xmc serve: {problem}", file=sys.stderr)
