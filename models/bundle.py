@@ -188,6 +188,24 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def verify_files(folder: Path, names: list[str], entry: dict, what: str) -> None:
+    """Each of ``names`` exists in ``folder`` and matches the sha256 that the manifest
+    ``entry`` (an encoder's, the kNN part's) records for it; else a BundleError naming the
+    file. ``what`` names the part in the message."""
+    hashes = entry.get("sha256") or {}
+    for name in dict.fromkeys(names):
+        path = folder / name
+        if not path.is_file():
+            raise BundleError(f"{what} file is missing", path=path)
+        expected = hashes.get(name)
+        if expected is None:
+            raise BundleError(f"{what} file has no sha256 in the manifest", path=path)
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(
+                f"sha256 mismatch: manifest says {expected}, file is {actual}", path=path)
+
+
 def _feed_file(h: hashlib._Hash, path: Path) -> None:
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

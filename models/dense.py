@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from models.bundle import load_npy, sha256_file
+from models.bundle import load_npy, sha256_file, verify_files
 from models.errors import BundleError, InvalidInputError
 
 INT8_METADATA_KEY = "xmc_int8"
@@ -221,19 +221,7 @@ class OnnxTextEncoder:
         tok_name = entry.get("tokenizer") or (files[1] if len(files) > 1 else None)
         if not model_name or not tok_name:
             raise BundleError("dense encoder entry names no model and tokenizer files")
-        hashes = entry.get("sha256") or {}
-        for name in dict.fromkeys([*files, model_name, tok_name]):
-            path = folder / name
-            if not path.is_file():
-                raise BundleError("dense encoder file is missing", path=path)
-            expected = hashes.get(name)
-            if expected is None:
-                raise BundleError("dense encoder file has no sha256 in the manifest", path=path)
-            actual = sha256_file(path)
-            if actual != expected:
-                raise BundleError(
-                    f"sha256 mismatch: manifest says {expected}, file is {actual}", path=path
-                )
+        verify_files(folder, [*files, model_name, tok_name], entry, "dense encoder")
         try:
             encoder = cls(
                 folder / model_name,
@@ -352,14 +340,7 @@ class StaticTextEncoder:
         emb_name, tok_name = entry.get("embeddings"), entry.get("tokenizer")
         if not (isinstance(emb_name, str) and isinstance(tok_name, str)):
             raise BundleError("static encoder entry names no embeddings and tokenizer files")
-        hashes = entry.get("sha256") or {}
-        for name in (emb_name, tok_name):
-            path = folder / name
-            if not path.is_file():
-                raise BundleError("static encoder file is missing", path=path)
-            if hashes.get(name) != sha256_file(path):
-                raise BundleError(f"sha256 mismatch: manifest says {hashes.get(name)}",
-                                  path=path)
+        verify_files(folder, [emb_name, tok_name], entry, "static encoder")
         emb_path = folder / emb_name
         embeddings = load_npy(emb_path, mmap=mmap, dtype=(np.float16, np.float32))
         try:

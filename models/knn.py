@@ -35,7 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 from usearch.index import BatchMatches, Index
 
-from models.bundle import load_npy, sha256_file
+from models.bundle import load_npy, sha256_file, verify_files
 from models.errors import BundleError, InvalidInputError
 from models.search import Searcher
 
@@ -207,11 +207,7 @@ class KnnMatcher:
 
 def _open_index(path: Path, entry: dict[str, Any], n_docs: int, dim: int, *,
                 view: bool) -> Index:
-    if not path.is_file():
-        raise BundleError("missing kNN index", path)
-    expected = (entry.get("sha256") or {}).get(INDEX_FILE)
-    if expected is None or sha256_file(path) != expected:
-        raise BundleError("sha256 mismatch with the manifest's kNN entry", path)
+    verify_files(path.parent, [path.name], entry, "kNN index")
     try:
         meta = Index.metadata(str(path))
         index = Index.restore(str(path), view=view)

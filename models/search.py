@@ -78,6 +78,18 @@ def _row_start(row_len: np.ndarray, row_mark: np.ndarray, r: int) -> int:
     return e
 
 
+@numba.njit(inline="always")
+def _entry_of_row(row_len: np.ndarray, row_mark: np.ndarray, cur_r: int, cur_e: int,
+                  r: int) -> int:
+    """First entry of row r >= cur_r, given cur_e, the first entry of row cur_r: walked on
+    from there, or jumped to by the marks when that is shorter."""
+    if r - cur_r >= ROW_BLOCK:
+        return _row_start(row_len, row_mark, r)
+    for q in range(cur_r, r):
+        cur_e += row_len[q]
+    return cur_e
+
+
 @numba.njit(nogil=True, cache=True)
 def _score_chunk(node: int, c0: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarray,
                  chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_len: np.ndarray,
@@ -126,11 +138,7 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
             word = bitmap[w]
             if word & bit:
                 r = r0 + int(bitmap[w + 1]) + _popcount(word & (bit - np.uint64(1)))
-                if r - cur_r >= ROW_BLOCK:
-                    cur_e = _row_start(row_len, row_mark, r)
-                else:
-                    for q in range(cur_r, r):
-                        cur_e += row_len[q]
+                cur_e = _entry_of_row(row_len, row_mark, cur_r, cur_e, r)
                 cur_r = r
                 v = xv[k]
                 for e in range(cur_e, cur_e + row_len[r]):
@@ -158,12 +166,7 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
             if lo == r1:
                 break
             if chunk_feat[lo] == f:
-                # walk on from the last row found, or jump by the marks when that is shorter
-                if lo - cur_r >= ROW_BLOCK:
-                    cur_e = _row_start(row_len, row_mark, lo)
-                else:
-                    for q in range(cur_r, lo):
-                        cur_e += row_len[q]
+                cur_e = _entry_of_row(row_len, row_mark, cur_r, cur_e, lo)
                 cur_r = lo
                 v = xv[k]
                 for e in range(cur_e, cur_e + row_len[lo]):
@@ -459,28 +462,20 @@ BITMAP_MIN_ROWS = 16
 
 
 def build_feature_bitmaps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, n_features: int,
-                          budget_bytes: int, parent: np.ndarray | None = None,
+                          budget_bytes: int,
                           min_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Feature bitmaps for the chunks with at least ``min_rows`` rows, layer by layer (every
-    document expands the top layers; ``parent`` gives the layers, else node order) until
-    ``budget_bytes`` is spent. Returns (bitmap_off per node, -1 for none; bitmap uint64:
-    per chunk and 64 features, the word of the features it has, then the chunk's rows in
-    the words before)."""
+    """Feature bitmaps for the chunks with at least ``min_rows`` rows, in node order until
+    ``budget_bytes`` is spent: nodes are numbered layer by layer across the trees
+    (:func:`models.tree.join_trees`), so the top layers of every tree, which every document
+    expands, come first. Returns (bitmap_off per node, -1 for none; bitmap uint64: per chunk
+    and 64 features, the word of the features it has, then the chunk's rows in the words
+    before)."""
     n_nodes = chunk_ptr.shape[0] - 1
     bitmap_off = np.full(n_nodes, -1, dtype=np.int64)
     n_words = (n_features + 63) >> 6
     per_chunk = 2 * n_words * 8
-    layer = np.zeros(n_nodes, dtype=np.int64)
-    if parent is not None and n_nodes:
-        par = np.asarray(parent)
-        for _ in range(n_nodes):
-            deeper = np.where(par >= 0, layer[np.maximum(par, 0)] + 1, 0)
-            if np.array_equal(deeper, layer):
-                break
-            layer = deeper
     min_rows = BITMAP_MIN_ROWS if min_rows is None else min_rows
     eligible = np.flatnonzero(np.diff(chunk_ptr) >= max(1, min_rows))
-    eligible = eligible[np.argsort(layer[eligible], kind="stable")]
     chosen = eligible[: budget_bytes // per_chunk].astype(np.int64)
     bitmap = np.zeros(len(chosen) * 2 * n_words, dtype=np.uint64)
     _fill_feature_bitmaps(np.asarray(chunk_ptr), np.asarray(chunk_feat), chosen, n_words,
@@ -523,7 +518,7 @@ class FeatureBitmaps:
     def build(cls, ensemble: Ensemble, n_features: int, budget_mb: int) -> FeatureBitmaps:
         off, words = build_feature_bitmaps(
             np.asarray(ensemble.chunk_ptr), np.asarray(ensemble.chunk_feat), n_features,
-            budget_mb << 20, np.asarray(ensemble.parent))
+            budget_mb << 20)
         return cls(off, words)
 
     @property

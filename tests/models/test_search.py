@@ -170,7 +170,6 @@ def test_a_small_bitmap_budget_covers_the_top_layers_first(tiny_predictor):
     per_chunk = 16 * ((tiny_predictor.n_features + 63) // 64)
     n_roots = ens.n_trees
     off, _ = build_feature_bitmaps(ens.chunk_ptr, ens.chunk_feat, tiny_predictor.n_features,
-                                   budget_bytes=n_roots * per_chunk,
-                                   parent=np.asarray(ens.parent), min_rows=1)
+                                   budget_bytes=n_roots * per_chunk, min_rows=1)
     # every tree's root, not the first tree's whole top
     assert sorted(np.flatnonzero(off >= 0).tolist()) == sorted(ens.tree_root.tolist())
