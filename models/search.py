@@ -128,21 +128,32 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
     off = bitmap_off[node]
     if off >= 0:
         # feature bitmap of this chunk, 64 features a word, each word followed by the rows
-        # of the words before it: one cache line tells whether and where a feature is
-        cur_r = r0
-        cur_e = _row_start(row_len, row_mark, r0)
+        # of the words before it: one cache line tells whether and where a feature is.
+        # Three passes, the rows the features hit, where their entries start, the entries:
+        # the loads within a pass do not wait on one another, so a large ensemble's cache
+        # misses overlap instead of coming one after the other
+        hit = np.empty((3, m), dtype=np.int64)  # per feature hit: its k, its row, its entries
+        n_hit = 0
         for k in range(m):
             f = xi[k]
             w = off + 2 * (f >> 6)
             bit = np.uint64(1) << np.uint64(f & 63)
             word = bitmap[w]
             if word & bit:
-                r = r0 + int(bitmap[w + 1]) + _popcount(word & (bit - np.uint64(1)))
-                cur_e = _entry_of_row(row_len, row_mark, cur_r, cur_e, r)
-                cur_r = r
-                v = xv[k]
-                for e in range(cur_e, cur_e + row_len[r]):
-                    out[entry_child[e]] += v * entry_val[e]
+                hit[0, n_hit] = k
+                hit[1, n_hit] = r0 + int(bitmap[w + 1]) + _popcount(word & (bit - np.uint64(1)))
+                n_hit += 1
+        cur_r = r0
+        cur_e = _row_start(row_len, row_mark, r0)
+        for h in range(n_hit):
+            cur_e = _entry_of_row(row_len, row_mark, cur_r, cur_e, hit[1, h])
+            cur_r = hit[1, h]
+            hit[2, h] = cur_e
+        for h in range(n_hit):
+            v = xv[hit[0, h]]
+            e0 = hit[2, h]
+            for e in range(e0, e0 + row_len[hit[1, h]]):
+                out[entry_child[e]] += v * entry_val[e]
         return
     n_rows = r1 - r0
     # binary searches from the last row found cost about m * log2(rows); a scan of the rows
