@@ -96,9 +96,10 @@ def _score_chunk(node: int, c0: int, xi: np.ndarray, xv: np.ndarray, xdense: np.
                  row_mark: np.ndarray, entry_child: np.ndarray, entry_val: np.ndarray,
                  weight_scale: np.ndarray, bitmap_off: np.ndarray, bitmap: np.ndarray,
                  dense_start: int, dense_ptr: np.ndarray, dense_val: np.ndarray,
-                 out: np.ndarray, n_children: int) -> None:
+                 out: np.ndarray, n_children: int, hit: np.ndarray) -> None:
     """Margins (without bias) of the children c0.. of ``node`` into out[:n_children].
-    ``xdense`` holds the document densely (its dense block is read from there)."""
+    ``xdense`` holds the document densely (its dense block is read from there); ``hit`` is
+    int64 scratch of at least (3, the document's features)."""
     for j in range(n_children):
         out[j] = 0.0
     r0 = chunk_ptr[node]
@@ -108,7 +109,7 @@ def _score_chunk(node: int, c0: int, xi: np.ndarray, xv: np.ndarray, xdense: np.
     m = int(np.searchsorted(xi, dense_start))
     if n_rows > 0 and m > 0:
         _sparse_margins(node, xi, xv, xdense, m, r0, r1, chunk_feat, row_len, row_mark,
-                        entry_child, entry_val, bitmap_off, bitmap, out)
+                        entry_child, entry_val, bitmap_off, bitmap, out, hit)
         for j in range(n_children):
             out[j] *= weight_scale[c0 + j]
     d0 = dense_ptr[node]
@@ -122,9 +123,10 @@ def _score_chunk(node: int, c0: int, xi: np.ndarray, xv: np.ndarray, xdense: np.
 def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarray, m: int, r0: int,
                     r1: int, chunk_feat: np.ndarray, row_len: np.ndarray, row_mark: np.ndarray,
                     entry_child: np.ndarray, entry_val: np.ndarray, bitmap_off: np.ndarray,
-                    bitmap: np.ndarray, out: np.ndarray) -> None:
+                    bitmap: np.ndarray, out: np.ndarray, hit: np.ndarray) -> None:
     """Adds the document's first ``m`` features times the chunk's stored weights into out
-    (unscaled: the caller applies each child's weight_scale)."""
+    (unscaled: the caller applies each child's weight_scale). ``hit`` is int64 scratch of
+    at least (3, m)."""
     off = bitmap_off[node]
     if off >= 0:
         # feature bitmap of this chunk, 64 features a word, each word followed by the rows
@@ -132,7 +134,7 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
         # Three passes, the rows the features hit, where their entries start, the entries:
         # the loads within a pass do not wait on one another, so a large ensemble's cache
         # misses overlap instead of coming one after the other
-        hit = np.empty((3, m), dtype=np.int64)  # per feature hit: its k, its row, its entries
+        # per feature hit: its k, its row, its first entry
         n_hit = 0
         for k in range(m):
             f = xi[k]
@@ -194,6 +196,16 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
             e += n
 
 
+@numba.njit(nogil=True, cache=True)
+def _hit_scratch(indptr: np.ndarray, row_start: int, row_stop: int) -> np.ndarray:
+    """int64 (3, the most features of rows row_start..row_stop): what
+    :func:`_sparse_margins` notes per feature hit, allocated once per call of a kernel."""
+    most = 0
+    for row in range(row_start, row_stop):
+        most = max(most, indptr[row + 1] - indptr[row])
+    return np.empty((3, most), dtype=np.int64)
+
+
 @numba.njit(inline="always")
 def _better(s_a: float, id_a: int, s_b: float, id_b: int) -> bool:
     return s_a > s_b or (s_a == s_b and id_a < id_b)
@@ -247,6 +259,7 @@ def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_
     keep = max(width, top_k)  # the last layer keeps top_k candidates, the others width
     filtered = node_ok.shape[0] > 0
     z = np.empty(max(max_children, 1))
+    hit = _hit_scratch(indptr, row_start, row_stop)
     for b0 in range(row_start, row_stop, block):
         nb = min(block, row_stop - b0)
         beam_id = np.empty((nb, width), dtype=np.int64)
@@ -304,7 +317,7 @@ def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_
                         xdense[xi[i]] = xv[i]
                     _score_chunk(p, c0, xi, xv, xdense, chunk_ptr, chunk_feat, row_len,
                                  row_mark, entry_child, entry_val, weight_scale, bitmap_off,
-                                 bitmap, dense_start, dense_ptr, dense_val, z, nc)
+                                 bitmap, dense_start, dense_ptr, dense_val, z, nc, hit)
                     for i in range(xi.shape[0]):
                         xdense[xi[i]] = 0.0
                     base = beam_score[d, b]
@@ -340,7 +353,7 @@ def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_
                                       node_label, label_node, bitmap_off, bitmap,
                                       dense_start, dense_ptr, dense_val, post, top_k,
                                       top_id[d], top_n[d], exp_parent[d], exp_path[d],
-                                      exp_off[d], n_exp[d], node_score[d], z,
+                                      exp_off[d], n_exp[d], node_score[d], z, hit,
                                       out_label[row], out_score[row])
             for i in range(xi.shape[0]):
                 xdense[xi[i]] = 0.0
@@ -356,7 +369,7 @@ def _merge_trees(xi: np.ndarray, xv: np.ndarray, xdense: np.ndarray, tree_depth:
                  dense_ptr: np.ndarray, dense_val: np.ndarray, post: int, top_k: int,
                  top_id: np.ndarray, top_n: np.ndarray, exp_parent: np.ndarray,
                  exp_path: np.ndarray, exp_off: np.ndarray, n_exp: np.ndarray,
-                 node_score: np.ndarray, z: np.ndarray, out_label: np.ndarray,
+                 node_score: np.ndarray, z: np.ndarray, hit: np.ndarray, out_label: np.ndarray,
                  out_score: np.ndarray) -> int:
     """Union of the trees' top labels, each scored exactly in every tree (mean of path
     scores); writes the best top_k into out_*, returns how many."""
@@ -383,7 +396,7 @@ def _merge_trees(xi: np.ndarray, xv: np.ndarray, xdense: np.ndarray, tree_depth:
                 t, label_node[t, lab], xi, xv, xdense, tree_depth, child_ptr, parent,
                 chunk_ptr, chunk_feat, row_len, row_mark, entry_child, entry_val,
                 weight_scale, bias, bitmap_off, bitmap, dense_start, dense_ptr, dense_val,
-                post, exp_parent, exp_path, exp_off, n_exp, node_score, z))
+                post, exp_parent, exp_path, exp_off, n_exp, node_score, z, hit))
         n_out = _insert_top(out_label, out_score, n_out, top_k, lab, total / n_trees)
     return n_out
 
@@ -397,7 +410,7 @@ def _path_log_score(t: int, node: int, xi: np.ndarray, xv: np.ndarray, xdense: n
                     bitmap: np.ndarray, dense_start: int, dense_ptr: np.ndarray,
                     dense_val: np.ndarray, post: int, exp_parent: np.ndarray, exp_path: np.ndarray,
                     exp_off: np.ndarray, n_exp: np.ndarray, node_score: np.ndarray,
-                    z: np.ndarray) -> float:
+                    z: np.ndarray, hit: np.ndarray) -> float:
     """Exact log path score of a leaf in tree t, reusing what the beam computed."""
     acc = 0.0
     layer = tree_depth[t] - 1
@@ -410,7 +423,8 @@ def _path_log_score(t: int, node: int, xi: np.ndarray, xv: np.ndarray, xdense: n
         # the beam never expanded p: score this node directly and go up
         _score_chunk(p, child_ptr[p], xi, xv, xdense, chunk_ptr, chunk_feat, row_len,
                      row_mark, entry_child, entry_val, weight_scale, bitmap_off, bitmap,
-                     dense_start, dense_ptr, dense_val, z, child_ptr[p + 1] - child_ptr[p])
+                     dense_start, dense_ptr, dense_val, z, child_ptr[p + 1] - child_ptr[p],
+                     hit)
         acc += _log_post(z[node - child_ptr[p]] + bias[node], post)
         node = p
         layer -= 1
@@ -433,6 +447,7 @@ def score_labels(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, xden
     holds the parents scored); ``xdense`` as in :func:`predict_rows`."""
     n_trees = label_node.shape[0]
     z = np.empty(max(max_children, 1))
+    hit = _hit_scratch(indptr, 0, indptr.shape[0] - 1)
     for d in range(indptr.shape[0] - 1):
         xi = indices[indptr[d]:indptr[d + 1]]
         xv = data[indptr[d]:indptr[d + 1]]
@@ -451,7 +466,7 @@ def score_labels(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, xden
                         nc = child_ptr[p + 1] - c0
                         _score_chunk(p, c0, xi, xv, xdense, chunk_ptr, chunk_feat, row_len,
                                      row_mark, entry_child, entry_val, weight_scale, bitmap_off,
-                                     bitmap, dense_start, dense_ptr, dense_val, z, nc)
+                                     bitmap, dense_start, dense_ptr, dense_val, z, nc, hit)
                         for j in range(nc):
                             node_log[c0 + j] = _log_post(z[j] + bias[c0 + j], post)
                         scored[p] = True
