@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -55,6 +55,10 @@ EXACT_MAX_DOCS = 4096
 
 #: (label ids, scores): one row of a ranking, best first
 Ranking = tuple[np.ndarray, np.ndarray]
+#: (indptr, indices, data) of CSR rows with sorted indices
+Rows = tuple[np.ndarray, np.ndarray, np.ndarray]
+#: what a search returns: label ids (n, top_k; -1 pads), scores (n, top_k), counts (n,)
+Found = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,18 @@ class KnnMatcher:
         return vote(keys, sims, self.label_ptr, self.label_ids, self.n_labels,
                     self.rule.power)
 
+    def fuse(self, searcher: Searcher, found: Found, rows: Rows, top_k: int, *,
+             dense_start: int, allowed: Callable[[], np.ndarray | None],
+             threads: int = 1) -> Found:
+        """The trees' ranking ``found`` of ``rows`` with this matcher's votes fused in
+        (:func:`fuse_rankings`; the query's embedding is the rows' dense block from
+        ``dense_start``); ``allowed()`` gives the labels a filter lets through (None: all)."""
+        if self.rule.weight == 0:
+            return found
+        votes = self.votes(dense_block(*rows, dense_start, self.dim), threads)
+        return fuse_rankings(found, votes, partial(searcher.label_scores, *rows),
+                             self.rule.weight, top_k, allowed())
+
     def save(self, folder: Path) -> dict[str, Any]:
         """Writes the index and label arrays; returns the manifest's ``knn`` entry."""
         self.index.save(str(folder / INDEX_FILE))
@@ -269,18 +285,32 @@ def _lookup(votes: sp.csr_matrix, row: int, labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def knn_search(searcher: Searcher, matcher: KnnMatcher | None,
-               rows: tuple[np.ndarray, np.ndarray, np.ndarray], top_k: int, beam_size: int, *,
-               dense_start: int, node_mask: np.ndarray | None = None,
-               allowed: np.ndarray | None = None, threads: int = 1,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The trees' search of CSR ``rows`` (indptr, indices, data; sorted indices) and, with a
-    ``matcher``, its votes fused in (:func:`fuse_rankings`; the query's embedding is the
-    rows' dense block from ``dense_start``). ``node_mask`` / ``allowed``: a label filter
-    compiled to nodes / labels (:mod:`models.filters`)."""
-    found = searcher.search(*rows, top_k, beam_size, node_mask)
-    if matcher is None or matcher.rule.weight == 0:
+class KnnPart(Protocol):
+    """A bundle's kNN part as the search uses it: a :class:`KnnMatcher`, or :class:`NoKnn`
+    for a bundle without one."""
+
+    def fuse(self, searcher: Searcher, found: Found, rows: Rows, top_k: int, *,
+             dense_start: int, allowed: Callable[[], np.ndarray | None],
+             threads: int = 1) -> Found: ...
+
+
+class NoKnn:
+    """No kNN part: the trees' ranking stands as it is."""
+
+    def fuse(self, searcher: Searcher, found: Found, rows: Rows, top_k: int, *,
+             dense_start: int, allowed: Callable[[], np.ndarray | None],
+             threads: int = 1) -> Found:
         return found
-    votes = matcher.votes(dense_block(*rows, dense_start, matcher.dim), threads)
-    return fuse_rankings(found, votes, partial(searcher.label_scores, *rows),
-                         matcher.rule.weight, top_k, allowed)
+
+
+def knn_search(searcher: Searcher, part: KnnPart, rows: Rows, top_k: int, beam_size: int, *,
+               dense_start: int, node_mask: np.ndarray | None = None,
+               allowed: Callable[[], np.ndarray | None] = lambda: None, threads: int = 1,
+               ) -> Found:
+    """The trees' search of CSR ``rows`` (sorted indices) with the kNN ``part``'s votes fused
+    in (:meth:`KnnMatcher.fuse`). ``node_mask`` / ``allowed()``: a label filter compiled to
+    nodes / labels (:mod:`models.filters`); the labels are only asked for by a matcher that
+    votes."""
+    found = searcher.search(*rows, top_k, beam_size, node_mask)
+    return part.fuse(searcher, found, rows, top_k, dense_start=dense_start, allowed=allowed,
+                     threads=threads)

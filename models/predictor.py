@@ -16,7 +16,7 @@ from models.errors import BundleError, InvalidInputError
 from models.explain import TermContribution, explain_labels
 from models.features import FeatureEncoder, require_text
 from models.filters import FilterCompiler, FilterSpec
-from models.knn import KnnMatcher, knn_search
+from models.knn import KnnMatcher, KnnPart, NoKnn, knn_search
 from models.params import POST_PROCESSORS
 from models.search import BITMAP_MB, FeatureBitmaps, Searcher
 from models.tree import Ensemble
@@ -54,10 +54,10 @@ class Predictor:
                  threads: int | None = None,
                  calibration: Calibration | None = None,
                  label_info: Mapping[str, LabelInfo] | None = None,
-                 knn: KnnMatcher | None = None) -> None:
+                 knn: KnnPart | None = None) -> None:
         self.path = path
-        #: the kNN matcher whose votes join the trees' scores (None: the trees alone)
-        self.knn = knn
+        #: the kNN matcher whose votes join the trees' scores (:class:`NoKnn`: the trees alone)
+        self.knn: KnnPart = knn or NoKnn()
         self.calibration = calibration
         #: uri, label and notation by label name (empty: the bundle has no vocabulary)
         self.label_info: Mapping[str, LabelInfo] = label_info or {}
@@ -94,7 +94,7 @@ class Predictor:
                 f"encoders give {encoder.n_features} features, manifest says "
                 f"{manifest['n_features']}", folder / "manifest.json")
         calibration = Calibration.load(folder) if "calibration" in manifest else None
-        knn = None
+        knn: KnnPart = NoKnn()
         if "knn" in manifest:
             dim = int(manifest["n_features"]) - int(ensemble.dense_start[0])
             if not isinstance(manifest["knn"], dict) or dim < 1:
@@ -244,9 +244,10 @@ class Predictor:
                 beam_size: int, label_filter: FilterSpec | None,
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         mask = self._filters.node_mask(label_filter)
-        allowed = None
-        if self.knn is not None and label_filter is not None:
-            allowed = self._filters.label_mask(label_filter)
+
+        def allowed() -> np.ndarray | None:
+            return None if label_filter is None else self._filters.label_mask(label_filter)
+
         return knn_search(self._searcher, self.knn, rows, top_k, beam_size,
                           dense_start=int(self.ensemble.dense_start[0]), node_mask=mask,
                           allowed=allowed, threads=self.threads)

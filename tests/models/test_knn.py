@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import models
 from models.builder import build
 from models.errors import BundleError, InvalidInputError
-from models.knn import KnnMatcher, VoteRule
+from models.knn import KnnMatcher, NoKnn, VoteRule
 from tests.conftest import corpus_from_docs, tiny_params
 from tests.models.reference import leaf_scores
 from tests.models.tiny_onnx import WORDS, make_tiny_encoder
@@ -186,7 +186,7 @@ def test_manifest_records_the_knn_part(knn_bundle):
 def test_fused_scores_match_the_oracle(knn_bundle, word_corpus):
     train, test = word_corpus
     predictor = models.load_bundle(knn_bundle)
-    assert predictor.knn is not None
+    assert isinstance(predictor.knn, KnnMatcher)
     X = predictor.encode(test.texts[:30])
     want = oracle_fused(predictor, train, X)
     n = predictor.n_labels
@@ -252,7 +252,7 @@ def test_out_of_range_label_ids_are_refused(knn_bundle, tmp_path):
 
 
 def test_bundle_without_knn_loads_as_before(tiny_predictor):
-    assert tiny_predictor.knn is None
+    assert isinstance(tiny_predictor.knn, NoKnn)
     assert tiny_predictor.manifest["format_version"] == 3
     assert "knn" not in tiny_predictor.manifest
 
@@ -264,7 +264,7 @@ def test_weight_zero_builds_no_knn_part(tmp_path, tiny_corpus, tiny_model):
     m = json.loads((out / "manifest.json").read_text())
     assert "knn" not in m and m["format_version"] == 3 and not list(out.glob("knn.*"))
     assert m["build"]["knn_selection"]["chosen"]["weight"] == 0.0
-    assert models.load_bundle(str(out)).knn is None
+    assert isinstance(models.load_bundle(str(out)).knn, NoKnn)
 
 
 def test_knn_needs_a_dense_block(tmp_path, tiny_corpus):
