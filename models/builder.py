@@ -33,7 +33,7 @@ from models.data import Corpus, distinct_labels, label_matrix, validation_rows
 from models.engine import LocalEngine, TreeEngine
 from models.errors import BundleError, InvalidInputError
 from models.features import FeatureEncoder, fuse
-from models.knn import KnnMatcher, NoKnn, VoteRule, dense_block, fuse_rankings, knn_search, vote
+from models.knn import NO_KNN, KnnMatcher, VoteRule, dense_block, fuse_rankings, knn_search, vote
 from models.metrics import best_threshold, evaluate, micro_prf
 from models.params import POST_PROCESSORS, BuildParams
 from models.search import FeatureBitmaps, Searcher, ranked_names, search_matrix
@@ -420,7 +420,7 @@ def held_out_controls(train: Corpus, dense: tuple[np.ndarray, float] | None,
     trees = _train_trees(X_fit, label_matrix(fit.labels, names), params.resolved(
         fused=dense is not None), threads, _Stages(verbose=False), dense_start, engine)
     ensemble = Ensemble.concatenate([quantize(t, params.weight_dtype) for t in trees])
-    matcher = NoKnn() if knn is None or dense_start is None else KnnMatcher.build(
+    matcher = NO_KNN if knn is None or dense_start is None else KnnMatcher.build(
         _block_of(X_fit, dense_start, X_fit.shape[1] - dense_start),
         label_matrix(fit.labels, names), knn)
     bitmaps = FeatureBitmaps.build(ensemble, X_fit.shape[1], params.bitmap_mb)

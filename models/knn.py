@@ -303,6 +303,10 @@ class NoKnn:
         return found
 
 
+#: the kNN part of every bundle without one (it holds nothing)
+NO_KNN = NoKnn()
+
+
 def knn_search(searcher: Searcher, part: KnnPart, rows: Rows, top_k: int, beam_size: int, *,
                dense_start: int, node_mask: np.ndarray | None = None,
                allowed: Callable[[], np.ndarray | None] = lambda: None, threads: int = 1,

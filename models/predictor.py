@@ -16,7 +16,7 @@ from models.errors import BundleError, InvalidInputError
 from models.explain import TermContribution, explain_labels
 from models.features import FeatureEncoder, require_text
 from models.filters import FilterCompiler, FilterSpec
-from models.knn import KnnMatcher, KnnPart, NoKnn, knn_search
+from models.knn import NO_KNN, KnnMatcher, KnnPart, knn_search
 from models.params import POST_PROCESSORS
 from models.search import BITMAP_MB, FeatureBitmaps, Searcher
 from models.tree import Ensemble
@@ -54,10 +54,10 @@ class Predictor:
                  threads: int | None = None,
                  calibration: Calibration | None = None,
                  label_info: Mapping[str, LabelInfo] | None = None,
-                 knn: KnnPart | None = None) -> None:
+                 knn: KnnPart = NO_KNN) -> None:
         self.path = path
         #: the kNN matcher whose votes join the trees' scores (:class:`NoKnn`: the trees alone)
-        self.knn: KnnPart = knn or NoKnn()
+        self.knn = knn
         self.calibration = calibration
         #: uri, label and notation by label name (empty: the bundle has no vocabulary)
         self.label_info: Mapping[str, LabelInfo] = label_info or {}
@@ -94,7 +94,7 @@ class Predictor:
                 f"encoders give {encoder.n_features} features, manifest says "
                 f"{manifest['n_features']}", folder / "manifest.json")
         calibration = Calibration.load(folder) if "calibration" in manifest else None
-        knn: KnnPart = NoKnn()
+        knn: KnnPart = NO_KNN
         if "knn" in manifest:
             dim = int(manifest["n_features"]) - int(ensemble.dense_start[0])
             if not isinstance(manifest["knn"], dict) or dim < 1:
