@@ -133,8 +133,8 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
         # of the words before it: one cache line tells whether and where a feature is.
         # Three passes, the rows the features hit, where their entries start, the entries:
         # the loads within a pass do not wait on one another, so a large ensemble's cache
-        # misses overlap instead of coming one after the other
-        # per feature hit: its k, its row, its first entry
+        # misses overlap instead of coming one after the other. hit[:, h] holds the h-th
+        # hit's position in xi, its row and its first entry
         n_hit = 0
         for k in range(m):
             f = xi[k]
