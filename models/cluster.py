@@ -89,7 +89,8 @@ def build_tree(Z: sp.csr_matrix, params: ClusterParams, seed: int,
     leaf_code = np.empty(n_labels, dtype=np.int64)
     leaf_code[perm] = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
     layer_bits = sorted(range(depth_bits, 0, -step))
-    if not params.round_depth and len(layer_bits) > 1 and layer_bits[0] < step:
+    if (not params.round_depth and len(layer_bits) > 1 and layer_bits[0] < step
+            and (not params.max_root_children or 1 << layer_bits[1] <= params.max_root_children)):
         # the top layer takes the splits left over: a wider root, one layer fewer
         layer_bits = layer_bits[1:]
     return LabelTree(leaf_code, depth_bits, layer_bits)

@@ -33,6 +33,11 @@ class ClusterParams:
     max_leaf_size / branching_factor .. max_leaf_size labels, as PECOS). False: only as far
     as max_leaf_size needs (bottom clusters of max_leaf_size / 2 .. max_leaf_size labels),
     the splits left over widening the root's layer: a shallower tree."""
+    max_root_children: int = 0
+    """With ``round_depth`` False: the splits left over widen the root only while it keeps at
+    most this many children, else the tree keeps one layer more under a narrow root (0: no
+    cap). Every document trains every root classifier, so at scale a wide root dominates the
+    training time (see the scale section of benchmarks/RESULTS.md)."""
     kmeans_max_iter: int = 20
     """Iterations of spherical 2-means per split (it stops earlier when assignments settle)."""
 
@@ -150,6 +155,8 @@ class BuildParams:
             raise InvalidInputError("cluster.branching_factor must be a power of two >= 2")
         if c.max_leaf_size < 1:
             raise InvalidInputError("cluster.max_leaf_size must be >= 1")
+        if c.max_root_children < 0:
+            raise InvalidInputError("cluster.max_root_children must be >= 0 (0: no cap)")
         if self.n_trees < 1:
             raise InvalidInputError("n_trees must be >= 1")
         if self.threads < 0:

@@ -84,6 +84,8 @@ def test_params_print_and_read_back(tmp_path):
         BuildParams(cluster=ClusterParams(branching_factor=12)).validate()
     with pytest.raises(InvalidInputError, match="bitmap_mb"):
         BuildParams(bitmap_mb=-1).validate()
+    with pytest.raises(InvalidInputError, match="max_root_children"):
+        BuildParams(cluster=ClusterParams(max_root_children=-1)).validate()
 
 
 def write_lines(path, lines):

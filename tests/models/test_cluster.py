@@ -103,3 +103,16 @@ def test_unrounded_depth_gives_the_leftover_splits_to_the_top_layer():
                                        round_depth=False), seed=0)
     assert tree.layer_bits == [5, 9]
     assert np.bincount(tree.leaf_code >> 4).size == 32
+
+
+@pytest.mark.parametrize(("max_root_children", "layer_bits"), [(0, [5, 9]), (32, [5, 9]),
+                                                                (16, [1, 5, 9])])
+def test_a_root_cap_keeps_the_leftover_splits_in_a_layer_of_their_own(max_root_children,
+                                                                      layer_bits):
+    Z = random_rows(3000, 300, 0)
+    tree = build_tree(Z, ClusterParams(branching_factor=16, max_leaf_size=10,
+                                       max_root_children=max_root_children), seed=0)
+    assert tree.layer_bits == layer_bits
+    # the same bottom clusters whatever the layers above them
+    widened = build_tree(Z, ClusterParams(branching_factor=16, max_leaf_size=10), seed=0)
+    assert np.array_equal(tree.leaf_code, widened.leaf_code)
