@@ -128,14 +128,10 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
     (unscaled: the caller applies each child's weight_scale). ``hit`` is int64 scratch of
     at least (3, m)."""
     off = bitmap_off[node]
+    n_hit = 0
     if off >= 0:
         # feature bitmap of this chunk, 64 features a word, each word followed by the rows
-        # of the words before it: one cache line tells whether and where a feature is.
-        # Three passes, the rows the features hit, where their entries start, the entries:
-        # the loads within a pass do not wait on one another, so a large ensemble's cache
-        # misses overlap instead of coming one after the other. hit[:, h] holds the h-th
-        # hit's position in xi, its row and its first entry
-        n_hit = 0
+        # of the words before it: one cache line tells whether and where a feature is
         for k in range(m):
             f = xi[k]
             w = off + 2 * (f >> 6)
@@ -145,17 +141,7 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
                 hit[0, n_hit] = k
                 hit[1, n_hit] = r0 + int(bitmap[w + 1]) + _popcount(word & (bit - np.uint64(1)))
                 n_hit += 1
-        cur_r = r0
-        cur_e = _row_start(row_len, row_mark, r0)
-        for h in range(n_hit):
-            cur_e = _entry_of_row(row_len, row_mark, cur_r, cur_e, hit[1, h])
-            cur_r = hit[1, h]
-            hit[2, h] = cur_e
-        for h in range(n_hit):
-            v = xv[hit[0, h]]
-            e0 = hit[2, h]
-            for e in range(e0, e0 + row_len[hit[1, h]]):
-                out[entry_child[e]] += v * entry_val[e]
+        _add_hit_rows(xv, row_len, row_mark, entry_child, entry_val, r0, hit, n_hit, out)
         return
     n_rows = r1 - r0
     # binary searches from the last row found cost about m * log2(rows); a scan of the rows
@@ -165,8 +151,6 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
         log_rows += 1
     if m * log_rows < n_rows:
         lo = r0
-        cur_r = r0
-        cur_e = _row_start(row_len, row_mark, r0)
         for k in range(m):
             f = xi[k]
             hi = r1
@@ -179,12 +163,11 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
             if lo == r1:
                 break
             if chunk_feat[lo] == f:
-                cur_e = _entry_of_row(row_len, row_mark, cur_r, cur_e, lo)
-                cur_r = lo
-                v = xv[k]
-                for e in range(cur_e, cur_e + row_len[lo]):
-                    out[entry_child[e]] += v * entry_val[e]
+                hit[0, n_hit] = k
+                hit[1, n_hit] = lo
+                n_hit += 1
                 lo += 1
+        _add_hit_rows(xv, row_len, row_mark, entry_child, entry_val, r0, hit, n_hit, out)
     else:
         e = _row_start(row_len, row_mark, r0)
         for r in range(r0, r1):
@@ -194,6 +177,28 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
                 for q in range(e, e + n):
                     out[entry_child[q]] += v * entry_val[q]
             e += n
+
+
+@numba.njit(inline="always")
+def _add_hit_rows(xv: np.ndarray, row_len: np.ndarray, row_mark: np.ndarray,
+                  entry_child: np.ndarray, entry_val: np.ndarray, r0: int, hit: np.ndarray,
+                  n_hit: int, out: np.ndarray) -> None:
+    """Adds the entries of the rows the document hit (hit[0, h]: its feature's position in
+    xv, hit[1, h]: the row, ascending; hit[2, h] is filled with the row's first entry) into
+    out. Two passes, where the rows' entries start, then the entries: the loads within a
+    pass do not wait on one another, so a large ensemble's cache misses overlap instead of
+    coming one after the other."""
+    cur_r = r0
+    cur_e = _row_start(row_len, row_mark, r0)
+    for h in range(n_hit):
+        cur_e = _entry_of_row(row_len, row_mark, cur_r, cur_e, hit[1, h])
+        cur_r = hit[1, h]
+        hit[2, h] = cur_e
+    for h in range(n_hit):
+        v = xv[hit[0, h]]
+        e0 = hit[2, h]
+        for e in range(e0, e0 + row_len[hit[1, h]]):
+            out[entry_child[e]] += v * entry_val[e]
 
 
 @numba.njit(nogil=True, cache=True)
