@@ -20,8 +20,9 @@ import scipy.sparse as sp
 
 from benchmarks.search_ab import batch_docs_per_s, single_ms
 from models.data import read_xc
+from models.feature_lookup import BITMAP_MIN_ROWS, FeatureLookup
 from models.predictor import Predictor
-from models.search import BITMAP_MIN_ROWS, FeatureBitmaps, Searcher
+from models.search import Searcher
 
 
 def main() -> None:
@@ -40,16 +41,17 @@ def main() -> None:
     eligible = int((np.diff(np.asarray(ensemble.chunk_ptr)) >= BITMAP_MIN_ROWS).sum())
     first = None
     for mb in args.mb:
-        bitmaps = FeatureBitmaps.build(ensemble, predictor.n_features, mb)
+        lookup = FeatureLookup.build(ensemble, predictor.n_features, mb)
         predictor._searcher = Searcher(ensemble, predictor.n_features, predictor.post,
-                                       threads=predictor.threads, bitmaps=bitmaps)
+                                       threads=predictor.threads, lookup=lookup)
         p50, p99 = single_ms(predictor, rows)
         batch = batch_docs_per_s(predictor, X)
         answers = predictor.predict_ids(X, top_k=5, beam_size=10)[:2]
         first = first or answers
         same = all(np.array_equal(a, b) for a, b in zip(first, answers))
-        print(f"bitmap_mb {mb}: {bitmaps.words.nbytes / 2**20:,.0f} MB, chunks with a bitmap "
-              f"{int((bitmaps.off >= 0).sum())} of {eligible}, 1-doc p50 {p50:.3f} ms, "
+        print(f"bitmap_mb {mb}: {lookup.bitmap_words.nbytes / 2**20:,.0f} MB, chunks with a "
+              f"bitmap {int((lookup.bitmap_off >= 0).sum())} of {eligible}, directories "
+              f"{lookup.dir_rows.nbytes / 2**20:,.0f} MB, 1-doc p50 {p50:.3f} ms, "
               f"p99 {p99:.3f} ms, batch {batch:,.0f} docs/s, same answers: {same}", flush=True)
 
 

@@ -26,9 +26,10 @@ import models
 from benchmarks.tune import split, train_file
 from models.builder import build
 from models.data import Corpus, read_corpus
+from models.feature_lookup import BITMAP_MB, FeatureLookup
 from models.metrics import evaluate
 from models.params import POST_PROCESSORS, BuildParams
-from models.search import BITMAP_MB, FeatureBitmaps, Searcher, ranked_names
+from models.search import Searcher, ranked_names
 from models.tree import WEIGHT_DTYPES, Ensemble, quantize, row_start
 
 ROW_ARRAYS = ("chunk_feat", "row_len", "row_mark")
@@ -55,8 +56,8 @@ def layer_bytes(ens: Ensemble) -> list[float]:
 
 def search_metrics(ens: Ensemble, X: sp.csr_matrix, truth: list[list[str]],
                    names: list[str], post: int) -> dict[str, float]:
-    bitmaps = FeatureBitmaps.build(ens, X.shape[1], BITMAP_MB)
-    with Searcher(ens, X.shape[1], post, threads=1, bitmaps=bitmaps) as searcher:
+    lookup = FeatureLookup.build(ens, X.shape[1], BITMAP_MB)
+    with Searcher(ens, X.shape[1], post, threads=1, lookup=lookup) as searcher:
         ids, _, counts = searcher.search(X.indptr, X.indices, X.data, 5, 10)
         m = evaluate(ranked_names(ids, counts, names), truth, ks=(1, 5))
         rows = [X[i] for i in np.linspace(0, X.shape[0] - 1, min(1000, X.shape[0])).astype(int)]

@@ -123,8 +123,10 @@ def runner_command(peer: str, fs: FeatureSet, run_dir: Path, args: argparse.Name
     if peer == "napkinxc":
         return [sys.executable, str(RUNNERS / "napkinxc_runner.py"), *common]
     if peer == "ours":
+        n_trees = getattr(args, "n_trees", None)  # only the scale benchmark sets it
         return [sys.executable, str(RUNNERS / "ours_runner.py"), *common,
-                "--train", str(fs.train_path), "--test", str(fs.test_path)]
+                "--train", str(fs.train_path), "--test", str(fs.test_path),
+                *(["--n-trees", str(n_trees)] if n_trees else [])]
     raise ValueError(f"unknown peer {peer!r}")
 
 

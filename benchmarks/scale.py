@@ -145,7 +145,7 @@ def run_size(n_labels: int, args: argparse.Namespace) -> dict:
         row["command"] = command
     truths = fs.test_truth()
     peer_args = argparse.Namespace(threads=2, top_k=5, beam=10, latency_docs=1000,
-                                   timeout=args.timeout)
+                                   timeout=args.timeout, n_trees=args.n_trees)
     for peer in args.peers:
         run_dir = WORK / fs.name / peer
         if not args.report_only:
@@ -173,7 +173,7 @@ def _f(v: object, fmt: str) -> str:
 def table(results: dict[str, dict]) -> str:
     lines = [
         "| labels | train docs | library | train s (per tree) | peak RSS MB | ensemble MB per "
-        "tree (+ bitmaps) | P@1 | P@5 | 1-doc p50 / p99 ms | batch docs/s |",
+        "tree (+ lookup) | P@1 | P@5 | 1-doc p50 / p99 ms | batch docs/s |",
         "|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(results, key=int):
         row = results[key]
@@ -186,12 +186,15 @@ def table(results: dict[str, dict]) -> str:
                              f"{r['missing'].get('reason', '?')} | | | | | | |")
                 continue
             n_trees = r.get("n_trees", 1)
+            if peer == "ours" and n_trees != 3:  # the default build has 3
+                title += f" ({n_trees} tree{'s' if n_trees > 1 else ''})"
             mb = r.get("ensemble_mb_per_tree", r["model_mb"])
-            bitmaps = f" (+ {r['bitmap_mb_per_tree']:.1f})" if "bitmap_mb_per_tree" in r else ""
+            lookup = _lookup_mb(r)
+            lookup_cell = f" (+ {lookup:.1f})" if lookup else ""
             lines.append(
                 f"| {int(key):,} | {row['n_train']:,} | {title} | {_f(r['train_s'], '.1f')} "
                 f"({_f(r['train_s'] / n_trees, '.1f')}) | {_f(r['peak_rss_mb'], '.0f')} | "
-                f"{_f(mb, '.1f')}{bitmaps} | {_f(100 * r['P@1'], '.2f')} | "
+                f"{_f(mb, '.1f')}{lookup_cell} | {_f(100 * r['P@1'], '.2f')} | "
                 f"{_f(100 * r['P@5'], '.2f')} "
                 f"| {_f(r['latency_p50_ms'], '.3f')} / {_f(r['latency_p99_ms'], '.3f')} | "
                 f"{_f(r['batch_docs_per_s'], ',.0f')} |")
@@ -199,7 +202,7 @@ def table(results: dict[str, dict]) -> str:
 
 
 def ratios(results: dict[str, dict]) -> str:
-    lines = ["| labels | bundle bytes per tree (with bitmaps) | build peak RSS | "
+    lines = ["| labels | bundle bytes per tree (with lookup) | build peak RSS | "
              "training per tree (wall) | training per tree (CPU s) | P@1 ours − PECOS | "
              "ready s | worker private MB (each) | worker shared MB |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -212,9 +215,9 @@ def ratios(results: dict[str, dict]) -> str:
         private = " / ".join(_f(w["Private_Clean"] + w["Private_Dirty"], ".0f") for w in workers)
         shared = " / ".join(_f(w["Shared_Clean"] + w["Shared_Dirty"], ".0f") for w in workers)
         if "P@1" in p:
-            with_bitmaps = o["ensemble_mb_per_tree"] + o.get("bitmap_mb_per_tree", 0.0)
+            with_lookup = o["ensemble_mb_per_tree"] + (_lookup_mb(o) or 0.0)
             cells = (f"{o['ensemble_mb_per_tree'] / p['model_mb']:.2f}× "
-                     f"({with_bitmaps / p['model_mb']:.2f}×)",
+                     f"({with_lookup / p['model_mb']:.2f}×)",
                      f"{o['peak_rss_mb'] / p['peak_rss_mb']:.2f}×",
                      f"{o['train_s'] / o['n_trees'] / p['train_s']:.2f}×",
                      _cpu_ratio(o, p), f"{100 * (o['P@1'] - p['P@1']):+.2f}")
@@ -223,6 +226,12 @@ def ratios(results: dict[str, dict]) -> str:
         lines.append(f"| {int(key):,} | {' | '.join(cells)} | {_f(serve.get('ready_s'), '.1f')} "
                      f"| {private} | {shared} |")
     return "\n".join(lines)
+
+
+def _lookup_mb(run: dict) -> float | None:
+    """MB per tree of the search's stored lookup (runs before the row directories stored
+    bitmaps alone, under their own name)."""
+    return run.get("lookup_mb_per_tree", run.get("bitmap_mb_per_tree"))
 
 
 def _cpu_ratio(ours: dict, pecos: dict) -> str:
@@ -290,7 +299,7 @@ def plot(results: dict[str, dict]) -> None:
                 results.items(), key=lambda kv: int(kv[0])) if "P@1" in v.get(peer, {})]
             pts = [pt for pt in pts if pt[1] is not None]
             if pts:
-                ax.loglog(*zip(*pts), style, label="xmc-serve (3 trees)" if peer == "ours"
+                ax.loglog(*zip(*pts), style, label="xmc-serve" if peer == "ours"
                           else "PECOS XR-Linear (1 tree)")
         ax.set_xlabel("labels")
         ax.set_title(title)
@@ -307,11 +316,11 @@ def write_section(results: dict[str, dict]) -> None:
             "`benchmarks/scale_results.json`). Synthetic feature-level sets (`xmc synth "
             "--format xc --labels N --train 2N --test 5000 --seed 0`); both libraries train "
             "from the same feature file with 2 threads, predict with top-5, beam 10, from "
-            "feature rows. Ours: 3 trees, default build (int8 weights); PECOS: one tree, its "
-            "CLI defaults. Bundle bytes: ours the `ensemble.*.npy` arrays divided by the "
-            "trees (in brackets the search's feature bitmaps stored beside them, "
-            "`search.bitmap_*.npy`), PECOS its saved model folder.\n\n" + table(results)
-            + "\n\nRatios (ours / PECOS) and `xmc serve` (2 workers; memory from "
+            "feature rows. Ours: 3 trees, default build (int8 weights), unless the row names "
+            "another tree count; PECOS: one tree, its CLI defaults. Bundle bytes: ours the "
+            "`ensemble.*.npy` arrays divided by the trees (in brackets the search's feature "
+            "lookup stored beside them, `search.*.npy`), PECOS its saved model folder.\n\n"
+            + table(results) + "\n\nRatios (ours / PECOS) and `xmc serve` (2 workers; memory from "
             "`/proc/PID/smaps_rollup` once ready):\n\n" + ratios(results)
             + "\n\n![scale](scale.png)\n")
     if str(LARGEST) not in results:
@@ -326,6 +335,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per library and size")
     ap.add_argument("--only", default="ours,pecos")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--n-trees", type=int, default=None,
+                    help="our trees (default: the build's default); the table says when not 3")
     args = ap.parse_args()
     args.peers = args.only.split(",")
     os.environ["XMC_BENCH_KEEP_BUNDLE"] = "1"  # the runner leaves it for serve_memory

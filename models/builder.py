@@ -32,11 +32,12 @@ from models.cluster import pifa_embeddings
 from models.data import Corpus, distinct_labels, label_matrix, validation_rows
 from models.engine import LocalEngine, TreeEngine
 from models.errors import BundleError, InvalidInputError
+from models.feature_lookup import FeatureLookup
 from models.features import FeatureEncoder, fuse
 from models.knn import NO_KNN, KnnMatcher, VoteRule, dense_block, fuse_rankings, knn_search, vote
 from models.metrics import best_threshold, evaluate, micro_prf
 from models.params import POST_PROCESSORS, BuildParams
-from models.search import FeatureBitmaps, Searcher, ranked_names, search_matrix
+from models.search import Searcher, ranked_names, search_matrix
 from models.tree import Ensemble, quantize
 from models.vocab import Vocabulary, write_label_meta
 
@@ -147,8 +148,8 @@ def build(
         cpu_train = time.process_time() - cpu_train
         with stages("write"):
             ensemble = writer.finish()
-            bitmaps = FeatureBitmaps.build(ensemble, int(X.shape[1]), params.bitmap_mb)
-            bundle_io.write_feature_bitmaps(tmp, bitmaps)
+            lookup = FeatureLookup.build(ensemble, int(X.shape[1]), params.bitmap_mb)
+            bundle_io.write_feature_lookup(tmp, lookup)
             bundle_io.write_labels(tmp, label_names, label_counts)
             if vocab is not None:
                 n_known = write_label_meta(tmp, label_names, vocab)
@@ -194,7 +195,7 @@ def build(
             "cpu_seconds_train": round(cpu_train, 3),
             "n_weights": ensemble.n_entries,
             "ensemble_bytes": sum(int(a.nbytes) for a in ensemble.arrays().values()),
-            "bitmap_bytes": bitmaps.nbytes,
+            "lookup_bytes": lookup.nbytes,
         }
         if selection is not None:
             manifest["build"]["dense_weight_selection"] = selection
@@ -334,9 +335,9 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
     matcher = KnnMatcher.build(_block_of(X_fit, dense_start, dim), Y_fit,
                                VoteRule(1, 1.0, 0.0))
     post = POST_PROCESSORS[params.post_processor]
-    bitmaps = FeatureBitmaps.build(ensemble, X_fit.shape[1], params.bitmap_mb)
+    lookup = FeatureLookup.build(ensemble, X_fit.shape[1], params.bitmap_mb)
     with Searcher(ensemble, X_fit.shape[1], post, threads=threads,
-                  bitmaps=bitmaps) as searcher:
+                  lookup=lookup) as searcher:
         rows = (X_valid.indptr, X_valid.indices, X_valid.data)
         trees = searcher.search(*rows, 5, params.beam_size)
         keys, sims = matcher.neighbours(_block_of(X_valid, dense_start, dim),
@@ -423,9 +424,9 @@ def held_out_controls(train: Corpus, dense: tuple[np.ndarray, float] | None,
     matcher = NO_KNN if knn is None or dense_start is None else KnnMatcher.build(
         _block_of(X_fit, dense_start, X_fit.shape[1] - dense_start),
         label_matrix(fit.labels, names), knn)
-    bitmaps = FeatureBitmaps.build(ensemble, X_fit.shape[1], params.bitmap_mb)
+    lookup = FeatureLookup.build(ensemble, X_fit.shape[1], params.bitmap_mb)
     with Searcher(ensemble, X_fit.shape[1], POST_PROCESSORS[params.post_processor],
-                  threads=threads, bitmaps=bitmaps) as searcher:
+                  threads=threads, lookup=lookup) as searcher:
         ids, scores, counts = knn_search(
             searcher, matcher, (X_valid.indptr, X_valid.indices, X_valid.data), params.top_k,
             params.beam_size, dense_start=dense_start or 0, threads=threads)

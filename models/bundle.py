@@ -9,10 +9,12 @@
     label_counts.npy         training documents per label (for PSP@k)
     ensemble.<name>.npy      the tree arrays of models.tree.ENSEMBLE_ARRAYS (format 3; bundles
                              of formats 1 and 2 are still read)
-    search.bitmap_{off,words}.npy
-                             the search's feature bitmaps (models.search.FeatureBitmaps),
-                             mapped by every serving process; a bundle without them (built
-                             before they were stored) gets them built at load, per process
+    search.bitmap_{off,words}.npy, search.dir_{off,rows}.npy
+                             the search's feature lookup, bitmaps and row directories
+                             (models.feature_lookup), mapped by every serving process; a
+                             bundle without bitmaps (built before they were stored) gets
+                             them built at load, per process; one without directories
+                             (built before them) searches without
     <encoder files>          e.g. tfidf_vocab.json, tfidf_idf.npy, dense model + tokenizer
     calibration_{x,y}.npy    built with --calibrate: the knots of the score calibration
                              (models.calibration); the manifest then has "calibration", and
@@ -42,7 +44,7 @@ import numba
 import numpy as np
 
 from models.errors import BundleError, InvalidInputError
-from models.search import FeatureBitmaps
+from models.feature_lookup import LOOKUP_ARRAYS, FeatureLookup
 from models.tree import (
     ENSEMBLE_ARRAYS,
     Ensemble,
@@ -60,10 +62,8 @@ KNN_FORMAT_VERSION = 4
 #: store an int64 row pointer and float32 weights (see _load_old_ensemble)
 READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
-#: the stored feature bitmaps: FeatureBitmaps field -> dtype (file search.bitmap_<field>.npy)
-BITMAP_ARRAYS: dict[str, type] = {"off": np.int64, "words": np.uint64}
 #: files a bundle may have (label_meta.json: see models.vocab)
-OPTIONAL_FILES = ("label_meta.json", *(f"search.bitmap_{n}.npy" for n in BITMAP_ARRAYS))
+OPTIONAL_FILES = ("label_meta.json", *(f"search.{n}.npy" for n in LOOKUP_ARRAYS))
 
 
 def tmp_dir_for(out_dir: Path) -> Path:
@@ -141,24 +141,28 @@ def _scratch_arrays(scratch: Path, t: int) -> dict[str, np.ndarray]:
     return _ScratchTree(scratch, t)
 
 
-def write_feature_bitmaps(folder: Path, bitmaps: FeatureBitmaps) -> None:
-    for name in BITMAP_ARRAYS:
-        np.save(folder / f"search.bitmap_{name}.npy", getattr(bitmaps, name), allow_pickle=False)
+def write_feature_lookup(folder: Path, lookup: FeatureLookup) -> None:
+    for name in LOOKUP_ARRAYS:
+        np.save(folder / f"search.{name}.npy", getattr(lookup, name), allow_pickle=False)
 
 
-def load_feature_bitmaps(folder: Path, ensemble: Ensemble, n_features: int, *, mmap: bool,
-                         budget_mb_if_absent: int) -> FeatureBitmaps:
-    """The bundle's stored feature bitmaps, checked (see FeatureBitmaps.problem); a bundle
-    without them gets them built here, within ``budget_mb_if_absent``."""
-    paths = {name: folder / f"search.bitmap_{name}.npy" for name in BITMAP_ARRAYS}
+def load_feature_lookup(folder: Path, ensemble: Ensemble, n_features: int, *, mmap: bool,
+                        bitmap_mb_if_absent: int) -> FeatureLookup:
+    """The bundle's stored feature lookup, checked (see FeatureLookup.problem). A bundle
+    written before the lookup was stored gets it built here, bitmaps within
+    ``bitmap_mb_if_absent``; one written before the row directories searches without."""
+    paths = {name: folder / f"search.{name}.npy" for name in LOOKUP_ARRAYS}
     if not any(p.is_file() for p in paths.values()):
-        return FeatureBitmaps.build(ensemble, n_features, budget_mb_if_absent)
-    bitmaps = FeatureBitmaps(**{name: load_npy(paths[name], mmap=mmap, dtype=dtype)
-                                for name, dtype in BITMAP_ARRAYS.items()})
-    found = bitmaps.problem(np.asarray(ensemble.chunk_ptr), n_features)
+        return FeatureLookup.build(ensemble, n_features, bitmap_mb_if_absent)
+    has_dirs = paths["dir_off"].is_file() or paths["dir_rows"].is_file()
+    arrays = {name: load_npy(path, mmap=mmap, dtype=LOOKUP_ARRAYS[name])
+              for name, path in paths.items() if has_dirs or name.startswith("bitmap_")}
+    lookup = (FeatureLookup(**arrays) if has_dirs
+              else FeatureLookup.bitmaps_only(arrays["bitmap_off"], arrays["bitmap_words"]))
+    found = lookup.problem(np.asarray(ensemble.chunk_ptr), n_features)
     if found is not None:
         raise BundleError(found[1], paths[found[0]])
-    return bitmaps
+    return lookup
 
 
 def write_labels(folder: Path, label_names: list[str], label_counts: np.ndarray) -> None:

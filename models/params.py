@@ -123,7 +123,7 @@ class BuildParams:
     validation P@1 of float32 wherever it was measured (benchmarks/RESULTS.md)."""
     bitmap_mb: int = BITMAP_MB
     """Memory for the search's feature bitmaps, stored in the bundle so that every serving
-    process maps one copy (models.search.FeatureBitmaps): the chunks of the top layers get
+    process maps one copy (models.feature_lookup): the chunks of the top layers get
     them first, as every document searches those. 0 stores none."""
 
     knn: bool = False

@@ -14,11 +14,12 @@ from models import bundle as bundle_io
 from models.calibration import Calibration
 from models.errors import BundleError, InvalidInputError
 from models.explain import TermContribution, explain_labels
+from models.feature_lookup import BITMAP_MB, FeatureLookup
 from models.features import FeatureEncoder, require_text
 from models.filters import FilterCompiler, FilterSpec
 from models.knn import NO_KNN, KnnMatcher, KnnPart, knn_search
 from models.params import POST_PROCESSORS
-from models.search import BITMAP_MB, FeatureBitmaps, Searcher
+from models.search import Searcher
 from models.tree import Ensemble
 from models.vocab import LabelInfo, read_label_meta
 
@@ -50,7 +51,7 @@ class Predictor:
 
     def __init__(self, path: Path, manifest: dict[str, Any], ensemble: Ensemble,
                  label_names: list[str], encoder: FeatureEncoder | None,
-                 label_counts: np.ndarray, *, bitmaps: FeatureBitmaps,
+                 label_counts: np.ndarray, *, lookup: FeatureLookup,
                  threads: int | None = None,
                  calibration: Calibration | None = None,
                  label_info: Mapping[str, LabelInfo] | None = None,
@@ -71,10 +72,10 @@ class Predictor:
         self.default_top_k = int(params.get("top_k", 5))
         self.default_beam_size = int(params.get("beam_size", 10))
         self.threads = threads or min(2, os.cpu_count() or 1)
-        #: the search's feature bitmaps: the bundle's, mapped, or built at load for an older one
-        self.bitmaps = bitmaps
+        #: the search's feature lookup: the bundle's, mapped, or built at load for an older one
+        self.lookup = lookup
         self._searcher = Searcher(ensemble, self.n_features, self.post, threads=self.threads,
-                                  bitmaps=bitmaps)
+                                  lookup=lookup)
         self._filters = FilterCompiler(label_names, ensemble)
         self._terms: list[str] | None = None
 
@@ -101,9 +102,9 @@ class Predictor:
                 raise BundleError("a kNN part needs a dense block", folder / "manifest.json")
             knn = KnnMatcher.load(folder, manifest["knn"], n_labels=ensemble.n_labels,
                                   dim=dim, mmap=mmap)
-        bitmaps = bundle_io.load_feature_bitmaps(folder, ensemble, int(manifest["n_features"]),
-                                                 mmap=mmap, budget_mb_if_absent=BITMAP_MB)
-        return cls(folder, manifest, ensemble, label_names, encoder, counts, bitmaps=bitmaps,
+        lookup = bundle_io.load_feature_lookup(folder, ensemble, int(manifest["n_features"]),
+                                               mmap=mmap, bitmap_mb_if_absent=BITMAP_MB)
+        return cls(folder, manifest, ensemble, label_names, encoder, counts, lookup=lookup,
                    threads=threads, calibration=calibration,
                    label_info=read_label_meta(folder, label_names), knn=knn)
 

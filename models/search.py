@@ -16,7 +16,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from models.errors import InvalidInputError
+from models.feature_lookup import BITMAP_MB, FeatureLookup, popcount
 from models.tree import ROW_BLOCK, Ensemble
 
 L3_HINGE = 0
@@ -60,15 +60,6 @@ def _dense_dot(w: np.ndarray, w_start: int, x: np.ndarray, x_start: int, n: int)
 
 
 @numba.njit(inline="always")
-def _popcount(x: np.uint64) -> int:
-    """Set bits of a 64-bit word (SWAR: numba has no popcount intrinsic)."""
-    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
-    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
-    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-    return int((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
-
-
-@numba.njit(inline="always")
 def _row_start(row_len: np.ndarray, row_mark: np.ndarray, r: int) -> int:
     """First entry of row r: the mark of its block plus the counts of the rows before it."""
     b = r // ROW_BLOCK
@@ -95,6 +86,7 @@ def _score_chunk(node: int, c0: int, xi: np.ndarray, xv: np.ndarray, xdense: np.
                  chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_len: np.ndarray,
                  row_mark: np.ndarray, entry_child: np.ndarray, entry_val: np.ndarray,
                  weight_scale: np.ndarray, bitmap_off: np.ndarray, bitmap: np.ndarray,
+                 dir_off: np.ndarray, dir_rows: np.ndarray,
                  dense_start: int, dense_ptr: np.ndarray, dense_val: np.ndarray,
                  out: np.ndarray, n_children: int, hit: np.ndarray) -> None:
     """Margins (without bias) of the children c0.. of ``node`` into out[:n_children].
@@ -109,7 +101,7 @@ def _score_chunk(node: int, c0: int, xi: np.ndarray, xv: np.ndarray, xdense: np.
     m = int(np.searchsorted(xi, dense_start))
     if n_rows > 0 and m > 0:
         _sparse_margins(node, xi, xv, xdense, m, r0, r1, chunk_feat, row_len, row_mark,
-                        entry_child, entry_val, bitmap_off, bitmap, out, hit)
+                        entry_child, entry_val, bitmap_off, bitmap, dir_off, dir_rows, out, hit)
         for j in range(n_children):
             out[j] *= weight_scale[c0 + j]
     d0 = dense_ptr[node]
@@ -123,7 +115,8 @@ def _score_chunk(node: int, c0: int, xi: np.ndarray, xv: np.ndarray, xdense: np.
 def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarray, m: int, r0: int,
                     r1: int, chunk_feat: np.ndarray, row_len: np.ndarray, row_mark: np.ndarray,
                     entry_child: np.ndarray, entry_val: np.ndarray, bitmap_off: np.ndarray,
-                    bitmap: np.ndarray, out: np.ndarray, hit: np.ndarray) -> None:
+                    bitmap: np.ndarray, dir_off: np.ndarray, dir_rows: np.ndarray,
+                    out: np.ndarray, hit: np.ndarray) -> None:
     """Adds the document's first ``m`` features times the chunk's stored weights into out
     (unscaled: the caller applies each child's weight_scale). ``hit`` is int64 scratch of
     at least (3, m)."""
@@ -139,7 +132,7 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
             word = bitmap[w]
             if word & bit:
                 hit[0, n_hit] = k
-                hit[1, n_hit] = r0 + int(bitmap[w + 1]) + _popcount(word & (bit - np.uint64(1)))
+                hit[1, n_hit] = r0 + int(bitmap[w + 1]) + popcount(word & (bit - np.uint64(1)))
                 n_hit += 1
         _add_hit_rows(xv, row_len, row_mark, entry_child, entry_val, r0, hit, n_hit, out)
         return
@@ -149,26 +142,7 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
     log_rows = 1
     while (1 << log_rows) < n_rows:
         log_rows += 1
-    if m * log_rows < n_rows:
-        lo = r0
-        for k in range(m):
-            f = xi[k]
-            hi = r1
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if chunk_feat[mid] < f:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            if lo == r1:
-                break
-            if chunk_feat[lo] == f:
-                hit[0, n_hit] = k
-                hit[1, n_hit] = lo
-                n_hit += 1
-                lo += 1
-        _add_hit_rows(xv, row_len, row_mark, entry_child, entry_val, r0, hit, n_hit, out)
-    else:
+    if m * log_rows >= n_rows:
         e = _row_start(row_len, row_mark, r0)
         for r in range(r0, r1):
             n = row_len[r]
@@ -177,6 +151,66 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
                 for q in range(e, e + n):
                     out[entry_child[q]] += v * entry_val[q]
             e += n
+        return
+    d0 = dir_off[node]
+    if d0 >= 0:
+        n_hit = _directory_hits(xi, m, r0, chunk_feat, dir_rows, d0, hit)
+    else:
+        n_hit = _searched_hits(xi, m, r0, r1, chunk_feat, hit)
+    _add_hit_rows(xv, row_len, row_mark, entry_child, entry_val, r0, hit, n_hit, out)
+
+
+@numba.njit(inline="always")
+def _searched_hits(xi: np.ndarray, m: int, r0: int, r1: int, chunk_feat: np.ndarray,
+                   hit: np.ndarray) -> int:
+    """Notes in ``hit`` the chunk rows of the document's first ``m`` features, found by
+    binary searches each starting from the last row found; returns how many."""
+    n_hit = 0
+    lo = r0
+    for k in range(m):
+        f = xi[k]
+        hi = r1
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if chunk_feat[mid] < f:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == r1:
+            break
+        if chunk_feat[lo] == f:
+            hit[0, n_hit] = k
+            hit[1, n_hit] = lo
+            n_hit += 1
+            lo += 1
+    return n_hit
+
+
+@numba.njit(inline="always")
+def _directory_hits(xi: np.ndarray, m: int, r0: int, chunk_feat: np.ndarray,
+                    dir_rows: np.ndarray, d0: int, hit: np.ndarray) -> int:
+    """As :func:`_searched_hits`, through the chunk's row directory (see
+    :func:`build_row_directories`): a feature's range of ids narrows the search to a few
+    rows, and no search waits on the one before, so their cache misses overlap."""
+    shift = int(dir_rows[d0])
+    n_hit = 0
+    for k in range(m):
+        f = xi[k]
+        g = d0 + 1 + (f >> shift)
+        lo = r0 + int(dir_rows[g])
+        end = r0 + int(dir_rows[g + 1])
+        hi = end
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if chunk_feat[mid] < f:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < end and chunk_feat[lo] == f:
+            hit[0, n_hit] = k
+            hit[1, n_hit] = lo
+            n_hit += 1
+    return n_hit
 
 
 @numba.njit(inline="always")
@@ -240,7 +274,8 @@ def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_
                  entry_child: np.ndarray, entry_val: np.ndarray, weight_scale: np.ndarray,
                  bias: np.ndarray, node_label: np.ndarray, label_node: np.ndarray,
                  dense_start: int, dense_ptr: np.ndarray, dense_val: np.ndarray,
-                 bitmap_off: np.ndarray, bitmap: np.ndarray, node_ok: np.ndarray, beam_size: int,
+                 bitmap_off: np.ndarray, bitmap: np.ndarray, dir_off: np.ndarray,
+                 dir_rows: np.ndarray, node_ok: np.ndarray, beam_size: int,
                  top_k: int, post: int, max_children: int, block: int, out_label: np.ndarray,
                  out_score: np.ndarray, out_n: np.ndarray) -> None:
     """Predict rows row_start..row_stop of a CSR matrix (sorted indices) into out_* rows.
@@ -322,7 +357,8 @@ def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_
                         xdense[xi[i]] = xv[i]
                     _score_chunk(p, c0, xi, xv, xdense, chunk_ptr, chunk_feat, row_len,
                                  row_mark, entry_child, entry_val, weight_scale, bitmap_off,
-                                 bitmap, dense_start, dense_ptr, dense_val, z, nc, hit)
+                                 bitmap, dir_off, dir_rows, dense_start, dense_ptr, dense_val,
+                                 z, nc, hit)
                     for i in range(xi.shape[0]):
                         xdense[xi[i]] = 0.0
                     base = beam_score[d, b]
@@ -355,7 +391,7 @@ def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_
             out_n[row] = _merge_trees(xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr,
                                       chunk_feat, row_len, row_mark, entry_child,
                                       entry_val, weight_scale, bias,
-                                      node_label, label_node, bitmap_off, bitmap,
+                                      node_label, label_node, bitmap_off, bitmap, dir_off, dir_rows,
                                       dense_start, dense_ptr, dense_val, post, top_k,
                                       top_id[d], top_n[d], exp_parent[d], exp_path[d],
                                       exp_off[d], n_exp[d], node_score[d], z, hit,
@@ -370,7 +406,8 @@ def _merge_trees(xi: np.ndarray, xv: np.ndarray, xdense: np.ndarray, tree_depth:
                  chunk_feat: np.ndarray, row_len: np.ndarray, row_mark: np.ndarray,
                  entry_child: np.ndarray, entry_val: np.ndarray, weight_scale: np.ndarray,
                  bias: np.ndarray, node_label: np.ndarray, label_node: np.ndarray,
-                 bitmap_off: np.ndarray, bitmap: np.ndarray, dense_start: int,
+                 bitmap_off: np.ndarray, bitmap: np.ndarray, dir_off: np.ndarray,
+                 dir_rows: np.ndarray, dense_start: int,
                  dense_ptr: np.ndarray, dense_val: np.ndarray, post: int, top_k: int,
                  top_id: np.ndarray, top_n: np.ndarray, exp_parent: np.ndarray,
                  exp_path: np.ndarray, exp_off: np.ndarray, n_exp: np.ndarray,
@@ -400,7 +437,8 @@ def _merge_trees(xi: np.ndarray, xv: np.ndarray, xdense: np.ndarray, tree_depth:
             total += np.exp(_path_log_score(
                 t, label_node[t, lab], xi, xv, xdense, tree_depth, child_ptr, parent,
                 chunk_ptr, chunk_feat, row_len, row_mark, entry_child, entry_val,
-                weight_scale, bias, bitmap_off, bitmap, dense_start, dense_ptr, dense_val,
+                weight_scale, bias, bitmap_off, bitmap, dir_off, dir_rows, dense_start,
+                dense_ptr, dense_val,
                 post, exp_parent, exp_path, exp_off, n_exp, node_score, z, hit))
         n_out = _insert_top(out_label, out_score, n_out, top_k, lab, total / n_trees)
     return n_out
@@ -412,7 +450,8 @@ def _path_log_score(t: int, node: int, xi: np.ndarray, xv: np.ndarray, xdense: n
                     chunk_ptr: np.ndarray, chunk_feat: np.ndarray, row_len: np.ndarray,
                     row_mark: np.ndarray, entry_child: np.ndarray, entry_val: np.ndarray,
                     weight_scale: np.ndarray, bias: np.ndarray, bitmap_off: np.ndarray,
-                    bitmap: np.ndarray, dense_start: int, dense_ptr: np.ndarray,
+                    bitmap: np.ndarray, dir_off: np.ndarray, dir_rows: np.ndarray,
+                    dense_start: int, dense_ptr: np.ndarray,
                     dense_val: np.ndarray, post: int, exp_parent: np.ndarray, exp_path: np.ndarray,
                     exp_off: np.ndarray, n_exp: np.ndarray, node_score: np.ndarray,
                     z: np.ndarray, hit: np.ndarray) -> float:
@@ -428,6 +467,7 @@ def _path_log_score(t: int, node: int, xi: np.ndarray, xv: np.ndarray, xdense: n
         # the beam never expanded p: score this node directly and go up
         _score_chunk(p, child_ptr[p], xi, xv, xdense, chunk_ptr, chunk_feat, row_len,
                      row_mark, entry_child, entry_val, weight_scale, bitmap_off, bitmap,
+                     dir_off, dir_rows,
                      dense_start, dense_ptr, dense_val, z, child_ptr[p + 1] - child_ptr[p],
                      hit)
         acc += _log_post(z[node - child_ptr[p]] + bias[node], post)
@@ -443,7 +483,8 @@ def score_labels(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, xden
                  row_len: np.ndarray, row_mark: np.ndarray, entry_child: np.ndarray,
                  entry_val: np.ndarray, weight_scale: np.ndarray, bias: np.ndarray,
                  label_node: np.ndarray, dense_start: int, dense_ptr: np.ndarray,
-                 dense_val: np.ndarray, bitmap_off: np.ndarray, bitmap: np.ndarray, post: int,
+                 dense_val: np.ndarray, bitmap_off: np.ndarray, bitmap: np.ndarray,
+                 dir_off: np.ndarray, dir_rows: np.ndarray, post: int,
                  max_children: int, node_log: np.ndarray, scored: np.ndarray,
                  touched: np.ndarray, out: np.ndarray) -> None:
     """out[c] = the exact ensemble score (mean over trees of the path score) of label
@@ -471,7 +512,8 @@ def score_labels(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, xden
                         nc = child_ptr[p + 1] - c0
                         _score_chunk(p, c0, xi, xv, xdense, chunk_ptr, chunk_feat, row_len,
                                      row_mark, entry_child, entry_val, weight_scale, bitmap_off,
-                                     bitmap, dense_start, dense_ptr, dense_val, z, nc, hit)
+                                     bitmap, dir_off, dir_rows, dense_start, dense_ptr,
+                                     dense_val, z, nc, hit)
                         for j in range(nc):
                             node_log[c0 + j] = _log_post(z[j] + bias[c0 + j], post)
                         scored[p] = True
@@ -487,107 +529,6 @@ def score_labels(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, xden
             xdense[xi[i]] = 0.0
 
 
-#: chunks with fewer rows are searched directly: a binary search of a few rows is as fast as
-#: a bitmap word and costs no memory
-BITMAP_MIN_ROWS = 16
-
-
-def build_feature_bitmaps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, n_features: int,
-                          budget_bytes: int,
-                          min_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Feature bitmaps for the chunks with at least ``min_rows`` rows, in node order until
-    ``budget_bytes`` is spent: nodes are numbered layer by layer across the trees
-    (:func:`models.tree.join_trees`), so the top layers of every tree, which every document
-    expands, come first. Returns (bitmap_off per node, -1 for none; bitmap uint64: per chunk
-    and 64 features, the word of the features it has, then the chunk's rows in the words
-    before)."""
-    n_nodes = chunk_ptr.shape[0] - 1
-    bitmap_off = np.full(n_nodes, -1, dtype=np.int64)
-    n_words = (n_features + 63) >> 6
-    per_chunk = 2 * n_words * 8
-    min_rows = BITMAP_MIN_ROWS if min_rows is None else min_rows
-    eligible = np.flatnonzero(np.diff(chunk_ptr) >= max(1, min_rows))
-    chosen = eligible[: budget_bytes // per_chunk].astype(np.int64)
-    bitmap = np.zeros(len(chosen) * 2 * n_words, dtype=np.uint64)
-    _fill_feature_bitmaps(np.asarray(chunk_ptr), np.asarray(chunk_feat), chosen, n_words,
-                          bitmap)
-    bitmap_off[chosen] = np.arange(len(chosen), dtype=np.int64) * 2 * n_words
-    return bitmap_off, bitmap
-
-
-@numba.njit(nogil=True, cache=True)
-def _fill_feature_bitmaps(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, chosen: np.ndarray,
-                     n_words: int, out: np.ndarray) -> None:
-    """Sets each chosen chunk's feature bits, then the running row count before each word."""
-    for k in range(chosen.shape[0]):
-        node = chosen[k]
-        base = k * 2 * n_words
-        for r in range(chunk_ptr[node], chunk_ptr[node + 1]):
-            f = chunk_feat[r]
-            out[base + 2 * (f >> 6)] |= np.uint64(1) << np.uint64(f & 63)
-        acc = 0
-        for w in range(n_words):
-            out[base + 2 * w + 1] = np.uint64(acc)
-            acc += _popcount(out[base + 2 * w])
-
-
-#: memory for the feature bitmaps of a bundle that has none stored (older formats) and of
-#: the builder's own short-lived searchers
-BITMAP_MB = 128
-
-
-@dataclass(frozen=True)
-class FeatureBitmaps:
-    """The feature bitmaps of an ensemble's chunks (:func:`build_feature_bitmaps`): ``off``
-    (int64 per node, -1 for a chunk without one) and ``words`` (uint64). A bundle stores
-    them, so every serving process maps one copy; older bundles get them built at load."""
-
-    off: np.ndarray
-    words: np.ndarray
-
-    @classmethod
-    def build(cls, ensemble: Ensemble, n_features: int, budget_mb: int) -> FeatureBitmaps:
-        off, words = build_feature_bitmaps(
-            np.asarray(ensemble.chunk_ptr), np.asarray(ensemble.chunk_feat), n_features,
-            budget_mb << 20)
-        return cls(off, words)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.off.nbytes + self.words.nbytes)
-
-    def problem(self, chunk_ptr: np.ndarray, n_features: int) -> tuple[str, str] | None:
-        """(array name, what is wrong) when the bitmaps could lead the search out of a
-        chunk's rows, else None. The search trusts each word's row count plus the bits
-        below a feature to land within the chunk: so every mapped block must count its
-        words' bits exactly and in total hold the chunk's rows. Checked block by block,
-        vectorized, without a copy of the words."""
-        n_nodes = chunk_ptr.shape[0] - 1
-        block = 2 * ((n_features + 63) >> 6)
-        if self.off.shape != (n_nodes,):
-            return "off", "length does not match the node count"
-        if self.words.ndim != 1 or self.words.shape[0] % block:
-            return "words", f"length is not a multiple of {block} words (one chunk)"
-        n_blocks = self.words.shape[0] // block
-        nodes = np.flatnonzero(self.off >= 0)
-        used = np.asarray(self.off[nodes])
-        if np.any(self.off < -1) or np.any(used % block) or np.any(used >= n_blocks * block):
-            return "off", "offset out of range"
-        totals = np.zeros(n_blocks, dtype=np.int64)
-        words = self.words.reshape(n_blocks, block // 2, 2)
-        step = max(1, (8 << 20) // (block * 8))
-        for s in range(0, n_blocks, step):
-            part = np.asarray(words[s : s + step])
-            bits = np.bitwise_count(part[:, :, 0]).astype(np.int64)
-            before = np.cumsum(bits, axis=1) - bits
-            if not np.array_equal(part[:, :, 1].astype(np.int64), before):
-                return "words", "a row count does not match the bits before it"
-            totals[s : s + step] = before[:, -1] + bits[:, -1]
-        if not np.array_equal(totals[used // block], np.diff(np.asarray(chunk_ptr))[nodes]):
-            return "words", "a chunk's bits do not add up to its rows"
-        return None
-
-
 #: below this many documents a batch runs on the calling thread
 PARALLEL_MIN_DOCS = 64
 #: documents per block of the batch kernel, and the scratch memory a block may use
@@ -600,12 +541,12 @@ _NO_MASK.flags.writeable = False
 
 
 class Searcher:
-    """Beam search over one :class:`Ensemble` with its feature bitmaps, scratch and thread pool;
+    """Beam search over one :class:`Ensemble` with its feature lookup, scratch and thread pool;
     thread-safe. The predictor serves with one; the builder mines hard negatives with one
     over a partly trained tree."""
 
     def __init__(self, ensemble: Ensemble, n_features: int, post: int, *, threads: int,
-                 bitmaps: FeatureBitmaps) -> None:
+                 lookup: FeatureLookup) -> None:
         self.n_features = n_features
         self.post = post
         self.threads = max(1, threads)
@@ -623,7 +564,8 @@ class Searcher:
             ensemble.entry_child, ensemble.entry_val, ensemble.weight_scale, ensemble.bias,
             ensemble.node_label, ensemble.label_node,
         )), int(ensemble.dense_start[0]), np.asarray(ensemble.dense_ptr),
-            np.asarray(ensemble.dense_val), np.asarray(bitmaps.off), np.asarray(bitmaps.words))
+            np.asarray(ensemble.dense_val), *(np.asarray(a) for a in (
+                lookup.bitmap_off, lookup.bitmap_words, lookup.dir_off, lookup.dir_rows)))
 
     def search(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, top_k: int,
                beam_size: int, node_mask: np.ndarray | None = None,
@@ -726,8 +668,8 @@ def search_matrix(ensemble: Ensemble, X: sp.csr_matrix, post: int, top_k: int, b
                   threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One search over CSR rows (sorted indices) with a searcher made for it: what the
     builder's validation steps and the negative miner need."""
-    bitmaps = FeatureBitmaps.build(ensemble, X.shape[1], BITMAP_MB)
-    with Searcher(ensemble, X.shape[1], post, threads=threads, bitmaps=bitmaps) as searcher:
+    lookup = FeatureLookup.build(ensemble, X.shape[1], BITMAP_MB)
+    with Searcher(ensemble, X.shape[1], post, threads=threads, lookup=lookup) as searcher:
         return searcher.search(X.indptr, X.indices, X.data, top_k, beam_size)
 
 

@@ -47,6 +47,8 @@ def main() -> None:
     def extra(ap) -> None:
         ap.add_argument("--train", type=Path, required=True, help="raw training file")
         ap.add_argument("--test", type=Path, required=True, help="raw test file")
+        ap.add_argument("--n-trees", type=int, default=None,
+                        help="trees to build (default: the build's own default)")
 
     args = harness.parse_args(__doc__ or "", extra)
     code = core_revision()
@@ -54,6 +56,8 @@ def main() -> None:
     xmc = Path(sys.executable).with_name("xmc")
     cmd = [str(xmc), "build", str(args.train), "--out", str(bundle), "--seed", str(args.seed),
            "--threads", str(args.threads), "--force"]
+    if args.n_trees is not None:
+        cmd += ["--n-trees", str(args.n_trees)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     build_wall_s = time.perf_counter() - t0
@@ -123,10 +127,10 @@ def main() -> None:
                "n_trees": len(manifest["trees"]),
                "ensemble_mb_per_tree": sum(f.stat().st_size for f in bundle.glob(
                    "ensemble.*.npy")) / 2**20 / len(manifest["trees"]),
-               # the search's feature bitmaps, stored beside the trees (apart: an index of
-               # the ensemble's arrays, sized by a build parameter)
-               "bitmap_mb_per_tree": sum(f.stat().st_size for f in bundle.glob(
-                   "search.bitmap_*.npy")) / 2**20 / len(manifest["trees"])},
+               # the search's feature lookup, stored beside the trees (apart: an index of
+               # the ensemble's arrays, its bitmaps sized by a build parameter)
+               "lookup_mb_per_tree": sum(f.stat().st_size for f in bundle.glob(
+                   "search.*.npy")) / 2**20 / len(manifest["trees"])},
     )
     predictor.close()
     # The bundle is large on big corpora and reproducible from the seed: keep only figures

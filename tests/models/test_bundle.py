@@ -178,25 +178,25 @@ def test_dense_block_of_the_wrong_size_is_refused(tiny_bundle, tmp_path):
 
 
 def test_stored_feature_bitmaps_are_mapped_and_equal_those_built_from_the_trees(tiny_bundle):
-    from models.search import FeatureBitmaps
+    from models.feature_lookup import FeatureLookup
 
     p = models.load_bundle(tiny_bundle, mmap=True)
-    assert isinstance(p.bitmaps.words, np.memmap)  # one copy shared by serving processes
-    built = FeatureBitmaps.build(p.ensemble, p.n_features, p.manifest["params"]["bitmap_mb"])
-    assert (p.bitmaps.off >= 0).any()
-    assert np.array_equal(p.bitmaps.off, built.off)
-    assert np.array_equal(p.bitmaps.words, built.words)
-    assert p.manifest["build"]["bitmap_bytes"] == built.nbytes
+    assert isinstance(p.lookup.bitmap_words, np.memmap)  # one copy shared by serving processes
+    built = FeatureLookup.build(p.ensemble, p.n_features, p.manifest["params"]["bitmap_mb"])
+    assert (p.lookup.bitmap_off >= 0).any()
+    assert np.array_equal(p.lookup.bitmap_off, built.bitmap_off)
+    assert np.array_equal(p.lookup.bitmap_words, built.bitmap_words)
+    assert p.manifest["build"]["lookup_bytes"] == built.nbytes
 
 
 def test_a_bundle_without_stored_bitmaps_builds_them_at_load(tiny_bundle, tmp_path):
     """Bundles written before the bitmaps were stored still load and answer the same."""
     b = copy_bundle(tiny_bundle, tmp_path)
-    for f in b.glob("search.bitmap_*.npy"):
+    for f in b.glob("search.*.npy"):
         f.unlink()
     old, new = models.load_bundle(b), models.load_bundle(tiny_bundle)
-    assert not isinstance(old.bitmaps.words, np.memmap)
-    assert np.array_equal(old.bitmaps.off, new.bitmaps.off)
+    assert not isinstance(old.lookup.bitmap_words, np.memmap)
+    assert np.array_equal(old.lookup.bitmap_off, new.lookup.bitmap_off)
     texts = ["a first document", "another one about something"]
     assert old.predict(texts, top_k=5) == new.predict(texts, top_k=5)
 
@@ -241,6 +241,6 @@ def test_bitmap_mb_zero_stores_none_and_answers_the_same(tmp_path, tiny_corpus):
     lean = models.load_bundle(build(train, tmp_path / "lean", tiny_params(n_trees=1,
                                                                           bitmap_mb=0)))
     full = models.load_bundle(build(train, tmp_path / "full", tiny_params(n_trees=1)))
-    assert lean.bitmaps.words.size == 0 and (lean.bitmaps.off == -1).all()
-    assert (full.bitmaps.off >= 0).any()
+    assert lean.lookup.bitmap_words.size == 0 and (lean.lookup.bitmap_off == -1).all()
+    assert (full.lookup.bitmap_off >= 0).any()
     assert lean.predict(test.texts[:30], top_k=5) == full.predict(test.texts[:30], top_k=5)

@@ -122,54 +122,30 @@ def test_model_does_not_depend_on_thread_count(tmp_path, tiny_corpus, tiny_predi
     assert one.version == three.version == tiny_predictor.version
 
 
-@pytest.mark.parametrize(("bitmap_mb", "min_rows"), [(0, 16), (64, 1)])
-def test_exhaustive_scores_with_and_without_feature_bitmaps(tiny_predictor, test_rows, monkeypatch,
-                                                            bitmap_mb, min_rows):
-    """No chunk searched through a bitmap, then every chunk: the same exhaustive scores."""
+@pytest.mark.parametrize(("bitmap_mb", "min_rows", "dir_min_rows"),
+                         [(0, 16, 1 << 40), (64, 1, 1), (0, 16, 1)])
+def test_exhaustive_scores_with_and_without_feature_lookups(tiny_predictor, test_rows, monkeypatch,
+                                                            bitmap_mb, min_rows, dir_min_rows):
+    """No chunk searched through a bitmap or directory, then every chunk through a bitmap,
+    then every chunk through a row directory: the same exhaustive scores."""
+    import models.feature_lookup
     import models.search
 
-    monkeypatch.setattr(models.search, "BITMAP_MIN_ROWS", min_rows)
+    monkeypatch.setattr(models.feature_lookup, "BITMAP_MIN_ROWS", min_rows)
+    monkeypatch.setattr(models.feature_lookup, "DIR_MIN_ROWS", dir_min_rows)
     _, X = test_rows
     ref = reference_scores(tiny_predictor, X)
     n = tiny_predictor.n_labels
     ens = tiny_predictor.ensemble
     post = tiny_predictor._searcher.post
-    bitmaps = models.search.FeatureBitmaps.build(ens, tiny_predictor.n_features, bitmap_mb)
+    lookup = models.feature_lookup.FeatureLookup.build(ens, tiny_predictor.n_features, bitmap_mb)
+    assert (lookup.bitmap_off >= 0).any() == (bitmap_mb > 0)
+    assert (lookup.dir_off >= 0).any() == (bitmap_mb == 0 and dir_min_rows == 1)
     with models.search.Searcher(ens, tiny_predictor.n_features, post, threads=1,
-                                bitmaps=bitmaps) as searcher:
+                                lookup=lookup) as searcher:
         labels, scores, counts = searcher.search(X.indptr, X.indices, X.data, n, n)
     assert (counts == n).all()
     for d in range(X.shape[0]):
         assert np.allclose(scores[d], ref[d, labels[d]], atol=1e-6)
 
 
-def test_feature_bitmaps_mark_each_chunks_features_and_count_the_rows_before(tiny_predictor):
-    from models.search import build_feature_bitmaps
-
-    ens = tiny_predictor.ensemble
-    n_features = tiny_predictor.n_features
-    n_words = (n_features + 63) // 64
-    off, bitmap = build_feature_bitmaps(ens.chunk_ptr, ens.chunk_feat, n_features,
-                                        budget_bytes=1 << 30, min_rows=1)
-    mapped = np.flatnonzero(off >= 0)
-    # an ample budget maps every chunk that has a row
-    assert sorted(mapped.tolist()) == np.flatnonzero(np.diff(ens.chunk_ptr) > 0).tolist()
-    for node in mapped[:: max(1, len(mapped) // 50)]:
-        r0, r1 = int(ens.chunk_ptr[node]), int(ens.chunk_ptr[node + 1])
-        feats = np.asarray(ens.chunk_feat[r0:r1])
-        words = bitmap[off[node] : off[node] + 2 * n_words].reshape(n_words, 2)
-        has = [bool((int(words[f // 64, 0]) >> (f % 64)) & 1) for f in range(n_features)]
-        assert has == [f in set(feats.tolist()) for f in range(n_features)]
-        assert words[:, 1].tolist() == [int((feats < 64 * w).sum()) for w in range(n_words)]
-
-
-def test_a_small_bitmap_budget_covers_the_top_layers_first(tiny_predictor):
-    from models.search import build_feature_bitmaps
-
-    ens = tiny_predictor.ensemble
-    per_chunk = 16 * ((tiny_predictor.n_features + 63) // 64)
-    n_roots = ens.n_trees
-    off, _ = build_feature_bitmaps(ens.chunk_ptr, ens.chunk_feat, tiny_predictor.n_features,
-                                   budget_bytes=n_roots * per_chunk, min_rows=1)
-    # every tree's root, not the first tree's whole top
-    assert sorted(np.flatnonzero(off >= 0).tolist()) == sorted(ens.tree_root.tolist())
