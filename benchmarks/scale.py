@@ -244,6 +244,8 @@ def _cpu_ratio(ours: dict, pecos: dict) -> str:
     return f"{per_tree / p_cpu:.2f}× ({per_tree:.0f} / {p_cpu:.0f})"
 
 
+#: each library's tree count in its default build: the extrapolation follows those runs
+DEFAULT_TREES = {"ours": 3, "pecos": 1}
 #: what a size that was not run is extrapolated for, and from which figures
 EXTRAPOLATED = (("training s per tree (wall)", lambda r: r["train_s"] / r.get("n_trees", 1)),
                 ("training CPU s per tree", lambda r: r["train_cpu_s"] / r.get("n_trees", 1)),
@@ -263,15 +265,16 @@ def _figure(get: Callable[[dict], float], run: dict) -> float | None:
 
 def extrapolate(results: dict[str, dict], n_labels: int) -> str:
     """A straight line through the measured sizes on log-log axes (least squares), read at
-    ``n_labels``: the figures a size that could not be run would have, with the slope (the
-    power of the label count each one grows with)."""
+    ``n_labels``: the figures a size that could not be run with each library's default
+    build would have, with the slope (the power of the label count each one grows with)."""
     lines = [f"| figure at {n_labels:,} labels (extrapolated) | ours | slope | PECOS | slope |",
              "|---|---|---|---|---|"]
     for title, get in EXTRAPOLATED:
         cells = []
         for peer in ("ours", "pecos"):
             pts = [(int(k), _figure(get, v[peer])) for k, v in results.items()
-                   if int(k) < n_labels and "P@1" in v.get(peer, {})]
+                   if int(k) < n_labels and "P@1" in v.get(peer, {})
+                   and v[peer].get("n_trees", 1) == DEFAULT_TREES[peer]]
             pts = [pt for pt in pts if pt[1] is not None]
             if len(pts) < 2:
                 cells += ["–", "–"]
@@ -281,6 +284,12 @@ def extrapolate(results: dict[str, dict], n_labels: int) -> str:
             cells += [f"{np.exp(icept + slope * np.log(n_labels)):,.1f}", f"{slope:.2f}"]
         lines.append(f"| {title} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+#: the plot's lines: library, its tree count, marker style, legend
+PLOT_LINES = (("ours", 3, "o-", "xmc-serve (3 trees, default)"),
+              ("ours", 1, "o:", "xmc-serve (1 tree)"),
+              ("pecos", 1, "s--", "PECOS XR-Linear (1 tree)"))
 
 
 def plot(results: dict[str, dict]) -> None:
@@ -294,13 +303,13 @@ def plot(results: dict[str, dict]) -> None:
     panels = [(title, figure[title]) for title in (
         "training CPU s per tree", "ensemble MB per tree", "1-doc p50 ms")]
     for ax, (title, get) in zip(axes, panels):
-        for peer, style in (("ours", "o-"), ("pecos", "s--")):
-            pts = [(int(k), _figure(get, v[peer])) for k, v in sorted(
-                results.items(), key=lambda kv: int(kv[0])) if "P@1" in v.get(peer, {})]
+        for peer, trees, style, label in PLOT_LINES:
+            runs = [(int(k), v[peer]) for k, v in sorted(results.items(), key=lambda kv: int(kv[0]))
+                    if "P@1" in v.get(peer, {}) and v[peer].get("n_trees", 1) == trees]
+            pts = [(n, _figure(get, run)) for n, run in runs]
             pts = [pt for pt in pts if pt[1] is not None]
             if pts:
-                ax.loglog(*zip(*pts), style, label="xmc-serve" if peer == "ours"
-                          else "PECOS XR-Linear (1 tree)")
+                ax.loglog(*zip(*pts), style, label=label)
         ax.set_xlabel("labels")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
@@ -323,7 +332,8 @@ def write_section(results: dict[str, dict]) -> None:
             + table(results) + "\n\nRatios (ours / PECOS) and `xmc serve` (2 workers; memory from "
             "`/proc/PID/smaps_rollup` once ready):\n\n" + ratios(results)
             + "\n\n![scale](scale.png)\n")
-    if str(LARGEST) not in results:
+    largest = results.get(str(LARGEST), {}).get("ours", {})
+    if "P@1" not in largest or largest.get("n_trees") != DEFAULT_TREES["ours"]:
         body += ("\n" + extrapolate(results, LARGEST) + "\n")
     RESULTS_MD.write_text(replace_section(RESULTS_MD.read_text(), SECTION, body))
 
