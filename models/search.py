@@ -161,6 +161,18 @@ def _sparse_margins(node: int, xi: np.ndarray, xv: np.ndarray, xdense: np.ndarra
 
 
 @numba.njit(inline="always")
+def _first_row_at_least(chunk_feat: np.ndarray, lo: int, hi: int, f: int) -> int:
+    """The first row of lo..hi whose feature is f or above (hi if none): a binary search."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if chunk_feat[mid] < f:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@numba.njit(inline="always")
 def _searched_hits(xi: np.ndarray, m: int, r0: int, r1: int, chunk_feat: np.ndarray,
                    hit: np.ndarray) -> int:
     """Notes in ``hit`` the chunk rows of the document's first ``m`` features, found by
@@ -169,13 +181,7 @@ def _searched_hits(xi: np.ndarray, m: int, r0: int, r1: int, chunk_feat: np.ndar
     lo = r0
     for k in range(m):
         f = xi[k]
-        hi = r1
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if chunk_feat[mid] < f:
-                lo = mid + 1
-            else:
-                hi = mid
+        lo = _first_row_at_least(chunk_feat, lo, r1, f)
         if lo == r1:
             break
         if chunk_feat[lo] == f:
@@ -190,22 +196,16 @@ def _searched_hits(xi: np.ndarray, m: int, r0: int, r1: int, chunk_feat: np.ndar
 def _directory_hits(xi: np.ndarray, m: int, r0: int, chunk_feat: np.ndarray,
                     dir_rows: np.ndarray, d0: int, hit: np.ndarray) -> int:
     """As :func:`_searched_hits`, through the chunk's row directory (see
-    :func:`build_row_directories`): a feature's range of ids narrows the search to a few
-    rows, and no search waits on the one before, so their cache misses overlap."""
+    :func:`models.feature_lookup.build_row_directories`): a feature's range of ids narrows
+    the search to a few rows, and no search waits on the one before, so their cache misses
+    overlap."""
     shift = int(dir_rows[d0])
     n_hit = 0
     for k in range(m):
         f = xi[k]
         g = d0 + 1 + (f >> shift)
-        lo = r0 + int(dir_rows[g])
         end = r0 + int(dir_rows[g + 1])
-        hi = end
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if chunk_feat[mid] < f:
-                lo = mid + 1
-            else:
-                hi = mid
+        lo = _first_row_at_least(chunk_feat, r0 + int(dir_rows[g]), end, f)
         if lo < end and chunk_feat[lo] == f:
             hit[0, n_hit] = k
             hit[1, n_hit] = lo
