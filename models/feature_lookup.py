@@ -221,7 +221,7 @@ def _directory_problem(off: np.ndarray, rows: np.ndarray, n_rows: np.ndarray,
         return "dir_rows", "not one-dimensional"
     nodes = np.flatnonzero(off >= 0)
     starts = np.asarray(off[nodes])
-    if np.any(off < -1) or np.any(starts >= max(rows.shape[0], 1)):
+    if np.any(off < -1) or np.any(starts >= rows.shape[0]):
         return "dir_off", "offset out of range"
     shift = np.asarray(rows[starts]).astype(np.int64)
     if np.any(shift > 31):

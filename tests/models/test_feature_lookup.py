@@ -107,29 +107,35 @@ def test_a_bundle_without_row_directories_loads_and_answers_the_same(dir_bundle,
 def _raise_an_entry(off, rows):
     first = off[off >= 0][0]
     rows[first + 2] = rows[first + 3] + 1  # more rows below a range than below the next
+    return off, rows
 
 
 def _widen_a_range(off, rows):
     rows[off[off >= 0][0]] += 1  # the shift no longer matches the directory's length
+    return off, rows
 
 
 def _shift_an_offset(off, rows):
     off[np.flatnonzero(off >= 0)[1]] += 1
+    return off, rows
 
 
 def _drop_the_last_row(off, rows):
     rows[-1] -= 1  # the last directory ends short of its chunk's rows
+    return off, rows
+
+
+def _empty_the_directories(off, rows):
+    return off, rows[:0]
 
 
 @pytest.mark.parametrize(("corrupt", "victim"), [
     (_raise_an_entry, "rows"), (_widen_a_range, "off"), (_shift_an_offset, "off"),
-    (_drop_the_last_row, "rows")])
+    (_drop_the_last_row, "rows"), (_empty_the_directories, "off")])
 def test_directories_that_could_lead_the_search_out_of_a_chunk_are_refused(
         dir_bundle, tmp_path, corrupt, victim):
     b = copy_of(dir_bundle, tmp_path)
-    off = np.load(b / "search.dir_off.npy")
-    rows = np.load(b / "search.dir_rows.npy")
-    corrupt(off, rows)
+    off, rows = corrupt(np.load(b / "search.dir_off.npy"), np.load(b / "search.dir_rows.npy"))
     np.save(b / "search.dir_off.npy", off)
     np.save(b / "search.dir_rows.npy", rows)
     with pytest.raises(BundleError) as err:
