@@ -112,7 +112,7 @@ def build_row_directories(chunk_ptr: np.ndarray, chunk_feat: np.ndarray, n_featu
     chosen = np.flatnonzero((n_rows >= DIR_MIN_ROWS) & ~skip).astype(np.int64)
     shift = directory_shift(n_rows[chosen], n_features)
     lengths = directory_lengths(shift, n_features)
-    starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+    starts = (np.cumsum(lengths) - lengths).astype(np.int64)
     dir_off = np.full(n_nodes, -1, dtype=np.int64)
     dir_off[chosen] = starts
     dir_rows = np.zeros(int(lengths.sum()), dtype=np.uint32)
