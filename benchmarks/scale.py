@@ -186,7 +186,7 @@ def table(results: dict[str, dict]) -> str:
                              f"{r['missing'].get('reason', '?')} | | | | | | |")
                 continue
             n_trees = r.get("n_trees", 1)
-            if peer == "ours" and n_trees != 3:  # the default build has 3
+            if n_trees != DEFAULT_TREES[peer]:
                 title += f" ({n_trees} tree{'s' if n_trees > 1 else ''})"
             mb = r.get("ensemble_mb_per_tree", r["model_mb"])
             lookup = _lookup_mb(r)
