@@ -12,11 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import resource
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -30,7 +28,7 @@ from models import bundle as bundle_io
 from models.calibration import Calibration
 from models.cluster import pifa_embeddings
 from models.data import Corpus, distinct_labels, label_matrix, validation_rows
-from models.engine import LocalEngine, TreeEngine
+from models.engine import LocalEngine, StageTimer, TreeEngine
 from models.errors import BundleError, InvalidInputError
 from models.feature_lookup import FeatureLookup
 from models.features import FeatureEncoder, fuse
@@ -45,26 +43,6 @@ if TYPE_CHECKING:
     from models.dense import TextEncoder
 
 log = logging.getLogger(__name__)
-
-
-class _Stages:
-    """Times each stage and records the peak RSS after it (silently when not ``verbose``)."""
-
-    def __init__(self, verbose: bool = True) -> None:
-        self.records: dict[str, dict[str, float]] = {}
-        self.verbose = verbose
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        if self.verbose:
-            log.info("stage %s ...", name)
-        t0 = time.perf_counter()
-        yield
-        secs = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self.records[name] = {"seconds": round(secs, 3), "peak_rss_mb": round(peak, 1)}
-        if self.verbose:
-            log.info("stage %s: %.2fs, peak RSS %.0f MB", name, secs, peak)
 
 
 def build(
@@ -95,7 +73,7 @@ def build(
     if not label_names:
         raise InvalidInputError(f"{train.source or 'training set'}: no document has a label")
     threads = params.threads or os.cpu_count() or 1
-    stages = _Stages()
+    stages = StageTimer()
     t_start = time.perf_counter()
 
     tmp = bundle_io.tmp_dir_for(out_dir)
@@ -229,7 +207,7 @@ def _canonical(corpus: Corpus, vocab: Vocabulary) -> Corpus:
 
 
 def _train_trees(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, threads: int,
-                 stages: _Stages, dense_start: int | None = None,
+                 stages: StageTimer, dense_start: int | None = None,
                  engine: TreeEngine | None = None) -> Iterator[Ensemble]:
     """PIFA, then per tree a clustering and its rankers (on ``engine``, local by default):
     the one-tree ensembles in tree order, each as soon as it is trained. Columns from
@@ -287,7 +265,7 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
         Xv = fuse(X_valid, emb[valid_rows], alpha) if alpha > 0 else X_valid
         # scored as it would be stored: quantized as weight_dtype says
         ensemble = quantize(next(_train_trees(Xf, Y_fit, one_tree.resolved(fused=alpha > 0),
-                                              threads, _Stages(verbose=False),
+                                              threads, StageTimer(verbose=False),
                                               X_fit.shape[1] if alpha > 0 else None)),
                             params.weight_dtype)
         ids, _, counts = search_matrix(ensemble, Xv, POST_PROCESSORS[params.post_processor], 5,
@@ -329,7 +307,7 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
     Y_fit = label_matrix(fit.labels, names)
     one_tree = dataclasses.replace(params, n_trees=1).resolved(fused=True)
     ensemble = quantize(next(_train_trees(X_fit, Y_fit, one_tree, threads,
-                                          _Stages(verbose=False), dense_start)),
+                                          StageTimer(verbose=False), dense_start)),
                         params.weight_dtype)
     dim = X_fit.shape[1] - dense_start
     matcher = KnnMatcher.build(_block_of(X_fit, dense_start, dim), Y_fit,
@@ -419,7 +397,7 @@ def held_out_controls(train: Corpus, dense: tuple[np.ndarray, float] | None,
     X_fit, X_valid, dense_start = _held_out_features(train, fit_rows, valid_rows, dense,
                                                      params)
     trees = _train_trees(X_fit, label_matrix(fit.labels, names), params.resolved(
-        fused=dense is not None), threads, _Stages(verbose=False), dense_start, engine)
+        fused=dense is not None), threads, StageTimer(verbose=False), dense_start, engine)
     ensemble = Ensemble.concatenate([quantize(t, params.weight_dtype) for t in trees])
     matcher = NO_KNN if knn is None or dense_start is None else KnnMatcher.build(
         _block_of(X_fit, dense_start, X_fit.shape[1] - dense_start),

@@ -17,10 +17,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import resource
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +34,28 @@ from models.train import train_tree
 from models.tree import Ensemble
 
 log = logging.getLogger(__name__)
+
+
+class StageTimer:
+    """Times each stage of a build and records the peak RSS after it (silently when not
+    ``verbose``): the builder's stages, and a Dask worker's for the same records."""
+
+    def __init__(self, verbose: bool = True) -> None:
+        self.records: dict[str, dict[str, float]] = {}
+        self.verbose = verbose
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.verbose:
+            log.info("stage %s ...", name)
+        t0 = time.perf_counter()
+        yield
+        secs = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.records[name] = {"seconds": round(secs, 3), "peak_rss_mb": round(peak, 1)}
+        if self.verbose:
+            log.info("stage %s: %.2fs, peak RSS %.0f MB", name, secs, peak)
+
 
 #: seconds to reach the scheduler before a build gives up with a clear message
 CONNECT_TIMEOUT = 5
@@ -214,13 +237,11 @@ def _tree_task(X: sp.csr_matrix, Y: sp.csr_matrix, Z: sp.csr_matrix, params: Bui
     """Runs on a Dask worker: tree ``t``, the worker's stage records, and which worker."""
     from distributed import get_worker
 
-    from models.builder import _Stages  # the builder's own timer, for the same records
-
     worker = get_worker()
     if code_fingerprint() != fingerprint:  # a worker that joined after the client's check
         raise InvalidInputError(f"Dask worker {worker.address} runs other xmc code or "
                                 "numpy/scipy/numba versions than the client")
-    stages = _Stages(verbose=False)
+    stages = StageTimer(verbose=False)
     ensemble = train_one_tree(X, Y, Z, params, t, threads=params.threads or worker.state.nthreads,
                               stage=stages, dense_start=dense_start)
     return ensemble, stages.records, worker.address

@@ -10,8 +10,9 @@ import pytest
 
 import models
 from models import bundle as bundle_io
-from models.builder import _Stages, _train_trees
+from models.builder import _train_trees
 from models.data import label_matrix
+from models.engine import StageTimer
 from models.errors import BundleError, InvalidInputError
 from models.tree import ROW_BLOCK, Ensemble, narrowest, quantize, row_marks, row_start, row_starts
 from tests.conftest import corpus_from_docs, tiny_params
@@ -43,7 +44,7 @@ def one_tree_ensembles(corpus, predictor, params) -> list[Ensemble]:
     train, _ = corpus
     X = predictor.encode(train.texts)
     Y = label_matrix(train.labels, predictor.label_names)
-    return list(_train_trees(X, Y, params.resolved(fused=False), 2, _Stages(verbose=False)))
+    return list(_train_trees(X, Y, params.resolved(fused=False), 2, StageTimer(verbose=False)))
 
 
 def test_forest_written_tree_by_tree_equals_the_joined_forest(tmp_path, tiny_corpus,
