@@ -201,41 +201,6 @@ def test_a_bundle_without_stored_bitmaps_builds_them_at_load(tiny_bundle, tmp_pa
     assert old.predict(texts, top_k=5) == new.predict(texts, top_k=5)
 
 
-def _shift_a_row_count(off, words, block):
-    words[off[off >= 0][0] + 3] += 1  # the rows before the chunk's second word
-
-
-def _clear_a_bit(off, words, block):
-    first = off[off >= 0][0]
-    w = first + 2 * int(np.flatnonzero(words[first : first + block : 2])[0])
-    words[w] &= words[w] - np.uint64(1)  # one feature fewer than the chunk has rows
-
-
-def _misalign_an_offset(off, words, block):
-    off[np.flatnonzero(off >= 0)[0]] += 2
-
-
-def _point_past_the_end(off, words, block):
-    off[np.flatnonzero(off >= 0)[0]] = words.shape[0]
-
-
-@pytest.mark.parametrize(("corrupt", "victim"), [
-    (_shift_a_row_count, "words"), (_clear_a_bit, "words"), (_misalign_an_offset, "off"),
-    (_point_past_the_end, "off")])
-def test_bitmaps_that_could_lead_the_search_out_of_a_chunk_are_refused(tiny_bundle, tmp_path,
-                                                                      corrupt, victim):
-    b = copy_bundle(tiny_bundle, tmp_path)
-    off = np.load(b / "search.bitmap_off.npy")
-    words = np.load(b / "search.bitmap_words.npy")
-    n_features = json.loads((b / "manifest.json").read_text())["n_features"]
-    corrupt(off, words, 2 * ((n_features + 63) // 64))
-    np.save(b / "search.bitmap_off.npy", off)
-    np.save(b / "search.bitmap_words.npy", words)
-    with pytest.raises(BundleError) as err:
-        models.load_bundle(b)
-    assert f"search.bitmap_{victim}.npy" in str(err.value)
-
-
 def test_bitmap_mb_zero_stores_none_and_answers_the_same(tmp_path, tiny_corpus):
     train, test = tiny_corpus
     lean = models.load_bundle(build(train, tmp_path / "lean", tiny_params(n_trees=1,

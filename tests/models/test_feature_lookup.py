@@ -3,6 +3,7 @@ bundle stores them, and a lookup that could lead the search out of a chunk is re
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -104,6 +105,50 @@ def test_a_bundle_without_row_directories_loads_and_answers_the_same(dir_bundle,
     assert old.predict(test.texts[:40], top_k=5) == new.predict(test.texts[:40], top_k=5)
 
 
+def assert_refused_after(bundle, corrupt, names, victim):
+    """Rewrites the bundle's ``search.<name>.npy`` arrays through ``corrupt`` and expects
+    the load refused with an error naming ``search.<victim>.npy``."""
+    arrays = corrupt(*(np.load(bundle / f"search.{name}.npy") for name in names))
+    for name, array in zip(names, arrays):
+        np.save(bundle / f"search.{name}.npy", array)
+    with pytest.raises(BundleError) as err:
+        Predictor.load(bundle)
+    assert f"search.{victim}.npy" in str(err.value)
+
+
+def _shift_a_row_count(off, words, block):
+    words[off[off >= 0][0] + 3] += 1  # the rows before the chunk's second word
+
+
+def _clear_a_bit(off, words, block):
+    first = off[off >= 0][0]
+    w = first + 2 * int(np.flatnonzero(words[first : first + block : 2])[0])
+    words[w] &= words[w] - np.uint64(1)  # one feature fewer than the chunk has rows
+
+
+def _misalign_an_offset(off, words, block):
+    off[np.flatnonzero(off >= 0)[0]] += 2
+
+
+def _point_past_the_end(off, words, block):
+    off[np.flatnonzero(off >= 0)[0]] = words.shape[0]
+
+
+@pytest.mark.parametrize(("corrupt", "victim"), [
+    (_shift_a_row_count, "words"), (_clear_a_bit, "words"), (_misalign_an_offset, "off"),
+    (_point_past_the_end, "off")])
+def test_bitmaps_that_could_lead_the_search_out_of_a_chunk_are_refused(tiny_bundle, tmp_path,
+                                                                      corrupt, victim):
+    b = copy_of(tiny_bundle, tmp_path)
+    n_features = json.loads((b / "manifest.json").read_text())["n_features"]
+
+    def corrupted(off, words):
+        corrupt(off, words, 2 * ((n_features + 63) // 64))
+        return off, words
+
+    assert_refused_after(b, corrupted, ("bitmap_off", "bitmap_words"), f"bitmap_{victim}")
+
+
 def _raise_an_entry(off, rows):
     first = off[off >= 0][0]
     rows[first + 2] = rows[first + 3] + 1  # more rows below a range than below the next
@@ -134,13 +179,8 @@ def _empty_the_directories(off, rows):
     (_drop_the_last_row, "rows"), (_empty_the_directories, "off")])
 def test_directories_that_could_lead_the_search_out_of_a_chunk_are_refused(
         dir_bundle, tmp_path, corrupt, victim):
-    b = copy_of(dir_bundle, tmp_path)
-    off, rows = corrupt(np.load(b / "search.dir_off.npy"), np.load(b / "search.dir_rows.npy"))
-    np.save(b / "search.dir_off.npy", off)
-    np.save(b / "search.dir_rows.npy", rows)
-    with pytest.raises(BundleError) as err:
-        Predictor.load(b)
-    assert f"search.dir_{victim}.npy" in str(err.value)
+    assert_refused_after(copy_of(dir_bundle, tmp_path), corrupt, ("dir_off", "dir_rows"),
+                         f"dir_{victim}")
 
 
 def test_a_lone_directory_file_is_refused(dir_bundle, tmp_path):
