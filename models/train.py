@@ -3,12 +3,14 @@
 The children of one parent are trained together on the documents of that parent (a document
 belongs to a node when one of its labels lies below it), each by dual coordinate descent on
 the L2-regularized squared hinge loss (liblinear's solver 1 with its shrinking and stopping
-rule). With ``negatives="tfn+man"`` a parent also gets the documents that the layers above,
-as trained so far, bring to it in their beam (matcher-aware hard negatives, as PECOS and
-XR-Transformer mine them): the rankers then learn to reject exactly the documents that
-prediction will show them. Features are renumbered to the ones those documents use, so a
-small node costs little whatever the vocabulary size. Weights below ``weight_threshold`` are
-pruned, and the result is laid out directly as the parent's chunk (see :mod:`models.tree`).
+rule), eight children side by side: one read of a document's row serves all eight, and
+their weights of a feature share a cache line. With ``negatives="tfn+man"`` a parent also
+gets the documents that the layers above, as trained so far, bring to it in their beam
+(matcher-aware hard negatives, as PECOS and XR-Transformer mine them): the rankers then
+learn to reject exactly the documents that prediction will show them. Features are
+renumbered to the ones those documents use, so a small node costs little whatever the
+vocabulary size. Weights below ``weight_threshold`` are pruned, and the result is laid out
+directly as the parent's chunk (see :mod:`models.tree`).
 """
 
 from __future__ import annotations
@@ -37,20 +39,26 @@ Prepared = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, sp.csc_matrix, 
 log = logging.getLogger(__name__)
 
 
+#: children of one parent trained side by side: a document's row is read once for all of
+#: them, and their weights of one feature lie in one cache line (8 float64), so the random
+#: reads of rows and weights that bound the solver are shared by the block
+CHILD_BLOCK = 8
+
+
 @numba.njit(nogil=True, cache=True)
 def _train_chunk(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_local: int,
                  pos_indptr: np.ndarray, pos_child: np.ndarray, n_children: int, C: float,
                  eps: float, max_iter: int, bias: float, threshold: float, seed: int,
                  child_offset: int, keep_from: int, dense_col: np.ndarray,
                  dim: int) -> tuple[np.ndarray, ...]:
-    """Local features from ``keep_from`` on are the dense block: their weights go unpruned
-    into dense_w[child, dense_col[f - keep_from]] instead of the sparse entries."""
+    """The children's classifiers, :data:`CHILD_BLOCK` at a time, laid out as the parent's
+    chunk. Local features from ``keep_from`` on are the dense block: their weights go
+    unpruned into dense_w[child, dense_col[f - keep_from]] instead of the sparse entries."""
     n = indptr.shape[0] - 1
-    dense_w = np.zeros((n_children, dim), dtype=np.float32)
-    y = np.full((n_children, n), -1, dtype=np.int8)
+    y = np.full((n, n_children), -1, dtype=np.int8)
     for i in range(n):
         for k in range(pos_indptr[i], pos_indptr[i + 1]):
-            y[pos_child[k], i] = 1
+            y[i, pos_child[k]] = 1
     diag = 0.5 / C
     qd = np.empty(n)
     for i in range(n):
@@ -58,94 +66,188 @@ def _train_chunk(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_lo
         for k in range(indptr[i], indptr[i + 1]):
             s += data[k] * data[k]
         qd[i] = s
-    w = np.zeros(n_local)
-    alpha = np.zeros(n)
-    index = np.empty(n, dtype=np.int64)
-    cap = max(16, n_children * 32)
-    out_child = np.empty(cap, dtype=np.int32)
-    out_feat = np.empty(cap, dtype=np.int32)
-    out_val = np.empty(cap, dtype=np.float32)
+    W = np.empty((n_local, CHILD_BLOCK))
+    wb = np.empty(CHILD_BLOCK)
+    dense_w = np.zeros((n_children, dim), dtype=np.float32)
     bias_terms = np.zeros(n_children, dtype=np.float32)
+    out_child = np.empty(max(16, n_children * 32), dtype=np.int32)
+    out_feat = np.empty(out_child.shape[0], dtype=np.int32)
+    out_val = np.empty(out_child.shape[0], dtype=np.float32)
     n_out = 0
-    for c in range(n_children):
-        w[:] = 0.0
-        alpha[:] = 0.0
-        wb = 0.0
-        yc = y[c]
-        for i in range(n):
-            index[i] = i
-        active = n
-        pg_max_old = np.inf
-        # seeded by the child's own index, so the model is the same however jobs are split
-        state = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(child_offset + c + 1)
-        for _ in range(max_iter):
-            pg_max_new = -np.inf
-            pg_min_new = np.inf
-            # Fisher-Yates with xorshift64: deterministic whatever thread runs this
-            for j in range(active - 1, 0, -1):
-                state ^= state << np.uint64(13)
-                state ^= state >> np.uint64(7)
-                state ^= state << np.uint64(17)
-                pick = np.int64(state % np.uint64(j + 1))
-                tmp = index[j]
-                index[j] = index[pick]
-                index[pick] = tmp
-            s = 0
-            while s < active:
-                i = index[s]
-                yi = yc[i]
-                g = wb * bias
-                for k in range(indptr[i], indptr[i + 1]):
-                    g += w[indices[k]] * data[k]
-                g = yi * g - 1.0 + diag * alpha[i]
+    for first in range(0, n_children, CHILD_BLOCK):
+        n_block = min(CHILD_BLOCK, n_children - first)
+        W[:] = 0.0
+        wb[:] = 0.0
+        # seeded by the block's first child, so the model is the same however jobs are split
+        # (jobs split a parent's children at block bounds, see _plan_jobs)
+        state = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+                 + np.uint64(child_offset + first + 1))
+        _solve_block(indptr, indices, data, y[:, first : first + n_block], qd, diag, eps,
+                     max_iter, bias, state, W, wb)
+        for c in range(n_block):
+            bias_terms[first + c] = wb[c] * bias
+            for f in range(keep_from, n_local):
+                dense_w[first + c, dense_col[f - keep_from]] = W[f, c]
+        out_child, out_feat, out_val, n_out = _keep_entries(
+            W, n_block, keep_from, threshold, first, out_child, out_feat, out_val, n_out)
+    rows, row_len, entry_child, entry_val = _rows_by_feature(
+        out_child[:n_out], out_feat[:n_out], out_val[:n_out], n_local)
+    return rows, row_len, entry_child, entry_val, bias_terms, dense_w
+
+
+@numba.njit(nogil=True, cache=True)
+def _solve_block(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, y: np.ndarray,
+                 qd: np.ndarray, diag: float, eps: float, max_iter: int, bias: float,
+                 state: np.uint64, W: np.ndarray, wb: np.ndarray) -> None:
+    """Dual coordinate descent of the L2-regularized squared hinge loss (liblinear's solver
+    1, its shrinking and stopping rule) for the children of ``y`` (n, n_block; +1 / -1)
+    side by side: each pass visits, in a fresh random order, the documents that some child
+    has not shrunk, and updates every child that still needs that document. Weights go to
+    ``W[:, :n_block]`` and the bias weights to ``wb``, both zero on entry."""
+    n, n_block = y.shape
+    alpha = np.zeros((n, CHILD_BLOCK))
+    shrunk = np.zeros((n, CHILD_BLOCK), dtype=np.bool_)
+    n_shrunk = np.zeros(CHILD_BLOCK, dtype=np.int64)
+    done = np.arange(CHILD_BLOCK) >= n_block  # the lanes past the block never train
+    pg_max_old = np.full(CHILD_BLOCK, np.inf)
+    pg_max = np.empty(CHILD_BLOCK)
+    pg_min = np.empty(CHILD_BLOCK)
+    g = np.empty(CHILD_BLOCK)
+    step = np.zeros(CHILD_BLOCK)  # the lanes past n_block stay 0: every loop runs all lanes
+    order = np.empty(n, dtype=np.int64)
+    for _ in range(max_iter):
+        m, state = _shuffled_live(order, shrunk, done, state)
+        pg_max[:] = -np.inf
+        pg_min[:] = np.inf
+        for s in range(m):
+            i = order[s]
+            for c in range(CHILD_BLOCK):
+                g[c] = wb[c] * bias
+            for k in range(indptr[i], indptr[i + 1]):
+                f = indices[k]
+                v = data[k]
+                for c in range(CHILD_BLOCK):
+                    g[c] += W[f, c] * v
+            moved = False
+            for c in range(n_block):
+                step[c] = 0.0
+                if done[c] or shrunk[i, c]:
+                    continue
+                yc = float(y[i, c])
+                grad = yc * g[c] - 1.0 + diag * alpha[i, c]
                 pg = 0.0
-                if alpha[i] == 0.0:
-                    if g > pg_max_old:
-                        active -= 1
-                        tmp = index[s]
-                        index[s] = index[active]
-                        index[active] = tmp
+                if alpha[i, c] == 0.0:
+                    if grad > pg_max_old[c]:
+                        shrunk[i, c] = True
+                        n_shrunk[c] += 1
                         continue
-                    elif g < 0.0:
-                        pg = g
+                    elif grad < 0.0:
+                        pg = grad
                 else:
-                    pg = g
-                pg_max_new = max(pg_max_new, pg)
-                pg_min_new = min(pg_min_new, pg)
+                    pg = grad
+                pg_max[c] = max(pg_max[c], pg)
+                pg_min[c] = min(pg_min[c], pg)
                 if abs(pg) > 1e-12:
-                    a_old = alpha[i]
-                    alpha[i] = max(a_old - g / qd[i], 0.0)
-                    d = (alpha[i] - a_old) * yi
-                    for k in range(indptr[i], indptr[i + 1]):
-                        w[indices[k]] += d * data[k]
-                    wb += d * bias
-                s += 1
-            if pg_max_new - pg_min_new <= eps:
-                if active == n:
-                    break
-                active = n
-                pg_max_old = np.inf
+                    a_old = alpha[i, c]
+                    alpha[i, c] = max(a_old - grad / qd[i], 0.0)
+                    step[c] = (alpha[i, c] - a_old) * yc
+                    moved = True
+            if moved:
+                for k in range(indptr[i], indptr[i + 1]):
+                    f = indices[k]
+                    v = data[k]
+                    for c in range(CHILD_BLOCK):
+                        W[f, c] += step[c] * v
+                for c in range(CHILD_BLOCK):
+                    wb[c] += step[c] * bias
+        if _end_pass(pg_max, pg_min, pg_max_old, eps, shrunk, n_shrunk, done):
+            return
+
+
+@numba.njit(nogil=True, cache=True)
+def _shuffled_live(order: np.ndarray, shrunk: np.ndarray, done: np.ndarray,
+                   state: np.uint64) -> tuple[int, np.uint64]:
+    """Writes to ``order`` the documents some child not done has not shrunk, shuffled
+    (Fisher-Yates with xorshift64: the same whatever thread runs it); returns their count
+    and the generator's next state."""
+    m = 0
+    for i in range(order.shape[0]):
+        for c in range(done.shape[0]):
+            if not done[c] and not shrunk[i, c]:
+                order[m] = i
+                m += 1
+                break
+    for j in range(m - 1, 0, -1):
+        state ^= state << np.uint64(13)
+        state ^= state >> np.uint64(7)
+        state ^= state << np.uint64(17)
+        pick = np.int64(state % np.uint64(j + 1))
+        order[j], order[pick] = order[pick], order[j]
+    return m, state
+
+
+@numba.njit(nogil=True, cache=True)
+def _end_pass(pg_max: np.ndarray, pg_min: np.ndarray, pg_max_old: np.ndarray, eps: float,
+              shrunk: np.ndarray, n_shrunk: np.ndarray, done: np.ndarray) -> bool:
+    """liblinear's stopping rule, per child, after a pass: a child whose projected gradients
+    span at most ``eps`` is done if it shrank nothing, else gets all its documents back for
+    another pass. True when every child is done."""
+    all_done = True
+    for c in range(done.shape[0]):
+        if done[c]:
+            continue
+        if pg_max[c] - pg_min[c] <= eps:
+            if n_shrunk[c] == 0:
+                done[c] = True
                 continue
+            shrunk[:, c] = False
+            n_shrunk[c] = 0
+            pg_max_old[c] = np.inf
+        else:
             # the upper bound is infinite (squared hinge), so only the max side shrinks
-            pg_max_old = pg_max_new if pg_max_new > 0 else np.inf
-        bias_terms[c] = wb * bias
-        for f in range(keep_from, n_local):
-            dense_w[c, dense_col[f - keep_from]] = w[f]
-        for f in range(keep_from):
-            if abs(w[f]) >= threshold:
-                if n_out == cap:
-                    cap *= 2
-                    out_child = np.concatenate((out_child, np.empty(cap - n_out, np.int32)))
-                    out_feat = np.concatenate((out_feat, np.empty(cap - n_out, np.int32)))
-                    out_val = np.concatenate((out_val, np.empty(cap - n_out, np.float32)))
-                out_child[n_out] = c
+            pg_max_old[c] = pg_max[c] if pg_max[c] > 0 else np.inf
+        all_done = False
+    return all_done
+
+
+@numba.njit(nogil=True, cache=True)
+def _keep_entries(W: np.ndarray, n_block: int, keep_from: int, threshold: float, first: int,
+                  out_child: np.ndarray, out_feat: np.ndarray, out_val: np.ndarray,
+                  n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Appends the block's weights of at least ``threshold`` (features below ``keep_from``)
+    to the entries, feature by feature, children ascending; grows the arrays as needed.
+    Counted first, so that the loop that copies them never reallocates: a loop that may
+    reallocate inside kept LLVM from optimizing it, and the pruning cost more than the
+    solver on the bottom layers."""
+    n_keep = 0
+    for f in range(keep_from):
+        for c in range(n_block):
+            if abs(W[f, c]) >= threshold:
+                n_keep += 1
+    if n_out + n_keep > out_child.shape[0]:
+        cap = max(2 * out_child.shape[0], n_out + n_keep)
+        out_child = np.concatenate((out_child[:n_out], np.empty(cap - n_out, np.int32)))
+        out_feat = np.concatenate((out_feat[:n_out], np.empty(cap - n_out, np.int32)))
+        out_val = np.concatenate((out_val[:n_out], np.empty(cap - n_out, np.float32)))
+    for f in range(keep_from):
+        for c in range(n_block):
+            v = W[f, c]
+            if abs(v) >= threshold:
+                out_child[n_out] = first + c
                 out_feat[n_out] = f
-                out_val[n_out] = w[f]
+                out_val[n_out] = v
                 n_out += 1
-    # counting sort by feature: rows of the chunk, children ascending within a row
+    return out_child, out_feat, out_val, n_out
+
+
+@numba.njit(nogil=True, cache=True)
+def _rows_by_feature(child: np.ndarray, feat: np.ndarray, val: np.ndarray,
+                     n_local: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The entries as chunk rows: counting sort by feature (stable, so children stay
+    ascending within a row); (row features, row lengths, entry children, entry values)."""
     counts = np.zeros(n_local + 1, dtype=np.int64)
-    for e in range(n_out):
-        counts[out_feat[e] + 1] += 1
+    for e in range(feat.shape[0]):
+        counts[feat[e] + 1] += 1
     n_rows = 0
     for f in range(n_local):
         if counts[f + 1] > 0:
@@ -160,14 +262,14 @@ def _train_chunk(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_lo
             r += 1
     for f in range(n_local):
         counts[f + 1] += counts[f]
-    entry_child = np.empty(n_out, dtype=np.int32)
-    entry_val = np.empty(n_out, dtype=np.float32)
-    for e in range(n_out):
-        pos = counts[out_feat[e]]
-        entry_child[pos] = out_child[e]
-        entry_val[pos] = out_val[e]
-        counts[out_feat[e]] += 1
-    return rows, row_len, entry_child, entry_val, bias_terms, dense_w
+    entry_child = np.empty(feat.shape[0], dtype=np.int32)
+    entry_val = np.empty(feat.shape[0], dtype=np.float32)
+    for e in range(feat.shape[0]):
+        pos = counts[feat[e]]
+        entry_child[pos] = child[e]
+        entry_val[pos] = val[e]
+        counts[feat[e]] += 1
+    return rows, row_len, entry_child, entry_val
 
 
 def _renumber(indices: np.ndarray, n_features: int) -> tuple[np.ndarray, np.ndarray]:
@@ -209,14 +311,17 @@ def _plan_jobs(parent_docs: sp.csc_matrix, counts: np.ndarray,
                threads: int) -> list[tuple[int, int, int]]:
     """(parent, first child, end child) jobs, biggest first. A parent whose work (documents x
     children) exceeds a fair share is split by children, so that a layer with few parents
-    (the root's) still keeps every thread busy."""
+    (the root's) still keeps every thread busy; always at the bounds of the blocks of
+    :data:`CHILD_BLOCK` children trained together, so that any split trains the same model."""
     n_docs = np.diff(parent_docs.indptr)
     work = n_docs * counts
     share = max(1, int(work.sum() // (4 * threads)))
     jobs: list[tuple[int, int, int]] = []
     for p in np.argsort(-work, kind="stable"):
-        n_groups = int(min(counts[p], max(1, -(-int(work[p]) // share))))
-        bounds = np.linspace(0, counts[p], n_groups + 1).astype(int)
+        n_blocks = -(-int(counts[p]) // CHILD_BLOCK)
+        n_groups = min(n_blocks, max(1, -(-int(work[p]) // share)))
+        bounds = np.minimum(np.linspace(0, n_blocks, n_groups + 1).astype(int) * CHILD_BLOCK,
+                            int(counts[p]))
         jobs.extend((int(p), int(lo), int(hi)) for lo, hi in pairwise(bounds) if hi > lo)
     return jobs
 
