@@ -217,8 +217,8 @@ def _keep_entries(W: np.ndarray, n_block: int, keep_from: int, threshold: float,
     """Appends the block's weights of at least ``threshold`` (features below ``keep_from``)
     to the entries, feature by feature, children ascending; grows the arrays as needed.
     Counted first, so that the loop that copies them never reallocates: a loop that may
-    reallocate inside kept LLVM from optimizing it, and the pruning cost more than the
-    solver on the bottom layers."""
+    reallocate inside kept LLVM from optimizing it, and the pruning took a third of the
+    bottom layers' training."""
     n_keep = 0
     for f in range(keep_from):
         for c in range(n_block):
