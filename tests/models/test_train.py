@@ -11,6 +11,7 @@ import models
 from models import train as train_module
 from models.builder import build
 from models.cluster import LabelTree
+from models.data import normalize_rows
 from models.params import RankerParams
 from models.tree import row_start
 from tests.conftest import tiny_params
@@ -151,8 +152,7 @@ def random_problem(n_docs: int, n_features: int, n_children: int,
     X = sp.random(n_docs, n_features, density=0.1, random_state=rng, format="csr",
                   dtype=np.float64)
     X.data += 0.1
-    norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1))).clip(1e-12)
-    X = sp.csr_matrix(X.multiply(1.0 / norms))
+    X = normalize_rows(X)
     # each child's positives lean on a few features of their own, so the problems differ
     lean = rng.random((n_features, n_children)) < 0.05
     score = X @ lean + 0.3 * rng.random((n_docs, n_children))
