@@ -45,6 +45,9 @@ PECOS_PYTHON = HERE / ".venv-pecos" / "bin" / "python"
 SECTION = "## Peers: side by side with PECOS XR-Linear, omikuji and napkinXC"
 
 PEERS = ("ours", "pecos", "omikuji-parabel", "omikuji-bonsai", "napkinxc")
+#: the libraries whose training takes a seed: they run once per ``--seeds`` entry and their
+#: figures are the mean; omikuji takes none, so it runs once
+SEEDED_PEERS = ("ours", "pecos", "napkinxc")
 PEER_TITLES = {
     "ours": "**xmc-serve (ours)**",
     "pecos": "PECOS XR-Linear",
@@ -176,10 +179,15 @@ def run_peer(peer: str, fs: FeatureSet, run_dir: Path, args: argparse.Namespace,
     return True
 
 
+def run_dir_of(dataset_dir: Path, peer: str, seed: int) -> Path:
+    """Where one run of a peer keeps its result: a seeded peer has one folder per seed."""
+    return dataset_dir / peer / f"seed{seed}" if peer in SEEDED_PEERS else dataset_dir / peer
+
+
 def run_dirs(dataset_dir: Path, peer: str) -> list[Path]:
-    """Result folders of one peer: ours has one per seed (``ours/seedN``)."""
-    if peer == "ours":
-        return sorted(p for p in (dataset_dir / "ours").glob("seed*") if p.is_dir())
+    """Result folders of one peer: a seeded peer has one per seed (``PEER/seedN``)."""
+    if peer in SEEDED_PEERS:
+        return sorted(p for p in (dataset_dir / peer).glob("seed*") if p.is_dir())
     return [dataset_dir / peer]
 
 
@@ -187,7 +195,7 @@ def run_dirs(dataset_dir: Path, peer: str) -> list[Path]:
 
 
 def collect(dataset_dir: Path, fs: FeatureSet) -> dict[str, dict]:
-    """Per peer: scored figures (ours: mean over seeds), or why it is missing."""
+    """Per peer: scored figures (a seeded peer: mean over seeds), or why it is missing."""
     truths = fs.test_truth()
     rows: dict[str, dict] = {}
     for peer in PEERS:
@@ -246,7 +254,7 @@ def markdown_table(fs: FeatureSet, rows: Mapping[str, dict]) -> str:
             lines.append(f"| {title} | {row['missing']} |" + " |" * 11)
             continue
         acc = [_num(100 * row[k], ".1f") for k in ACCURACY_KEYS]
-        if peer == "ours" and row.get("n_runs", 1) > 1:
+        if row.get("n_runs", 1) > 1:
             acc[0] += f" ±{100 * row['P@1_sd']:.1f}"
             acc[2] += f" ±{100 * row['P@5_sd']:.1f}"
         train = _num(row["train_s"], ".2f")
@@ -272,11 +280,16 @@ def dataset_block(fs: FeatureSet, rows: Mapping[str, dict]) -> str:
     ours_note = (f"ours: mean of {len(seeds)} seed(s) {seeds} (± population sd), core at "
                  f"{', '.join(ours.get('core_revisions') or ['an unrecorded commit'])}"
                  if seeds else "ours: pending")
+    runs = {PEER_TITLES[p].strip("*"): len(r.get("seeds") or [])
+            for p, r in rows.items() if p in SEEDED_PEERS[1:] and "missing" not in r}
+    peers_note = ", ".join(f"{title} mean of {n} seed(s)" for title, n in runs.items())
+    peers_note = f"peers: {peers_note}; omikuji one run (it takes no seed)" if (
+        peers_note) else "peers: one run"
     lines = [
         f"### {fs.name}",
         "",
         f"{fs.n_train_docs:,} train / {fs.n_test_docs:,} test documents, "
-        f"{len(fs.label_names):,} training labels; {feats}. {ours_note}; peers: one run.",
+        f"{len(fs.label_names):,} training labels; {feats}. {ours_note}; {peers_note}.",
         "",
         markdown_table(fs, rows),
         "",
@@ -425,8 +438,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="also benchmark synthetic corpora made by `xmc synth --labels N "
                          "--train 4N --test 5000 --seed 0` (written once under the work dir)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
-                    help="seeds of our builds (accuracy is their mean); peers run once with "
-                         "the first")
+                    help="seeds of the builds of every library that takes one (ours, PECOS, "
+                         "napkinXC; accuracy is their mean); omikuji runs once")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", default=",".join(PEERS),
                     help="comma-separated subset of: " + ",".join(PEERS))
@@ -468,9 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"== {fs.name}: {fs.n_train_docs} train / {fs.n_test_docs} test docs, "
               f"{len(fs.label_names)} labels, {fs.n_features} features", flush=True)
         for peer in [] if args.report_only else args.peers:
-            seeds = args.seeds if peer == "ours" else args.seeds[:1]
+            seeds = args.seeds if peer in SEEDED_PEERS else args.seeds[:1]
             for seed in seeds:
-                run_dir = root / fs.name / (f"ours/seed{seed}" if peer == "ours" else peer)
+                run_dir = run_dir_of(root / fs.name, peer, seed)
                 if args.skip_existing and (run_dir / "result.json").is_file():
                     print(f"  {peer}: kept existing result", flush=True)
                     continue
