@@ -15,9 +15,13 @@ import pytest
 
 from benchmarks.features import FeatureSet
 from benchmarks.peers import (
+    SEEDED_PEERS,
     ids_to_names,
     load_predictions,
+    mean_runs,
     replace_section,
+    run_dir_of,
+    run_dirs,
     score,
     score_run,
 )
@@ -115,3 +119,22 @@ def test_replace_section_touches_only_its_section() -> None:
     assert out == "# T\n\n## Peers\n\ntable\n\n## HTTP\n\n(pending: http)\n"
     # idempotent: writing again gives the same file
     assert replace_section(out, "## Peers", "table\n") == out
+
+
+def test_a_seeded_peer_keeps_one_folder_per_seed_and_omikuji_one(tmp_path: Path) -> None:
+    for seed in (2, 0, 1):
+        for peer in ("pecos", "omikuji-bonsai"):
+            run_dir_of(tmp_path, peer, seed).mkdir(parents=True, exist_ok=True)
+    assert "pecos" in SEEDED_PEERS and "omikuji-bonsai" not in SEEDED_PEERS
+    assert run_dirs(tmp_path, "pecos") == [tmp_path / "pecos" / f"seed{s}" for s in (0, 1, 2)]
+    assert run_dirs(tmp_path, "omikuji-bonsai") == [tmp_path / "omikuji-bonsai"]
+
+
+def test_mean_runs_averages_the_seeds_and_keeps_their_spread() -> None:
+    runs = [{"seed": s, "P@1": p1, "P@3": 0.5, "P@5": p5, "nDCG@5": 0.5, "PSP@5": 0.5,
+             "train_s": 1.0 + s} for s, p1, p5 in ((0, 0.80, 0.30), (1, 0.82, 0.34))]
+    got = mean_runs(runs)
+    assert got["seeds"] == [0, 1] and got["n_runs"] == 2
+    assert got["P@1"] == pytest.approx(0.81) and got["P@5"] == pytest.approx(0.32)
+    assert got["P@1_sd"] == pytest.approx(0.01) and got["P@5_sd"] == pytest.approx(0.02)
+    assert got["train_s"] == pytest.approx(1.5)
