@@ -7,8 +7,9 @@ Every library sees identical features (:mod:`benchmarks.features`, written once 
 and runs in a subprocess of its own (``benchmarks/peer_runners/``; PECOS with the python of
 ``benchmarks/.venv-pecos``, built by ``benchmarks/pecos_env.sh``), so one library's memory
 and threads never touch another's figures. Runners leave their top-k label ids and timings
-in ``benchmarks/.work/peers/DATASET/PEER/``; this module scores all of them with the one
-metrics module, :func:`models.metrics.evaluate`, prints a table per dataset and rewrites the
+in ``benchmarks/.work/peers/DATASET/PEER/seedN/`` (one run per seed); this module scores all
+of them with the one metrics module, :func:`models.metrics.evaluate`, prints a table per
+dataset and rewrites the
 "Peers" section of benchmarks/RESULTS.md from every result in the work folder (so a later
 run with ``--only ours`` completes the tables of an earlier peers-only run).
 
@@ -45,9 +46,6 @@ PECOS_PYTHON = HERE / ".venv-pecos" / "bin" / "python"
 SECTION = "## Peers: side by side with PECOS XR-Linear, omikuji and napkinXC"
 
 PEERS = ("ours", "pecos", "omikuji-parabel", "omikuji-bonsai", "napkinxc")
-#: the libraries whose training takes a seed: they run once per ``--seeds`` entry and their
-#: figures are the mean; omikuji takes none, so it runs once
-SEEDED_PEERS = ("ours", "pecos", "napkinxc")
 PEER_TITLES = {
     "ours": "**xmc-serve (ours)**",
     "pecos": "PECOS XR-Linear",
@@ -180,22 +178,20 @@ def run_peer(peer: str, fs: FeatureSet, run_dir: Path, args: argparse.Namespace,
 
 
 def run_dir_of(dataset_dir: Path, peer: str, seed: int) -> Path:
-    """Where one run of a peer keeps its result: a seeded peer has one folder per seed."""
-    return dataset_dir / peer / f"seed{seed}" if peer in SEEDED_PEERS else dataset_dir / peer
+    """Where one run of a peer keeps its result: one folder per seed (``PEER/seedN``)."""
+    return dataset_dir / peer / f"seed{seed}"
 
 
 def run_dirs(dataset_dir: Path, peer: str) -> list[Path]:
-    """Result folders of one peer: a seeded peer has one per seed (``PEER/seedN``)."""
-    if peer in SEEDED_PEERS:
-        return sorted(p for p in (dataset_dir / peer).glob("seed*") if p.is_dir())
-    return [dataset_dir / peer]
+    """Result folders of one peer, one per seed it ran with."""
+    return sorted(p for p in (dataset_dir / peer).glob("seed*") if p.is_dir())
 
 
 # ---------------------------------------------------------------- tables
 
 
 def collect(dataset_dir: Path, fs: FeatureSet) -> dict[str, dict]:
-    """Per peer: scored figures (a seeded peer: mean over seeds), or why it is missing."""
+    """Per peer: scored figures (the mean over its runs), or why it is missing."""
     truths = fs.test_truth()
     rows: dict[str, dict] = {}
     for peer in PEERS:
@@ -280,11 +276,10 @@ def dataset_block(fs: FeatureSet, rows: Mapping[str, dict]) -> str:
     ours_note = (f"ours: mean of {len(seeds)} seed(s) {seeds} (± population sd), core at "
                  f"{', '.join(ours.get('core_revisions') or ['an unrecorded commit'])}"
                  if seeds else "ours: pending")
-    runs = {PEER_TITLES[p].strip("*"): len(r.get("seeds") or [])
-            for p, r in rows.items() if p in SEEDED_PEERS[1:] and "missing" not in r}
-    peers_note = ", ".join(f"{title} mean of {n} seed(s)" for title, n in runs.items())
-    peers_note = f"peers: {peers_note}; omikuji one run (it takes no seed)" if (
-        peers_note) else "peers: one run"
+    n_runs = sorted({r.get("n_runs", 1) for p, r in rows.items()
+                     if p != "ours" and "missing" not in r})
+    peers_note = (f"peers: mean of {' or '.join(map(str, n_runs))} run(s), the same seeds "
+                  f"(omikuji takes none: its runs are independent draws)")
     lines = [
         f"### {fs.name}",
         "",
@@ -438,8 +433,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="also benchmark synthetic corpora made by `xmc synth --labels N "
                          "--train 4N --test 5000 --seed 0` (written once under the work dir)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
-                    help="seeds of the builds of every library that takes one (ours, PECOS, "
-                         "napkinXC; accuracy is their mean); omikuji runs once")
+                    help="one run of every library per seed (accuracy is their mean); omikuji "
+                         "takes no seed, so its runs are independent draws")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", default=",".join(PEERS),
                     help="comma-separated subset of: " + ",".join(PEERS))
@@ -481,8 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"== {fs.name}: {fs.n_train_docs} train / {fs.n_test_docs} test docs, "
               f"{len(fs.label_names)} labels, {fs.n_features} features", flush=True)
         for peer in [] if args.report_only else args.peers:
-            seeds = args.seeds if peer in SEEDED_PEERS else args.seeds[:1]
-            for seed in seeds:
+            # omikuji takes no seed but draws a fresh random state on every run (its P@1
+            # moves by several tenths between runs on the same features): it runs once per
+            # seed too, so every library's figures are a mean of as many runs
+            for seed in args.seeds:
                 run_dir = run_dir_of(root / fs.name, peer, seed)
                 if args.skip_existing and (run_dir / "result.json").is_file():
                     print(f"  {peer}: kept existing result", flush=True)

@@ -15,7 +15,6 @@ import pytest
 
 from benchmarks.features import FeatureSet
 from benchmarks.peers import (
-    SEEDED_PEERS,
     ids_to_names,
     load_predictions,
     mean_runs,
@@ -121,13 +120,14 @@ def test_replace_section_touches_only_its_section() -> None:
     assert replace_section(out, "## Peers", "table\n") == out
 
 
-def test_a_seeded_peer_keeps_one_folder_per_seed_and_omikuji_one(tmp_path: Path) -> None:
+def test_every_peer_keeps_one_folder_per_run(tmp_path: Path) -> None:
     for seed in (2, 0, 1):
         for peer in ("pecos", "omikuji-bonsai"):
             run_dir_of(tmp_path, peer, seed).mkdir(parents=True, exist_ok=True)
-    assert "pecos" in SEEDED_PEERS and "omikuji-bonsai" not in SEEDED_PEERS
-    assert run_dirs(tmp_path, "pecos") == [tmp_path / "pecos" / f"seed{s}" for s in (0, 1, 2)]
-    assert run_dirs(tmp_path, "omikuji-bonsai") == [tmp_path / "omikuji-bonsai"]
+    (tmp_path / "pecos" / "model").mkdir()  # not a run
+    for peer in ("pecos", "omikuji-bonsai"):
+        assert run_dirs(tmp_path, peer) == [tmp_path / peer / f"seed{s}" for s in (0, 1, 2)]
+    assert run_dirs(tmp_path, "napkinxc") == []
 
 
 def test_mean_runs_averages_the_seeds_and_keeps_their_spread() -> None:
