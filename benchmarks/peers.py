@@ -9,9 +9,9 @@ and runs in a subprocess of its own (``benchmarks/peer_runners/``; PECOS with th
 and threads never touch another's figures. Runners leave their top-k label ids and timings
 in ``benchmarks/.work/peers/DATASET/PEER/seedN/`` (one run per seed); this module scores all
 of them with the one metrics module, :func:`models.metrics.evaluate`, prints a table per
-dataset and rewrites the
-"Peers" section of benchmarks/RESULTS.md from every result in the work folder (so a later
-run with ``--only ours`` completes the tables of an earlier peers-only run).
+dataset and rewrites the "Peers" section of benchmarks/RESULTS.md from every result in the
+work folder (so a later run with ``--only ours`` completes the tables of an earlier
+peers-only run).
 
 Nothing is tuned per dataset: every peer runs with its library's defaults (omikuji also
 with the Bonsai-like settings of its README), top-5, beam 10, the same thread count.
