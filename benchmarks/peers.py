@@ -279,7 +279,8 @@ def dataset_block(fs: FeatureSet, rows: Mapping[str, dict]) -> str:
     n_runs = sorted({r.get("n_runs", 1) for p, r in rows.items()
                      if p != "ours" and "missing" not in r})
     peers_note = (f"peers: mean of {' or '.join(map(str, n_runs))} run(s), the same seeds "
-                  f"(omikuji takes none: its runs are independent draws)")
+                  f"(omikuji takes none: its runs are independent draws)"
+                  if n_runs else "peers: pending")
     lines = [
         f"### {fs.name}",
         "",
