@@ -83,9 +83,13 @@ class BuildParams:
     """Trees in the ensemble, each clustered with its own seed; their scores are averaged."""
     seed: int = 0
     """Seed of the first tree (tree t uses seed + t); same seed, same data: same bundle."""
-    post_processor: str = "l3-hinge"
-    """Turns a node's margin z into a score in (0, 1]: ``l3-hinge`` exp(-max(0, 1 - z)^3) or
-    ``sigmoid`` 1 / (1 + exp(-z)); a label's path score is the product along its path."""
+    post_processor: str = "l3-hinge-ordered"
+    """Turns a node's margin z into a score in (0, 1]: ``l3-hinge`` exp(-max(0, 1 - z)^3)
+    (PECOS's), ``l3-hinge-ordered`` the same times exp(-0.001) below the hinge and rising
+    from there towards 1 past it, exp(-0.001 exp(1 - z)), so that margins past the hinge
+    still rank by margin instead of tying at 1 (chosen on validation: never worse, see
+    benchmarks/RESULTS.md), or ``sigmoid`` 1 / (1 + exp(-z)); a label's path score is the
+    product along its path."""
     beam_size: int = 10
     """Default beam width at prediction time (a per-call argument overrides it)."""
     top_k: int = 5
@@ -230,7 +234,7 @@ class BuildParams:
         return cls.from_dict(data)
 
 
-POST_PROCESSORS = {"l3-hinge": 0, "sigmoid": 1}
+POST_PROCESSORS = {"l3-hinge": 0, "sigmoid": 1, "l3-hinge-ordered": 2}
 
 
 def _from_dict(cls: type, data: dict[str, Any], overrides: dict[str, type] | None = None

@@ -29,17 +29,28 @@ from models.tree import ROW_BLOCK, Ensemble
 
 L3_HINGE = 0
 SIGMOID = 1
+L3_HINGE_ORDERED = 2
+#: l3-hinge-ordered: the log score lent to margins past the hinge, so that they still rank by
+#: margin (l3-hinge gives every one of them 1, and the label id breaks the tie). Small enough
+#: to leave every other order as it was.
+TIE_SPAN = 1e-3
 
 
 @numba.njit(inline="always")
 def _log_post(z: float, kind: int) -> float:
-    """log of the node score: the beam ranks by sums of these, so the common l3-hinge case
-    needs no exp at all."""
+    """log of the node score: the beam ranks by sums of these, so the l3-hinge cases need no
+    exp below the hinge (l3-hinge-ordered: ``-h^3 - TIE_SPAN`` there, rising from
+    ``-TIE_SPAN`` towards 0 past it)."""
     if kind == L3_HINGE:
         h = 1.0 - z
         if h <= 0.0:
             return 0.0
         return -h * h * h
+    if kind == L3_HINGE_ORDERED:
+        h = 1.0 - z
+        if h <= 0.0:
+            return -TIE_SPAN * np.exp(h)
+        return -h * h * h - TIE_SPAN
     # log sigmoid, stable on both sides
     if z >= 0.0:
         return -np.log1p(np.exp(-z))

@@ -4,8 +4,6 @@ root-to-leaf path."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import scipy.sparse as sp
 
@@ -37,33 +35,42 @@ def node_margins(ens: Ensemble, X: sp.csr_matrix) -> np.ndarray:
     return margins
 
 
+def node_log_scores(margins: np.ndarray, post: str) -> np.ndarray:
+    """log of every node's score from its margin z, by the definitions of the
+    post-processors."""
+    if post == "sigmoid":
+        return -np.logaddexp(0.0, -margins)
+    h = np.maximum(0.0, 1.0 - margins)
+    if post == "l3-hinge":
+        return -(h**3)
+    assert post == "l3-hinge-ordered", post
+    # l3-hinge less 1e-3 below the hinge; past it -1e-3 * exp(1 - z), rising towards 0
+    return np.where(margins < 1.0, -(h**3) - 1e-3,
+                    -1e-3 * np.exp(np.minimum(0.0, 1.0 - margins)))
+
+
 def leaf_scores(ens: Ensemble, X: sp.csr_matrix, post: str) -> np.ndarray:
     """(n_docs, n_labels) exact ensemble score: the mean over trees of the product of the
     post-processed margins along each leaf's path."""
-
-    def f(z: float) -> float:
-        if post == "sigmoid":
-            return 1.0 / (1.0 + math.exp(-z))
-        return math.exp(-max(0.0, 1.0 - z) ** 3)
-
-    margins = node_margins(ens, X)
+    node = np.exp(node_log_scores(node_margins(ens, X), post))
     out = np.zeros((X.shape[0], ens.n_labels))
     for d in range(X.shape[0]):
         for t in range(ens.n_trees):
             for lab in range(ens.n_labels):
-                node = int(ens.label_node[t, lab])
                 prod = 1.0
-                while ens.parent[node] >= 0:
-                    prod *= f(margins[d, node])
-                    node = int(ens.parent[node])
+                n = int(ens.label_node[t, lab])
+                while ens.parent[n] >= 0:
+                    prod *= float(node[d, n])
+                    n = int(ens.parent[n])
                 out[d, lab] += prod / ens.n_trees
     return out
 
 
-def beam_leaves(ens: Ensemble, X: sp.csr_matrix, beam_size: int) -> list[set[int]]:
+def beam_leaves(ens: Ensemble, X: sp.csr_matrix, beam_size: int,
+                post: str) -> list[set[int]]:
     """Per document, the leaves (label ids) a plain layer-by-layer beam of ``beam_size``
-    reaches in a one-tree ensemble (l3-hinge; ties to the smaller node id)."""
-    margins = node_margins(ens, X)
+    reaches in a one-tree ensemble (ties to the smaller node id)."""
+    log_node = node_log_scores(node_margins(ens, X), post)
     out = []
     for d in range(X.shape[0]):
         beam = [(0.0, int(ens.tree_root[0]))]
@@ -71,7 +78,7 @@ def beam_leaves(ens: Ensemble, X: sp.csr_matrix, beam_size: int) -> list[set[int
             cands = []
             for log_path, p in beam:
                 for c in range(int(ens.child_ptr[p]), int(ens.child_ptr[p + 1])):
-                    cands.append((log_path - max(0.0, 1.0 - margins[d, c]) ** 3, c))
+                    cands.append((log_path + float(log_node[d, c]), c))
             cands.sort(key=lambda sc: (-sc[0], sc[1]))
             beam = cands[:beam_size]
         out.append({int(ens.node_label[c]) for _, c in beam})
@@ -81,11 +88,7 @@ def beam_leaves(ens: Ensemble, X: sp.csr_matrix, beam_size: int) -> list[set[int
 def tree_leaf_scores(ens: Ensemble, X: sp.csr_matrix, post: str) -> np.ndarray:
     """(n_docs, n_trees, n_labels) path score of every label in every tree (the product of
     the post-processed margins along its path; their mean over trees is :func:`leaf_scores`)."""
-    margins = node_margins(ens, X)
-    if post == "sigmoid":
-        node = 1.0 / (1.0 + np.exp(-margins))
-    else:
-        node = np.exp(-np.maximum(0.0, 1.0 - margins) ** 3)
+    node = np.exp(node_log_scores(node_margins(ens, X), post))
     out = np.ones((X.shape[0], ens.n_trees, ens.n_labels))
     for t in range(ens.n_trees):
         for lab in range(ens.n_labels):

@@ -58,7 +58,7 @@ def test_dense_block_is_stored_dense_and_scored_exactly(fused_bundle, tiny_corpu
     assert np.count_nonzero(ens.dense_val) > 0.9 * ens.dense_val.size
     _, test = tiny_corpus
     X = predictor.encode(test.texts[:15])
-    ref = leaf_scores(ens, X, "l3-hinge")
+    ref = leaf_scores(ens, X, predictor.manifest["params"]["post_processor"])
     n = predictor.n_labels
     ids, scores, _ = predictor.predict_ids(X, top_k=n, beam_size=n)
     for d in range(X.shape[0]):
@@ -222,7 +222,7 @@ def test_feature_input_can_declare_a_dense_block(tmp_path, tiny_corpus):
     assert int(ens.dense_start[0]) == tfidf.n_features
     assert np.array_equal(np.diff(ens.dense_ptr), np.diff(ens.child_ptr) * 6)
     X_test = fuse(tfidf.transform(test.texts[:10]), emb[train.n_docs :], 1.5)
-    ref = leaf_scores(ens, X_test, "l3-hinge")
+    ref = leaf_scores(ens, X_test, predictor.manifest["params"]["post_processor"])
     n = predictor.n_labels
     ids, scores, _ = predictor.predict_ids(X_test, top_k=n, beam_size=n)
     for d in range(10):

@@ -8,6 +8,7 @@ import scipy.sparse as sp
 
 import models
 from models.builder import build
+from models.data import Corpus
 from tests.conftest import tiny_params
 from tests.models.reference import leaf_scores
 
@@ -85,9 +86,10 @@ def test_parallel_batch_matches_serial(tiny_predictor, tiny_corpus):
         assert parallel[2][i] == count[0]
 
 
-def test_sigmoid_post_processor_matches_reference(tmp_path, tiny_corpus):
+@pytest.mark.parametrize("post", ["sigmoid", "l3-hinge"])
+def test_other_post_processors_match_reference(tmp_path, tiny_corpus, post):
     train, test = tiny_corpus
-    out = build(train, tmp_path / "sig", tiny_params(post_processor="sigmoid", n_trees=2))
+    out = build(train, tmp_path / "post", tiny_params(post_processor=post, n_trees=2))
     predictor = models.load_bundle(out)
     X = predictor.encode(test.texts[:10])
     ref = reference_scores(predictor, X)
@@ -149,3 +151,33 @@ def test_exhaustive_scores_with_and_without_feature_lookups(tiny_predictor, test
         assert np.allclose(scores[d], ref[d, labels[d]], atol=1e-6)
 
 
+
+
+def test_ordered_post_processor_ranks_by_margin_where_l3_hinge_ties(tmp_path):
+    """The same tree scored both ways: where l3-hinge gives several labels exactly 1 (their
+    margins past the hinge), l3-hinge-ordered ranks them apart, and it keeps the order of
+    everything else. Documents of three clean label words each, so that margins pass 1."""
+    rng = np.random.default_rng(0)
+    texts, labels = [], []
+    for _ in range(400):
+        labs = sorted(rng.choice(12, size=3, replace=False).tolist())
+        texts.append(" ".join(f"w{k} w{k}x" for k in labs) + f" noise{rng.integers(50)}")
+        labels.append([f"l{k}" for k in labs])
+    params = tiny_params(n_trees=1)
+    params.cluster.max_leaf_size = 10_000  # one level: a label ties as soon as its margin does
+    corpus = Corpus(labels=labels, texts=texts, ids=[None] * len(texts))
+    ordered = models.load_bundle(build(corpus, tmp_path / "o", params))
+    assert ordered.manifest["params"]["post_processor"] == "l3-hinge-ordered"
+    X = ordered.encode(texts[:100])
+    plain = leaf_scores(ordered.ensemble, X, "l3-hinge")
+    n = ordered.n_labels
+    ids, scores, _ = ordered.predict_ids(X, top_k=n, beam_size=n)
+    tied_docs = 0
+    for d in range(X.shape[0]):
+        top = np.flatnonzero(plain[d] == 1.0)
+        if len(top) >= 2:
+            tied_docs += 1
+            assert len(np.unique(scores[d][np.isin(ids[d], top)])) == len(top)
+        p = plain[d, ids[d]]  # the l3-hinge scores in the ordered ranking
+        assert np.all(p[:-1] >= p[1:])
+    assert tied_docs > 0  # the data has such ties, so the check above ran

@@ -17,6 +17,9 @@ from models.tree import row_start
 from tests.conftest import tiny_params
 from tests.models.reference import beam_leaves, leaf_scores
 
+#: the post-processor the tests' builds rank by (the default)
+POST = tiny_params().post_processor
+
 
 def man_params(beam: int, n_trees: int = 1):
     # mining runs on the float32 tree being trained: compare the final tree unquantized
@@ -82,7 +85,7 @@ def test_mined_nodes_are_the_partial_trees_beam(mined):
         got = reached[:300].toarray()
         want = min(beam, partial.n_labels)
         assert (got.sum(axis=1) == want).all()
-        ref = beam_leaves(partial, X[:300], beam)
+        ref = beam_leaves(partial, X[:300], beam, POST)
         for d, nodes in enumerate(ref):
             assert set(np.flatnonzero(got[d]).tolist()) == nodes, d
 
@@ -90,7 +93,7 @@ def test_mined_nodes_are_the_partial_trees_beam(mined):
 def test_one_layer_partial_tree_mines_the_exhaustive_top(mined):
     _, calls = mined
     X, partial, beam, reached = calls[0]
-    ref = leaf_scores(partial, X[:300], "l3-hinge")
+    ref = leaf_scores(partial, X[:300], POST)
     top = np.argsort(-ref, axis=1, kind="stable")[:, :beam]
     assert np.array_equal(np.sort(top, axis=1), reached[:300].tolil().rows.tolist())
 
@@ -110,7 +113,7 @@ def test_full_beam_is_exhaustive_with_hard_negatives(tmp_path, tiny_corpus):
     train, test = tiny_corpus
     predictor = models.load_bundle(build(train, tmp_path / "man3", man_params(beam=2, n_trees=2)))
     X = predictor.encode(test.texts[:20])
-    ref = leaf_scores(predictor.ensemble, X, "l3-hinge")
+    ref = leaf_scores(predictor.ensemble, X, POST)
     n = predictor.n_labels
     got = predictor.predict_ids(X, top_k=n, beam_size=n)
     for d in range(X.shape[0]):

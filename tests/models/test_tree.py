@@ -98,7 +98,7 @@ def test_quantized_full_beam_gives_exhaustive_scores(quantized, tiny_corpus):
     _, q = quantized
     _, test = tiny_corpus
     X = q.encode(test.texts[:20])
-    ref = leaf_scores(q.ensemble, X, "l3-hinge")
+    ref = leaf_scores(q.ensemble, X, q.manifest["params"]["post_processor"])
     n = q.n_labels
     index = {name: i for i, name in enumerate(q.label_names)}
     for d, row in enumerate(q.predict_features(X, top_k=n, beam_size=n)):
@@ -121,7 +121,7 @@ def test_chunk_wider_than_a_byte_is_searched_exactly(tmp_path):
     q = models.load_bundle(build(corpus_from_docs(train_docs), tmp_path / "wide", params))
     assert q.n_labels > 256 and q.ensemble.entry_child.dtype == np.uint16
     X = q.encode([d["text"] for d in test_docs])
-    ref = leaf_scores(q.ensemble, X, "l3-hinge")
+    ref = leaf_scores(q.ensemble, X, q.manifest["params"]["post_processor"])
     index = {name: i for i, name in enumerate(q.label_names)}
     for d, row in enumerate(q.predict_features(X, top_k=q.n_labels, beam_size=1)):
         for name, score in row:
