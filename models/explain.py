@@ -14,7 +14,10 @@ fused bundle, the dense block's part (the same average of its dot products), it 
 mean over trees of the sum of L's path margins, exactly. A positive contribution pushed L up:
 a larger margin raises every node score on the path (the post-processor is increasing), so
 the term raised the score. The numbers are margin units, not score units: the score is a
-product of non-linear node scores, and does not split over terms.
+product of non-linear node scores, and does not split over terms. A bundle with a kNN part
+adds one entry, :data:`KNN_TERM`, whose figure is in score units: ``w * vote``, the part of
+the returned score that the training documents nearest the query gave the label (the terms
+explain the trees' part, ``(1 - w) * tree``).
 
 Computed only when asked for, in plain numpy over the few paths of the returned labels.
 """
@@ -30,6 +33,9 @@ from models.tree import ROW_BLOCK, Ensemble
 
 #: the name of the dense encoder's block in an explanation
 DENSE_TERM = "[dense encoder]"
+#: the name of the kNN matcher's part in an explanation (see :mod:`models.knn`); unlike the
+#: terms', its contribution is in score units: what the neighbours' votes add to the score
+KNN_TERM = "[kNN neighbours]"
 
 
 class TermContribution(TypedDict):

@@ -184,6 +184,16 @@ class KnnMatcher:
         return fuse_rankings(found, votes, partial(searcher.label_scores, *rows),
                              self.rule.weight, top_k, allowed())
 
+    def score_shares(self, indices: np.ndarray, values: np.ndarray, labels: list[int], *,
+                     dense_start: int) -> np.ndarray | None:
+        """For one document (sorted feature ids and values), what the votes add to each of
+        ``labels``' fused score, ``weight * vote``; None when the matcher does not vote."""
+        if self.rule.weight == 0:
+            return None
+        ptr = np.array([0, indices.shape[0]], dtype=np.int64)
+        votes = self.votes(dense_block(ptr, indices, values, dense_start, self.dim))
+        return self.rule.weight * _lookup(votes, 0, np.asarray(labels, dtype=np.int64))
+
     def save(self, folder: Path) -> dict[str, Any]:
         """Writes the index and label arrays; returns the manifest's ``knn`` entry."""
         self.index.save(str(folder / INDEX_FILE))
@@ -293,6 +303,9 @@ class KnnPart(Protocol):
              dense_start: int, allowed: Callable[[], np.ndarray | None],
              threads: int = 1) -> Found: ...
 
+    def score_shares(self, indices: np.ndarray, values: np.ndarray, labels: list[int], *,
+                     dense_start: int) -> np.ndarray | None: ...
+
 
 class NoKnn:
     """No kNN part: the trees' ranking stands as it is."""
@@ -301,6 +314,10 @@ class NoKnn:
              dense_start: int, allowed: Callable[[], np.ndarray | None],
              threads: int = 1) -> Found:
         return found
+
+    def score_shares(self, indices: np.ndarray, values: np.ndarray, labels: list[int], *,
+                     dense_start: int) -> np.ndarray | None:
+        return None
 
 
 #: the kNN part of every bundle without one (it holds nothing)

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from models import bundle as bundle_io
 from models.calibration import Calibration
 from models.errors import BundleError, InvalidInputError
-from models.explain import TermContribution, explain_labels
+from models.explain import KNN_TERM, TermContribution, explain_labels
 from models.feature_lookup import BITMAP_MB, FeatureLookup
 from models.features import FeatureEncoder, require_text
 from models.filters import FilterCompiler, FilterSpec
@@ -184,10 +184,17 @@ class Predictor:
         """Per label id: the ``n_terms`` input terms that pushed it up most for the document
         whose sorted feature ids and values are given, as ``[{"term", "contribution"},
         ...]`` (positive contributions only), plus one entry for a dense encoder's block. A
-        contribution is in margin units, averaged over trees: see :mod:`models.explain`."""
+        contribution is in margin units, averaged over trees: see :mod:`models.explain`.
+        A bundle with a voting kNN part adds its share of each label's score last."""
         names = self._term_names()
-        return [e.top(names, n_terms)
-                for e in explain_labels(self.ensemble, indices, values, labels)]
+        why = [e.top(names, n_terms)
+               for e in explain_labels(self.ensemble, indices, values, labels)]
+        shares = self.knn.score_shares(indices, values, labels,
+                                       dense_start=int(self.ensemble.dense_start[0]))
+        if shares is not None:
+            for entry, share in zip(why, shares.tolist()):
+                entry.append({"term": KNN_TERM, "contribution": share})
+        return why
 
     def predict_ids(self, X: sp.spmatrix | np.ndarray, *, top_k: int | None = None,
                     beam_size: int | None = None, label_filter: FilterSpec | None = None,

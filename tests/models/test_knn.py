@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import models
 from models.builder import build
 from models.errors import BundleError, InvalidInputError
+from models.explain import KNN_TERM
 from models.knn import KnnMatcher, NoKnn, VoteRule
 from tests.conftest import corpus_from_docs, tiny_params
 from tests.models.reference import leaf_scores
@@ -218,6 +219,35 @@ def test_text_single_batch_and_features_agree(knn_bundle, word_corpus):
     for a, b, c in zip(batch, singles, feats):
         assert [lab for lab, _ in a] == [lab for lab, _ in b] == [lab for lab, _ in c]
         np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+
+
+def test_explanations_name_the_votes_share_of_the_score(knn_bundle, word_corpus,
+                                                       tiny_predictor, tiny_corpus):
+    train, test = word_corpus
+    predictor = models.load_bundle(knn_bundle)
+    X = predictor.encode(test.texts[:10])
+    entry = predictor.manifest["knn"]
+    index = {name: j for j, name in enumerate(predictor.label_names)}
+    Y = np.zeros((train.n_docs, predictor.n_labels))
+    for i, labels in enumerate(train.labels):
+        Y[i, [index[lab] for lab in labels]] = 1
+    start = int(predictor.ensemble.dense_start[0])
+    X_train = predictor.encode(train.texts)
+    votes = oracle_votes(X_train[:, start:].toarray().astype(np.float64), Y,
+                         X[:, start:].toarray().astype(np.float64), entry["k"], entry["power"])
+    n_voted = 0
+    for d, row in enumerate(predictor.predict_features(X, top_k=5, explain=True)):
+        for name, _, why in row:
+            assert why[-1]["term"] == KNN_TERM
+            want = entry["weight"] * votes[d, index[name]]
+            assert why[-1]["contribution"] == pytest.approx(want, abs=1e-6)
+            n_voted += want > 0
+            assert all(w["term"] != KNN_TERM for w in why[:-1])
+    assert n_voted > 0
+    # a bundle without a kNN part names none
+    _, tiny_test = tiny_corpus
+    for row in tiny_predictor.predict(tiny_test.texts[:5], top_k=3, explain=True):
+        assert all(w["term"] != KNN_TERM for _, _, why in row for w in why)
 
 
 def test_label_filter_applies_to_voted_labels(knn_bundle, word_corpus):
