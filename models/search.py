@@ -30,9 +30,10 @@ from models.tree import ROW_BLOCK, Ensemble
 L3_HINGE = 0
 SIGMOID = 1
 L3_HINGE_ORDERED = 2
-#: l3-hinge-ordered: the log score lent to margins past the hinge, so that they still rank by
-#: margin (l3-hinge gives every one of them 1, and the label id breaks the tie). Small enough
-#: to leave every other order as it was.
+#: l3-hinge-ordered: the log score taken off every node below the hinge and given back, as the
+#: margin grows, past it, so that margins past the hinge still rank (l3-hinge scores them all
+#: 1, and the label id breaks the tie). Small: a path score moves by at most this much per
+#: layer, in log.
 TIE_SPAN = 1e-3
 
 

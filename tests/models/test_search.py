@@ -151,8 +151,6 @@ def test_exhaustive_scores_with_and_without_feature_lookups(tiny_predictor, test
         assert np.allclose(scores[d], ref[d, labels[d]], atol=1e-6)
 
 
-
-
 def test_ordered_post_processor_ranks_by_margin_where_l3_hinge_ties(tmp_path):
     """The same tree scored both ways: where l3-hinge gives several labels exactly 1 (their
     margins past the hinge), l3-hinge-ordered ranks them apart, and it keeps the order of
