@@ -85,11 +85,11 @@ class BuildParams:
     """Seed of the first tree (tree t uses seed + t); same seed, same data: same bundle."""
     post_processor: str = "l3-hinge-ordered"
     """Turns a node's margin z into a score in (0, 1]: ``l3-hinge`` exp(-max(0, 1 - z)^3)
-    (PECOS's), ``l3-hinge-ordered`` the same times exp(-0.001) below the hinge and rising
-    from there towards 1 past it, exp(-0.001 exp(1 - z)), so that margins past the hinge
-    still rank by margin instead of tying at 1 (chosen on validation: never worse, see
-    benchmarks/RESULTS.md), or ``sigmoid`` 1 / (1 + exp(-z)); a label's path score is the
-    product along its path."""
+    (PECOS's), ``l3-hinge-ordered`` the same times exp(-s) below the hinge and rising from
+    there towards 1 past it, exp(-s exp(1 - z)) with s = :data:`models.search.TIE_SPAN`, so
+    that margins past the hinge still rank by margin instead of tying at 1 (chosen on
+    validation: never worse, see benchmarks/RESULTS.md), or ``sigmoid`` 1 / (1 + exp(-z));
+    a label's path score is the product along its path."""
     beam_size: int = 10
     """Default beam width at prediction time (a per-call argument overrides it)."""
     top_k: int = 5
