@@ -234,7 +234,7 @@ def _fit_features(train: Corpus, params: BuildParams, folder: Path, threads: int
     tfidf, X = TfidfEncoder.fit(train.text_list, params.tfidf, workers=threads)
     if not params.dense_encoder:
         return FeatureEncoder(tfidf), X, None
-    dense = _dense_encoder(params, folder)
+    dense = _dense_encoder(params, folder, train)
     return FeatureEncoder(tfidf, dense), X, dense.encode(train.text_list)
 
 
@@ -460,7 +460,10 @@ def _held_out_features(train: Corpus, fit_rows: np.ndarray, valid_rows: np.ndarr
             X_fit.shape[1])
 
 
-def _dense_encoder(params: BuildParams, folder: Path) -> TextEncoder:
+def _dense_encoder(params: BuildParams, folder: Path, train: Corpus) -> TextEncoder:
+    """The encoder ``params.dense_encoder`` names, made ready in ``folder/_export``; with
+    ``fine_tune_epochs`` MiniLM is fine-tuned on the documents of ``train`` outside the
+    validation split (the split every held-out choice of the build scores on)."""
     from models.dense import OnnxTextEncoder, StaticTextEncoder
 
     spec = params.dense_encoder
@@ -472,7 +475,18 @@ def _dense_encoder(params: BuildParams, folder: Path) -> TextEncoder:
         static = distill_minilm_static(folder / "_export")
         return StaticTextEncoder(np.load(static["embeddings_path"], allow_pickle=False),
                                  static["tokenizer_path"])
-    if spec == "minilm":
+    if spec == "minilm" and params.fine_tune_epochs > 0:
+        from models.finetune import fine_tune_minilm
+
+        fit_rows, _ = validation_rows(train.n_docs, params.validation_share, params.seed)
+        texts = train.text_list
+        info = fine_tune_minilm([texts[i] for i in fit_rows],
+                                [train.labels[i] for i in fit_rows], folder / "_export",
+                                epochs=params.fine_tune_epochs, seed=params.seed,
+                                threads=params.threads or os.cpu_count() or 1,
+                                int8=params.int8)
+        model, tokenizer = Path(info["model_path"]), Path(info["tokenizer_path"])
+    elif spec == "minilm":
         from models.export import export_minilm
 
         info = export_minilm(folder / "_export", int8=params.int8)

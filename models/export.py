@@ -78,8 +78,11 @@ def export_minilm(
     *,
     int8: bool = False,
     parity_sample: Sequence[str] | None = None,
+    bert: Any = None,
 ) -> dict:
-    """Export all-MiniLM-L6-v2 to ``out_dir/model.onnx`` + ``out_dir/tokenizer.json``.
+    """Export all-MiniLM-L6-v2 to ``out_dir/model.onnx`` + ``out_dir/tokenizer.json``;
+    ``bert``: its BertModel with other weights (fine-tuned, :mod:`models.finetune`) instead
+    of the packaged ones.
 
     Checks parity of the ONNX encoder, run exactly as the service runs it
     (:class:`models.dense.OnnxTextEncoder`), against the PyTorch model fed by transformers'
@@ -114,7 +117,8 @@ def export_minilm(
     tokenizer_path = out_dir / "tokenizer.json"
     tokenizer.save(str(tokenizer_path))
 
-    bert = AutoModel.from_pretrained(str(src), local_files_only=True)
+    if bert is None:
+        bert = AutoModel.from_pretrained(str(src), local_files_only=True)
     bert.eval()
     pooled = _pooled_module(bert)
 

@@ -120,6 +120,12 @@ class BuildParams:
     calibrate: bool = False
     """Fit an isotonic map from the ensemble score to the probability that the label is
     right, on the same held-out predictions, and apply it to every returned score."""
+    fine_tune_epochs: float = 0.0
+    """Fine-tune the packaged MiniLM (``dense_encoder = "minilm"``) on the training labels
+    for this many passes before it embeds anything (:mod:`models.finetune`); 0 keeps it as
+    packaged. It learns from the documents outside the validation split only, so that the
+    dense weight, the kNN rule and the tuned threshold are chosen on documents it never
+    saw."""
     int8: bool = False
     """Quantize the dense encoder to int8 (dynamic, per-channel)."""
     weight_dtype: str = "int8"
@@ -190,6 +196,10 @@ class BuildParams:
                 a > 0 for a in self.dense_weight_grid):
             raise InvalidInputError("knn needs a dense block: dense_weight_grid must list an "
                                     "alpha > 0")
+        if self.fine_tune_epochs < 0:
+            raise InvalidInputError("fine_tune_epochs must be >= 0 (0: no fine-tuning)")
+        if self.fine_tune_epochs > 0 and self.dense_encoder != "minilm":
+            raise InvalidInputError("fine_tune_epochs needs dense_encoder 'minilm'")
         if not self.knn_k_grid or min(self.knn_k_grid) < 1:
             raise InvalidInputError("knn_k_grid must list neighbour counts >= 1")
         if not self.knn_power_grid or min(self.knn_power_grid) < 0:

@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight of the dense block in [tfidf ; alpha * dense]; 'auto' (the "
                    "default) chooses it by P@1 on a validation split carved from TRAIN, and "
                    "builds TF-IDF only when that wins")
+    b.add_argument("--fine-tune", type=float, metavar="EPOCHS", dest="fine_tune_epochs",
+                   help="fine-tune the packaged MiniLM (--dense-encoder minilm) on TRAIN's "
+                   "labels for EPOCHS passes before it embeds anything (the documents of the "
+                   "validation split excepted); needs the [export] extra")
     b.add_argument("--int8", action="store_true", help="quantize the dense encoder to int8")
     b.add_argument("--knn", action="store_true",
                    help="add a kNN matcher: the training documents nearest a text by its "
@@ -235,7 +239,8 @@ def _build(args: argparse.Namespace) -> int:
 
     params = BuildParams.from_file(args.params) if args.params else BuildParams()
     for flag, attr in (("seed", "seed"), ("n_trees", "n_trees"), ("threads", "threads"),
-                       ("dense_encoder", "dense_encoder"), ("dense_weight", "dense_weight")):
+                       ("dense_encoder", "dense_encoder"), ("dense_weight", "dense_weight"),
+                       ("fine_tune_epochs", "fine_tune_epochs")):
         value = getattr(args, flag)
         if value is not None:
             setattr(params, attr, value)

@@ -136,6 +136,8 @@ def test_skipped_lines_are_reported_once(tiny_docs, tmp_path: Path) -> None:
     (("eval", "{missing}", "{missing}"), ("no such bundle",)),
     (("build", "{train}", "--out", "{tmp}/o", "--threads", "-3"), ("threads",)),
     (("build", "{train}", "--out", "{tmp}/o", "--params", "{badjson}"), ("parameters",)),
+    (("build", "{train}", "--out", "{tmp}/o", "--fine-tune", "2"), ("fine_tune_epochs",
+                                                                      "minilm")),
     (("synth", "--labels", "0", "--out", "{tmp}/s"), ("n_labels",)),
     (("serve", "{missing}"), ("not a bundle",)),
 ])
