@@ -144,8 +144,8 @@ class BuildParams:
     vote for their labels, and the votes join the trees' scores as ``(1 - w) * tree + w *
     knn``. Needs a dense block: ``dense_encoder`` (then alpha 0 is no candidate of
     ``dense_weight_grid``) or feature input that declares one. ``w``, the neighbours and the
-    vote exponent are chosen on the validation split (``validation_share``); a choice of
-    ``w = 0`` builds no kNN part."""
+    vote exponent are chosen on the validation split (``validation_share``) by (P@1 + P@5) /
+    2 (:func:`models.builder.knn_preference`); a choice of ``w = 0`` builds no kNN part."""
     knn_k_grid: list[int] = field(default_factory=lambda: [10, 30, 50])
     """Candidate numbers of neighbours that vote."""
     knn_power_grid: list[float] = field(default_factory=lambda: [1.0, 4.0])

@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 import models
-from models.builder import build
+from models.builder import build, knn_preference
 from models.errors import BundleError, InvalidInputError
 from models.explain import KNN_TERM
 from models.knn import KnnMatcher, NoKnn, VoteRule
@@ -295,6 +295,22 @@ def test_weight_zero_builds_no_knn_part(tmp_path, tiny_corpus, tiny_model):
     assert "knn" not in m and m["format_version"] == 3 and not list(out.glob("knn.*"))
     assert m["build"]["knn_selection"]["chosen"]["weight"] == 0.0
     assert isinstance(models.load_bundle(str(out)).knn, NoKnn)
+
+
+def test_the_knn_choice_weighs_the_fifth_label_as_the_first():
+    def cand(p1, p5, weight, k=10, power=1.0):
+        return {"P@1": p1, "P@5": p5, "weight": weight, "k": k, "power": power}
+
+    trees_alone = cand(0.720, 0.310, 0.0, 0, 0.0)
+    heavy = cand(0.745, 0.280, 0.5)  # the best first label, a worse fifth
+    light = cand(0.738, 0.319, 0.2)
+    assert max([trees_alone, heavy, light], key=knn_preference) is light
+    assert max([trees_alone, heavy], key=knn_preference) is trees_alone
+    # on the same mean, P@1 decides; then the lighter weight, the fewer neighbours
+    sharper = cand(0.740, 0.317, 0.3)
+    assert max([light, sharper], key=knn_preference) is sharper
+    same = [cand(0.74, 0.31, 0.3), cand(0.74, 0.31, 0.2, 30), cand(0.74, 0.31, 0.2, 10)]
+    assert max(same, key=knn_preference) is same[2]
 
 
 def test_knn_needs_a_dense_block(tmp_path, tiny_corpus):
