@@ -32,6 +32,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+# onnxruntime first: imported after usearch, onnxruntime's import crashes the process
+# (segfault; usearch 2.26 with onnxruntime 1.32), and a bundle with a dense encoder needs both
+import onnxruntime  # noqa: F401
 import scipy.sparse as sp
 from usearch.index import BatchMatches, Index
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +52,14 @@ def random_set(seed: int, n: int = 300, dim: int = 16, n_labels: int = 25,
     Y = (rng.random((n, n_labels)) < 0.08).astype(np.float64)
     Y[np.arange(n), rng.integers(0, n_labels, n)] = 1  # every document has a label
     return emb, Y
+
+
+def test_the_knn_module_and_onnxruntime_import_in_either_order() -> None:
+    # a script that imports models.knn before loading a bundle with a dense encoder
+    root = Path(__file__).resolve().parents[2]
+    for code in ("import models.knn, onnxruntime", "import onnxruntime, models.knn"):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root)
+        assert proc.returncode == 0, (code, proc.returncode)
 
 
 @pytest.mark.parametrize(("k", "power"), [(1, 1.0), (5, 1.0), (10, 0.0), (30, 4.0)])
