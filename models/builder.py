@@ -287,9 +287,9 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
 def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: BuildParams,
                threads: int) -> tuple[VoteRule, dict[str, Any]]:
     """The kNN vote rule (k, power) and weight that :func:`knn_preference` ranks first on
-    the seeded ``validation_share`` of ``train``: one tree trained
-    as the bundle's trees are on the rest, a kNN over the rest, their fusion scored on the
-    held-out documents for every candidate (the tree and the neighbours are computed once).
+    the seeded ``validation_share`` of ``train``: one tree trained as the bundle's trees are
+    on the rest, a kNN over the rest, their fusion scored on the held-out documents for
+    every candidate (the tree and the neighbours are computed once).
     ``dense``: the fused block's embeddings and weight, as for :func:`held_out_controls`.
     Returns the rule and the table behind the choice for the manifest."""
     fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)

