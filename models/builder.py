@@ -79,7 +79,7 @@ def build(
     tmp = bundle_io.tmp_dir_for(out_dir)
     try:
         with stages("features"):
-            encoder, X, emb = _fit_features(train, params, tmp, threads)
+            encoder, X, emb = _fit_features(train, params, tmp, threads, stages)
         selection = None
         dense = None  # (embeddings, weight) of a fused dense block
         if emb is not None and encoder is not None:  # the encoder that made emb
@@ -219,6 +219,7 @@ def _train_trees(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, thread
 
 
 def _fit_features(train: Corpus, params: BuildParams, folder: Path, threads: int,
+                  stages: StageTimer,
                   ) -> tuple[FeatureEncoder | None, sp.csr_matrix, np.ndarray | None]:
     """Returns (encoder or None, TF-IDF or given feature matrix, dense embeddings of the
     training texts or None). With a dense encoder the returned encoder holds it, unweighted:
@@ -234,7 +235,7 @@ def _fit_features(train: Corpus, params: BuildParams, folder: Path, threads: int
     tfidf, X = TfidfEncoder.fit(train.text_list, params.tfidf, workers=threads)
     if not params.dense_encoder:
         return FeatureEncoder(tfidf), X, None
-    dense = _dense_encoder(params, folder, train)
+    dense = _dense_encoder(params, folder, train, stages)
     return FeatureEncoder(tfidf, dense), X, dense.encode(train.text_list)
 
 
@@ -468,10 +469,12 @@ def _held_out_features(train: Corpus, fit_rows: np.ndarray, valid_rows: np.ndarr
             X_fit.shape[1])
 
 
-def _dense_encoder(params: BuildParams, folder: Path, train: Corpus) -> TextEncoder:
+def _dense_encoder(params: BuildParams, folder: Path, train: Corpus, stages: StageTimer,
+                   ) -> TextEncoder:
     """The encoder ``params.dense_encoder`` names, made ready in ``folder/_export``; with
     ``fine_tune_epochs`` MiniLM is fine-tuned on the documents of ``train`` outside the
-    validation split (the split every held-out choice of the build scores on)."""
+    validation split (the split every held-out choice of the build scores on), timed as
+    the stage ``fine_tune``."""
     from models.dense import OnnxTextEncoder, StaticTextEncoder
 
     spec = params.dense_encoder
@@ -488,11 +491,12 @@ def _dense_encoder(params: BuildParams, folder: Path, train: Corpus) -> TextEnco
 
         fit_rows, _ = validation_rows(train.n_docs, params.validation_share, params.seed)
         texts = train.text_list
-        info = fine_tune_minilm([texts[i] for i in fit_rows],
-                                [train.labels[i] for i in fit_rows], folder / "_export",
-                                epochs=params.fine_tune_epochs, seed=params.seed,
-                                threads=params.threads or os.cpu_count() or 1,
-                                int8=params.int8)
+        with stages("fine_tune"):
+            info = fine_tune_minilm([texts[i] for i in fit_rows],
+                                    [train.labels[i] for i in fit_rows], folder / "_export",
+                                    epochs=params.fine_tune_epochs, seed=params.seed,
+                                    threads=params.threads or os.cpu_count() or 1,
+                                    int8=params.int8)
         model, tokenizer = Path(info["model_path"]), Path(info["tokenizer_path"])
     elif spec == "minilm":
         from models.export import export_minilm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,9 @@ def test_a_build_fine_tunes_on_the_documents_outside_the_validation_split(
     embeddings = []
     for name, corpus_labels in (("a", labels), ("b", relabelled)):
         bundle = build(Corpus(texts=texts, labels=corpus_labels), tmp_path / name, params)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        assert manifest["params"]["fine_tune_epochs"] == 2.0
+        assert manifest["build"]["stages"]["fine_tune"]["seconds"] > 0
         encoder = OnnxTextEncoder(bundle / "dense.onnx", bundle / "dense.tokenizer.json")
         embeddings.append(encoder.encode(texts))
     np.testing.assert_allclose(embeddings[0], embeddings[1], atol=1e-6)
