@@ -120,7 +120,7 @@ def export_minilm(
     if bert is None:
         bert = AutoModel.from_pretrained(str(src), local_files_only=True)
     bert.eval()
-    pooled = _pooled_module(bert)
+    pooled = pooled_module(bert)
 
     # Reference: the PyTorch model with transformers' tokenizer, as sentence-transformers
     # runs it (mean pooling over the mask, then L2 normalization). Computed BEFORE the export:
@@ -230,7 +230,7 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1)
 
 
-def _pooled_module(bert: Any) -> Any:
+def pooled_module(bert: Any) -> Any:
     """Wrap a HF BertModel into BERT + masked mean pooling + L2 norm (sentence-transformers'
     all-MiniLM-L6-v2 pipeline). The class is defined here so this file imports without torch."""
     import torch
@@ -261,17 +261,25 @@ def _pooled_module(bert: Any) -> Any:
     return MeanPooledNormalized(bert).eval()
 
 
+def padded_batch(token_ids: Sequence[Sequence[int]]) -> tuple[Any, Any, Any]:
+    """torch ``input_ids``, ``attention_mask`` and ``token_type_ids`` of a batch of token id
+    lists, padded to the longest: the inputs of :func:`pooled_module`'s module."""
+    import torch
+
+    width = max(len(row) for row in token_ids)
+    ids = torch.zeros((len(token_ids), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(token_ids):
+        ids[r, : len(row)] = torch.tensor(list(row))
+        mask[r, : len(row)] = 1
+    return ids, mask, torch.zeros_like(ids)
+
+
 def _export_graph(module: Any, path: Path, example_encodings: Sequence[Any]) -> None:
     """Trace ``module`` to ONNX with dynamic batch and sequence axes, weights in one file."""
     import torch
 
-    width = max(len(e.ids) for e in example_encodings)
-    ids = torch.zeros((len(example_encodings), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, e in enumerate(example_encodings):
-        ids[r, : len(e.ids)] = torch.tensor(e.ids)
-        mask[r, : len(e.ids)] = 1
-    types = torch.zeros_like(ids)
+    ids, mask, types = padded_batch([e.ids for e in example_encodings])
     names = ["input_ids", "attention_mask", "token_type_ids"]
     axes = {0: "batch", 1: "sequence"}
     # The tracer's warnings (legacy exporter deprecation, Python-bool conversions inside

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from models.errors import InvalidInputError
+from models.export import export_minilm, minilm_dir, padded_batch, pooled_module
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ def fine_tune_minilm(texts: Sequence[str], labels: Sequence[Sequence[str]], out_
     import torch
     from transformers import AutoModel
 
-    from models.export import _pooled_module, export_minilm, minilm_dir
-
     if epochs <= 0:
         raise InvalidInputError("fine-tuning needs epochs > 0")
     rows = [i for i, ls in enumerate(labels) if ls]
@@ -73,7 +72,7 @@ def fine_tune_minilm(texts: Sequence[str], labels: Sequence[Sequence[str]], out_
     token_ids = _token_ids([texts[i] for i in rows], minilm_dir())
 
     bert = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True)
-    encoder = _pooled_module(bert)
+    encoder = pooled_module(bert)
     losses = _train(encoder, token_ids, doc_labels, len(names), epochs, seed)
     n_steps = len(losses)
     tenth = max(1, n_steps // 10)
@@ -111,7 +110,7 @@ def _train(encoder: Any, token_ids: Sequence[list[int]], doc_labels: Sequence[li
         if len(order) == 0:  # a new pass, in a new order
             order = rng.permutation(n_docs)
         batch, order = order[:BATCH_SIZE], order[BATCH_SIZE:]
-        emb = encoder(*_padded([token_ids[i] for i in batch]))
+        emb = encoder(*padded_batch([token_ids[i] for i in batch]))
         logits = SCALE * emb @ torch.nn.functional.normalize(label_vectors, dim=1).T
         loss = -(_targets([doc_labels[i] for i in batch], n_labels)
                  * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
@@ -135,19 +134,6 @@ def _token_ids(texts: Sequence[str], model_dir: Path) -> list[list[int]]:
     return [e.ids for e in tokenizer.encode_batch(list(texts))]
 
 
-def _padded(token_ids: Sequence[list[int]]) -> tuple[Any, Any, Any]:
-    """input_ids, attention_mask and token_type_ids of a batch, padded to its longest."""
-    import torch
-
-    width = max(len(ids) for ids in token_ids)
-    ids = torch.zeros((len(token_ids), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, row in enumerate(token_ids):
-        ids[r, : len(row)] = torch.tensor(row)
-        mask[r, : len(row)] = 1
-    return ids, mask, torch.zeros_like(ids)
-
-
 def _targets(doc_labels: Sequence[list[int]], n_labels: int) -> Any:
     import torch
 
@@ -165,7 +151,7 @@ def _label_centroids(encoder: Any, token_ids: Sequence[list[int]],
 
     encoder.eval()
     with torch.no_grad():
-        emb = torch.cat([encoder(*_padded(token_ids[s:s + 256]))
+        emb = torch.cat([encoder(*padded_batch(token_ids[s:s + 256]))
                          for s in range(0, len(token_ids), 256)])
     sums = torch.zeros((n_labels, emb.shape[1]))
     for r, labs in enumerate(doc_labels):
