@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -32,7 +32,18 @@ from models.engine import LocalEngine, StageTimer, TreeEngine
 from models.errors import BundleError, InvalidInputError
 from models.feature_lookup import FeatureLookup
 from models.features import FeatureEncoder, fuse
-from models.knn import NO_KNN, KnnMatcher, VoteRule, dense_block, fuse_rankings, knn_search, vote
+from models.knn import (
+    NO_KNN,
+    Found,
+    KnnMatcher,
+    Rows,
+    VoteRule,
+    candidate_pool,
+    centroid_scores,
+    dense_block,
+    knn_search,
+    vote,
+)
 from models.metrics import best_threshold, evaluate, micro_prf
 from models.params import POST_PROCESSORS, BuildParams
 from models.search import Searcher, ranked_names, search_matrix
@@ -101,8 +112,8 @@ def build(
         if params.knn:
             with stages("knn_choice"):
                 rule, knn_selection = choose_knn(train, dense, params, threads)
-            if rule.weight == 0:
-                log.info("knn weight 0 won on validation: a bundle without the kNN part")
+            if not rule.scores:
+                log.info("knn weights 0 won on validation: a bundle without the kNN part")
                 rule = None
         held_out = None
         if params.tune_threshold or params.calibrate:
@@ -143,8 +154,9 @@ def build(
                 encoder_files += controls["knn"]["files"]
             param_dict = params.to_dict()
             manifest: dict[str, Any] = {
-                "format_version": bundle_io.KNN_FORMAT_VERSION if rule is not None
-                else bundle_io.FORMAT_VERSION,
+                "format_version": bundle_io.format_version(
+                    knn=rule is not None,
+                    centroids=rule is not None and rule.centroid_weight > 0),
                 "name": name or out_dir.name,
                 # threads changes how fast, never what is built: not part of the identity
                 "version": bundle_io.content_hash(
@@ -287,10 +299,11 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
 
 def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: BuildParams,
                threads: int) -> tuple[VoteRule, dict[str, Any]]:
-    """The kNN vote rule (k, power) and weight that :func:`knn_preference` ranks first on
-    the seeded ``validation_share`` of ``train``: one tree trained as the bundle's trees are
-    on the rest, a kNN over the rest, their fusion scored on the held-out documents for
-    every candidate (the tree and the neighbours are computed once).
+    """The kNN vote rule (k, power, the votes' weight and the label centroids') that
+    :func:`knn_preference` ranks first on the seeded ``validation_share`` of ``train``: one
+    tree trained as the bundle's trees are on the rest, a kNN and centroids over the rest,
+    their fusion scored on the held-out documents for every candidate (the tree and the
+    neighbours are computed once).
     ``dense``: the fused block's embeddings and weight, as for :func:`held_out_controls`.
     Returns the rule and the table behind the choice for the manifest."""
     fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
@@ -319,39 +332,58 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
                   lookup=lookup) as searcher:
         rows = (X_valid.indptr, X_valid.indices, X_valid.data)
         trees = searcher.search(*rows, 5, params.beam_size)
-        keys, sims = matcher.neighbours(_block_of(X_valid, dense_start, dim),
-                                        max(params.knn_k_grid), threads)
-        candidates = []
-        for k in sorted(set(params.knn_k_grid)):
-            for power in sorted(set(params.knn_power_grid)):
-                votes = vote(keys[:, :k], sims[:, :k], matcher.label_ptr, matcher.label_ids,
-                             len(names), power)
-                for w in sorted(set(params.knn_weight_grid) - {0.0}):
-                    ids, _, counts = fuse_rankings(
-                        trees, votes, partial(searcher.label_scores, *rows), w, 5)
-                    candidates.append({"k": k, "power": power, "weight": w,
-                                       **_p1_p5(ids, counts, names, valid)})
-        alone = {"k": 0, "power": 0.0, "weight": 0.0, **_p1_p5(trees[0], trees[2], names,
-                                                                valid)}
-    if 0 in params.knn_weight_grid:  # the trees alone
-        candidates.append(alone)
+        candidates = _knn_candidates(searcher, rows, trees, matcher,
+                                     _block_of(X_valid, dense_start, dim), params, threads,
+                                     lambda ids, counts: _p1_p5(ids, counts, names, valid))
+        alone = {"k": 0, "power": 0.0, "weight": 0.0, "centroid_weight": 0.0,
+                 **_p1_p5(trees[0], trees[2], names, valid)}
+    if 0 in params.knn_weight_grid and 0 in params.knn_centroid_weight_grid:
+        candidates.append(alone)  # the trees alone
     best = max(candidates, key=knn_preference)
-    log.info("knn: k %d, power %g, weight %g: validation P@1 %.4f, P@5 %.4f (trees alone "
-             "%.4f, %.4f)", best["k"], best["power"], best["weight"], best["P@1"], best["P@5"],
-             alone["P@1"], alone["P@5"])
-    return VoteRule(int(best["k"]), best["power"], best["weight"]), {
+    log.info("knn: k %d, power %g, weight %g, centroid weight %g: validation P@1 %.4f, P@5 "
+             "%.4f (trees alone %.4f, %.4f)", best["k"], best["power"], best["weight"],
+             best["centroid_weight"], best["P@1"], best["P@5"], alone["P@1"], alone["P@5"])
+    chosen = {key: best[key] for key in ("k", "power", "weight", "centroid_weight")}
+    return VoteRule(int(best["k"]), best["power"], best["weight"], best["centroid_weight"]), {
         "validation_share": params.validation_share, "n_validation_docs": len(valid_rows),
-        "n_trees": 1, "candidates": candidates,
-        "chosen": {"k": best["k"], "power": best["power"], "weight": best["weight"]}}
+        "n_trees": 1, "candidates": candidates, "chosen": chosen}
+
+
+def _knn_candidates(searcher: Searcher, rows: Rows, trees: Found, matcher: KnnMatcher,
+                    queries: np.ndarray, params: BuildParams, threads: int,
+                    score: Callable[[np.ndarray, np.ndarray], dict[str, float]],
+                    ) -> list[dict[str, float]]:
+    """Every rule of the grids but the trees alone, with ``score(ids, counts)`` of the top
+    5 it gives the validation ``rows`` (embedded as ``queries``), over the trees' top 5
+    ``trees``: the neighbours are searched once, the pool built once per (k, power)."""
+    keys, sims = matcher.neighbours(queries, max(params.knn_k_grid), threads)
+    assert matcher.centroids is not None  # KnnMatcher.build computes them
+    centroids_of = partial(centroid_scores, matcher.centroids, queries)
+    candidates = []
+    for k in sorted(set(params.knn_k_grid)):
+        for power in sorted(set(params.knn_power_grid)):
+            votes = vote(keys[:, :k], sims[:, :k], matcher.label_ptr, matcher.label_ids,
+                         matcher.n_labels, power)
+            pool = candidate_pool(trees, votes, partial(searcher.label_scores, *rows),
+                                  centroids_of)
+            for w in sorted(set(params.knn_weight_grid)):
+                for c in sorted(set(params.knn_centroid_weight_grid)):
+                    if w or c:  # both 0: the trees alone
+                        ids, _, counts = pool.rank(w, c, 5)
+                        candidates.append({"k": k, "power": power, "weight": w,
+                                           "centroid_weight": c, **score(ids, counts)})
+    return candidates
 
 
 def knn_preference(candidate: dict[str, float]) -> tuple[float, ...]:
-    """Sort key of a kNN candidate (``P@1``, ``P@5``, ``weight``, ``k``, ``power``), best
-    largest: (P@1 + P@5) / 2 first, then P@1, then the smaller weight, k and power. By P@1
-    alone the votes' weight was chosen high where it lifted the first label a little and
-    cost the fifth and the tail labels more (cooking: benchmarks/RESULTS.md)."""
+    """Sort key of a kNN candidate (``P@1``, ``P@5``, ``weight``, ``centroid_weight``,
+    ``k``, ``power``), best largest: (P@1 + P@5) / 2 first, then P@1, then the smaller
+    weights, k and power. By P@1 alone the votes' weight was chosen high where it lifted the
+    first label a little and cost the fifth and the tail labels more (cooking:
+    benchmarks/RESULTS.md)."""
     c = candidate
-    return (round(c["P@1"] + c["P@5"], 9), c["P@1"], -c["weight"], -c["k"], -c["power"])
+    return (round(c["P@1"] + c["P@5"], 9), c["P@1"], -c["weight"],
+            -c.get("centroid_weight", 0.0), -c["k"], -c["power"])
 
 
 def _block_of(X: sp.csr_matrix, dense_start: int, dim: int) -> np.ndarray:

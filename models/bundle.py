@@ -21,7 +21,9 @@
                              "threshold" when built with --tune-threshold
     knn.usearch              built with --knn (format 4): the usearch index of the training
     knn.label_{ptr,ids}.npy  documents' embeddings and their labels, CSR (models.knn); the
-                             manifest then has "knn" (k, power, weight, bytes, sha256)
+                             manifest then has "knn" (k, power, weight, centroid_weight,
+                             bytes, sha256)
+    knn.label_centroids.npy  (format 5) the labels' centroids, when centroid_weight is above 0
 
 Arrays load with ``allow_pickle=False`` and, by default, ``mmap_mode="r"`` so that several
 server processes share one copy. ``version`` is a content hash over arrays, label names,
@@ -58,9 +60,19 @@ FORMAT_VERSION = 3
 #: the format of a bundle with a kNN part (models.knn): the trees' arrays are format 3's, but
 #: a reader that knows no kNN must refuse it rather than serve the trees alone
 KNN_FORMAT_VERSION = 4
+#: the format of a bundle whose kNN part scores with label centroids: a reader of format 4
+#: would load it and serve other scores without them
+KNN_CENTROID_FORMAT_VERSION = 5
 #: versions this build reads: 1 lacks the dense-block arrays (its bundles have none); 1 and 2
 #: store an int64 row pointer and float32 weights (see _load_old_ensemble)
-READABLE_VERSIONS = (1, 2, 3, 4)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
+
+
+def format_version(*, knn: bool, centroids: bool) -> int:
+    """The format a new bundle is written in: the oldest that holds what it has."""
+    if centroids:
+        return KNN_CENTROID_FORMAT_VERSION
+    return KNN_FORMAT_VERSION if knn else FORMAT_VERSION
 MANIFEST = "manifest.json"
 #: files a bundle may have (label_meta.json: see models.vocab)
 OPTIONAL_FILES = ("label_meta.json", *(f"search.{n}.npy" for n in LOOKUP_ARRAYS))

@@ -17,7 +17,9 @@ the term raised the score. The numbers are margin units, not score units: the sc
 product of non-linear node scores, and does not split over terms. A bundle with a kNN part
 adds one entry, :data:`KNN_TERM`, whose figure is in score units: ``w * vote``, the part of
 the returned score that the training documents nearest the query gave the label (the terms
-explain the trees' part, ``(1 - w) * tree``).
+explain the trees' part, ``(1 - w) * tree``); and, when its label centroids have a weight
+``c``, :data:`CENTROID_TERM`: ``c * centroid``, what the label's centroid gave (then all
+three parts are over ``1 + c``, see :class:`models.knn.Pool`).
 
 Computed only when asked for, in plain numpy over the few paths of the returned labels.
 """
@@ -36,6 +38,8 @@ DENSE_TERM = "[dense encoder]"
 #: the name of the kNN matcher's part in an explanation (see :mod:`models.knn`); unlike the
 #: terms', its contribution is in score units: what the neighbours' votes add to the score
 KNN_TERM = "[kNN neighbours]"
+#: the name of the label centroids' part (see :mod:`models.knn`), in score units as well
+CENTROID_TERM = "[label centroid]"
 
 
 class TermContribution(TypedDict):

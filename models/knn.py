@@ -1,4 +1,5 @@
-"""The kNN matcher: an instance-based vote of the training documents nearest a query.
+"""The kNN matcher: an instance-based vote of the training documents nearest a query, and the
+label centroids of those documents' embeddings.
 
 Every training document is indexed by the dense block of its feature row (the encoder's
 embedding, l2-normalized; a fused row's block is ``alpha * embedding`` over a norm, the same
@@ -9,17 +10,28 @@ documents vote for their labels::
                        / sum of sim_n ** power over all k neighbours
 
 (similarities below 0 count as 0), so a score lies in 0..1: the weighted share of the
-neighbours that carry the label. The predictor fuses it with the trees' exact ensemble score,
-``(1 - weight) * tree + weight * knn``, over the union of the trees' top labels and every
-label a neighbour voted for (the trees' score of the latter computed exactly, see
-:meth:`models.search.Searcher.label_scores`): a label outside both has no vote and a tree
-score below the trees' k-th, so it could not enter the top k. ``k``, ``power`` and ``weight``
-are chosen on a validation split at build (:func:`models.builder.choose_knn`).
+neighbours that carry the label. A label's centroid is the l2-normalized sum of its training
+documents' unit embeddings; ``centroid_score(label) = max(0, cos(query, centroid))``. Where
+the votes speak for the labels of a few near documents, the centroid speaks for all of a
+label's documents, which lifts the labels the trees rank too low for their few examples.
+
+The predictor scores a pool of candidates: the trees' top labels and every label a neighbour
+voted for (the trees' score of the latter computed exactly, see
+:meth:`models.search.Searcher.label_scores`), each
+``((1 - weight) * tree + weight * knn + centroid_weight * centroid) / (1 + centroid_weight)``
+(the division keeps scores in 0..1, as thresholds and calibration expect, and changes no
+order). A label outside the
+pool has no vote and a tree score below the trees' k-th, so with ``centroid_weight`` 0 it
+could not enter the top k; the centroids re-rank the pool and do not widen it (a search of
+every centroid would cost a product with the whole label matrix per query). ``k``,
+``power``, ``weight`` and ``centroid_weight`` are chosen on a validation split at build
+(:func:`models.builder.choose_knn`).
 
 In the bundle: ``knn.usearch`` (the index, memory-mapped with ``Index.restore(view=True)``,
-never unpickled; its sha256 is checked at load) and the label lists of the indexed documents
-as CSR arrays (:data:`KNN_ARRAYS`), read with :func:`models.bundle.load_npy`. Index key i is
-training document i. The index is built on one thread, so the same data give the same file.
+never unpickled; its sha256 is checked at load), the label lists of the indexed documents as
+CSR arrays and, when ``centroid_weight`` is above 0, the centroids (:data:`KNN_ARRAYS`), read
+with :func:`models.bundle.load_npy`. Index key i is training document i. The index is built
+on one thread, so the same data give the same file.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from usearch.index import BatchMatches, Index
 
 from models.bundle import load_npy, sha256_file, verify_files
 from models.errors import BundleError, InvalidInputError
+from models.explain import CENTROID_TERM, KNN_TERM
 from models.search import Searcher
 
 #: array name -> the dtypes it may be stored in (as models.tree.ENSEMBLE_ARRAYS): the label
@@ -48,7 +61,12 @@ from models.search import Searcher
 KNN_ARRAYS: dict[str, tuple[type, ...]] = {
     "label_ptr": (np.int64,),  # [n_docs + 1] range of each document's labels in label_ids
     "label_ids": (np.int32,),  # [n_pairs] label ids, sorted within a document
+    # [n_labels, dim] unit centroids (zero: a label without documents); only with a
+    # centroid_weight above 0
+    "label_centroids": (np.float32,),
 }
+#: the arrays every kNN part has; the others only when its rule gives them a weight
+KNN_REQUIRED = ("label_ptr", "label_ids")
 INDEX_FILE = "knn.usearch"
 KIND = "usearch"
 #: up to this many indexed documents a query is compared with every one of them (exact),
@@ -68,11 +86,17 @@ Found = tuple[np.ndarray, np.ndarray, np.ndarray]
 @dataclass(frozen=True)
 class VoteRule:
     """How neighbours vote: the ``k`` nearest, each with weight ``sim ** power``; their votes
-    enter the final score with ``weight``."""
+    enter the final score with ``weight``, the labels' centroids with ``centroid_weight``."""
 
     k: int
     power: float
     weight: float
+    centroid_weight: float = 0.0
+
+    @property
+    def scores(self) -> bool:
+        """Whether the part changes the trees' ranking at all."""
+        return self.weight > 0 or self.centroid_weight > 0
 
 
 def dense_block(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, dense_start: int,
@@ -110,17 +134,121 @@ def vote(keys: np.ndarray, sims: np.ndarray, label_ptr: np.ndarray, label_ids: n
     return V
 
 
+def unit_rows(a: np.ndarray) -> np.ndarray:
+    """Rows of ``a`` scaled to norm 1 (zero rows stay zero)."""
+    norms = np.linalg.norm(a, axis=1, keepdims=True)
+    return np.divide(a, norms, out=np.zeros_like(a), where=norms > 0)
+
+
+def label_centroids(emb: np.ndarray, Y: sp.csr_matrix) -> np.ndarray:
+    """float32 (n_labels, dim): per label of ``Y`` (n_docs, n_labels), the unit direction of
+    the sum of its documents' unit rows of ``emb``; zero for a label without documents."""
+    C = sp.csr_matrix(Y).T.tocsr() @ unit_rows(np.asarray(emb, dtype=np.float64))
+    return unit_rows(np.asarray(C)).astype(np.float32)
+
+
+def centroid_scores(centroids: np.ndarray, queries: np.ndarray, ptr: np.ndarray,
+                    ids: np.ndarray) -> np.ndarray:
+    """float64 ``max(0, cos(query d, centroid of ids[ptr[d]:ptr[d+1]]))`` for every query
+    row d of ``queries`` (any norm; a zero row scores 0)."""
+    q = unit_rows(np.asarray(queries, dtype=np.float64))
+    out = np.zeros(ids.shape[0])
+    for d in range(q.shape[0]):
+        a, b = int(ptr[d]), int(ptr[d + 1])
+        if b > a:
+            out[a:b] = np.maximum(centroids[ids[a:b]] @ q[d], 0.0)
+    return out
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Each query's candidate labels (CSR over queries, label ids ascending in a row) with
+    the trees' exact score, the kNN vote and the centroid score of each."""
+
+    ptr: np.ndarray  # int64 [n + 1]
+    ids: np.ndarray  # int64 [n_candidates]
+    tree: np.ndarray  # float64, like votes and centroid
+    votes: np.ndarray
+    centroid: np.ndarray
+
+    def rank(self, weight: float, centroid_weight: float, top_k: int) -> Found:
+        """The top ``top_k`` of ``((1 - weight) * tree + weight * votes + centroid_weight *
+        centroid) / (1 + centroid_weight)`` per query, as a search returns them (ids, scores,
+        counts; -1 pads), ties to the smaller label id."""
+        n = self.ptr.shape[0] - 1
+        fused = (1.0 - weight) * self.tree + weight * self.votes
+        if centroid_weight:
+            fused = (fused + centroid_weight * self.centroid) / (1.0 + centroid_weight)
+        row = np.repeat(np.arange(n), np.diff(self.ptr))
+        # sorted by row first, each row's candidates stay where the pointers say
+        order = np.lexsort((self.ids, -fused, row))
+        rank = np.arange(order.shape[0]) - self.ptr[row]
+        kept = rank < top_k
+        out_ids = np.full((n, top_k), -1, dtype=np.int64)
+        out_scores = np.zeros((n, top_k), dtype=np.float64)
+        out_ids[row[kept], rank[kept]] = self.ids[order[kept]]
+        out_scores[row[kept], rank[kept]] = fused[order[kept]]
+        return out_ids, out_scores, np.minimum(np.diff(self.ptr), top_k)
+
+
+def candidate_pool(tree: Found, votes: sp.csr_matrix,
+                   tree_scores_of: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                   centroid_scores_of: Callable[[np.ndarray, np.ndarray], np.ndarray] | None
+                   = None, allowed: np.ndarray | None = None) -> Pool:
+    """The pool of each row: the trees' labels (``tree``: ids, scores, counts as the search
+    returns them) and every label with a vote that ``allowed`` (bool per label; None: all)
+    lets through. ``tree_scores_of(ptr, ids)`` gives the trees' exact scores of the voted
+    labels the trees did not return, ``centroid_scores_of(ptr, ids)`` the centroid scores
+    of the whole pool (None: zeros), both CSR per row."""
+    ids, scores, counts = tree
+    n = ids.shape[0]
+    extra_rows: list[np.ndarray] = []
+    for d in range(n):
+        voted = votes.indices[votes.indptr[d] : votes.indptr[d + 1]]
+        if allowed is not None:
+            voted = voted[allowed[voted]]
+        extra_rows.append(np.setdiff1d(voted, ids[d, : counts[d]]).astype(np.int64))
+    extra_ptr = _pointers([len(r) for r in extra_rows])
+    extra_scores = tree_scores_of(extra_ptr, np.concatenate([np.empty(0, np.int64),
+                                                             *extra_rows]))
+    ptr = _pointers([int(counts[d]) + len(extra_rows[d]) for d in range(n)])
+    pool_ids = np.empty(int(ptr[-1]), dtype=np.int64)
+    pool_tree = np.empty(int(ptr[-1]), dtype=np.float64)
+    pool_votes = np.empty(int(ptr[-1]), dtype=np.float64)
+    for d in range(n):
+        lab = np.concatenate((ids[d, : counts[d]], extra_rows[d]))
+        order = np.argsort(lab)
+        span = slice(int(ptr[d]), int(ptr[d + 1]))
+        pool_ids[span] = lab[order]
+        pool_tree[span] = np.concatenate((scores[d, : counts[d]],
+                                          extra_scores[extra_ptr[d] : extra_ptr[d + 1]]))[order]
+        pool_votes[span] = _lookup(votes, d, pool_ids[span])
+    centroid = (centroid_scores_of(ptr, pool_ids) if centroid_scores_of is not None
+                else np.zeros(pool_ids.shape[0]))
+    return Pool(ptr, pool_ids, pool_tree, pool_votes, centroid)
+
+
+def _pointers(lengths: list[int]) -> np.ndarray:
+    ptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=ptr[1:])
+    return ptr
+
+
 class KnnMatcher:
-    """The indexed training documents and their labels; thread-safe (usearch searches one
-    at a time: its Python binding shares one search context between calls)."""
+    """The indexed training documents, their labels and the labels' centroids (None: a
+    bundle's matcher whose rule gives them no weight); thread-safe (usearch searches one at
+    a time: its Python binding shares one search context between calls)."""
 
     def __init__(self, index: Index, label_ptr: np.ndarray, label_ids: np.ndarray,
-                 n_labels: int, rule: VoteRule) -> None:
+                 n_labels: int, rule: VoteRule, centroids: np.ndarray | None = None) -> None:
+        if rule.centroid_weight > 0 and centroids is None:
+            raise InvalidInputError("a centroid weight needs the labels' centroids")
         self.index = index
         self.label_ptr = label_ptr
         self.label_ids = label_ids
         self.n_labels = n_labels
         self.rule = rule
+        self.centroids = centroids
         self.n_docs = label_ptr.shape[0] - 1
         self.dim = int(index.ndim)
         self.exact = self.n_docs <= EXACT_MAX_DOCS
@@ -140,10 +268,11 @@ class KnnMatcher:
         Y = sp.csr_matrix(Y)
         Y.sort_indices()
         return cls(index, Y.indptr.astype(np.int64), Y.indices.astype(np.int32), Y.shape[1],
-                   rule)
+                   rule, label_centroids(emb, Y))
 
     def with_rule(self, rule: VoteRule) -> KnnMatcher:
-        return KnnMatcher(self.index, self.label_ptr, self.label_ids, self.n_labels, rule)
+        return KnnMatcher(self.index, self.label_ptr, self.label_ids, self.n_labels, rule,
+                          self.centroids)
 
     def neighbours(self, emb: np.ndarray, k: int, threads: int = 1,
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -179,34 +308,60 @@ class KnnMatcher:
     def fuse(self, searcher: Searcher, found: Found, rows: Rows, top_k: int, *,
              dense_start: int, allowed: Callable[[], np.ndarray | None],
              threads: int = 1) -> Found:
-        """The trees' ranking ``found`` of ``rows`` with this matcher's votes fused in
-        (:func:`fuse_rankings`; the query's embedding is the rows' dense block from
-        ``dense_start``); ``allowed()`` gives the labels a filter lets through (None: all)."""
-        if self.rule.weight == 0:
+        """The trees' ranking ``found`` of ``rows`` re-ranked over the pool of candidates with
+        this matcher's votes and centroids (:class:`Pool`; the query's embedding is the rows'
+        dense block from ``dense_start``); ``allowed()`` gives the labels a filter lets
+        through (None: all)."""
+        if not self.rule.scores:
             return found
-        votes = self.votes(dense_block(*rows, dense_start, self.dim), threads)
-        return fuse_rankings(found, votes, partial(searcher.label_scores, *rows),
-                             self.rule.weight, top_k, allowed())
+        block = dense_block(*rows, dense_start, self.dim)
+        pool = candidate_pool(found, self.votes(block, threads),
+                              partial(searcher.label_scores, *rows),
+                              self.centroid_scores_of(block), allowed())
+        return pool.rank(self.rule.weight, self.rule.centroid_weight, top_k)
+
+    def centroid_scores_of(self, queries: np.ndarray,
+                           ) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """``(ptr, ids) -> centroid scores`` of the rows of ``queries``, or None when the
+        rule gives the centroids no weight."""
+        if self.rule.centroid_weight == 0:
+            return None
+        assert self.centroids is not None  # __init__ refuses a weight without them
+        return partial(centroid_scores, self.centroids, queries)
 
     def score_shares(self, indices: np.ndarray, values: np.ndarray, labels: list[int], *,
-                     dense_start: int) -> np.ndarray | None:
-        """For one document (sorted feature ids and values), what the votes add to each of
-        ``labels``' fused score, ``weight * vote``; None when the matcher does not vote."""
-        if self.rule.weight == 0:
-            return None
+                     dense_start: int) -> dict[str, np.ndarray]:
+        """For one document (sorted feature ids and values), what the votes and the
+        centroids add to each of ``labels``' fused score (``weight * vote`` and
+        ``centroid_weight * centroid``, over ``1 + centroid_weight``: see :class:`Pool`), by
+        explanation term; only the parts with a weight."""
         ptr = np.array([0, indices.shape[0]], dtype=np.int64)
-        votes = self.votes(dense_block(ptr, indices, values, dense_start, self.dim))
-        return self.rule.weight * _lookup(votes, 0, np.asarray(labels, dtype=np.int64))
+        block = dense_block(ptr, indices, values, dense_start, self.dim)
+        ids = np.asarray(labels, dtype=np.int64)
+        scale = 1.0 / (1.0 + self.rule.centroid_weight)
+        shares = {}
+        if self.rule.weight > 0:
+            shares[KNN_TERM] = scale * self.rule.weight * _lookup(self.votes(block), 0, ids)
+        cents = self.centroid_scores_of(block)
+        if cents is not None:
+            shares[CENTROID_TERM] = scale * self.rule.centroid_weight * cents(
+                np.array([0, ids.shape[0]], dtype=np.int64), ids)
+        return shares
 
     def save(self, folder: Path) -> dict[str, Any]:
         """Writes the index and label arrays; returns the manifest's ``knn`` entry."""
         self.index.save(str(folder / INDEX_FILE))
         files = [INDEX_FILE]
-        for name, arr in (("label_ptr", self.label_ptr), ("label_ids", self.label_ids)):
+        arrays = {"label_ptr": self.label_ptr, "label_ids": self.label_ids}
+        if self.rule.centroid_weight > 0:
+            assert self.centroids is not None  # __init__ refuses a weight without them
+            arrays["label_centroids"] = self.centroids
+        for name, arr in arrays.items():
             np.save(folder / f"knn.{name}.npy", arr, allow_pickle=False)
             files.append(f"knn.{name}.npy")
         return {"kind": KIND, "files": files, "k": self.rule.k, "power": self.rule.power,
-                "weight": self.rule.weight, "n_docs": self.n_docs, "dim": self.dim,
+                "weight": self.rule.weight, "centroid_weight": self.rule.centroid_weight,
+                "n_docs": self.n_docs, "dim": self.dim,
                 "metric": "cos", "dtype": "f32", "search": "exact" if self.exact else "hnsw",
                 "sha256": {INDEX_FILE: sha256_file(folder / INDEX_FILE)},
                 "bytes": sum((folder / f).stat().st_size for f in files)}
@@ -220,8 +375,11 @@ class KnnMatcher:
         if entry.get("kind") != KIND:
             raise BundleError(f"kNN kind is {entry.get('kind')!r}, expected {KIND!r}",
                               folder / "manifest.json")
-        arrays = {name: load_npy(folder / f"knn.{name}.npy", mmap=mmap, dtype=dtypes)
-                  for name, dtypes in KNN_ARRAYS.items()}
+        rule = VoteRule(int(entry["k"]), float(entry["power"]), float(entry["weight"]),
+                        float(entry.get("centroid_weight", 0.0)))
+        names = [*KNN_REQUIRED, *(["label_centroids"] if rule.centroid_weight > 0 else [])]
+        arrays = {name: load_npy(folder / f"knn.{name}.npy", mmap=mmap, dtype=KNN_ARRAYS[name])
+                  for name in names}
         ptr, ids = arrays["label_ptr"], arrays["label_ids"]
         n_docs = int(entry.get("n_docs", -1))
         if (ptr.shape != (n_docs + 1,) or ptr[0] != 0 or ptr[-1] != ids.shape[0]
@@ -230,9 +388,12 @@ class KnnMatcher:
                               folder / "knn.label_ptr.npy")
         if ids.size and (ids.min() < 0 or ids.max() >= n_labels):
             raise BundleError("label id out of range", folder / "knn.label_ids.npy")
+        centroids = arrays.get("label_centroids")
+        if centroids is not None and centroids.shape != (n_labels, dim):
+            raise BundleError(f"centroids of shape {centroids.shape} where ({n_labels}, "
+                              f"{dim}) is expected", folder / "knn.label_centroids.npy")
         index = _open_index(path, entry, n_docs, dim, view=mmap)
-        rule = VoteRule(int(entry["k"]), float(entry["power"]), float(entry["weight"]))
-        return cls(index, ptr, ids, n_labels, rule)
+        return cls(index, ptr, ids, n_labels, rule, centroids)
 
 
 def _open_index(path: Path, entry: dict[str, Any], n_docs: int, dim: int, *,
@@ -250,41 +411,6 @@ def _open_index(path: Path, entry: dict[str, Any], n_docs: int, dim: int, *,
         raise BundleError(f"index of {index.size} x {index.ndim} ({index.metric_kind}) where "
                           f"{n_docs} x {dim} (cos) is expected", path)
     return index
-
-
-def fuse_rankings(tree: tuple[np.ndarray, np.ndarray, np.ndarray], votes: sp.csr_matrix,
-                  tree_scores_of: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                  weight: float, top_k: int, allowed: np.ndarray | None = None,
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The top ``top_k`` of ``(1 - weight) * tree + weight * knn`` per row, over the trees'
-    labels (``tree``: ids, scores, counts as the search returns them) and every label with a
-    vote that ``allowed`` (bool per label; None: all) lets through. ``tree_scores_of(ptr,
-    ids)`` gives the trees' exact scores of the voted labels the trees did not return (CSR
-    per row). Returns ids, scores, counts like the search, ties to the smaller label id."""
-    ids, scores, counts = tree
-    n = ids.shape[0]
-    extra_rows: list[np.ndarray] = []
-    for d in range(n):
-        voted = votes.indices[votes.indptr[d] : votes.indptr[d + 1]]
-        if allowed is not None:
-            voted = voted[allowed[voted]]
-        extra_rows.append(np.setdiff1d(voted, ids[d, : counts[d]]).astype(np.int64))
-    extra_ptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum([len(r) for r in extra_rows], out=extra_ptr[1:])
-    extra_ids = np.concatenate(extra_rows) if n else np.empty(0, np.int64)
-    extra_scores = tree_scores_of(extra_ptr, extra_ids)
-    out_ids = np.full((n, top_k), -1, dtype=np.int64)
-    out_scores = np.zeros((n, top_k), dtype=np.float64)
-    out_counts = np.zeros(n, dtype=np.int64)
-    for d in range(n):
-        lab = np.concatenate((ids[d, : counts[d]], extra_rows[d]))
-        tree_s = np.concatenate((scores[d, : counts[d]],
-                                 extra_scores[extra_ptr[d] : extra_ptr[d + 1]]))
-        fused = (1.0 - weight) * tree_s + weight * _lookup(votes, d, lab)
-        order = np.lexsort((lab, -fused))[:top_k]
-        c = order.shape[0]
-        out_ids[d, :c], out_scores[d, :c], out_counts[d] = lab[order], fused[order], c
-    return out_ids, out_scores, out_counts
 
 
 def _lookup(votes: sp.csr_matrix, row: int, labels: np.ndarray) -> np.ndarray:
@@ -308,7 +434,7 @@ class KnnPart(Protocol):
              threads: int = 1) -> Found: ...
 
     def score_shares(self, indices: np.ndarray, values: np.ndarray, labels: list[int], *,
-                     dense_start: int) -> np.ndarray | None: ...
+                     dense_start: int) -> dict[str, np.ndarray]: ...
 
 
 class NoKnn:
@@ -320,8 +446,8 @@ class NoKnn:
         return found
 
     def score_shares(self, indices: np.ndarray, values: np.ndarray, labels: list[int], *,
-                     dense_start: int) -> np.ndarray | None:
-        return None
+                     dense_start: int) -> dict[str, np.ndarray]:
+        return {}
 
 
 #: the kNN part of every bundle without one (it holds nothing)

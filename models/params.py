@@ -154,6 +154,10 @@ class BuildParams:
     knn_weight_grid: list[float] = field(
         default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     """Candidate weights w of the kNN votes (0: the trees alone)."""
+    knn_centroid_weight_grid: list[float] = field(
+        default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
+    """Candidate weights of the label centroids (:mod:`models.knn`), chosen with the kNN
+    rule; 0: none."""
 
     def __post_init__(self) -> None:
         if self.tfidf is None:
@@ -206,6 +210,9 @@ class BuildParams:
             raise InvalidInputError("knn_power_grid must list exponents >= 0")
         if not self.knn_weight_grid or not all(0 <= w <= 1 for w in self.knn_weight_grid):
             raise InvalidInputError("knn_weight_grid must list weights in 0..1")
+        if not self.knn_centroid_weight_grid or not all(
+                0 <= w <= 1 for w in self.knn_centroid_weight_grid):
+            raise InvalidInputError("knn_centroid_weight_grid must list weights in 0..1")
         if not 0 < self.validation_share < 1:
             raise InvalidInputError("validation_share must lie in (0, 1)")
         if self.bitmap_mb < 0:

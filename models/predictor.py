@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from models import bundle as bundle_io
 from models.calibration import Calibration
 from models.errors import BundleError, InvalidInputError
-from models.explain import KNN_TERM, TermContribution, explain_labels
+from models.explain import TermContribution, explain_labels
 from models.feature_lookup import BITMAP_MB, FeatureLookup
 from models.features import FeatureEncoder, require_text
 from models.filters import FilterCompiler, FilterSpec
@@ -36,8 +36,8 @@ class Predictor:
 
     Scores lie in (0, 1]: a label's score is the mean over the ensemble's trees of the
     product of its node scores along its root-to-label path (see ``post_processor``). A
-    bundle built with ``knn`` fuses in its neighbours' votes: ``(1 - w) * that + w * vote``
-    (see :mod:`models.knn`; the explanations stay those of the trees' part).
+    bundle built with ``knn`` fuses in its neighbours' votes and its label centroids (see
+    :mod:`models.knn`: the scores stay in 0..1; the explanations name each part).
 
     With a calibrated bundle (``xmc build --calibrate``) :meth:`predict` and
     :meth:`predict_features` return calibrated scores instead (see
@@ -185,15 +185,16 @@ class Predictor:
         whose sorted feature ids and values are given, as ``[{"term", "contribution"},
         ...]`` (positive contributions only), plus one entry for a dense encoder's block. A
         contribution is in margin units, averaged over trees: see :mod:`models.explain`.
-        A bundle with a voting kNN part adds its share of each label's score last."""
+        A bundle with a kNN part adds the shares of each label's score that its votes and
+        its label centroids gave, last."""
         names = self._term_names()
         why = [e.top(names, n_terms)
                for e in explain_labels(self.ensemble, indices, values, labels)]
         shares = self.knn.score_shares(indices, values, labels,
                                        dense_start=int(self.ensemble.dense_start[0]))
-        if shares is not None:
-            for entry, share in zip(why, shares.tolist()):
-                entry.append({"term": KNN_TERM, "contribution": share})
+        for term, share in shares.items():
+            for entry, value in zip(why, share.tolist()):
+                entry.append({"term": term, "contribution": value})
         return why
 
     def predict_ids(self, X: sp.spmatrix | np.ndarray, *, top_k: int | None = None,

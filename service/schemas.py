@@ -167,12 +167,13 @@ class BatchRequest(PredictParams):
 class Term(BaseModel):
     term: str = Field(description="An input term (or \"[dense encoder]\" for a fused "
                       "bundle's sentence-embedding block, \"[kNN neighbours]\" for a bundle's "
-                      "kNN votes).")  # fmt: skip
+                      "kNN votes, \"[label centroid]\" for its label centroids).")  # fmt: skip
     contribution: float = Field(
         description="How much it raised the label's classifier margins (TF-IDF value times "
         "the weights on the label's path, averaged over the trees): margin units, not "
-        "score units. The \"[kNN neighbours]\" entry is in score units: what the votes of "
-        "the nearest training documents add to the returned score."
+        "score units. The \"[kNN neighbours]\" and \"[label centroid]\" entries are in "
+        "score units: what the votes of the nearest training documents and the label's "
+        "centroid add to the returned score."
     )
 
 

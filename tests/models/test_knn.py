@@ -1,5 +1,6 @@
 """The kNN matcher against a plain numpy oracle that shares no code with it (brute-force
-cosine neighbours, then the vote), and bundles built with ``knn`` (tiny ONNX encoder)."""
+cosine neighbours, then the vote; label centroids summed document by document), and bundles
+built with ``knn`` (tiny ONNX encoder)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import scipy.sparse as sp
 import models
 from models.builder import build, knn_preference
 from models.errors import BundleError, InvalidInputError
-from models.explain import KNN_TERM
-from models.knn import KnnMatcher, NoKnn, VoteRule
+from models.explain import CENTROID_TERM, KNN_TERM
+from models.knn import KnnMatcher, NoKnn, Pool, VoteRule, label_centroids
 from tests.conftest import corpus_from_docs, tiny_params
 from tests.models.reference import leaf_scores
 from tests.models.tiny_onnx import WORDS, make_tiny_encoder
@@ -42,6 +43,24 @@ def oracle_votes(train: np.ndarray, Y: np.ndarray, queries: np.ndarray, k: int,
         for w, i in zip(weights, nearest):
             out[q] += w * Y[i]
         out[q] /= weights.sum()
+    return out
+
+
+def oracle_centroid_scores(train: np.ndarray, Y: np.ndarray, queries: np.ndarray,
+                           ) -> np.ndarray:
+    """(n_queries, n_labels): max(0, cosine) of each query to each label's centroid, the sum
+    of its training rows scaled to norm 1 (a label without rows: 0)."""
+    out = np.zeros((queries.shape[0], Y.shape[1]))
+    for j in range(Y.shape[1]):
+        total = np.zeros(train.shape[1])
+        for i in np.flatnonzero(Y[:, j]):
+            total += train[i] / np.linalg.norm(train[i])
+        if np.linalg.norm(total) == 0:
+            continue
+        for q, query in enumerate(queries):
+            if np.linalg.norm(query):
+                cos = total @ query / (np.linalg.norm(total) * np.linalg.norm(query))
+                out[q, j] = max(cos, 0.0)
     return out
 
 
@@ -74,6 +93,40 @@ def test_votes_match_the_oracle(k: int, power: float) -> None:
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert not got[-1].any()  # a zero query has no neighbour
+
+
+def test_centroids_match_the_oracle() -> None:
+    emb, Y = random_set(3, n_labels=30)
+    Y[:, 29] = 0  # a label without documents
+    queries = np.random.default_rng(4).normal(size=(20, emb.shape[1]))
+    queries[0] = 0  # a query without a direction
+    C = label_centroids(emb, sp.csr_matrix(Y))
+    assert C.dtype == np.float32 and not C[29].any()
+    np.testing.assert_allclose(np.linalg.norm(C[:29], axis=1), 1.0, atol=1e-6)
+    want = oracle_centroid_scores(emb.astype(np.float64), Y, queries)
+    got = np.maximum(queries @ C.T.astype(np.float64), 0) / np.maximum(
+        np.linalg.norm(queries, axis=1, keepdims=True), 1e-300)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_pool_ranks_every_row_as_a_plain_sort() -> None:
+    rng = np.random.default_rng(5)
+    sizes = [0, 1, 7, 3, 12]
+    ptr = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    ids = np.concatenate([np.sort(rng.choice(50, size=m, replace=False)) for m in sizes])
+    parts = [rng.random(int(ptr[-1])).round(1) for _ in range(3)]  # rounded: ties happen
+    pool = Pool(ptr, ids.astype(np.int64), *parts)
+    for w, c, top_k in ((0.3, 0.0, 5), (0.2, 0.5, 3), (0.0, 1.0, 20)):
+        got_ids, got_scores, counts = pool.rank(w, c, top_k)
+        for d in range(len(sizes)):
+            span = slice(ptr[d], ptr[d + 1])
+            fused = ((1 - w) * parts[0][span] + w * parts[1][span] + c * parts[2][span]) / (
+                1 + c)
+            want = sorted(zip(-fused, ids[span]))[:top_k]
+            assert counts[d] == len(want)
+            assert got_ids[d, : counts[d]].tolist() == [int(i) for _, i in want]
+            np.testing.assert_allclose(got_scores[d, : counts[d]], [-f for f, _ in want])
+            assert (got_ids[d, counts[d]:] == -1).all()
 
 
 def test_neighbours_are_the_nearest_with_their_similarity() -> None:
@@ -124,7 +177,8 @@ def test_index_file_is_the_same_for_the_same_data(tmp_path) -> None:
 # ----------------------------------------------------------------- bundles with a kNN part
 def knn_params(model, **overrides):
     base = dict(n_trees=2, dense_encoder=str(model), dense_weight=2.0, knn=True,
-                knn_k_grid=[5], knn_power_grid=[1.0], knn_weight_grid=[0.4])
+                knn_k_grid=[5], knn_power_grid=[1.0], knn_weight_grid=[0.4],
+                knn_centroid_weight_grid=[0.3])
     return tiny_params(**{**base, **overrides})
 
 
@@ -162,36 +216,47 @@ def knn_bundle(tmp_path_factory, word_corpus, tiny_model):
                  knn_params(tiny_model, tune_threshold=True))
 
 
-def oracle_fused(predictor, train, X: sp.csr_matrix) -> np.ndarray:
-    """(n_docs, n_labels): (1 - w) * exact ensemble score + w * oracle votes over the
-    training documents' embeddings (the dense block of their feature rows)."""
+def oracle_parts(predictor, train, X: sp.csr_matrix,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each (n_docs, n_labels): the exact ensemble scores, the oracle votes over the
+    training documents' embeddings (the dense block of their feature rows) and the oracle
+    centroid scores."""
     entry = predictor.manifest["knn"]
     start = int(predictor.ensemble.dense_start[0])
-    X_train = predictor.encode(train.texts)
+    X_train = predictor.encode(train.texts)[:, start:].toarray().astype(np.float64)
     index = {name: j for j, name in enumerate(predictor.label_names)}
     Y = np.zeros((train.n_docs, predictor.n_labels))
     for i, labels in enumerate(train.labels):
         Y[i, [index[lab] for lab in labels]] = 1
-    votes = oracle_votes(X_train[:, start:].toarray().astype(np.float64), Y,
-                         X[:, start:].toarray().astype(np.float64), entry["k"], entry["power"])
+    queries = X[:, start:].toarray().astype(np.float64)
     trees = leaf_scores(predictor.ensemble, X, predictor.manifest["params"]["post_processor"])
-    return (1 - entry["weight"]) * trees + entry["weight"] * votes
+    return (trees, oracle_votes(X_train, Y, queries, entry["k"], entry["power"]),
+            oracle_centroid_scores(X_train, Y, queries))
+
+
+def oracle_fused(predictor, train, X: sp.csr_matrix) -> np.ndarray:
+    """(n_docs, n_labels): ((1 - w) * trees + w * votes + c * centroids) / (1 + c)."""
+    entry = predictor.manifest["knn"]
+    w, c = entry["weight"], entry["centroid_weight"]
+    trees, votes, centroids = oracle_parts(predictor, train, X)
+    return ((1 - w) * trees + w * votes + c * centroids) / (1 + c)
 
 
 def test_manifest_records_the_knn_part(knn_bundle):
     m = json.loads((knn_bundle / "manifest.json").read_text())
-    assert m["format_version"] == 4
+    assert m["format_version"] == 5  # with centroids
     assert m["params"]["knn"] is True
     entry = m["knn"]
-    assert (entry["kind"], entry["k"], entry["power"], entry["weight"]) == (
-        "usearch", 5, 1.0, 0.4)
+    assert (entry["kind"], entry["k"], entry["power"], entry["weight"],
+            entry["centroid_weight"]) == ("usearch", 5, 1.0, 0.4, 0.3)
+    assert "knn.label_centroids.npy" in entry["files"]
     assert entry["n_docs"] == m["n_train_docs"] and entry["dim"] == 8
     assert entry["bytes"] == sum((knn_bundle / f).stat().st_size for f in entry["files"])
     assert m["build"]["knn_bytes"] == entry["bytes"]
     assert m["build"]["ensemble_bytes"] > 0
     sel = m["build"]["knn_selection"]
-    assert sel["chosen"] == {"k": 5, "power": 1.0, "weight": 0.4}
-    assert [c["weight"] for c in sel["candidates"]] == [0.4]
+    assert sel["chosen"] == {"k": 5, "power": 1.0, "weight": 0.4, "centroid_weight": 0.3}
+    assert [(c["weight"], c["centroid_weight"]) for c in sel["candidates"]] == [(0.4, 0.3)]
     assert "threshold" in m
 
 
@@ -200,19 +265,25 @@ def test_fused_scores_match_the_oracle(knn_bundle, word_corpus):
     predictor = models.load_bundle(knn_bundle)
     assert isinstance(predictor.knn, KnnMatcher)
     X = predictor.encode(test.texts[:30])
-    want = oracle_fused(predictor, train, X)
+    entry = predictor.manifest["knn"]
+    w, c = entry["weight"], entry["centroid_weight"]
+    trees, votes, centroids = oracle_parts(predictor, train, X)
+    want = ((1 - w) * trees + w * votes + c * centroids) / (1 + c)
+    assert (want <= 1).all() and centroids.any()
     n = predictor.n_labels
     ids, scores, counts = predictor.predict_ids(X, top_k=n, beam_size=n)
     for d in range(X.shape[0]):
         assert counts[d] == n
         np.testing.assert_allclose(scores[d], want[d, ids[d]], atol=1e-5)
         np.testing.assert_allclose(scores[d], np.sort(want[d])[::-1], atol=1e-5)
-    # a narrow top-k over a full beam: the fused top 5 exactly, voted labels the trees did
-    # not return scored exactly too
+    # a narrow top-k over a full beam: the best 5 of the pool, the trees' top 5 and every
+    # voted label (their tree scores computed exactly); the centroids re-rank that pool
     ids, scores, _ = predictor.predict_ids(X, top_k=5, beam_size=n)
     for d in range(X.shape[0]):
+        pool = set(np.argsort(-trees[d], kind="stable")[:5]) | set(np.flatnonzero(votes[d]))
+        best = sorted(pool, key=lambda j: (-want[d, j], j))[:5]
+        assert ids[d].tolist() == best
         np.testing.assert_allclose(scores[d], want[d, ids[d]], atol=1e-5)
-        np.testing.assert_allclose(scores[d], np.sort(want[d])[::-1][:5], atol=1e-5)
     # and a narrow beam still returns exact fused scores
     ids, scores, counts = predictor.predict_ids(X, top_k=5, beam_size=2)
     for d in range(X.shape[0]):
@@ -232,33 +303,31 @@ def test_text_single_batch_and_features_agree(knn_bundle, word_corpus):
         np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
 
 
-def test_explanations_name_the_votes_share_of_the_score(knn_bundle, word_corpus,
-                                                       tiny_predictor, tiny_corpus):
+def test_explanations_name_the_votes_and_centroids_shares_of_the_score(
+        knn_bundle, word_corpus, tiny_predictor, tiny_corpus):
     train, test = word_corpus
     predictor = models.load_bundle(knn_bundle)
     X = predictor.encode(test.texts[:10])
     entry = predictor.manifest["knn"]
+    w, c = entry["weight"], entry["centroid_weight"]
     index = {name: j for j, name in enumerate(predictor.label_names)}
-    Y = np.zeros((train.n_docs, predictor.n_labels))
-    for i, labels in enumerate(train.labels):
-        Y[i, [index[lab] for lab in labels]] = 1
-    start = int(predictor.ensemble.dense_start[0])
-    X_train = predictor.encode(train.texts)
-    votes = oracle_votes(X_train[:, start:].toarray().astype(np.float64), Y,
-                         X[:, start:].toarray().astype(np.float64), entry["k"], entry["power"])
+    _, votes, centroids = oracle_parts(predictor, train, X)
     n_voted = 0
     for d, row in enumerate(predictor.predict_features(X, top_k=5, explain=True)):
         for name, _, why in row:
-            assert why[-1]["term"] == KNN_TERM
-            want = entry["weight"] * votes[d, index[name]]
-            assert why[-1]["contribution"] == pytest.approx(want, abs=1e-6)
+            assert [t["term"] for t in why[-2:]] == [KNN_TERM, CENTROID_TERM]
+            want = w * votes[d, index[name]] / (1 + c)
+            assert why[-2]["contribution"] == pytest.approx(want, abs=1e-6)
+            assert why[-1]["contribution"] == pytest.approx(
+                c * centroids[d, index[name]] / (1 + c), abs=1e-6)
             n_voted += want > 0
-            assert all(w["term"] != KNN_TERM for w in why[:-1])
+            assert all(t["term"] not in (KNN_TERM, CENTROID_TERM) for t in why[:-2])
     assert n_voted > 0
-    # a bundle without a kNN part names none
+    # a bundle without a kNN part names neither
     _, tiny_test = tiny_corpus
     for row in tiny_predictor.predict(tiny_test.texts[:5], top_k=3, explain=True):
-        assert all(w["term"] != KNN_TERM for _, _, why in row for w in why)
+        assert all(t["term"] not in (KNN_TERM, CENTROID_TERM)
+                   for _, _, why in row for t in why)
 
 
 def test_label_filter_applies_to_voted_labels(knn_bundle, word_corpus):
@@ -292,6 +361,34 @@ def test_out_of_range_label_ids_are_refused(knn_bundle, tmp_path):
         models.load_bundle(str(copy))
 
 
+def test_centroids_of_another_shape_are_refused(knn_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(knn_bundle, copy)
+    np.save(copy / "knn.label_centroids.npy", np.zeros((3, 8), dtype=np.float32))
+    with pytest.raises(BundleError, match="centroids") as err:
+        models.load_bundle(str(copy))
+    assert "knn.label_centroids.npy" in str(err.value)
+
+
+def test_centroid_weight_zero_writes_the_kNN_format_of_before(tmp_path, word_corpus,
+                                                              tiny_model):
+    train, _ = word_corpus
+    out = build(train, tmp_path / "b", knn_params(tiny_model, n_trees=1,
+                                                 knn_centroid_weight_grid=[0.0]))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format_version"] == 4 and m["knn"]["centroid_weight"] == 0.0
+    assert not (out / "knn.label_centroids.npy").exists()
+    predictor = models.load_bundle(str(out))
+    assert predictor.knn.centroids is None
+    # a format-4 manifest of an earlier build has no centroid_weight: the votes alone
+    del m["knn"]["centroid_weight"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    again = models.load_bundle(str(out))
+    assert again.knn.rule == VoteRule(5, 1.0, 0.4, 0.0)
+    texts = word_corpus[1].texts[:5]
+    assert again.predict(texts) == predictor.predict(texts)
+
+
 def test_bundle_without_knn_loads_as_before(tiny_predictor):
     assert isinstance(tiny_predictor.knn, NoKnn)
     assert tiny_predictor.manifest["format_version"] == 3
@@ -300,7 +397,8 @@ def test_bundle_without_knn_loads_as_before(tiny_predictor):
 
 def test_weight_zero_builds_no_knn_part(tmp_path, tiny_corpus, tiny_model):
     train, _ = tiny_corpus
-    params = knn_params(tiny_model, n_trees=1, knn_weight_grid=[0.0])
+    params = knn_params(tiny_model, n_trees=1, knn_weight_grid=[0.0],
+                        knn_centroid_weight_grid=[0.0])
     out = build(train, tmp_path / "b", params)
     m = json.loads((out / "manifest.json").read_text())
     assert "knn" not in m and m["format_version"] == 3 and not list(out.glob("knn.*"))
@@ -322,6 +420,10 @@ def test_the_knn_choice_weighs_the_fifth_label_as_the_first():
     assert max([light, sharper], key=knn_preference) is sharper
     same = [cand(0.74, 0.31, 0.3), cand(0.74, 0.31, 0.2, 30), cand(0.74, 0.31, 0.2, 10)]
     assert max(same, key=knn_preference) is same[2]
+    # then the lighter centroid weight
+    centroids = [{**cand(0.74, 0.31, 0.2, 10), "centroid_weight": c} for c in (0.1, 0.05)]
+    assert max([*centroids, same[2]], key=knn_preference) is same[2]
+    assert max(centroids, key=knn_preference) is centroids[1]
 
 
 def test_knn_needs_a_dense_block(tmp_path, tiny_corpus):
@@ -336,7 +438,9 @@ def test_knn_keeps_alpha_zero_out_of_the_dense_weight_choice(tiny_model):
 
 
 @pytest.mark.parametrize("bad", [{"knn_k_grid": [0]}, {"knn_power_grid": [-1.0]},
-                                 {"knn_weight_grid": [1.5]}, {"knn_weight_grid": []}])
+                                 {"knn_weight_grid": [1.5]}, {"knn_weight_grid": []},
+                                 {"knn_centroid_weight_grid": [-0.1]},
+                                 {"knn_centroid_weight_grid": []}])
 def test_bad_knn_grids_are_refused(bad, tiny_model):
     with pytest.raises(InvalidInputError, match="knn_"):
         knn_params(tiny_model, **bad).validate()
