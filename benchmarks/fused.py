@@ -9,7 +9,8 @@ Each bundle is built exactly as ``xmc build TRAIN [--dense-encoder minilm|minilm
 [--int8] [--knn]`` builds it (default parameters; the dense weight, the kNN rule and its
 weight chosen on the builder's own validation split, never on test), then evaluated once on
 test (``models.evaluate``: P@1, P@5, PSP@5, the single-document latency from raw text after
-warm-up). Printed per bundle: those, the chosen dense weight and kNN rule, the dense
+warm-up). Printed per bundle: those, the chosen dense weight and kNN rule (with the label
+centroids' weight), the dense
 encoder's own p50 per text (one text per call, as a request has it), the bytes of the trees
 and of the kNN part, and the build seconds. ``--reuse`` evaluates bundles built by an earlier
 run again instead of rebuilding them (their build seconds are the manifest's): to time them
@@ -112,12 +113,14 @@ def main() -> None:
         for name in args.bundles:
             rows.append(run(d, args.out, name, extra, args.tag, args.reuse))
             print(json.dumps(rows[-1]), flush=True)
-    print("| data | bundle | P@1 | P@5 | PSP@5 | dense weight | kNN (k, power, weight) "
-          "| 1-doc p50 ms | encoder p50 ms | kNN bytes | tree bytes | build s |")
+    print("| data | bundle | P@1 | P@5 | PSP@5 | dense weight | kNN (k, power, weight, "
+          "centroid weight) | 1-doc p50 ms | encoder p50 ms | kNN bytes | tree bytes "
+          "| build s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rule = ("-" if r["knn"] is None else
-                f"{r['knn']['k']}, {r['knn']['power']:g}, {r['knn']['weight']:g}")
+                f"{r['knn']['k']}, {r['knn']['power']:g}, {r['knn']['weight']:g}, "
+                f"{r['knn'].get('centroid_weight', 0):g}")
         print(f"| {r['data']} | {r['bundle']} | {100 * r['P@1']:.2f} | {100 * r['P@5']:.2f} "
               f"| {100 * r['PSP@5']:.2f} | {r['dense_weight']:g} | {rule} | "
               f"{r['p50_ms']:.2f} | {r['encoder_p50_ms']:.3f} | {r['knn_bytes']:,} | "
