@@ -15,17 +15,18 @@ documents' unit embeddings; ``centroid_score(label) = max(0, cos(query, centroid
 the votes speak for the labels of a few near documents, the centroid speaks for all of a
 label's documents, which lifts the labels the trees rank too low for their few examples.
 
-The predictor scores a pool of candidates: the trees' top labels and every label a neighbour
+The predictor scores a pool of candidates, the trees' top labels and every label a neighbour
 voted for (the trees' score of the latter computed exactly, see
-:meth:`models.search.Searcher.label_scores`), each
-``((1 - weight) * tree + weight * knn + centroid_weight * centroid) / (1 + centroid_weight)``
+:meth:`models.search.Searcher.label_scores`), each by::
+
+    ((1 - weight) * tree + weight * knn + centroid_weight * centroid) / (1 + centroid_weight)
+
 (the division keeps scores in 0..1, as thresholds and calibration expect, and changes no
-order). A label outside the
-pool has no vote and a tree score below the trees' k-th, so with ``centroid_weight`` 0 it
-could not enter the top k; the centroids re-rank the pool and do not widen it (a search of
-every centroid would cost a product with the whole label matrix per query). ``k``,
-``power``, ``weight`` and ``centroid_weight`` are chosen on a validation split at build
-(:func:`models.builder.choose_knn`).
+order). A label outside the pool has no vote and a tree score below the trees' k-th, so with
+``centroid_weight`` 0 it could not enter the top k; the centroids re-rank the pool and do not
+widen it (a search of every centroid would cost a product with the whole label matrix per
+query). ``k``, ``power``, ``weight`` and ``centroid_weight`` are chosen on a validation split
+at build (:func:`models.builder.choose_knn`).
 
 In the bundle: ``knn.usearch`` (the index, memory-mapped with ``Index.restore(view=True)``,
 never unpickled; its sha256 is checked at load), the label lists of the indexed documents as
