@@ -66,6 +66,9 @@ KNN_CENTROID_FORMAT_VERSION = 5
 #: versions this build reads: 1 lacks the dense-block arrays (its bundles have none); 1 and 2
 #: store an int64 row pointer and float32 weights (see _load_old_ensemble)
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
+MANIFEST = "manifest.json"
+#: files a bundle may have (label_meta.json: see models.vocab)
+OPTIONAL_FILES = ("label_meta.json", *(f"search.{n}.npy" for n in LOOKUP_ARRAYS))
 
 
 def format_version(*, knn: bool, centroids: bool) -> int:
@@ -73,9 +76,6 @@ def format_version(*, knn: bool, centroids: bool) -> int:
     if centroids:
         return KNN_CENTROID_FORMAT_VERSION
     return KNN_FORMAT_VERSION if knn else FORMAT_VERSION
-MANIFEST = "manifest.json"
-#: files a bundle may have (label_meta.json: see models.vocab)
-OPTIONAL_FILES = ("label_meta.json", *(f"search.{n}.npy" for n in LOOKUP_ARRAYS))
 
 
 def tmp_dir_for(out_dir: Path) -> Path:
