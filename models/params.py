@@ -155,7 +155,7 @@ class BuildParams:
         default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     """Candidate weights w of the kNN votes (0: the trees alone)."""
     knn_centroid_weight_grid: list[float] = field(
-        default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.5])
+        default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
     """Candidate weights of the label centroids (:mod:`models.knn`), chosen with the kNN
     rule; 0: none."""
 
