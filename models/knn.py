@@ -82,6 +82,8 @@ Ranking = tuple[np.ndarray, np.ndarray]
 Rows = tuple[np.ndarray, np.ndarray, np.ndarray]
 #: what a search returns: label ids (n, top_k; -1 pads), scores (n, top_k), counts (n,)
 Found = tuple[np.ndarray, np.ndarray, np.ndarray]
+#: ``(ptr, ids) -> scores``: one score for each candidate label, the candidates CSR per query
+CandidateScores = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -192,10 +194,9 @@ class Pool:
         return out_ids, out_scores, np.minimum(np.diff(self.ptr), top_k)
 
 
-def candidate_pool(tree: Found, votes: sp.csr_matrix,
-                   tree_scores_of: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                   centroid_scores_of: Callable[[np.ndarray, np.ndarray], np.ndarray] | None
-                   = None, allowed: np.ndarray | None = None) -> Pool:
+def candidate_pool(tree: Found, votes: sp.csr_matrix, tree_scores_of: CandidateScores,
+                   centroid_scores_of: CandidateScores | None = None,
+                   allowed: np.ndarray | None = None) -> Pool:
     """The pool of each row: the trees' labels (``tree``: ids, scores, counts as the search
     returns them) and every label with a vote that ``allowed`` (bool per label; None: all)
     lets through. ``tree_scores_of(ptr, ids)`` gives the trees' exact scores of the voted
@@ -321,8 +322,7 @@ class KnnMatcher:
                               self.centroid_scores_of(block), allowed())
         return pool.rank(self.rule.weight, self.rule.centroid_weight, top_k)
 
-    def centroid_scores_of(self, queries: np.ndarray,
-                           ) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+    def centroid_scores_of(self, queries: np.ndarray) -> CandidateScores | None:
         """``(ptr, ids) -> centroid scores`` of the rows of ``queries``, or None when the
         rule gives the centroids no weight."""
         if self.rule.centroid_weight == 0:
