@@ -40,6 +40,12 @@ _REQUIRED_INPUTS = ("input_ids", "attention_mask")
 _OPTIONAL_INPUTS = ("token_type_ids",)
 
 
+def unit_rows(a: np.ndarray) -> np.ndarray:
+    """Rows of ``a`` scaled to norm 1, in its dtype; a zero row (an empty text, a label
+    without documents) stays zero instead of NaN."""
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
 class OnnxTextEncoder:
     """Encodes texts into L2-normalized float32 embeddings with an ONNX sentence encoder.
 
@@ -176,9 +182,7 @@ class OnnxTextEncoder:
         if self._token_level:
             weights = mask[:, :, None].astype(np.float32)
             emb = (emb * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-        norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        # An empty document (zero tokens) stays a zero vector instead of NaN.
-        return (emb / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+        return unit_rows(emb).astype(np.float32, copy=False)
 
     def save(self, folder: Path, prefix: str = "dense") -> dict:
         """Copy the model and tokenizer into the bundle ``folder``; return the manifest entry.
@@ -309,8 +313,7 @@ class StaticTextEncoder:
             ids = ids[ids != self._unk_id][: self.max_length]
             if ids.size:
                 out[i] = self.embeddings[ids].astype(np.float32).mean(axis=0)
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, 1e-12)
+        return unit_rows(out)
 
     def save(self, folder: Path, prefix: str = "dense") -> dict:
         """Write ``{prefix}.static.npy`` and ``{prefix}.tokenizer.json`` into the bundle

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from models.bundle import sha256_file
-from models.dense import INT8_METADATA_KEY, OnnxTextEncoder
+from models.dense import INT8_METADATA_KEY, OnnxTextEncoder, unit_rows
 from models.errors import InvalidInputError, XMCError
 
 log = logging.getLogger(__name__)
@@ -225,9 +225,7 @@ def distill_minilm_static(out_dir: Path, *, parity_sample: Sequence[str] | None 
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return np.sum(a * b, axis=1)
+    return np.sum(unit_rows(a) * unit_rows(b), axis=1)
 
 
 def pooled_module(bert: Any) -> Any:

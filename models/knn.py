@@ -53,6 +53,7 @@ import scipy.sparse as sp
 from usearch.index import BatchMatches, Index
 
 from models.bundle import load_npy, sha256_file, verify_files
+from models.dense import unit_rows
 from models.errors import BundleError, InvalidInputError
 from models.explain import CENTROID_TERM, KNN_TERM
 from models.search import Searcher
@@ -135,12 +136,6 @@ def vote(keys: np.ndarray, sims: np.ndarray, label_ptr: np.ndarray, label_ids: n
     V.data *= np.repeat(scale, np.diff(V.indptr))
     V.eliminate_zeros()
     return V
-
-
-def unit_rows(a: np.ndarray) -> np.ndarray:
-    """Rows of ``a`` scaled to norm 1 (zero rows stay zero)."""
-    norms = np.linalg.norm(a, axis=1, keepdims=True)
-    return np.divide(a, norms, out=np.zeros_like(a), where=norms > 0)
 
 
 def label_centroids(emb: np.ndarray, Y: sp.csr_matrix) -> np.ndarray:
