@@ -116,26 +116,33 @@ def dense_block(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, dense
 
 def vote(keys: np.ndarray, sims: np.ndarray, label_ptr: np.ndarray, label_ids: np.ndarray,
          n_labels: int, power: float) -> sp.csr_matrix:
-    """(n, n_labels) float64 CSR of the votes of neighbours ``keys`` (n, k; -1: none) at
-    similarities ``sims``: per label, the share of the neighbours' weight ``sim ** power``
-    (sims below 0 count as 0) on the neighbours that carry it."""
+    """(n, n_labels) float64 CSR (sorted indices) of the votes of neighbours ``keys`` (n, k;
+    -1: none) at similarities ``sims``: per label, the share of the neighbours' weight
+    ``sim ** power`` (sims below 0 count as 0) on the neighbours that carry it."""
     n, k = keys.shape
-    ok = keys >= 0
-    w = np.where(ok, np.maximum(sims, 0.0).astype(np.float64) ** power, 0.0)
+    w = np.where(keys >= 0, np.maximum(sims, 0.0).astype(np.float64) ** power, 0.0)
     total = w.sum(axis=1)
+    ok = w > 0  # a neighbour of weight 0 gives no label a vote
     flat = keys[ok]
     starts = np.asarray(label_ptr[flat], dtype=np.int64)
     lens = np.asarray(label_ptr[flat + 1], dtype=np.int64) - starts
     # the concatenated label ranges of every (document, neighbour)
     pos = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
     rows = np.repeat(np.repeat(np.arange(n), k)[ok.ravel()], lens)
-    V = sp.csr_matrix((np.repeat(w[ok], lens), (rows, np.asarray(label_ids)[pos])),
-                      shape=(n, n_labels))
-    V.sum_duplicates()
-    scale = np.divide(1.0, total, out=np.zeros_like(total), where=total > 0)
-    V.data *= np.repeat(scale, np.diff(V.indptr))
-    V.eliminate_zeros()
-    return V
+    # one (row, label) key a vote, summed per key in key order: CSR with sorted indices,
+    # built without scipy's generic conversion (a third of a request's kNN time)
+    cell = rows * n_labels + np.asarray(label_ids, dtype=np.int64)[pos]
+    order = np.argsort(cell, kind="stable")
+    cell = cell[order]
+    first = np.flatnonzero(np.diff(cell, prepend=-1))
+    data = np.add.reduceat(np.repeat(w[ok], lens)[order], first) if first.size else \
+        np.empty(0)
+    row_of = cell[first] // n_labels
+    data /= total[row_of]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_of, minlength=n), out=indptr[1:])
+    return sp.csr_matrix((data, (cell[first] % n_labels).astype(np.int32), indptr),
+                         shape=(n, n_labels))
 
 
 def label_centroids(emb: np.ndarray, Y: sp.csr_matrix) -> np.ndarray:
@@ -198,37 +205,34 @@ def candidate_pool(tree: Found, votes: sp.csr_matrix, tree_scores_of: CandidateS
     labels the trees did not return, ``centroid_scores_of(ptr, ids)`` the centroid scores
     of the whole pool (None: zeros), both CSR per row."""
     ids, scores, counts = tree
-    n = ids.shape[0]
-    extra_rows: list[np.ndarray] = []
-    for d in range(n):
-        voted = votes.indices[votes.indptr[d] : votes.indptr[d + 1]]
-        if allowed is not None:
-            voted = voted[allowed[voted]]
-        extra_rows.append(np.setdiff1d(voted, ids[d, : counts[d]]).astype(np.int64))
-    extra_ptr = _pointers([len(r) for r in extra_rows])
-    extra_scores = tree_scores_of(extra_ptr, np.concatenate([np.empty(0, np.int64),
-                                                             *extra_rows]))
-    ptr = _pointers([int(counts[d]) + len(extra_rows[d]) for d in range(n)])
-    pool_ids = np.empty(int(ptr[-1]), dtype=np.int64)
-    pool_tree = np.empty(int(ptr[-1]), dtype=np.float64)
-    pool_votes = np.empty(int(ptr[-1]), dtype=np.float64)
-    for d in range(n):
-        lab = np.concatenate((ids[d, : counts[d]], extra_rows[d]))
-        order = np.argsort(lab)
-        span = slice(int(ptr[d]), int(ptr[d + 1]))
-        pool_ids[span] = lab[order]
-        pool_tree[span] = np.concatenate((scores[d, : counts[d]],
-                                          extra_scores[extra_ptr[d] : extra_ptr[d + 1]]))[order]
-        pool_votes[span] = _lookup(votes, d, pool_ids[span])
+    n, n_labels = ids.shape[0], votes.shape[1]
+    found = np.arange(ids.shape[1])[None, :] < counts[:, None]
+    found_cell = np.repeat(np.arange(n), counts) * n_labels + ids[found]
+    # CSR with sorted indices: the cells of the votes ascend
+    voted_cell = np.repeat(np.arange(n), np.diff(votes.indptr)) * n_labels + votes.indices
+    vote_of = votes.data
+    if allowed is not None:
+        keep = allowed[votes.indices]
+        voted_cell, vote_of = voted_cell[keep], vote_of[keep]
+    extra = voted_cell[~np.isin(voted_cell, found_cell)]  # ascending, as the kernel reads
+    extra_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(extra // n_labels, minlength=n), out=extra_ptr[1:])
+    cell = np.concatenate((found_cell, extra))
+    tree_score = np.concatenate((scores[found], tree_scores_of(extra_ptr, extra % n_labels)))
+    order = np.argsort(cell)
+    cell, tree_score = cell[order], tree_score[order]
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(cell // n_labels, minlength=n), out=ptr[1:])
+    at = np.minimum(np.searchsorted(voted_cell, cell), max(voted_cell.shape[0] - 1, 0))
+    pool_votes = (np.where(voted_cell[at] == cell, vote_of[at], 0.0) if voted_cell.size
+                  else np.zeros(cell.shape[0]))
+    pool_ids = cell % n_labels
     centroid = (centroid_scores_of(ptr, pool_ids) if centroid_scores_of is not None
                 else np.zeros(pool_ids.shape[0]))
-    return Pool(ptr, pool_ids, pool_tree, pool_votes, centroid)
+    return Pool(ptr, pool_ids, tree_score.astype(np.float64), pool_votes, centroid)
 
 
-def _pointers(lengths: list[int]) -> np.ndarray:
-    ptr = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=ptr[1:])
-    return ptr
+
 
 
 class KnnMatcher:
