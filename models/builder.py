@@ -46,6 +46,13 @@ from models.knn import (
 )
 from models.metrics import best_threshold, evaluate, micro_prf
 from models.params import POST_PROCESSORS, BuildParams
+from models.profiles import (
+    NO_PROFILES,
+    LabelProfiles,
+    ProfilePart,
+    ProfileRule,
+    rank_fused,
+)
 from models.search import Searcher, ranked_names, search_matrix
 from models.tree import Ensemble, quantize
 from models.vocab import Vocabulary, write_label_meta
@@ -115,10 +122,15 @@ def build(
             if not rule.scores:
                 log.info("knn weights 0 won on validation: a bundle without the kNN part")
                 rule = None
+        profile_rule, profile_selection = None, None
+        if dense is None and not params.knn and max(params.profile_weight_grid) > 0:
+            with stages("profile_choice"):
+                profile_rule, profile_selection = choose_profiles(train, params, threads)
         held_out = None
         if params.tune_threshold or params.calibrate:
             with stages("held_out"):
-                held_out = held_out_controls(train, dense, params, threads, engine, rule)
+                held_out = held_out_controls(train, dense, params, threads, engine, rule,
+                                             profile_rule)
         del dense
         Y = label_matrix(train.labels, label_names)
         label_counts = np.asarray(Y.sum(axis=0)).ravel().astype(np.int64)
@@ -152,11 +164,15 @@ def build(
                 controls["knn"] = KnnMatcher.build(
                     _block_of(X, dense_start, X.shape[1] - dense_start), Y, rule).save(tmp)
                 encoder_files += controls["knn"]["files"]
+            if profile_rule is not None:
+                controls["profiles"] = LabelProfiles.build(X, Y, profile_rule).save(tmp)
+                encoder_files += controls["profiles"]["files"]
             param_dict = params.to_dict()
             manifest: dict[str, Any] = {
                 "format_version": bundle_io.format_version(
                     knn=rule is not None,
-                    centroids=rule is not None and rule.centroid_weight > 0),
+                    centroids=rule is not None and rule.centroid_weight > 0,
+                    profiles=profile_rule is not None),
                 "name": name or out_dir.name,
                 # threads changes how fast, never what is built: not part of the identity
                 "version": bundle_io.content_hash(
@@ -193,6 +209,8 @@ def build(
             manifest["build"]["knn_selection"] = knn_selection
         if rule is not None:
             manifest["build"]["knn_bytes"] = manifest["knn"]["bytes"]
+        if profile_selection is not None:
+            manifest["build"]["profile_selection"] = profile_selection
         if test is not None:
             bundle_io.write_manifest(tmp, manifest)
             from models.evaluate import evaluate_predictor
@@ -386,6 +404,61 @@ def knn_preference(candidate: dict[str, float]) -> tuple[float, ...]:
             -c.get("centroid_weight", 0.0), -c["k"], -c["power"])
 
 
+def choose_profiles(train: Corpus, params: BuildParams, threads: int,
+                    ) -> tuple[ProfileRule | None, dict[str, Any] | None]:
+    """The weight and threshold of the label profiles (``profile_weight_grid`` x
+    ``profile_threshold_grid``) that :func:`profile_preference` ranks first on the seeded
+    ``validation_share`` of ``train``: one tree trained as the bundle's are and the profiles
+    built on the rest, the held-out documents searched once; the rule (None for weight 0)
+    and the table behind the choice for the manifest. A training set too small to hold a
+    split out gets no profiles."""
+    fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
+    fit, valid = train.subset(fit_rows), train.subset(valid_rows)
+    names = distinct_labels(fit.labels)
+    if not len(valid_rows) or not names:
+        log.info("profiles: %d training documents hold no validation split out, so none",
+                 train.n_docs)
+        return None, None
+    X_fit, X_valid, _ = _held_out_features(train, fit_rows, valid_rows, None, params)
+    Y_fit = label_matrix(fit.labels, names)
+    one_tree = dataclasses.replace(params, n_trees=1).resolved(fused=False)
+    ensemble = quantize(next(_train_trees(X_fit, Y_fit, one_tree, threads,
+                                          StageTimer(verbose=False))), params.weight_dtype)
+    rows = (X_valid.indptr, X_valid.indices, X_valid.data)
+    found = search_matrix(ensemble, X_valid, POST_PROCESSORS[params.post_processor],
+                          min(max(5, params.profile_pool_size), len(names)),
+                          params.beam_size, threads)
+    pifa = pifa_embeddings(X_fit, Y_fit)
+    ids, _, counts = rank_fused(found, np.zeros(found[0].shape), 0.0, 5)
+    alone = {"weight": 0.0, "threshold": 0.0, **_p1_p5(ids, counts, names, valid)}
+    candidates = [alone] if 0 in params.profile_weight_grid else []
+    for threshold in sorted(set(params.profile_threshold_grid)):
+        probe = ProfileRule(1.0, params.profile_pool_size, threshold)
+        cosines = LabelProfiles.build(X_fit, Y_fit, probe, pifa=pifa).cosines(
+            rows, found[0], found[2])
+        for weight in sorted(set(params.profile_weight_grid) - {0}):
+            ids, _, counts = rank_fused(found, cosines, weight, 5)
+            candidates.append({"weight": weight, "threshold": threshold,
+                               **_p1_p5(ids, counts, names, valid)})
+    best = max(candidates, key=profile_preference)
+    log.info("profiles: weight %g, threshold %g: validation P@1 %.4f, P@5 %.4f (trees alone "
+             "%.4f, %.4f)", best["weight"], best["threshold"], best["P@1"], best["P@5"],
+             alone["P@1"], alone["P@5"])
+    rule = (ProfileRule(best["weight"], params.profile_pool_size, best["threshold"])
+            if best["weight"] else None)
+    return rule, {"validation_share": params.validation_share,
+                  "n_validation_docs": len(valid_rows), "n_trees": 1,
+                  "pool_size": params.profile_pool_size, "candidates": candidates,
+                  "chosen": {"weight": best["weight"], "threshold": best["threshold"]}}
+
+
+def profile_preference(candidate: dict[str, float]) -> tuple[float, ...]:
+    """Sort key of a profiles candidate, best largest: (P@1 + P@5) / 2, then P@1, then the
+    smaller weight, then the larger threshold (smaller profiles)."""
+    c = candidate
+    return (round(c["P@1"] + c["P@5"], 9), c["P@1"], -c["weight"], c["threshold"])
+
+
 def _block_of(X: sp.csr_matrix, dense_start: int, dim: int) -> np.ndarray:
     return dense_block(X.indptr, X.indices, X.data, dense_start, dim)
 
@@ -418,14 +491,15 @@ class HeldOut:
 def held_out_controls(train: Corpus, dense: tuple[np.ndarray, float] | None,
                       params: BuildParams, threads: int,
                       engine: TreeEngine | None = None, knn: VoteRule | None = None,
-                      ) -> HeldOut:
+                      profiles: ProfileRule | None = None) -> HeldOut:
     """A model trained as the bundle will be (same parameters, all its trees) on train less
     the seeded ``validation_share`` predicts the held-out documents (``top_k``,
     ``beam_size``); on those (label, score) pairs: the isotonic calibration
     (``params.calibrate``), then the threshold maximizing micro-F1 on the scores as they will
     be served (``params.tune_threshold``). ``dense``: the fused block's embeddings of every
     training document and its weight; ``knn``: the vote rule of a kNN part, whose votes
-    over the fit part are then fused in as the bundle fuses them."""
+    over the fit part are then fused in as the bundle fuses them; ``profiles``: the rule of
+    label profiles, built over the fit part and applied as the bundle applies them."""
     fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
     if not len(valid_rows) or not len(fit_rows):
         raise InvalidInputError(
@@ -443,12 +517,15 @@ def held_out_controls(train: Corpus, dense: tuple[np.ndarray, float] | None,
     matcher = NO_KNN if knn is None or dense_start is None else KnnMatcher.build(
         _block_of(X_fit, dense_start, X_fit.shape[1] - dense_start),
         label_matrix(fit.labels, names), knn)
+    profile_part: ProfilePart = NO_PROFILES if profiles is None else LabelProfiles.build(
+        X_fit, label_matrix(fit.labels, names), profiles)
     lookup = FeatureLookup.build(ensemble, X_fit.shape[1], params.bitmap_mb)
     with Searcher(ensemble, X_fit.shape[1], POST_PROCESSORS[params.post_processor],
                   threads=threads, lookup=lookup) as searcher:
         ids, scores, counts = knn_search(
             searcher, matcher, (X_valid.indptr, X_valid.indices, X_valid.data), params.top_k,
-            params.beam_size, dense_start=dense_start or 0, threads=threads)
+            params.beam_size, dense_start=dense_start or 0, threads=threads,
+            profiles=profile_part)
     score_list: list[float] = []
     correct_list: list[bool] = []
     for row, srow, c, truth in zip(ids.tolist(), scores.tolist(), counts, valid.labels):

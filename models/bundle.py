@@ -63,16 +63,21 @@ KNN_FORMAT_VERSION = 4
 #: the format of a bundle whose kNN part scores with label centroids: a reader of format 4
 #: would load it and serve other scores without them
 KNN_CENTROID_FORMAT_VERSION = 5
+#: the format of a bundle with label profiles (models.profiles): a reader of an older format
+#: would serve the trees' scores without them
+PROFILE_FORMAT_VERSION = 6
 #: versions this build reads: 1 lacks the dense-block arrays (its bundles have none); 1 and 2
 #: store an int64 row pointer and float32 weights (see _load_old_ensemble)
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 MANIFEST = "manifest.json"
 #: files a bundle may have (label_meta.json: see models.vocab)
 OPTIONAL_FILES = ("label_meta.json", *(f"search.{n}.npy" for n in LOOKUP_ARRAYS))
 
 
-def format_version(*, knn: bool, centroids: bool) -> int:
+def format_version(*, knn: bool, centroids: bool, profiles: bool = False) -> int:
     """The format a new bundle is written in: the oldest that holds what it has."""
+    if profiles:
+        return PROFILE_FORMAT_VERSION
     if centroids:
         return KNN_CENTROID_FORMAT_VERSION
     return KNN_FORMAT_VERSION if knn else FORMAT_VERSION

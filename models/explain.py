@@ -19,7 +19,9 @@ adds one entry, :data:`KNN_TERM`, whose figure is in score units: ``w * vote``, 
 the returned score that the training documents nearest the query gave the label (the terms
 explain the trees' part, ``(1 - w) * tree``); and, when its label centroids have a weight
 ``c``, :data:`CENTROID_TERM`: ``c * centroid``, what the label's centroid gave (then all
-three parts are over ``1 + c``, see :class:`models.knn.Pool`).
+three parts are over ``1 + c``, see :class:`models.knn.Pool`). A bundle with label profiles
+adds :data:`PROFILE_TERM`, in score units too: ``weight * cosine / (1 + weight)``, what the
+cosine to the label's profile gave (see :mod:`models.profiles`).
 
 Computed only when asked for, in plain numpy over the few paths of the returned labels.
 """
@@ -40,6 +42,8 @@ DENSE_TERM = "[dense encoder]"
 KNN_TERM = "[kNN neighbours]"
 #: the name of the label centroids' part (see :mod:`models.knn`), in score units as well
 CENTROID_TERM = "[label centroid]"
+#: the name of the label profiles' part (see :mod:`models.profiles`), in score units as well
+PROFILE_TERM = "[label profile]"
 
 
 class TermContribution(TypedDict):

@@ -56,6 +56,7 @@ from models.bundle import load_npy, sha256_file, verify_files
 from models.dense import unit_rows
 from models.errors import BundleError, InvalidInputError
 from models.explain import CENTROID_TERM, KNN_TERM
+from models.profiles import NO_PROFILES, ProfilePart
 from models.search import Searcher
 
 #: array name -> the dtypes it may be stored in (as models.tree.ENSEMBLE_ARRAYS): the label
@@ -457,11 +458,14 @@ NO_KNN = NoKnn()
 def knn_search(searcher: Searcher, part: KnnPart, rows: Rows, top_k: int, beam_size: int, *,
                dense_start: int, node_mask: np.ndarray | None = None,
                allowed: Callable[[], np.ndarray | None] = lambda: None, threads: int = 1,
-               ) -> Found:
+               profiles: ProfilePart = NO_PROFILES) -> Found:
     """The trees' search of CSR ``rows`` (sorted indices) with the kNN ``part``'s votes fused
-    in (:meth:`KnnMatcher.fuse`). ``node_mask`` / ``allowed()``: a label filter compiled to
-    nodes / labels (:mod:`models.filters`); the labels are only asked for by a matcher that
-    votes."""
-    found = searcher.search(*rows, top_k, beam_size, node_mask)
-    return part.fuse(searcher, found, rows, top_k, dense_start=dense_start, allowed=allowed,
-                     threads=threads)
+    in (:meth:`KnnMatcher.fuse`), then re-ranked by the label ``profiles``
+    (:mod:`models.profiles`: the trees are searched for as many labels as they re-rank).
+    ``node_mask`` / ``allowed()``: a label filter compiled to nodes / labels
+    (:mod:`models.filters`); the labels are only asked for by a matcher that votes."""
+    width = profiles.width(top_k)
+    found = searcher.search(*rows, width, beam_size, node_mask)
+    found = part.fuse(searcher, found, rows, width, dense_start=dense_start, allowed=allowed,
+                      threads=threads)
+    return profiles.rerank(found, rows, top_k)

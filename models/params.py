@@ -158,6 +158,20 @@ class BuildParams:
         default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
     """Candidate weights of the label centroids (:mod:`models.knn`), chosen with the kNN
     rule; 0: none."""
+    profile_weight_grid: list[float] = field(
+        default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0])
+    """Candidate weights of the label profiles (:mod:`models.profiles`) in a bundle without a
+    dense block: each label's documents' feature rows summed, whose cosine with the query
+    re-ranks the trees' top ``profile_pool_size`` labels. The weight and the threshold are
+    chosen by (P@1 + P@5) / 2 on the validation split (``validation_share``; one tree
+    trained on the rest, :func:`models.builder.choose_profiles`); a choice of 0, or a grid of
+    only 0, stores no profiles (and trains no validation tree)."""
+    profile_threshold_grid: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05])
+    """Candidate thresholds below which a profile's entries (of a unit vector) are dropped:
+    at most 1 / threshold ** 2 entries a label."""
+    profile_pool_size: int = 5
+    """How many of the trees' top labels the profiles re-rank (at least ``top_k`` of a
+    request)."""
 
     def __post_init__(self) -> None:
         if self.tfidf is None:
@@ -213,6 +227,13 @@ class BuildParams:
         if not self.knn_centroid_weight_grid or not all(
                 0 <= w <= 1 for w in self.knn_centroid_weight_grid):
             raise InvalidInputError("knn_centroid_weight_grid must list weights in 0..1")
+        if not self.profile_weight_grid or min(self.profile_weight_grid) < 0:
+            raise InvalidInputError("profile_weight_grid must list weights >= 0")
+        if not self.profile_threshold_grid or not all(
+                0 <= t < 1 for t in self.profile_threshold_grid):
+            raise InvalidInputError("profile_threshold_grid must list thresholds in 0..1")
+        if self.profile_pool_size < 1:
+            raise InvalidInputError("profile_pool_size must be >= 1")
         if not 0 < self.validation_share < 1:
             raise InvalidInputError("validation_share must lie in (0, 1)")
         if self.bitmap_mb < 0:

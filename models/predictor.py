@@ -19,6 +19,7 @@ from models.features import FeatureEncoder, require_text
 from models.filters import FilterCompiler, FilterSpec
 from models.knn import NO_KNN, KnnMatcher, KnnPart, knn_search
 from models.params import POST_PROCESSORS
+from models.profiles import NO_PROFILES, LabelProfiles, ProfilePart
 from models.search import Searcher
 from models.tree import Ensemble
 from models.vocab import LabelInfo, read_label_meta
@@ -55,10 +56,12 @@ class Predictor:
                  threads: int | None = None,
                  calibration: Calibration | None = None,
                  label_info: Mapping[str, LabelInfo] | None = None,
-                 knn: KnnPart = NO_KNN) -> None:
+                 knn: KnnPart = NO_KNN, profiles: ProfilePart = NO_PROFILES) -> None:
         self.path = path
         #: the kNN matcher whose votes join the trees' scores (:class:`NoKnn`: the trees alone)
         self.knn = knn
+        #: the label profiles that re-rank the trees' top labels (:class:`NoProfiles`: none)
+        self.profiles = profiles
         self.calibration = calibration
         #: uri, label and notation by label name (empty: the bundle has no vocabulary)
         self.label_info: Mapping[str, LabelInfo] = label_info or {}
@@ -102,11 +105,20 @@ class Predictor:
                 raise BundleError("a kNN part needs a dense block", folder / "manifest.json")
             knn = KnnMatcher.load(folder, manifest["knn"], n_labels=ensemble.n_labels,
                                   dim=dim, mmap=mmap)
+        profiles: ProfilePart = NO_PROFILES
+        if "profiles" in manifest:
+            if not isinstance(manifest["profiles"], dict):
+                raise BundleError("the profiles entry must be an object",
+                                  folder / "manifest.json")
+            profiles = LabelProfiles.load(folder, manifest["profiles"],
+                                          n_labels=ensemble.n_labels,
+                                          n_features=int(manifest["n_features"]), mmap=mmap)
         lookup = bundle_io.load_feature_lookup(folder, ensemble, int(manifest["n_features"]),
                                                mmap=mmap, bitmap_mb_if_absent=BITMAP_MB)
         return cls(folder, manifest, ensemble, label_names, encoder, counts, lookup=lookup,
                    threads=threads, calibration=calibration,
-                   label_info=read_label_meta(folder, label_names), knn=knn)
+                   label_info=read_label_meta(folder, label_names), knn=knn,
+                   profiles=profiles)
 
     # ----------------------------------------------------------------- facts
     @property
@@ -192,6 +204,7 @@ class Predictor:
                for e in explain_labels(self.ensemble, indices, values, labels)]
         shares = self.knn.score_shares(indices, values, labels,
                                        dense_start=int(self.ensemble.dense_start[0]))
+        shares |= self.profiles.score_shares(indices, values, labels)
         for term, share in shares.items():
             for entry, value in zip(why, share.tolist()):
                 entry.append({"term": term, "contribution": value})
@@ -259,7 +272,7 @@ class Predictor:
 
         return knn_search(self._searcher, self.knn, rows, top_k, beam_size,
                           dense_start=int(self.ensemble.dense_start[0]), node_mask=mask,
-                          allowed=allowed, threads=self.threads)
+                          allowed=allowed, threads=self.threads, profiles=self.profiles)
 
     def _check_args(self, top_k: int | None, beam_size: int | None) -> tuple[int, int]:
         top_k = self.default_top_k if top_k is None else top_k

@@ -167,13 +167,14 @@ class BatchRequest(PredictParams):
 class Term(BaseModel):
     term: str = Field(description="An input term (or \"[dense encoder]\" for a fused "
                       "bundle's sentence-embedding block, \"[kNN neighbours]\" for a bundle's "
-                      "kNN votes, \"[label centroid]\" for its label centroids).")  # fmt: skip
+                      "kNN votes, \"[label centroid]\" for its label centroids, "
+                      "\"[label profile]\" for its label profiles).")  # fmt: skip
     contribution: float = Field(
         description="How much it raised the label's classifier margins (TF-IDF value times "
         "the weights on the label's path, averaged over the trees): margin units, not "
-        "score units. The \"[kNN neighbours]\" and \"[label centroid]\" entries are in "
-        "score units: what the votes of the nearest training documents and the label's "
-        "centroid add to the returned score."
+        "score units. The \"[kNN neighbours]\", \"[label centroid]\" and \"[label "
+        "profile]\" entries are in score units: what the votes of the nearest training "
+        "documents, the label's centroid and its profile add to the returned score."
     )
 
 

@@ -1,0 +1,239 @@
+"""Label profiles: each label's training documents' feature rows summed and l2-normalized
+(PIFA, the vectors the clustering splits: :func:`models.cluster.pifa_embeddings`), scoring
+how close a query's whole feature row lies to everything the label was trained on.
+
+The trees' top ``max(top_k, pool_size)`` labels are re-ranked by::
+
+    (tree + weight * max(0, cos(query row, profile))) / (1 + weight)
+
+and cut at ``top_k``: the division keeps the scores in 0..1 (thresholds, calibration,
+``min_score``), and with ``pool_size`` at least ``top_k`` the first labels do not depend on
+how many a request asks for. A linear tree scores a label by its path's classifiers, each
+trained to separate that node's documents; the profile compares the query with all of the
+label's documents at once, which the trees' top labels often tie on (on validation it
+lifted P@1 where labels are topical, and lost where a document carries many tags and every
+profile looks alike: benchmarks/RESULTS.md). ``weight`` is chosen on the builder's
+validation split (:func:`models.builder.choose_profiles`); 0 stores no profiles.
+
+In the bundle: ``profiles.{indptr,indices,data}.npy``, the profiles as CSR rows
+(:data:`PROFILE_ARRAYS`), read with :func:`models.bundle.load_npy`, and the manifest's
+``profiles`` entry (``weight``, ``pool_size``).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numba
+import numpy as np
+import scipy.sparse as sp
+
+from models.bundle import load_npy
+from models.cluster import pifa_embeddings
+from models.data import normalize_rows
+from models.errors import BundleError
+from models.explain import PROFILE_TERM
+
+#: array name -> the dtypes it may be stored in (as models.tree.ENSEMBLE_ARRAYS): the
+#: profiles as CSR rows, one a label, indices sorted
+PROFILE_ARRAYS: dict[str, tuple[type, ...]] = {
+    "indptr": (np.int64,),  # [n_labels + 1]
+    "indices": (np.int32,),  # feature ids
+    "data": (np.float32,),  # each row of norm 1 (0 for a label without documents)
+}
+#: (label ids, scores, counts) as a search returns them
+Found = tuple[np.ndarray, np.ndarray, np.ndarray]
+#: (indptr, indices, data) of CSR rows with sorted indices
+Rows = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ProfileRule:
+    """How much the profiles weigh against the trees, over how many of the trees' labels,
+    and below which value a profile's entries are dropped (a profile is a unit vector, so it
+    keeps at most ``1 / threshold ** 2`` entries: a label of many documents would otherwise
+    carry every word they hold, and cost a request as many lookups)."""
+
+    weight: float
+    pool_size: int
+    threshold: float
+
+    def width(self, top_k: int) -> int:
+        """How many labels the trees are searched for when ``top_k`` are asked."""
+        return max(top_k, self.pool_size)
+
+
+@numba.njit(nogil=True, cache=True)
+def _cosines(x_ptr: np.ndarray, x_idx: np.ndarray, x_val: np.ndarray, labels: np.ndarray,
+             counts: np.ndarray, p_ptr: np.ndarray, p_idx: np.ndarray, p_val: np.ndarray,
+             dense: np.ndarray, out: np.ndarray) -> None:
+    """out[d, j] = max(0, cos(row d, profile of labels[d, j])) for j < counts[d]; ``dense``
+    (n_features, zero) holds one row at a time and is left zero."""
+    for d in range(labels.shape[0]):
+        a, b = x_ptr[d], x_ptr[d + 1]
+        norm = 0.0
+        for i in range(a, b):
+            dense[x_idx[i]] = x_val[i]
+            norm += float(x_val[i]) * float(x_val[i])
+        if norm > 0:
+            norm = np.sqrt(norm)
+            for j in range(counts[d]):
+                lab = labels[d, j]
+                dot = 0.0
+                for e in range(p_ptr[lab], p_ptr[lab + 1]):
+                    dot += float(p_val[e]) * float(dense[p_idx[e]])
+                out[d, j] = max(0.0, dot / norm)
+        for i in range(a, b):
+            dense[x_idx[i]] = 0.0
+
+
+def rank_fused(found: Found, cosines: np.ndarray, weight: float, top_k: int) -> Found:
+    """The best ``top_k`` of the labels ``found`` (ids, scores, counts as a search returns
+    them) by ``(score + weight * cosine) / (1 + weight)``, ties to the smaller label id."""
+    ids, scores, counts = found
+    fused = (scores + weight * cosines) / (1.0 + weight)
+    live = np.arange(ids.shape[1])[None, :] < counts[:, None]
+    # the padding sorts last; then by score, then by label id
+    order = np.lexsort((ids, -fused, ~live), axis=1)[:, :top_k]
+    out_ids = np.take_along_axis(ids, order, axis=1)
+    out_scores = np.take_along_axis(fused, order, axis=1)
+    kept = np.minimum(counts, top_k)
+    past = np.arange(order.shape[1])[None, :] >= kept[:, None]
+    out_ids[past], out_scores[past] = -1, 0.0
+    return out_ids, out_scores, kept
+
+
+class LabelProfiles:
+    """The profiles of a bundle's labels with the rule that weighs them."""
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+                 n_features: int, rule: ProfileRule) -> None:
+        self.indptr, self.indices, self.data = indptr, indices, data
+        self.n_labels = indptr.shape[0] - 1
+        self.n_features = n_features
+        self.rule = rule
+        # a zero vector of n_features per thread: the kernel scatters one row into it
+        self._scratch = threading.local()
+
+    @classmethod
+    def build(cls, X: sp.csr_matrix, Y: sp.csr_matrix, rule: ProfileRule, *,
+              pifa: sp.csr_matrix | None = None) -> LabelProfiles:
+        """The profiles of the labels of ``Y`` (n_docs, n_labels) over the rows of ``X``:
+        their PIFA rows (``pifa``, when already computed) without the entries below
+        ``rule.threshold``, scaled to norm 1 again."""
+        Z = sp.csr_matrix(pifa_embeddings(X, Y) if pifa is None else pifa, dtype=np.float32,
+                          copy=True)
+        Z.data[np.abs(Z.data) < rule.threshold] = 0
+        Z.eliminate_zeros()
+        Z = sp.csr_matrix(normalize_rows(Z), dtype=np.float32)
+        Z.sort_indices()
+        return cls(Z.indptr.astype(np.int64), Z.indices.astype(np.int32), Z.data,
+                   int(X.shape[1]), rule)
+
+    def with_rule(self, rule: ProfileRule) -> LabelProfiles:
+        return LabelProfiles(self.indptr, self.indices, self.data, self.n_features, rule)
+
+    def width(self, top_k: int) -> int:
+        return min(self.rule.width(top_k), self.n_labels)
+
+    def cosines(self, rows: Rows, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """float64 (n, width): ``max(0, cos)`` of each row with the profile of each of its
+        ``labels`` (n, width; only the first ``counts`` of a row are read, the rest 0)."""
+        out = np.zeros(labels.shape, dtype=np.float64)
+        indptr, indices, data = rows
+        _cosines(np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64),
+                 np.asarray(data, dtype=np.float32), np.asarray(labels, dtype=np.int64),
+                 np.asarray(counts, dtype=np.int64), self.indptr, self.indices, self.data,
+                 self._dense(), out)
+        return out
+
+    def _dense(self) -> np.ndarray:
+        dense = getattr(self._scratch, "dense", None)
+        if dense is None:
+            dense = self._scratch.dense = np.zeros(self.n_features, dtype=np.float32)
+        return dense
+
+    def rerank(self, found: Found, rows: Rows, top_k: int) -> Found:
+        """The labels ``found`` for ``rows`` re-scored with the profiles, best ``top_k``
+        first (ties to the smaller label id), as a search returns them."""
+        return rank_fused(found, self.cosines(rows, found[0], found[2]), self.rule.weight,
+                          top_k)
+
+    def score_shares(self, indices: np.ndarray, values: np.ndarray,
+                     labels: list[int]) -> dict[str, np.ndarray]:
+        """For one document (sorted feature ids and values), what the profiles add to each
+        of ``labels``' score: ``weight * cos / (1 + weight)``."""
+        ptr = np.array([0, indices.shape[0]], dtype=np.int64)
+        ids = np.asarray(labels, dtype=np.int64)[None, :]
+        cos = self.cosines((ptr, indices, values), ids, np.array([ids.shape[1]]))[0]
+        return {PROFILE_TERM: self.rule.weight * cos / (1.0 + self.rule.weight)}
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        """Writes the profiles' arrays; returns the manifest's ``profiles`` entry."""
+        files = []
+        for name in PROFILE_ARRAYS:
+            np.save(folder / f"profiles.{name}.npy", getattr(self, name), allow_pickle=False)
+            files.append(f"profiles.{name}.npy")
+        return {"files": files, "weight": self.rule.weight, "pool_size": self.rule.pool_size,
+                "threshold": self.rule.threshold, "nnz": int(self.data.shape[0]),
+                "bytes": sum((folder / f).stat().st_size for f in files)}
+
+    @classmethod
+    def load(cls, folder: Path, entry: dict[str, Any], *, n_labels: int, n_features: int,
+             mmap: bool = True) -> LabelProfiles:
+        """The profiles of a manifest ``profiles`` entry (from :meth:`save`); every failure
+        a :class:`BundleError` naming the file."""
+        try:
+            rule = ProfileRule(float(entry["weight"]), int(entry["pool_size"]),
+                               float(entry["threshold"]))
+        except (KeyError, TypeError, ValueError):
+            raise BundleError("the profiles entry needs a weight, a pool_size and a threshold",
+                              folder / "manifest.json") from None
+        if not rule.weight > 0 or rule.pool_size < 1:
+            raise BundleError(f"profiles weight {rule.weight} and pool_size {rule.pool_size}: "
+                              "a weight above 0 and a pool of at least 1 are expected",
+                              folder / "manifest.json")
+        arrays = {name: load_npy(folder / f"profiles.{name}.npy", mmap=mmap,
+                                 dtype=PROFILE_ARRAYS[name]) for name in PROFILE_ARRAYS}
+        ptr, idx = arrays["indptr"], arrays["indices"]
+        if (ptr.shape != (n_labels + 1,) or ptr[0] != 0 or ptr[-1] != idx.shape[0]
+                or idx.shape != arrays["data"].shape or np.any(np.diff(ptr) < 0)):
+            raise BundleError(f"pointers do not cover {n_labels} labels' rows",
+                              folder / "profiles.indptr.npy")
+        if idx.size and (idx.min() < 0 or idx.max() >= n_features):
+            raise BundleError(f"feature id outside 0..{n_features - 1}",
+                              folder / "profiles.indices.npy")
+        return cls(ptr, idx, arrays["data"], n_features, rule)
+
+
+class ProfilePart(Protocol):
+    """A bundle's profiles as the search uses them: :class:`LabelProfiles`, or
+    :class:`NoProfiles` for a bundle without them."""
+
+    def width(self, top_k: int) -> int: ...
+
+    def rerank(self, found: Found, rows: Rows, top_k: int) -> Found: ...
+
+    def score_shares(self, indices: np.ndarray, values: np.ndarray,
+                     labels: list[int]) -> dict[str, np.ndarray]: ...
+
+
+class NoProfiles:
+    """No profiles: the trees' ranking stands as it is."""
+
+    def width(self, top_k: int) -> int:
+        return top_k
+
+    def rerank(self, found: Found, rows: Rows, top_k: int) -> Found:
+        return found
+
+    def score_shares(self, indices: np.ndarray, values: np.ndarray,
+                     labels: list[int]) -> dict[str, np.ndarray]:
+        return {}
+
+
+#: the profile part of every bundle without profiles (it holds nothing)
+NO_PROFILES = NoProfiles()
