@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 import models
-from models.builder import build, profile_preference
+from models.builder import build, profile_preference, standard_error_of_mean
 from models.errors import BundleError, InvalidInputError
 from models.explain import PROFILE_TERM
 from models.params import BuildParams
@@ -182,6 +182,22 @@ def test_weight_zero_stores_no_profiles(tmp_path, tiny_corpus):
     out = build(train, tmp_path / "c", tiny_params(profile_weight_grid=[0.0]))
     m = json.loads((out / "manifest.json").read_text())
     assert "profiles" not in m and "profile_choice" not in m["build"]["stages"]
+
+
+def test_a_gain_within_one_standard_error_keeps_the_trees_alone(tmp_path, tiny_corpus):
+    train, _ = tiny_corpus
+    out = build(train, tmp_path / "b", tiny_params(profile_weight_grid=[0.0, 1e6]))
+    sel = json.loads((out / "manifest.json").read_text())["build"]["profile_selection"]
+    alone, best = sel["candidates"][0], max(sel["candidates"], key=profile_preference)
+    assert alone["weight"] == 0 and best["weight"] == 1e6
+    gain = (best["P@1"] + best["P@5"] - alone["P@1"] - alone["P@5"]) / 2
+    assert sel["gain"] == pytest.approx(gain, abs=1e-5)
+    assert sel["chosen"]["weight"] == (best["weight"] if gain > sel["standard_error"] else 0)
+    # the rule's figure: sd / sqrt(n), by hand
+    values = np.array([0.0, 1.0, 0.5, 0.5])
+    assert standard_error_of_mean(values) == pytest.approx(
+        np.sqrt(((values - 0.5) ** 2).sum() / 3) / 2)
+    assert standard_error_of_mean(np.array([0.3])) == 0.0
 
 
 def test_the_choice_prefers_the_score_then_the_smaller_weight_and_profiles():
