@@ -22,7 +22,6 @@ In the bundle: ``profiles.{indptr,indices,data}.npy``, the profiles as CSR rows
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -69,41 +68,74 @@ class ProfileRule:
 @numba.njit(nogil=True, cache=True)
 def _cosines(x_ptr: np.ndarray, x_idx: np.ndarray, x_val: np.ndarray, labels: np.ndarray,
              counts: np.ndarray, p_ptr: np.ndarray, p_idx: np.ndarray, p_val: np.ndarray,
-             dense: np.ndarray, out: np.ndarray) -> None:
-    """out[d, j] = max(0, cos(row d, profile of labels[d, j])) for j < counts[d]; ``dense``
-    (n_features, zero) holds one row at a time and is left zero."""
+             out: np.ndarray) -> None:
+    """out[d, j] = max(0, cos(row d, profile of labels[d, j])) for j < counts[d]. Each of
+    the row's features is looked up in the profile by bisection (both sorted), from where
+    the last one was found: a request's few features against a profile's thousands."""
     for d in range(labels.shape[0]):
         a, b = x_ptr[d], x_ptr[d + 1]
         norm = 0.0
         for i in range(a, b):
-            dense[x_idx[i]] = x_val[i]
             norm += float(x_val[i]) * float(x_val[i])
-        if norm > 0:
-            norm = np.sqrt(norm)
-            for j in range(counts[d]):
-                lab = labels[d, j]
-                dot = 0.0
-                for e in range(p_ptr[lab], p_ptr[lab + 1]):
-                    dot += float(p_val[e]) * float(dense[p_idx[e]])
-                out[d, j] = max(0.0, dot / norm)
-        for i in range(a, b):
-            dense[x_idx[i]] = 0.0
+        if norm == 0:
+            continue
+        norm = np.sqrt(norm)
+        for j in range(counts[d]):
+            lab = labels[d, j]
+            lo, hi = p_ptr[lab], p_ptr[lab + 1]
+            dot = 0.0
+            for i in range(a, b):
+                f = x_idx[i]
+                left, right = lo, hi
+                while left < right:
+                    mid = (left + right) // 2
+                    if p_idx[mid] < f:
+                        left = mid + 1
+                    else:
+                        right = mid
+                if left < hi and p_idx[left] == f:
+                    dot += float(p_val[left]) * float(x_val[i])
+                lo = left
+            out[d, j] = max(0.0, dot / norm)
+
+
+@numba.njit(nogil=True, cache=True)
+def _rank_fused(ids: np.ndarray, scores: np.ndarray, counts: np.ndarray, cosines: np.ndarray,
+                weight: float, top_k: int, out_ids: np.ndarray, out_scores: np.ndarray,
+                out_counts: np.ndarray) -> None:
+    """Per row, the best ``top_k`` of its first ``counts`` labels by the fused score, ties
+    to the smaller label id (a selection: rows are a handful of labels long)."""
+    for d in range(ids.shape[0]):
+        n = counts[d]
+        fused = (scores[d, :n] + weight * cosines[d, :n]) / (1.0 + weight)
+        taken = np.zeros(n, dtype=np.bool_)
+        kept = min(n, top_k)
+        for r in range(kept):
+            best = -1
+            for j in range(n):
+                if taken[j]:
+                    continue
+                if best < 0 or fused[j] > fused[best] or (
+                        fused[j] == fused[best] and ids[d, j] < ids[d, best]):
+                    best = j
+            taken[best] = True
+            out_ids[d, r] = ids[d, best]
+            out_scores[d, r] = fused[best]
+        out_counts[d] = kept
 
 
 def rank_fused(found: Found, cosines: np.ndarray, weight: float, top_k: int) -> Found:
     """The best ``top_k`` of the labels ``found`` (ids, scores, counts as a search returns
-    them) by ``(score + weight * cosine) / (1 + weight)``, ties to the smaller label id."""
+    them) by ``(score + weight * cosine) / (1 + weight)``, ties to the smaller label id;
+    -1 and 0 pad."""
     ids, scores, counts = found
-    fused = (scores + weight * cosines) / (1.0 + weight)
-    live = np.arange(ids.shape[1])[None, :] < counts[:, None]
-    # the padding sorts last; then by score, then by label id
-    order = np.lexsort((ids, -fused, ~live), axis=1)[:, :top_k]
-    out_ids = np.take_along_axis(ids, order, axis=1)
-    out_scores = np.take_along_axis(fused, order, axis=1)
-    kept = np.minimum(counts, top_k)
-    past = np.arange(order.shape[1])[None, :] >= kept[:, None]
-    out_ids[past], out_scores[past] = -1, 0.0
-    return out_ids, out_scores, kept
+    out_ids = np.full((ids.shape[0], top_k), -1, dtype=np.int64)
+    out_scores = np.zeros((ids.shape[0], top_k), dtype=np.float64)
+    out_counts = np.zeros(ids.shape[0], dtype=np.int64)
+    _rank_fused(np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float64),
+                np.asarray(counts, dtype=np.int64), cosines, float(weight), top_k, out_ids,
+                out_scores, out_counts)
+    return out_ids, out_scores, out_counts
 
 
 class LabelProfiles:
@@ -115,8 +147,6 @@ class LabelProfiles:
         self.n_labels = indptr.shape[0] - 1
         self.n_features = n_features
         self.rule = rule
-        # a zero vector of n_features per thread: the kernel scatters one row into it
-        self._scratch = threading.local()
 
     @classmethod
     def build(cls, X: sp.csr_matrix, Y: sp.csr_matrix, rule: ProfileRule, *,
@@ -147,14 +177,8 @@ class LabelProfiles:
         _cosines(np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64),
                  np.asarray(data, dtype=np.float32), np.asarray(labels, dtype=np.int64),
                  np.asarray(counts, dtype=np.int64), self.indptr, self.indices, self.data,
-                 self._dense(), out)
+                 out)
         return out
-
-    def _dense(self) -> np.ndarray:
-        dense = getattr(self._scratch, "dense", None)
-        if dense is None:
-            dense = self._scratch.dense = np.zeros(self.n_features, dtype=np.float32)
-        return dense
 
     def rerank(self, found: Found, rows: Rows, top_k: int) -> Found:
         """The labels ``found`` for ``rows`` re-scored with the profiles, best ``top_k``
