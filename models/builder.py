@@ -134,6 +134,10 @@ def build(
         del dense
         Y = label_matrix(train.labels, label_names)
         label_counts = np.asarray(Y.sum(axis=0)).ravel().astype(np.int64)
+        # built before the trees: the whole PIFA matrix it prunes is then the only large
+        # thing beside the features, not an addition to the trained forest's peak
+        profiles = (LabelProfiles.build(X, Y, profile_rule) if profile_rule is not None
+                    else None)
         cpu_train = time.process_time()
         if encoder is None:
             dense_start = train.dense_start
@@ -164,8 +168,8 @@ def build(
                 controls["knn"] = KnnMatcher.build(
                     _block_of(X, dense_start, X.shape[1] - dense_start), Y, rule).save(tmp)
                 encoder_files += controls["knn"]["files"]
-            if profile_rule is not None:
-                controls["profiles"] = LabelProfiles.build(X, Y, profile_rule).save(tmp)
+            if profiles is not None:
+                controls["profiles"] = profiles.save(tmp)
                 encoder_files += controls["profiles"]["files"]
             param_dict = params.to_dict()
             manifest: dict[str, Any] = {

@@ -32,7 +32,6 @@ import scipy.sparse as sp
 
 from models.bundle import load_npy
 from models.cluster import pifa_embeddings
-from models.data import normalize_rows
 from models.errors import BundleError
 from models.explain import PROFILE_TERM
 
@@ -153,15 +152,21 @@ class LabelProfiles:
               pifa: sp.csr_matrix | None = None) -> LabelProfiles:
         """The profiles of the labels of ``Y`` (n_docs, n_labels) over the rows of ``X``:
         their PIFA rows (``pifa``, when already computed) without the entries below
-        ``rule.threshold``, scaled to norm 1 again."""
-        Z = sp.csr_matrix(pifa_embeddings(X, Y) if pifa is None else pifa, dtype=np.float32,
-                          copy=True)
-        Z.data[np.abs(Z.data) < rule.threshold] = 0
-        Z.eliminate_zeros()
-        Z = sp.csr_matrix(normalize_rows(Z), dtype=np.float32)
-        Z.sort_indices()
-        return cls(Z.indptr.astype(np.int64), Z.indices.astype(np.int32), Z.data,
-                   int(X.shape[1]), rule)
+        ``rule.threshold``, scaled to norm 1 again. Only the kept entries are copied: the
+        whole PIFA matrix is as large as the clustering's, the profiles a fraction of it."""
+        Z = pifa_embeddings(X, Y) if pifa is None else pifa
+        Z.sort_indices()  # in place; the kernel bisects each row
+        n_labels = Z.shape[0]
+        keep = np.abs(Z.data) >= rule.threshold
+        rows = np.repeat(np.arange(n_labels, dtype=np.int32), np.diff(Z.indptr))[keep]
+        data = Z.data[keep].astype(np.float32)
+        indices = Z.indices[keep].astype(np.int32)
+        indptr = np.zeros(n_labels + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=n_labels), out=indptr[1:])
+        norms = np.sqrt(np.bincount(rows, weights=np.square(data, dtype=np.float64),
+                                    minlength=n_labels))
+        data /= norms[rows].astype(np.float32)  # a kept entry's row has a norm above 0
+        return cls(indptr, indices, data, int(X.shape[1]), rule)
 
     def with_rule(self, rule: ProfileRule) -> LabelProfiles:
         return LabelProfiles(self.indptr, self.indices, self.data, self.n_features, rule)
