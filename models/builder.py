@@ -34,9 +34,7 @@ from models.feature_lookup import FeatureLookup
 from models.features import FeatureEncoder, fuse
 from models.knn import (
     NO_KNN,
-    Found,
     KnnMatcher,
-    Rows,
     VoteRule,
     candidate_pool,
     centroid_scores,
@@ -53,7 +51,7 @@ from models.profiles import (
     ProfileRule,
     rank_fused,
 )
-from models.search import Searcher, ranked_names, search_matrix
+from models.search import Found, Rows, Searcher, ranked_names, search_matrix
 from models.tree import Ensemble, quantize
 from models.vocab import Vocabulary, write_label_meta
 

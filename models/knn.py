@@ -57,7 +57,7 @@ from models.dense import unit_rows
 from models.errors import BundleError, InvalidInputError
 from models.explain import CENTROID_TERM, KNN_TERM
 from models.profiles import NO_PROFILES, ProfilePart
-from models.search import Searcher
+from models.search import Found, Rows, Searcher
 
 #: array name -> the dtypes it may be stored in (as models.tree.ENSEMBLE_ARRAYS): the label
 #: lists of the indexed training documents, CSR
@@ -78,12 +78,6 @@ KIND = "usearch"
 #: 0.99 / 0.98 / 0.97
 EXACT_MAX_DOCS = 4096
 
-#: (label ids, scores): one row of a ranking, best first
-Ranking = tuple[np.ndarray, np.ndarray]
-#: (indptr, indices, data) of CSR rows with sorted indices
-Rows = tuple[np.ndarray, np.ndarray, np.ndarray]
-#: what a search returns: label ids (n, top_k; -1 pads), scores (n, top_k), counts (n,)
-Found = tuple[np.ndarray, np.ndarray, np.ndarray]
 #: ``(ptr, ids) -> scores``: one score for each candidate label, the candidates CSR per query
 CandidateScores = Callable[[np.ndarray, np.ndarray], np.ndarray]
 

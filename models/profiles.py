@@ -1,6 +1,7 @@
 """Label profiles: each label's training documents' feature rows summed and l2-normalized
-(PIFA, the vectors the clustering splits: :func:`models.cluster.pifa_embeddings`), scoring
-how close a query's whole feature row lies to everything the label was trained on.
+(PIFA, the vectors the clustering splits: :func:`models.cluster.pifa_embeddings`), the
+entries below a threshold dropped and the row scaled to norm 1 again: how close a query's
+whole feature row lies to everything the label was trained on.
 
 The trees' top ``max(top_k, pool_size)`` labels are re-ranked by::
 
@@ -8,16 +9,17 @@ The trees' top ``max(top_k, pool_size)`` labels are re-ranked by::
 
 and cut at ``top_k``: the division keeps the scores in 0..1 (thresholds, calibration,
 ``min_score``), and with ``pool_size`` at least ``top_k`` the first labels do not depend on
-how many a request asks for. A linear tree scores a label by its path's classifiers, each
-trained to separate that node's documents; the profile compares the query with all of the
-label's documents at once, which the trees' top labels often tie on (on validation it
-lifted P@1 where labels are topical, and lost where a document carries many tags and every
-profile looks alike: benchmarks/RESULTS.md). ``weight`` is chosen on the builder's
-validation split (:func:`models.builder.choose_profiles`); 0 stores no profiles.
+how many a request asks for. A tree scores a label by the classifiers on its path, each
+trained to tell one node's documents apart; the profile compares the query with all of the
+label's documents at once, and lifts labels whose words the query shares as a whole (on
+validation: P@1 up where labels are topical, down where a document carries many tags and
+the profiles look alike; benchmarks/RESULTS.md, "Round four"). The weight and the threshold
+are chosen on the builder's validation split (:func:`models.builder.choose_profiles`); a
+weight of 0 stores no profiles.
 
 In the bundle: ``profiles.{indptr,indices,data}.npy``, the profiles as CSR rows
 (:data:`PROFILE_ARRAYS`), read with :func:`models.bundle.load_npy`, and the manifest's
-``profiles`` entry (``weight``, ``pool_size``).
+``profiles`` entry (``weight``, ``pool_size``, ``threshold``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from models.bundle import load_npy
 from models.cluster import pifa_embeddings
 from models.errors import BundleError
 from models.explain import PROFILE_TERM
+from models.search import Found, Rows
 
 #: array name -> the dtypes it may be stored in (as models.tree.ENSEMBLE_ARRAYS): the
 #: profiles as CSR rows, one a label, indices sorted
@@ -42,10 +45,6 @@ PROFILE_ARRAYS: dict[str, tuple[type, ...]] = {
     "indices": (np.int32,),  # feature ids
     "data": (np.float32,),  # each row of norm 1 (0 for a label without documents)
 }
-#: (label ids, scores, counts) as a search returns them
-Found = tuple[np.ndarray, np.ndarray, np.ndarray]
-#: (indptr, indices, data) of CSR rows with sorted indices
-Rows = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -234,6 +233,12 @@ class LabelProfiles:
                               folder / "profiles.indptr.npy")
         if idx.size and (idx.min() < 0 or idx.max() >= n_features):
             raise BundleError(f"feature id outside 0..{n_features - 1}",
+                              folder / "profiles.indices.npy")
+        # the kernel bisects each row: its feature ids must ascend
+        row_start = np.zeros(idx.shape[0], dtype=np.bool_)
+        row_start[ptr[:-1][ptr[:-1] < idx.shape[0]]] = True
+        if np.any((np.diff(idx) <= 0) & ~row_start[1:]):
+            raise BundleError("feature ids do not ascend within a label's row",
                               folder / "profiles.indices.npy")
         return cls(ptr, idx, arrays["data"], n_features, rule)
 

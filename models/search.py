@@ -35,6 +35,10 @@ L3_HINGE_ORDERED = 2
 #: 1, and the label id breaks the tie). Small: a path score moves by at most this much per
 #: layer, in log.
 TIE_SPAN = 1e-3
+#: (indptr, indices, data) of CSR rows with sorted indices: what the search reads
+Rows = tuple[np.ndarray, np.ndarray, np.ndarray]
+#: what a search returns: label ids (n, top_k; -1 pads), scores (n, top_k), counts (n,)
+Found = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @numba.njit(inline="always")

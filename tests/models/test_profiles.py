@@ -146,6 +146,7 @@ def test_a_label_filter_still_holds(profile_bundle, tiny_corpus):
 @pytest.mark.parametrize(("name", "change"), [
     ("profiles.indptr.npy", lambda a: a[:-1]),
     ("profiles.indices.npy", lambda a: a + 10**6),
+    ("profiles.indices.npy", lambda a: a[::-1].copy()),
     ("profiles.data.npy", lambda a: a.astype(np.float64)),
 ])
 def test_damaged_profiles_are_refused_naming_the_file(profile_bundle, tmp_path, name, change):
