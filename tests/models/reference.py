@@ -1,6 +1,6 @@
 """A slow exhaustive scorer that shares no code with the beam-search kernel: margins from a
 scipy product with weights rebuilt from the ensemble arrays, then a plain loop over every
-root-to-leaf path."""
+root-to-leaf path; and the assertions that hold a predictor to such scores."""
 
 from __future__ import annotations
 
@@ -97,3 +97,25 @@ def tree_leaf_scores(ens: Ensemble, X: sp.csr_matrix, post: str) -> np.ndarray:
                 out[:, t, lab] *= node[:, n]
                 n = int(ens.parent[n])
     return out
+
+
+def assert_ranks_all_labels_as(predictor, X: sp.csr_matrix, want: np.ndarray) -> None:
+    """At a beam and top_k as wide as the label set, every row of X gets every label, scored
+    and ordered as the oracle's scores ``want`` (n_docs, n_labels) say."""
+    n = predictor.n_labels
+    ids, scores, counts = predictor.predict_ids(X, top_k=n, beam_size=n)
+    for d in range(X.shape[0]):
+        assert counts[d] == n
+        np.testing.assert_allclose(scores[d], want[d, ids[d]], atol=1e-5)
+        np.testing.assert_allclose(scores[d], np.sort(want[d])[::-1], atol=1e-5)
+
+
+def assert_text_paths_agree(predictor, texts: list[str], top_k: int) -> None:
+    """One batch, one text at a time and the encoded feature rows give the same labels and
+    scores."""
+    batch = predictor.predict(texts, top_k=top_k)
+    singles = [predictor.predict([t], top_k=top_k)[0] for t in texts]
+    feats = predictor.predict_features(predictor.encode(texts), top_k=top_k)
+    for a, b, c in zip(batch, singles, feats):
+        assert [lab for lab, _ in a] == [lab for lab, _ in b] == [lab for lab, _ in c]
+        np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1e-5)

@@ -20,7 +20,11 @@ from models.errors import BundleError, InvalidInputError
 from models.explain import CENTROID_TERM, KNN_TERM
 from models.knn import KnnMatcher, NoKnn, Pool, VoteRule, label_centroids
 from tests.conftest import corpus_from_docs, tiny_params
-from tests.models.reference import leaf_scores
+from tests.models.reference import (
+    assert_ranks_all_labels_as,
+    assert_text_paths_agree,
+    leaf_scores,
+)
 from tests.models.tiny_onnx import WORDS, make_tiny_encoder
 
 
@@ -271,11 +275,7 @@ def test_fused_scores_match_the_oracle(knn_bundle, word_corpus):
     want = ((1 - w) * trees + w * votes + c * centroids) / (1 + c)
     assert (want <= 1).all() and centroids.any()
     n = predictor.n_labels
-    ids, scores, counts = predictor.predict_ids(X, top_k=n, beam_size=n)
-    for d in range(X.shape[0]):
-        assert counts[d] == n
-        np.testing.assert_allclose(scores[d], want[d, ids[d]], atol=1e-5)
-        np.testing.assert_allclose(scores[d], np.sort(want[d])[::-1], atol=1e-5)
+    assert_ranks_all_labels_as(predictor, X, want)
     # a narrow top-k over a full beam: the best 5 of the pool, the trees' top 5 and every
     # voted label (their tree scores computed exactly); the centroids re-rank that pool
     ids, scores, _ = predictor.predict_ids(X, top_k=5, beam_size=n)
@@ -293,14 +293,7 @@ def test_fused_scores_match_the_oracle(knn_bundle, word_corpus):
 
 def test_text_single_batch_and_features_agree(knn_bundle, word_corpus):
     _, test = word_corpus
-    predictor = models.load_bundle(knn_bundle)
-    texts = test.texts[:12]
-    batch = predictor.predict(texts, top_k=5)
-    singles = [predictor.predict([t], top_k=5)[0] for t in texts]
-    feats = predictor.predict_features(predictor.encode(texts), top_k=5)
-    for a, b, c in zip(batch, singles, feats):
-        assert [lab for lab, _ in a] == [lab for lab, _ in b] == [lab for lab, _ in c]
-        np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+    assert_text_paths_agree(models.load_bundle(knn_bundle), test.texts[:12], top_k=5)
 
 
 def test_explanations_name_the_votes_and_centroids_shares_of_the_score(

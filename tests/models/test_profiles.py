@@ -17,7 +17,11 @@ from models.errors import BundleError, InvalidInputError
 from models.explain import PROFILE_TERM
 from models.params import BuildParams
 from tests.conftest import tiny_params
-from tests.models.reference import leaf_scores
+from tests.models.reference import (
+    assert_ranks_all_labels_as,
+    assert_text_paths_agree,
+    leaf_scores,
+)
 
 #: the profiles' weight in the bundle under test, high enough to move some first labels,
 #: and their threshold, high enough to drop entries
@@ -90,12 +94,7 @@ def test_scores_match_the_oracle(profile_bundle, tiny_corpus):
     assert not np.allclose(cos, oracle_cosines(predictor, train, X, threshold=0.0))
     want = (trees + W * cos) / (1 + W)
     n = predictor.n_labels
-    # every label in the pool: the whole ranking is the oracle's
-    ids, scores, counts = predictor.predict_ids(X, top_k=n, beam_size=n)
-    for d in range(X.shape[0]):
-        assert counts[d] == n
-        np.testing.assert_allclose(scores[d], want[d, ids[d]], atol=1e-5)
-        np.testing.assert_allclose(scores[d], np.sort(want[d])[::-1], atol=1e-5)
+    assert_ranks_all_labels_as(predictor, X, want)  # every label in the pool
     # top 2 of a pool of 4: the best 2 of the trees' exact top 4 by the fused score, the
     # same first labels as a request for 4
     ids, scores, _ = predictor.predict_ids(X, top_k=2, beam_size=n)
@@ -112,14 +111,7 @@ def test_scores_match_the_oracle(profile_bundle, tiny_corpus):
 
 def test_text_single_batch_and_features_agree(profile_bundle, tiny_corpus):
     _, test = tiny_corpus
-    predictor = models.load_bundle(profile_bundle)
-    texts = test.texts[:12]
-    batch = predictor.predict(texts, top_k=3)
-    singles = [predictor.predict([t], top_k=3)[0] for t in texts]
-    feats = predictor.predict_features(predictor.encode(texts), top_k=3)
-    for a, b, c in zip(batch, singles, feats):
-        assert [lab for lab, _ in a] == [lab for lab, _ in b] == [lab for lab, _ in c]
-        np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+    assert_text_paths_agree(models.load_bundle(profile_bundle), test.texts[:12], top_k=3)
 
 
 def test_explanations_name_the_profiles_share(profile_bundle, tiny_corpus):
