@@ -130,8 +130,8 @@ def vote(keys: np.ndarray, sims: np.ndarray, label_ptr: np.ndarray, label_ids: n
     order = np.argsort(cell, kind="stable")
     cell = cell[order]
     first = np.flatnonzero(np.diff(cell, prepend=-1))
-    data = np.add.reduceat(np.repeat(w[ok], lens)[order], first) if first.size else \
-        np.empty(0)
+    weights = np.repeat(w[ok], lens)[order]
+    data = np.add.reduceat(weights, first) if first.size else weights
     row_of = cell[first] // n_labels
     data /= total[row_of]
     indptr = np.zeros(n + 1, dtype=np.int64)
@@ -225,9 +225,6 @@ def candidate_pool(tree: Found, votes: sp.csr_matrix, tree_scores_of: CandidateS
     centroid = (centroid_scores_of(ptr, pool_ids) if centroid_scores_of is not None
                 else np.zeros(pool_ids.shape[0]))
     return Pool(ptr, pool_ids, tree_score.astype(np.float64), pool_votes, centroid)
-
-
-
 
 
 class KnnMatcher:

@@ -164,8 +164,9 @@ class BuildParams:
     dense block: each label's documents' feature rows summed, whose cosine with the query
     re-ranks the trees' top ``profile_pool_size`` labels. The weight and the threshold are
     chosen by (P@1 + P@5) / 2 on the validation split (``validation_share``; one tree
-    trained on the rest, :func:`models.builder.choose_profiles`); a choice of 0, or a grid of
-    only 0, stores no profiles (and trains no validation tree)."""
+    trained on the rest, :func:`models.builder.choose_profiles`) and kept only when the gain
+    over the trees alone exceeds one standard error; a choice of 0, or a grid of only 0,
+    stores no profiles (and a grid of only 0 trains no validation tree)."""
     profile_threshold_grid: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05])
     """Candidate thresholds below which a profile's entries (of a unit vector) are dropped:
     at most 1 / threshold ** 2 entries a label."""

@@ -198,7 +198,7 @@ class Predictor:
         ...]`` (positive contributions only), plus one entry for a dense encoder's block. A
         contribution is in margin units, averaged over trees: see :mod:`models.explain`.
         A bundle with a kNN part adds the shares of each label's score that its votes and
-        its label centroids gave, last."""
+        its label centroids gave, last; one with label profiles, the share they gave."""
         names = self._term_names()
         why = [e.top(names, n_terms)
                for e in explain_labels(self.ensemble, indices, values, labels)]
