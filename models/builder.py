@@ -132,10 +132,12 @@ def build(
         del dense
         Y = label_matrix(train.labels, label_names)
         label_counts = np.asarray(Y.sum(axis=0)).ravel().astype(np.int64)
-        # built before the trees: the whole PIFA matrix it prunes is then the only large
-        # thing beside the features, not an addition to the trained forest's peak
-        profiles = (LabelProfiles.build(X, Y, profile_rule) if profile_rule is not None
-                    else None)
+        pifa, profiles = None, None
+        if profile_rule is not None:
+            # the clustering's PIFA, computed once: the profiles are its pruned rows
+            with stages("pifa"):
+                pifa = pifa_embeddings(X, Y)
+            profiles = LabelProfiles.build(X, Y, profile_rule, pifa=pifa)
         cpu_train = time.process_time()
         if encoder is None:
             dense_start = train.dense_start
@@ -144,7 +146,7 @@ def build(
         params = params.resolved(fused=dense_start is not None)
         log.info("ranker negatives: %s", params.ranker.negatives)
         writer = bundle_io.ForestWriter(tmp)
-        for tree in _train_trees(X, Y, params, threads, stages, dense_start, engine):
+        for tree in _train_trees(X, Y, params, threads, stages, dense_start, engine, pifa):
             # each tree goes to disk as soon as it is trained: the forest is never in memory
             writer.add(quantize(tree, params.weight_dtype))
             del tree
@@ -240,12 +242,16 @@ def _canonical(corpus: Corpus, vocab: Vocabulary) -> Corpus:
 
 def _train_trees(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, threads: int,
                  stages: StageTimer, dense_start: int | None = None,
-                 engine: TreeEngine | None = None) -> Iterator[Ensemble]:
-    """PIFA, then per tree a clustering and its rankers (on ``engine``, local by default):
-    the one-tree ensembles in tree order, each as soon as it is trained. Columns from
-    ``dense_start`` on are a dense encoder's block (see :mod:`models.tree`)."""
-    with stages("pifa"):
-        Z = pifa_embeddings(X, Y)
+                 engine: TreeEngine | None = None, pifa: sp.csr_matrix | None = None,
+                 ) -> Iterator[Ensemble]:
+    """PIFA (``pifa`` when the caller has it), then per tree a clustering and its rankers
+    (on ``engine``, local by default): the one-tree ensembles in tree order, each as soon as
+    it is trained. Columns from ``dense_start`` on are a dense encoder's block (see
+    :mod:`models.tree`)."""
+    if pifa is None:
+        with stages("pifa"):
+            pifa = pifa_embeddings(X, Y)
+    Z = pifa
     yield from (engine or LocalEngine()).trees(X, Y, Z, params, threads=threads,
                                                stages=stages, dense_start=dense_start)
 
@@ -411,12 +417,18 @@ def choose_profiles(train: Corpus, params: BuildParams, threads: int,
     """The weight and threshold of the label profiles (``profile_weight_grid`` x
     ``profile_threshold_grid``) that :func:`profile_preference` ranks first on the seeded
     ``validation_share`` of ``train`` (one tree trained as the bundle's are and the profiles
-    built on the rest, the held-out documents searched once), unless its gain over the trees
+    built on a seeded ``profile_fit_share`` of the documents outside it, the held-out
+    documents searched once), unless its gain over the trees
     alone is within one standard error (the per-document differences'): a gain that small
     is as likely the split's noise, and the profiles would cost a request and bytes for it.
     Returns the rule (None for weight 0) and the table behind the choice for the manifest.
     A training set too small to hold a split out gets no profiles."""
     fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
+    # a seeded part of the rest: the choice's copy of the features and its tree's training
+    # then stay within the memory the bundle's own training takes
+    n_fit = min(len(fit_rows), max(1, round(params.profile_fit_share * train.n_docs)))
+    fit_rows = np.sort(np.random.default_rng(params.seed).choice(fit_rows, n_fit,
+                                                                 replace=False))
     fit, valid = train.subset(fit_rows), train.subset(valid_rows)
     names = distinct_labels(fit.labels)
     if not len(valid_rows) or not names:

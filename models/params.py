@@ -170,6 +170,11 @@ class BuildParams:
     profile_threshold_grid: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05])
     """Candidate thresholds below which a profile's entries (of a unit vector) are dropped:
     at most 1 / threshold ** 2 entries a label."""
+    profile_fit_share: float = 0.5
+    """Share of the training documents (from outside the validation split) that the
+    profiles' choice trains its tree and builds its profiles on: its copy of those
+    documents' features and its tree's working set grow with it, and 0.5 keeps them under
+    the memory the bundle's own training takes (benchmarks/RESULTS.md, "Round four")."""
     profile_pool_size: int = 5
     """How many of the trees' top labels the profiles re-rank (at least ``top_k`` of a
     request)."""
@@ -233,6 +238,8 @@ class BuildParams:
         if not self.profile_threshold_grid or not all(
                 0 <= t < 1 for t in self.profile_threshold_grid):
             raise InvalidInputError("profile_threshold_grid must list thresholds in 0..1")
+        if not 0 < self.profile_fit_share <= 1 - self.validation_share:
+            raise InvalidInputError("profile_fit_share must lie in (0, 1 - validation_share]")
         if self.profile_pool_size < 1:
             raise InvalidInputError("profile_pool_size must be >= 1")
         if not 0 < self.validation_share < 1:

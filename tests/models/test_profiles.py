@@ -207,6 +207,8 @@ def test_the_choice_prefers_the_score_then_the_smaller_weight_and_profiles():
                                  {"profile_weight_grid": [0.0, -1.0]},
                                  {"profile_threshold_grid": []},
                                  {"profile_threshold_grid": [1.0]},
+                                 {"profile_fit_share": 0.0},
+                                 {"profile_fit_share": 0.9},  # more than outside the split
                                  {"profile_pool_size": 0}])
 def test_bad_profile_parameters_are_refused(bad):
     with pytest.raises(InvalidInputError, match="profile"):
