@@ -251,8 +251,7 @@ def _train_trees(X: sp.csr_matrix, Y: sp.csr_matrix, params: BuildParams, thread
     if pifa is None:
         with stages("pifa"):
             pifa = pifa_embeddings(X, Y)
-    Z = pifa
-    yield from (engine or LocalEngine()).trees(X, Y, Z, params, threads=threads,
+    yield from (engine or LocalEngine()).trees(X, Y, pifa, params, threads=threads,
                                                stages=stages, dense_start=dense_start)
 
 
@@ -441,8 +440,8 @@ def choose_profiles(train: Corpus, params: BuildParams, threads: int,
     ensemble = quantize(next(_train_trees(X_fit, Y_fit, one_tree, threads,
                                           StageTimer(verbose=False))), params.weight_dtype)
     rows = (X_valid.indptr, X_valid.indices, X_valid.data)
-    found = search_matrix(ensemble, X_valid, POST_PROCESSORS[params.post_processor],
-                          min(max(5, params.profile_pool_size), len(names)),
+    width = ProfileRule(0.0, params.profile_pool_size, 0.0).width(5, len(names))
+    found = search_matrix(ensemble, X_valid, POST_PROCESSORS[params.post_processor], width,
                           params.beam_size, threads)
     pifa = pifa_embeddings(X_fit, Y_fit)
     candidates: list[dict[str, float]] = []

@@ -388,3 +388,10 @@ def normalize_rows(X: sp.csr_matrix) -> sp.csr_matrix:
     norms[norms == 0.0] = 1.0
     X.data /= np.repeat(norms, np.diff(X.indptr)).astype(np.float32)
     return X
+
+
+def row_pointers(row_of: np.ndarray, n_rows: int) -> np.ndarray:
+    """int64 CSR row pointers (n_rows + 1) of entries whose rows ``row_of`` ascend."""
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_of, minlength=n_rows), out=indptr[1:])
+    return indptr

@@ -53,6 +53,7 @@ import scipy.sparse as sp
 from usearch.index import BatchMatches, Index
 
 from models.bundle import load_npy, sha256_file, verify_files
+from models.data import row_pointers
 from models.dense import unit_rows
 from models.errors import BundleError, InvalidInputError
 from models.explain import CENTROID_TERM, KNN_TERM
@@ -134,10 +135,8 @@ def vote(keys: np.ndarray, sims: np.ndarray, label_ptr: np.ndarray, label_ids: n
     data = np.add.reduceat(weights, first) if first.size else weights
     row_of = cell[first] // n_labels
     data /= total[row_of]
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(row_of, minlength=n), out=indptr[1:])
-    return sp.csr_matrix((data, (cell[first] % n_labels).astype(np.int32), indptr),
-                         shape=(n, n_labels))
+    return sp.csr_matrix((data, (cell[first] % n_labels).astype(np.int32),
+                          row_pointers(row_of, n)), shape=(n, n_labels))
 
 
 def label_centroids(emb: np.ndarray, Y: sp.csr_matrix) -> np.ndarray:
@@ -210,14 +209,12 @@ def candidate_pool(tree: Found, votes: sp.csr_matrix, tree_scores_of: CandidateS
         keep = allowed[votes.indices]
         voted_cell, vote_of = voted_cell[keep], vote_of[keep]
     extra = voted_cell[~np.isin(voted_cell, found_cell)]  # ascending, as the kernel reads
-    extra_ptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(extra // n_labels, minlength=n), out=extra_ptr[1:])
     cell = np.concatenate((found_cell, extra))
-    tree_score = np.concatenate((scores[found], tree_scores_of(extra_ptr, extra % n_labels)))
+    tree_score = np.concatenate((scores[found], tree_scores_of(
+        row_pointers(extra // n_labels, n), extra % n_labels)))
     order = np.argsort(cell)
     cell, tree_score = cell[order], tree_score[order]
-    ptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(cell // n_labels, minlength=n), out=ptr[1:])
+    ptr = row_pointers(cell // n_labels, n)
     at = np.minimum(np.searchsorted(voted_cell, cell), max(voted_cell.shape[0] - 1, 0))
     pool_votes = (np.where(voted_cell[at] == cell, vote_of[at], 0.0) if voted_cell.size
                   else np.zeros(cell.shape[0]))

@@ -34,6 +34,7 @@ import scipy.sparse as sp
 
 from models.bundle import load_npy
 from models.cluster import pifa_embeddings
+from models.data import row_pointers
 from models.errors import BundleError
 from models.explain import PROFILE_TERM
 from models.search import Found, Rows
@@ -58,9 +59,10 @@ class ProfileRule:
     pool_size: int
     threshold: float
 
-    def width(self, top_k: int) -> int:
-        """How many labels the trees are searched for when ``top_k`` are asked."""
-        return max(top_k, self.pool_size)
+    def width(self, top_k: int, n_labels: int) -> int:
+        """How many of ``n_labels`` labels the trees are searched for when ``top_k`` are
+        asked."""
+        return min(max(top_k, self.pool_size), n_labels)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -160,8 +162,7 @@ class LabelProfiles:
         rows = np.repeat(np.arange(n_labels, dtype=np.int32), np.diff(Z.indptr))[keep]
         data = Z.data[keep].astype(np.float32)
         indices = Z.indices[keep].astype(np.int32)
-        indptr = np.zeros(n_labels + 1, dtype=np.int64)
-        np.cumsum(np.bincount(rows, minlength=n_labels), out=indptr[1:])
+        indptr = row_pointers(rows, n_labels)
         norms = np.sqrt(np.bincount(rows, weights=np.square(data, dtype=np.float64),
                                     minlength=n_labels))
         data /= norms[rows].astype(np.float32)  # a kept entry's row has a norm above 0
@@ -171,7 +172,7 @@ class LabelProfiles:
         return LabelProfiles(self.indptr, self.indices, self.data, self.n_features, rule)
 
     def width(self, top_k: int) -> int:
-        return min(self.rule.width(top_k), self.n_labels)
+        return self.rule.width(top_k, self.n_labels)
 
     def cosines(self, rows: Rows, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """float64 (n, width): ``max(0, cos)`` of each row with the profile of each of its

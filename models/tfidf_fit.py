@@ -46,6 +46,7 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
+from models.data import row_pointers
 from models.errors import InvalidInputError
 from models.tfidf import (
     _FAST_DEFAULT_PATTERN,
@@ -625,8 +626,7 @@ def _block_rows(index: int, rows_input: _RowsInput | None = None,
     cols = feature_of[block.term_ids][block.term_idx]
     known = cols >= 0
     rows = rows[known]
-    indptr = np.zeros(n_rows + 1, np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
+    indptr = row_pointers(rows, n_rows)
     # scipy sorts each short row (C++), about twice as fast as one argsort of the block.
     counts = sp.csr_matrix((block.counts[known], cols[known], indptr), shape=(n_rows, len(idf)))
     counts.sort_indices()
