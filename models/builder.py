@@ -35,6 +35,8 @@ from models.features import FeatureEncoder, fuse
 from models.knn import (
     NO_KNN,
     KnnMatcher,
+    KnnPart,
+    PostingsIndex,
     VoteRule,
     candidate_pool,
     centroid_scores,
@@ -120,10 +122,14 @@ def build(
             if not rule.scores:
                 log.info("knn weights 0 won on validation: a bundle without the kNN part")
                 rule = None
-        profile_rule, profile_selection = None, None
-        if dense is None and not params.knn and max(params.profile_weight_grid) > 0:
-            with stages("profile_choice"):
-                profile_rule, profile_selection = choose_profiles(train, params, threads)
+        reranking = Reranking()
+        if dense is None and not params.knn and (
+                max(params.profile_weight_grid) > 0 or (
+                    params.feature_knn_max_postings > 0 and max(params.knn_weight_grid) > 0)):
+            with stages("rerank_choice"):
+                reranking = choose_reranking(train, params, threads)
+            rule, knn_selection = reranking.knn, reranking.knn_selection
+        profile_rule = reranking.profiles
         held_out = None
         if params.tune_threshold or params.calibrate:
             with stages("held_out"):
@@ -164,9 +170,7 @@ def build(
             controls = held_out.save(tmp) if held_out is not None else {}
             encoder_files += controls.get("calibration", {}).get("files", [])
             if rule is not None:
-                assert dense_start is not None  # choose_knn refuses features without one
-                controls["knn"] = KnnMatcher.build(
-                    _block_of(X, dense_start, X.shape[1] - dense_start), Y, rule).save(tmp)
+                controls["knn"] = _knn_matcher(X, Y, rule, dense_start, params).save(tmp)
                 encoder_files += controls["knn"]["files"]
             if profiles is not None:
                 controls["profiles"] = profiles.save(tmp)
@@ -176,7 +180,8 @@ def build(
                 "format_version": bundle_io.format_version(
                     knn=rule is not None,
                     centroids=rule is not None and rule.centroid_weight > 0,
-                    profiles=profile_rule is not None),
+                    profiles=profile_rule is not None,
+                    postings=controls.get("knn", {}).get("kind") == PostingsIndex.kind),
                 "name": name or out_dir.name,
                 # threads changes how fast, never what is built: not part of the identity
                 "version": bundle_io.content_hash(
@@ -213,8 +218,8 @@ def build(
             manifest["build"]["knn_selection"] = knn_selection
         if rule is not None:
             manifest["build"]["knn_bytes"] = manifest["knn"]["bytes"]
-        if profile_selection is not None:
-            manifest["build"]["profile_selection"] = profile_selection
+        if reranking.profile_selection is not None:
+            manifest["build"]["profile_selection"] = reranking.profile_selection
         if test is not None:
             bundle_io.write_manifest(tmp, manifest)
             from models.evaluate import evaluate_predictor
@@ -375,15 +380,17 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
 
 
 def _knn_candidates(searcher: Searcher, rows: Rows, trees: Found, matcher: KnnMatcher,
-                    queries: np.ndarray, params: BuildParams, threads: int,
+                    queries: Any, params: BuildParams, threads: int,
                     score: Callable[[np.ndarray, np.ndarray], dict[str, float]],
                     ) -> list[dict[str, float]]:
     """Every rule of the grids but the trees alone, with ``score(ids, counts)`` of the top
-    5 it gives the validation ``rows`` (embedded as ``queries``), over the trees' top 5
-    ``trees``: the neighbours are searched once, the pool built once per (k, power)."""
+    5 it gives the validation ``rows`` (as the matcher's index searches them:
+    ``queries``), over the trees' ranking ``trees``: the neighbours are searched once, the
+    pool built once per (k, power). A matcher without centroids takes a centroid grid of
+    0 only."""
     keys, sims = matcher.neighbours(queries, max(params.knn_k_grid), threads)
-    assert matcher.centroids is not None  # KnnMatcher.build computes them
-    centroids_of = partial(centroid_scores, matcher.centroids, queries)
+    centroids_of = (None if matcher.centroids is None
+                    else partial(centroid_scores, matcher.centroids, queries))
     candidates = []
     for k in sorted(set(params.knn_k_grid)):
         for power in sorted(set(params.knn_power_grid)):
@@ -411,17 +418,28 @@ def knn_preference(candidate: dict[str, float]) -> tuple[float, ...]:
             -c.get("centroid_weight", 0.0), -c["k"], -c["power"])
 
 
-def choose_profiles(train: Corpus, params: BuildParams, threads: int,
-                    ) -> tuple[ProfileRule | None, dict[str, Any] | None]:
-    """The weight and threshold of the label profiles (``profile_weight_grid`` x
-    ``profile_threshold_grid``) that :func:`profile_preference` ranks first on the seeded
-    ``validation_share`` of ``train`` (one tree trained as the bundle's are and the profiles
-    built on a seeded ``profile_fit_share`` of the documents outside it, the held-out
-    documents searched once), unless its gain over the trees
-    alone is within one standard error (the per-document differences'): a gain that small
-    is as likely the split's noise, and the profiles would cost a request and bytes for it.
-    Returns the rule (None for weight 0) and the table behind the choice for the manifest.
-    A training set too small to hold a split out gets no profiles."""
+@dataclass
+class Reranking:
+    """What :func:`choose_reranking` chose for a bundle without a dense block: the vote rule
+    of a kNN part over the feature rows and the label profiles' rule (None: none), with the
+    tables behind each choice for the manifest (None: not considered)."""
+
+    knn: VoteRule | None = None
+    knn_selection: dict[str, Any] | None = None
+    profiles: ProfileRule | None = None
+    profile_selection: dict[str, Any] | None = None
+
+
+def choose_reranking(train: Corpus, params: BuildParams, threads: int) -> Reranking:
+    """The parts that re-rank the trees' labels in a bundle without a dense block, chosen on
+    the seeded ``validation_share`` of ``train`` with one tree trained as the bundle's are
+    on a seeded ``profile_fit_share`` of the documents outside it (the held-out documents
+    searched once): first a kNN part over the feature rows (:func:`_choose_feature_knn`),
+    then, over its ranking, the label profiles' weight and threshold
+    (:func:`_choose_profiles`). Each is kept only when its gain in (P@1 + P@5) / 2 exceeds
+    one standard error of the per-document differences: a gain that small is as likely the
+    split's noise, and the part would cost a request and bytes for it. A training set too
+    small to hold a split out gets neither."""
     fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
     # a seeded part of the rest: the choice's copy of the features and its tree's training
     # then stay within the memory the bundle's own training takes
@@ -431,9 +449,9 @@ def choose_profiles(train: Corpus, params: BuildParams, threads: int,
     fit, valid = train.subset(fit_rows), train.subset(valid_rows)
     names = distinct_labels(fit.labels)
     if not len(valid_rows) or not names:
-        log.info("profiles: %d training documents hold no validation split out, so none",
+        log.info("reranking: %d training documents hold no validation split out, so none",
                  train.n_docs)
-        return None, None
+        return Reranking()
     X_fit, X_valid, _ = _held_out_features(train, fit_rows, valid_rows, None, params)
     Y_fit = label_matrix(fit.labels, names)
     one_tree = dataclasses.replace(params, n_trees=1).resolved(fused=False)
@@ -441,8 +459,82 @@ def choose_profiles(train: Corpus, params: BuildParams, threads: int,
                                           StageTimer(verbose=False))), params.weight_dtype)
     rows = (X_valid.indptr, X_valid.indices, X_valid.data)
     width = ProfileRule(0.0, params.profile_pool_size, 0.0).width(5, len(names))
-    found = search_matrix(ensemble, X_valid, POST_PROCESSORS[params.post_processor], width,
-                          params.beam_size, threads)
+    choice = Reranking()
+    lookup = FeatureLookup.build(ensemble, X_fit.shape[1], params.bitmap_mb)
+    with Searcher(ensemble, X_fit.shape[1], POST_PROCESSORS[params.post_processor],
+                  threads=threads, lookup=lookup) as searcher:
+        found = searcher.search(*rows, width, params.beam_size)
+        # the bundle's index holds every training document: its postings grow with them
+        mean_postings = (PostingsIndex.mean_postings(X_fit) * train.n_docs / X_fit.shape[0])
+        if max(params.knn_weight_grid) > 0:
+            found, choice.knn, choice.knn_selection = _choose_feature_knn(
+                searcher, rows, found, KnnMatcher.build_postings(
+                    X_fit, Y_fit, VoteRule(1, 1.0, 0.0)) if mean_postings <= params.
+                feature_knn_max_postings else None, mean_postings, names, valid, params,
+                threads)
+    if max(params.profile_weight_grid) > 0:
+        choice.profiles, choice.profile_selection = _choose_profiles(
+            X_fit, Y_fit, rows, found, names, valid, params)
+    for selection in (choice.knn_selection, choice.profile_selection):
+        if selection is not None:
+            selection.update(validation_share=params.validation_share,
+                             n_validation_docs=len(valid_rows), n_trees=1)
+    return choice
+
+
+def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
+                        matcher: KnnMatcher | None, mean_postings: float, names: list[str],
+                        valid: Corpus, params: BuildParams, threads: int,
+                        ) -> tuple[Found, VoteRule | None, dict[str, Any]]:
+    """The vote rule of a kNN part over the feature rows (``knn_k_grid`` x
+    ``knn_power_grid`` x ``knn_weight_grid``) that :func:`knn_preference` ranks first on the
+    held-out ``rows`` over the trees' ``found``, unless within one standard error of the
+    trees alone; ``matcher`` indexes the fit documents (None: a query would read more than
+    ``feature_knn_max_postings`` postings, so no kNN part). Returns the ranking the next
+    part re-ranks (``found`` fused with the chosen votes, as wide), the rule (None: the
+    trees alone) and the table behind it."""
+    record: dict[str, Any] = {"index": PostingsIndex.kind,
+                              "mean_postings": round(mean_postings, 1),
+                              "max_postings": params.feature_knn_max_postings}
+    if matcher is None:
+        log.info("knn over the features: a query would read %.0f postings (more than %d), "
+                 "so none", mean_postings, params.feature_knn_max_postings)
+        return found, None, {**record, "chosen": None}
+    width = found[0].shape[1]
+    alone = {"k": 0, "power": 0.0, "weight": 0.0, "centroid_weight": 0.0,
+             **_p1_p5(found[0][:, :5], np.minimum(found[2], 5), names, valid)}
+    candidates = _knn_candidates(searcher, rows, found, matcher, rows,
+                                 dataclasses.replace(params, knn_centroid_weight_grid=[0.0]),
+                                 threads, lambda ids, counts: _p1_p5(ids, counts, names, valid))
+    if 0 in params.knn_weight_grid:
+        candidates.append(alone)
+    best = max(candidates, key=knn_preference)
+    rule = VoteRule(int(best["k"]), best["power"], best["weight"]) if best["weight"] else None
+    fused = found if rule is None else matcher.with_rule(rule).fuse(
+        searcher, found, rows, width, dense_start=0, allowed=lambda: None, threads=threads)
+    gain = (_both_per_doc(fused[0], np.minimum(fused[2], 5), names, valid)
+            - _both_per_doc(found[0], np.minimum(found[2], 5), names, valid))
+    standard_error = standard_error_of_mean(gain)
+    if rule is not None and 0 in params.knn_weight_grid and gain.mean() <= standard_error:
+        rule, fused, best = None, found, alone
+    log.info("knn over the features: k %d, power %g, weight %g: validation P@1 %.4f, P@5 "
+             "%.4f (trees alone %.4f, %.4f; gain %.4f, standard error %.4f)", best["k"],
+             best["power"], best["weight"], best["P@1"], best["P@5"], alone["P@1"],
+             alone["P@5"], gain.mean(), standard_error)
+    return fused, rule, {**record, "candidates": candidates,
+                         "gain": round(float(gain.mean()), 6),
+                         "standard_error": round(standard_error, 6),
+                         "chosen": {key: best[key] for key in ("k", "power", "weight")}}
+
+
+def _choose_profiles(X_fit: sp.csr_matrix, Y_fit: sp.csr_matrix, rows: Rows, found: Found,
+                     names: list[str], valid: Corpus, params: BuildParams,
+                     ) -> tuple[ProfileRule | None, dict[str, Any]]:
+    """The weight and threshold of the label profiles (``profile_weight_grid`` x
+    ``profile_threshold_grid``, profiles built over the fit documents ``X_fit``, ``Y_fit``)
+    that :func:`profile_preference` ranks first re-ranking ``found`` for the held-out
+    ``rows``, unless within one standard error of ``found`` alone. Returns the rule (None
+    for weight 0) and the table behind the choice."""
     pifa = pifa_embeddings(X_fit, Y_fit)
     candidates: list[dict[str, float]] = []
     per_doc: list[np.ndarray] = []  # candidate i's (P@1 + P@5) / 2 per held-out document
@@ -471,9 +563,7 @@ def choose_profiles(train: Corpus, params: BuildParams, threads: int,
              candidates[0]["P@5"], gain.mean(), standard_error)
     rule = (ProfileRule(chosen["weight"], params.profile_pool_size, chosen["threshold"])
             if chosen["weight"] else None)
-    return rule, {"validation_share": params.validation_share,
-                  "n_validation_docs": len(valid_rows), "n_trees": 1,
-                  "pool_size": params.profile_pool_size, "candidates": candidates,
+    return rule, {"pool_size": params.profile_pool_size, "candidates": candidates,
                   "gain": round(float(gain.mean()), 6),
                   "standard_error": round(standard_error, 6),
                   "chosen": {"weight": chosen["weight"], "threshold": chosen["threshold"]}}
@@ -489,6 +579,17 @@ def profile_preference(candidate: dict[str, float]) -> tuple[float, ...]:
     smaller weight, then the larger threshold (smaller profiles)."""
     c = candidate
     return (round(c["P@1"] + c["P@5"], 9), c["P@1"], -c["weight"], c["threshold"])
+
+
+def _knn_matcher(X: sp.csr_matrix, Y: sp.csr_matrix, rule: VoteRule, dense_start: int | None,
+                 params: BuildParams) -> KnnMatcher:
+    """The kNN part of a model with features ``X`` and labels ``Y``: over the dense block
+    (from ``dense_start``) when ``params.knn`` asked for one, else over the feature rows
+    (a choice of :func:`choose_reranking`)."""
+    if params.knn:
+        assert dense_start is not None  # choose_knn refuses features without a dense block
+        return KnnMatcher.build(_block_of(X, dense_start, X.shape[1] - dense_start), Y, rule)
+    return KnnMatcher.build_postings(X, Y, rule)
 
 
 def _block_of(X: sp.csr_matrix, dense_start: int, dim: int) -> np.ndarray:
@@ -557,9 +658,8 @@ def held_out_controls(train: Corpus, dense: tuple[np.ndarray, float] | None,
     trees = _train_trees(X_fit, label_matrix(fit.labels, names), params.resolved(
         fused=dense is not None), threads, StageTimer(verbose=False), dense_start, engine)
     ensemble = Ensemble.concatenate([quantize(t, params.weight_dtype) for t in trees])
-    matcher = NO_KNN if knn is None or dense_start is None else KnnMatcher.build(
-        _block_of(X_fit, dense_start, X_fit.shape[1] - dense_start),
-        label_matrix(fit.labels, names), knn)
+    matcher: KnnPart = NO_KNN if knn is None else _knn_matcher(
+        X_fit, label_matrix(fit.labels, names), knn, dense_start, params)
     profile_part: ProfilePart = NO_PROFILES if profiles is None else LabelProfiles.build(
         X_fit, label_matrix(fit.labels, names), profiles)
     lookup = FeatureLookup.build(ensemble, X_fit.shape[1], params.bitmap_mb)

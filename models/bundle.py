@@ -66,16 +66,22 @@ KNN_CENTROID_FORMAT_VERSION = 5
 #: the format of a bundle with label profiles (models.profiles): a reader of an older format
 #: would serve the trees' scores without them
 PROFILE_FORMAT_VERSION = 6
+#: the format of a bundle whose kNN part searches the feature rows in postings
+#: (models.knn.PostingsIndex): a reader of format 6 knows only a usearch index
+POSTINGS_FORMAT_VERSION = 7
 #: versions this build reads: 1 lacks the dense-block arrays (its bundles have none); 1 and 2
 #: store an int64 row pointer and float32 weights (see _load_old_ensemble)
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 MANIFEST = "manifest.json"
 #: files a bundle may have (label_meta.json: see models.vocab)
 OPTIONAL_FILES = ("label_meta.json", *(f"search.{n}.npy" for n in LOOKUP_ARRAYS))
 
 
-def format_version(*, knn: bool, centroids: bool, profiles: bool = False) -> int:
+def format_version(*, knn: bool, centroids: bool, profiles: bool = False,
+                   postings: bool = False) -> int:
     """The format a new bundle is written in: the oldest that holds what it has."""
+    if postings:
+        return POSTINGS_FORMAT_VERSION
     if profiles:
         return PROFILE_FORMAT_VERSION
     if centroids:

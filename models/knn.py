@@ -3,8 +3,11 @@ label centroids of those documents' embeddings.
 
 Every training document is indexed by the dense block of its feature row (the encoder's
 embedding, l2-normalized; a fused row's block is ``alpha * embedding`` over a norm, the same
-direction), in a usearch index over cosine similarity. A query's ``k`` nearest training
-documents vote for their labels::
+direction), in a usearch index over cosine similarity (``--knn``); in a bundle without a
+dense block, by its whole sparse feature row (TF-IDF or given features) in an inverted index
+searched exactly (:class:`PostingsIndex`, chosen at build where it helps and a query's
+search is cheap enough, :func:`models.builder.choose_reranking`). A query's ``k`` nearest
+training documents vote for their labels::
 
     knn_score(label) = sum of sim_n ** power over the neighbours n having the label
                        / sum of sim_n ** power over all k neighbours
@@ -29,21 +32,23 @@ query). ``k``, ``power``, ``weight`` and ``centroid_weight`` are chosen on a val
 at build (:func:`models.builder.choose_knn`).
 
 In the bundle: ``knn.usearch`` (the index, memory-mapped with ``Index.restore(view=True)``,
-never unpickled; its sha256 is checked at load), the label lists of the indexed documents as
-CSR arrays and, when ``centroid_weight`` is above 0, the centroids (:data:`KNN_ARRAYS`), read
-with :func:`models.bundle.load_npy`. Index key i is training document i. The index is built
-on one thread, so the same data give the same file.
+never unpickled; its sha256 is checked at load) or the postings arrays, the label lists of
+the indexed documents as CSR arrays and, when ``centroid_weight`` is above 0, the centroids
+(:data:`KNN_ARRAYS`), read with :func:`models.bundle.load_npy`. Index key i is training
+document i. The usearch index is built on one thread, so the same data give the same file.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import numba
 import numpy as np
 
 # onnxruntime first: imported after usearch, onnxruntime's import crashes the process
@@ -53,7 +58,7 @@ import scipy.sparse as sp
 from usearch.index import BatchMatches, Index
 
 from models.bundle import load_npy, sha256_file, verify_files
-from models.data import row_pointers
+from models.data import normalize_rows, row_pointers
 from models.dense import unit_rows
 from models.errors import BundleError, InvalidInputError
 from models.explain import CENTROID_TERM, KNN_TERM
@@ -68,9 +73,16 @@ KNN_ARRAYS: dict[str, tuple[type, ...]] = {
     # [n_labels, dim] unit centroids (zero: a label without documents); only with a
     # centroid_weight above 0
     "label_centroids": (np.float32,),
+    # a postings part's index (PostingsIndex): the indexed documents' unit rows by feature,
+    # CSR over features
+    "postings_ptr": (np.int64,),  # [n_features + 1]
+    "postings_docs": (np.int32,),  # [nnz] document ids, ascending within a feature
+    "postings_values": (np.float32,),  # [nnz]
 }
 #: the arrays every kNN part has; the others only when its rule gives them a weight
 KNN_REQUIRED = ("label_ptr", "label_ids")
+#: the arrays of a postings index
+POSTINGS_ARRAYS = ("postings_ptr", "postings_docs", "postings_values")
 INDEX_FILE = "knn.usearch"
 KIND = "usearch"
 #: up to this many indexed documents a query is compared with every one of them (exact),
@@ -110,33 +122,206 @@ def dense_block(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, dense
     return out
 
 
+@numba.njit(nogil=True, cache=True)
+def _vote(keys: np.ndarray, sims: np.ndarray, label_ptr: np.ndarray, label_ids: np.ndarray,
+          power: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR arrays (indptr, label ids ascending within a row, votes) of :func:`vote`. Each
+    label's weights are summed in neighbour order."""
+    n, k = keys.shape
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    size = 0
+    for d in range(n):
+        for j in range(k):
+            if keys[d, j] >= 0:
+                size += label_ptr[keys[d, j] + 1] - label_ptr[keys[d, j]]
+    out_ids = np.empty(size, dtype=np.int32)
+    out_data = np.empty(size, dtype=np.float64)
+    filled = 0
+    for d in range(n):
+        w = np.zeros(k)
+        for j in range(k):
+            if keys[d, j] >= 0:
+                w[j] = max(float(sims[d, j]), 0.0) ** power
+        total = w.sum()
+        m = 0
+        for j in range(k):
+            if w[j] > 0:  # a neighbour of weight 0 gives no label a vote
+                m += label_ptr[keys[d, j] + 1] - label_ptr[keys[d, j]]
+        labels = np.empty(m, dtype=np.int64)
+        weights = np.empty(m)
+        m = 0
+        for j in range(k):
+            if w[j] > 0:
+                for i in range(label_ptr[keys[d, j]], label_ptr[keys[d, j] + 1]):
+                    labels[m], weights[m] = label_ids[i], w[j]
+                    m += 1
+        order = np.argsort(labels, kind="mergesort")
+        for i in range(m):
+            lab = labels[order[i]]
+            if i == 0 or lab != out_ids[filled - 1]:
+                out_ids[filled], out_data[filled] = lab, 0.0
+                filled += 1
+            out_data[filled - 1] += weights[order[i]]
+        for i in range(indptr[d], filled):
+            out_data[i] /= total
+        indptr[d + 1] = filled
+    return indptr, out_ids[:filled], out_data[:filled]
+
+
 def vote(keys: np.ndarray, sims: np.ndarray, label_ptr: np.ndarray, label_ids: np.ndarray,
          n_labels: int, power: float) -> sp.csr_matrix:
     """(n, n_labels) float64 CSR (sorted indices) of the votes of neighbours ``keys`` (n, k;
     -1: none) at similarities ``sims``: per label, the share of the neighbours' weight
     ``sim ** power`` (sims below 0 count as 0) on the neighbours that carry it."""
-    n, k = keys.shape
-    w = np.where(keys >= 0, np.maximum(sims, 0.0).astype(np.float64) ** power, 0.0)
-    total = w.sum(axis=1)
-    ok = w > 0  # a neighbour of weight 0 gives no label a vote
-    flat = keys[ok]
-    starts = np.asarray(label_ptr[flat], dtype=np.int64)
-    lens = np.asarray(label_ptr[flat + 1], dtype=np.int64) - starts
-    # the concatenated label ranges of every (document, neighbour)
-    pos = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
-    rows = np.repeat(np.repeat(np.arange(n), k)[ok.ravel()], lens)
-    # one (row, label) key a vote, summed per key in key order: CSR with sorted indices,
-    # built without scipy's generic conversion (a third of a request's kNN time)
-    cell = rows * n_labels + np.asarray(label_ids, dtype=np.int64)[pos]
-    order = np.argsort(cell, kind="stable")
-    cell = cell[order]
-    first = np.flatnonzero(np.diff(cell, prepend=-1))
-    weights = np.repeat(w[ok], lens)[order]
-    data = np.add.reduceat(weights, first) if first.size else weights
-    row_of = cell[first] // n_labels
-    data /= total[row_of]
-    return sp.csr_matrix((data, (cell[first] % n_labels).astype(np.int32),
-                          row_pointers(row_of, n)), shape=(n, n_labels))
+    indptr, ids, data = _vote(np.ascontiguousarray(keys, dtype=np.int64), sims,
+                              np.asarray(label_ptr), np.asarray(label_ids), float(power))
+    votes = sp.csr_matrix((keys.shape[0], n_labels))
+    # the arrays as they are: the constructor's checks cost a request more than the votes
+    votes.indptr, votes.indices, votes.data = indptr, ids, data
+    return votes
+
+
+@numba.njit(nogil=True, cache=True)
+def _nearest_by_postings(q_ptr: np.ndarray, q_idx: np.ndarray, q_val: np.ndarray,
+                         p_ptr: np.ndarray, p_doc: np.ndarray, p_val: np.ndarray,
+                         n_docs: int, first: int, last: int, keys: np.ndarray,
+                         sims: np.ndarray) -> None:
+    """keys / sims rows ``first..last - 1``: the ``k`` (their width) indexed documents of
+    largest cosine with query row d (any norm), best first, ties to the smaller document;
+    a document sharing no feature with the query is none (its key stays -1). The postings
+    hold the unit rows of the indexed documents, feature by feature."""
+    k = keys.shape[1]
+    acc = np.zeros(n_docs, dtype=np.float64)
+    seen = np.zeros(n_docs, dtype=np.bool_)
+    touched = np.empty(n_docs, dtype=np.int64)
+    for d in range(first, last):
+        a, b = q_ptr[d], q_ptr[d + 1]
+        norm = 0.0
+        for i in range(a, b):
+            norm += float(q_val[i]) * float(q_val[i])
+        if norm == 0:
+            continue
+        n_touched = 0
+        for i in range(a, b):
+            f, v = q_idx[i], float(q_val[i])
+            for j in range(p_ptr[f], p_ptr[f + 1]):
+                doc = p_doc[j]
+                if not seen[doc]:
+                    seen[doc] = True
+                    touched[n_touched] = doc
+                    n_touched += 1
+                acc[doc] += v * float(p_val[j])
+        # a buffer of the best k so far; its worst is replaced when a better one comes
+        best_doc = np.full(k, -1, dtype=np.int64)
+        best_sim = np.zeros(k)
+        filled, worst = 0, 0
+        for t in range(n_touched):
+            doc = touched[t]
+            s = acc[doc]
+            acc[doc] = 0.0
+            seen[doc] = False
+            if filled < k:
+                best_doc[filled], best_sim[filled] = doc, s
+                filled += 1
+            elif s > best_sim[worst] or (s == best_sim[worst] and doc < best_doc[worst]):
+                best_doc[worst], best_sim[worst] = doc, s
+            else:
+                continue
+            if filled == k:
+                worst = 0
+                for j in range(1, k):
+                    if best_sim[j] < best_sim[worst] or (
+                            best_sim[j] == best_sim[worst] and best_doc[j] > best_doc[worst]):
+                        worst = j
+        order = np.argsort(best_doc[:filled])  # ties: the smaller document first
+        order = order[np.argsort(-best_sim[:filled][order], kind="mergesort")]
+        scale = 1.0 / np.sqrt(norm)
+        for r in range(filled):
+            keys[d, r] = best_doc[order[r]]
+            sims[d, r] = best_sim[order[r]] * scale
+
+
+class PostingsIndex:
+    """The indexed documents' unit feature rows, feature by feature (an inverted index): a
+    query's nearest documents by cosine are found exactly, reading the postings of the
+    query's features only. For bundles without a dense block, whose documents are sparse
+    rows (TF-IDF or given features); the work per query is the summed length of its
+    features' postings (:meth:`mean_postings`), which the builder bounds."""
+
+    kind = "postings"
+
+    def __init__(self, ptr: np.ndarray, docs: np.ndarray, values: np.ndarray,
+                 n_docs: int) -> None:
+        self.ptr, self.docs, self.values = np.asarray(ptr), np.asarray(docs), np.asarray(values)
+        self.n_docs = n_docs
+        self.n_features = ptr.shape[0] - 1
+
+    @classmethod
+    def build(cls, X: sp.csr_matrix) -> PostingsIndex:
+        """The index of the rows of ``X`` (n_docs, n_features; any norm)."""
+        by_feature = normalize_rows(sp.csr_matrix(X, dtype=np.float32)).T.tocsr()
+        by_feature.sort_indices()
+        return cls(by_feature.indptr.astype(np.int64), by_feature.indices.astype(np.int32),
+                   by_feature.data.astype(np.float32), X.shape[0])
+
+    @staticmethod
+    def mean_postings(X: sp.csr_matrix) -> float:
+        """How many postings a query drawn like the rows of ``X`` reads on average, in an
+        index of those rows: sum over features of (its document count) ** 2 / n_docs."""
+        df = np.bincount(sp.csr_matrix(X).indices, minlength=X.shape[1]).astype(np.float64)
+        return float((df ** 2).sum() / max(X.shape[0], 1))
+
+    def queries(self, rows: Rows, dense_start: int) -> Rows:
+        """A query is its whole feature row."""
+        return rows
+
+    def neighbours(self, queries: Rows, k: int, threads: int = 1,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`UsearchIndex.neighbours`, for CSR ``queries`` (sorted indices)."""
+        ptr, idx, val = queries
+        n = ptr.shape[0] - 1
+        keys = np.full((n, k), -1, dtype=np.int64)
+        sims = np.zeros((n, k), dtype=np.float32)
+        if n and (idx.size and int(idx.max()) >= self.n_features):
+            raise InvalidInputError(f"feature id {int(idx.max())} outside the kNN index's "
+                                    f"{self.n_features} features")
+        run = partial(_nearest_by_postings, ptr, idx, val, self.ptr, self.docs, self.values,
+                      self.n_docs, keys=keys, sims=sims)
+        bounds = np.linspace(0, n, min(max(threads, 1), max(n, 1)) + 1).astype(np.int64)
+        if bounds.shape[0] <= 2:
+            run(0, n)
+        else:
+            with ThreadPoolExecutor(bounds.shape[0] - 1) as pool:
+                list(pool.map(run, bounds[:-1].tolist(), bounds[1:].tolist()))
+        return keys, sims
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        files = []
+        for name, arr in (("postings_ptr", self.ptr), ("postings_docs", self.docs),
+                          ("postings_values", self.values)):
+            np.save(folder / f"knn.{name}.npy", arr, allow_pickle=False)
+            files.append(f"knn.{name}.npy")
+        return {"kind": self.kind, "files": files, "n_features": self.n_features,
+                "nnz": int(self.docs.shape[0])}
+
+    @classmethod
+    def load(cls, folder: Path, entry: dict[str, Any], *, n_docs: int, n_features: int,
+             mmap: bool) -> PostingsIndex:
+        arrays = {name: load_npy(folder / f"knn.{name}.npy", mmap=mmap, dtype=KNN_ARRAYS[name])
+                  for name in POSTINGS_ARRAYS}
+        ptr, docs = arrays["postings_ptr"], arrays["postings_docs"]
+        values = arrays["postings_values"]
+        if (ptr.shape != (n_features + 1,) or ptr[0] != 0 or ptr[-1] != docs.shape[0]
+                or np.any(np.diff(ptr) < 0)):
+            raise BundleError(f"pointers do not cover {n_features} features",
+                              folder / "knn.postings_ptr.npy")
+        if docs.size and (docs.min() < 0 or docs.max() >= n_docs):
+            raise BundleError(f"document id outside 0..{n_docs - 1}",
+                              folder / "knn.postings_docs.npy")
+        if values.shape != docs.shape:
+            raise BundleError(f"{values.shape[0]} values for {docs.shape[0]} postings",
+                              folder / "knn.postings_values.npy")
+        return cls(ptr, docs, values, n_docs)
 
 
 def label_centroids(emb: np.ndarray, Y: sp.csr_matrix) -> np.ndarray:
@@ -190,6 +375,50 @@ class Pool:
         return out_ids, out_scores, np.minimum(np.diff(self.ptr), top_k)
 
 
+@numba.njit(nogil=True, cache=True)
+def _merge_pool(ids: np.ndarray, scores: np.ndarray, counts: np.ndarray, v_ptr: np.ndarray,
+                v_ids: np.ndarray, v_data: np.ndarray, allowed: np.ndarray,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the union of its first ``counts`` tree labels and its voted labels that
+    ``allowed`` lets through (an empty ``allowed``: all), ascending: pointers, ids, the
+    trees' score (0 where the trees did not return the label), the vote (0: none) and
+    whether the trees returned it."""
+    n = ids.shape[0]
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    size = 0
+    for d in range(n):
+        size += counts[d] + v_ptr[d + 1] - v_ptr[d]
+    out_ids = np.empty(size, dtype=np.int64)
+    out_tree = np.zeros(size)
+    out_votes = np.zeros(size)
+    out_found = np.zeros(size, dtype=np.bool_)
+    filled = 0
+    for d in range(n):
+        c = counts[d]
+        order = np.argsort(ids[d, :c])
+        i, j, b = 0, v_ptr[d], v_ptr[d + 1]
+        while i < c or j < b:
+            if j < b and allowed.shape[0] and not allowed[v_ids[j]]:
+                j += 1
+                continue
+            if j >= b or (i < c and ids[d, order[i]] < v_ids[j]):
+                lab, tree, got, vote_of = ids[d, order[i]], scores[d, order[i]], True, 0.0
+                i += 1
+            elif i >= c or v_ids[j] < ids[d, order[i]]:
+                lab, tree, got, vote_of = v_ids[j], 0.0, False, v_data[j]
+                j += 1
+            else:  # both
+                lab, tree, got, vote_of = v_ids[j], scores[d, order[i]], True, v_data[j]
+                i += 1
+                j += 1
+            out_ids[filled], out_tree[filled] = lab, tree
+            out_found[filled], out_votes[filled] = got, vote_of
+            filled += 1
+        ptr[d + 1] = filled
+    return (ptr, out_ids[:filled], out_tree[:filled], out_votes[:filled],
+            out_found[:filled])
+
+
 def candidate_pool(tree: Found, votes: sp.csr_matrix, tree_scores_of: CandidateScores,
                    centroid_scores_of: CandidateScores | None = None,
                    allowed: np.ndarray | None = None) -> Pool:
@@ -199,70 +428,46 @@ def candidate_pool(tree: Found, votes: sp.csr_matrix, tree_scores_of: CandidateS
     labels the trees did not return, ``centroid_scores_of(ptr, ids)`` the centroid scores
     of the whole pool (None: zeros), both CSR per row."""
     ids, scores, counts = tree
-    n, n_labels = ids.shape[0], votes.shape[1]
-    found = np.arange(ids.shape[1])[None, :] < counts[:, None]
-    found_cell = np.repeat(np.arange(n), counts) * n_labels + ids[found]
-    # CSR with sorted indices: the cells of the votes ascend
-    voted_cell = np.repeat(np.arange(n), np.diff(votes.indptr)) * n_labels + votes.indices
-    vote_of = votes.data
-    if allowed is not None:
-        keep = allowed[votes.indices]
-        voted_cell, vote_of = voted_cell[keep], vote_of[keep]
-    extra = voted_cell[~np.isin(voted_cell, found_cell)]  # ascending, as the kernel reads
-    cell = np.concatenate((found_cell, extra))
-    tree_score = np.concatenate((scores[found], tree_scores_of(
-        row_pointers(extra // n_labels, n), extra % n_labels)))
-    order = np.argsort(cell)
-    cell, tree_score = cell[order], tree_score[order]
-    ptr = row_pointers(cell // n_labels, n)
-    at = np.minimum(np.searchsorted(voted_cell, cell), max(voted_cell.shape[0] - 1, 0))
-    pool_votes = (np.where(voted_cell[at] == cell, vote_of[at], 0.0) if voted_cell.size
-                  else np.zeros(cell.shape[0]))
-    pool_ids = cell % n_labels
+    n = ids.shape[0]
+    ptr, pool_ids, tree_score, pool_votes, found = _merge_pool(
+        np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float64),
+        np.asarray(counts, dtype=np.int64), votes.indptr, votes.indices, votes.data,
+        np.zeros(0, dtype=np.bool_) if allowed is None else allowed)
+    extra = ~found
+    if extra.any():
+        row = np.repeat(np.arange(n), np.diff(ptr))[extra]
+        tree_score[extra] = tree_scores_of(row_pointers(row, n), pool_ids[extra])
     centroid = (centroid_scores_of(ptr, pool_ids) if centroid_scores_of is not None
                 else np.zeros(pool_ids.shape[0]))
-    return Pool(ptr, pool_ids, tree_score.astype(np.float64), pool_votes, centroid)
+    return Pool(ptr, pool_ids, tree_score, pool_votes, centroid)
 
 
-class KnnMatcher:
-    """The indexed training documents, their labels and the labels' centroids (None: a
-    bundle's matcher whose rule gives them no weight); thread-safe (usearch searches one at
-    a time: its Python binding shares one search context between calls)."""
+class UsearchIndex:
+    """The indexed documents' dense blocks (embeddings) in a usearch index over cosine
+    similarity, memory-mapped from the bundle; thread-safe (usearch searches one at a time:
+    its Python binding shares one search context between calls)."""
 
-    def __init__(self, index: Index, label_ptr: np.ndarray, label_ids: np.ndarray,
-                 n_labels: int, rule: VoteRule, centroids: np.ndarray | None = None) -> None:
-        if rule.centroid_weight > 0 and centroids is None:
-            raise InvalidInputError("a centroid weight needs the labels' centroids")
+    kind = KIND
+
+    def __init__(self, index: Index) -> None:
         self.index = index
-        self.label_ptr = label_ptr
-        self.label_ids = label_ids
-        self.n_labels = n_labels
-        self.rule = rule
-        self.centroids = centroids
-        self.n_docs = label_ptr.shape[0] - 1
+        self.n_docs = int(index.size)
         self.dim = int(index.ndim)
         self.exact = self.n_docs <= EXACT_MAX_DOCS
         self._lock = threading.Lock()
 
     @classmethod
-    def build(cls, emb: np.ndarray, Y: sp.csr_matrix, rule: VoteRule) -> KnnMatcher:
-        """Index the rows of ``emb`` (n_docs, dim; any norm) with the labels of ``Y``
-        (n_docs, n_labels)."""
-        if emb.ndim != 2 or emb.shape[0] != Y.shape[0] or emb.shape[0] == 0:
-            raise InvalidInputError(
-                f"kNN: {emb.shape[0]} embeddings for {Y.shape[0]} labelled documents")
+    def build(cls, emb: np.ndarray) -> UsearchIndex:
+        """The index of the rows of ``emb`` (n_docs, dim; any norm); key i is row i."""
         index = Index(ndim=int(emb.shape[1]), metric="cos", dtype="f32")
         # one thread: a multi-threaded insert gives another graph at every build
         index.add(np.arange(emb.shape[0], dtype=np.uint64),
                   np.ascontiguousarray(emb, dtype=np.float32), threads=1)
-        Y = sp.csr_matrix(Y)
-        Y.sort_indices()
-        return cls(index, Y.indptr.astype(np.int64), Y.indices.astype(np.int32), Y.shape[1],
-                   rule, label_centroids(emb, Y))
+        return cls(index)
 
-    def with_rule(self, rule: VoteRule) -> KnnMatcher:
-        return KnnMatcher(self.index, self.label_ptr, self.label_ids, self.n_labels, rule,
-                          self.centroids)
+    def queries(self, rows: Rows, dense_start: int) -> np.ndarray:
+        """A query is the dense block of its feature row, from ``dense_start``."""
+        return dense_block(*rows, dense_start, self.dim)
 
     def neighbours(self, emb: np.ndarray, k: int, threads: int = 1,
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -289,9 +494,106 @@ class KnnMatcher:
         sims[live, : got.shape[1]] = 1.0 - np.where(filled, dist, 1.0)  # past counts: junk
         return keys, sims
 
-    def votes(self, emb: np.ndarray, threads: int = 1) -> sp.csr_matrix:
-        """(n, n_labels) kNN scores of the rows of ``emb`` under this matcher's rule."""
-        keys, sims = self.neighbours(emb, self.rule.k, threads)
+    def save(self, folder: Path) -> dict[str, Any]:
+        self.index.save(str(folder / INDEX_FILE))
+        return {"kind": self.kind, "files": [INDEX_FILE], "dim": self.dim, "metric": "cos",
+                "dtype": "f32", "search": "exact" if self.exact else "hnsw",
+                "sha256": {INDEX_FILE: sha256_file(folder / INDEX_FILE)}}
+
+    @classmethod
+    def load(cls, folder: Path, entry: dict[str, Any], *, n_docs: int, dim: int,
+             mmap: bool) -> UsearchIndex:
+        path = folder / INDEX_FILE
+        verify_files(folder, [INDEX_FILE], entry, "kNN index")
+        try:
+            meta = Index.metadata(str(path))
+            index = Index.restore(str(path), view=mmap)
+        except Exception as exc:  # usearch raises RuntimeError / ValueError of its own
+            raise BundleError(f"unreadable kNN index ({exc})", path) from None
+        if index is None or meta is None:
+            raise BundleError("not a usearch index", path)
+        if int(index.ndim) != dim or int(index.size) != n_docs or str(
+                index.metric_kind).split(".")[-1].lower() != "cos":
+            raise BundleError(f"index of {index.size} x {index.ndim} ({index.metric_kind}) "
+                              f"where {n_docs} x {dim} (cos) is expected", path)
+        return cls(index)
+
+
+class NeighbourIndex(Protocol):
+    """Where a kNN part finds a query's nearest training documents: :class:`UsearchIndex`
+    (dense blocks) or :class:`PostingsIndex` (sparse feature rows)."""
+
+    kind: str
+    n_docs: int
+
+    def queries(self, rows: Rows, dense_start: int) -> Any: ...
+
+    def neighbours(self, queries: Any, k: int, threads: int = 1,
+                   ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def save(self, folder: Path) -> dict[str, Any]: ...
+
+
+class KnnMatcher:
+    """The indexed training documents (a :class:`NeighbourIndex`), their labels and the
+    labels' centroids (None: a matcher whose rule gives them no weight, or whose index has
+    no embeddings to average)."""
+
+    def __init__(self, index: NeighbourIndex, label_ptr: np.ndarray, label_ids: np.ndarray,
+                 n_labels: int, rule: VoteRule, centroids: np.ndarray | None = None) -> None:
+        if rule.centroid_weight > 0 and centroids is None:
+            raise InvalidInputError("a centroid weight needs the labels' centroids")
+        self.index = index
+        # plain views of the memory maps: numpy's subclass hooks cost a request more than
+        # the arithmetic on these few entries
+        self.label_ptr = np.asarray(label_ptr)
+        self.label_ids = np.asarray(label_ids)
+        self.n_labels = n_labels
+        self.rule = rule
+        self.centroids = centroids
+        self.n_docs = label_ptr.shape[0] - 1
+
+    @classmethod
+    def build(cls, emb: np.ndarray, Y: sp.csr_matrix, rule: VoteRule) -> KnnMatcher:
+        """Index the rows of ``emb`` (n_docs, dim; any norm) in a :class:`UsearchIndex` with
+        the labels of ``Y`` (n_docs, n_labels)."""
+        if emb.ndim != 2 or emb.shape[0] != Y.shape[0] or emb.shape[0] == 0:
+            raise InvalidInputError(
+                f"kNN: {emb.shape[0]} embeddings for {Y.shape[0]} labelled documents")
+        Y = _sorted_csr(Y)
+        return cls(UsearchIndex.build(emb), Y.indptr.astype(np.int64),
+                   Y.indices.astype(np.int32), Y.shape[1], rule, label_centroids(emb, Y))
+
+    @classmethod
+    def build_postings(cls, X: sp.csr_matrix, Y: sp.csr_matrix, rule: VoteRule,
+                       ) -> KnnMatcher:
+        """Index the sparse rows of ``X`` (n_docs, n_features) in a :class:`PostingsIndex`
+        with the labels of ``Y``; no centroids (``rule`` must give them no weight)."""
+        if X.shape[0] != Y.shape[0] or X.shape[0] == 0:
+            raise InvalidInputError(
+                f"kNN: {X.shape[0]} feature rows for {Y.shape[0]} labelled documents")
+        Y = _sorted_csr(Y)
+        return cls(PostingsIndex.build(X), Y.indptr.astype(np.int64),
+                   Y.indices.astype(np.int32), Y.shape[1], rule)
+
+    def with_rule(self, rule: VoteRule) -> KnnMatcher:
+        return KnnMatcher(self.index, self.label_ptr, self.label_ids, self.n_labels, rule,
+                          self.centroids)
+
+    def neighbours(self, queries: Any, k: int, threads: int = 1,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """The index's ``k`` nearest documents of ``queries`` (as :meth:`queries` makes
+        them): keys int64 (n, k), -1 past the last, cosine similarities float32 (n, k)."""
+        return self.index.neighbours(queries, k, threads)
+
+    def queries(self, rows: Rows, dense_start: int) -> Any:
+        """CSR ``rows`` as the index searches them (the dense block from ``dense_start``,
+        or the whole sparse rows)."""
+        return self.index.queries(rows, dense_start)
+
+    def votes(self, queries: Any, threads: int = 1) -> sp.csr_matrix:
+        """(n, n_labels) kNN scores of ``queries`` under this matcher's rule."""
+        keys, sims = self.neighbours(queries, self.rule.k, threads)
         return vote(keys, sims, self.label_ptr, self.label_ids, self.n_labels,
                     self.rule.power)
 
@@ -299,15 +601,14 @@ class KnnMatcher:
              dense_start: int, allowed: Callable[[], np.ndarray | None],
              threads: int = 1) -> Found:
         """The trees' ranking ``found`` of ``rows`` re-ranked over the pool of candidates with
-        this matcher's votes and centroids (:class:`Pool`; the query's embedding is the rows'
-        dense block from ``dense_start``); ``allowed()`` gives the labels a filter lets
-        through (None: all)."""
+        this matcher's votes and centroids (:class:`Pool`); ``allowed()`` gives the labels a
+        filter lets through (None: all)."""
         if not self.rule.scores:
             return found
-        block = dense_block(*rows, dense_start, self.dim)
-        pool = candidate_pool(found, self.votes(block, threads),
+        queries = self.queries(rows, dense_start)
+        pool = candidate_pool(found, self.votes(queries, threads),
                               partial(searcher.label_scores, *rows),
-                              self.centroid_scores_of(block), allowed())
+                              self.centroid_scores_of(queries), allowed())
         return pool.rank(self.rule.weight, self.rule.centroid_weight, top_k)
 
     def centroid_scores_of(self, queries: np.ndarray) -> CandidateScores | None:
@@ -325,13 +626,13 @@ class KnnMatcher:
         ``centroid_weight * centroid``, over ``1 + centroid_weight``: see :class:`Pool`), by
         explanation term; only the parts with a weight."""
         ptr = np.array([0, indices.shape[0]], dtype=np.int64)
-        block = dense_block(ptr, indices, values, dense_start, self.dim)
+        queries = self.queries((ptr, indices, values), dense_start)
         ids = np.asarray(labels, dtype=np.int64)
         scale = 1.0 / (1.0 + self.rule.centroid_weight)
         shares = {}
         if self.rule.weight > 0:
-            shares[KNN_TERM] = scale * self.rule.weight * _lookup(self.votes(block), 0, ids)
-        cents = self.centroid_scores_of(block)
+            shares[KNN_TERM] = scale * self.rule.weight * _lookup(self.votes(queries), 0, ids)
+        cents = self.centroid_scores_of(queries)
         if cents is not None:
             shares[CENTROID_TERM] = scale * self.rule.centroid_weight * cents(
                 np.array([0, ids.shape[0]], dtype=np.int64), ids)
@@ -339,8 +640,8 @@ class KnnMatcher:
 
     def save(self, folder: Path) -> dict[str, Any]:
         """Writes the index and label arrays; returns the manifest's ``knn`` entry."""
-        self.index.save(str(folder / INDEX_FILE))
-        files = [INDEX_FILE]
+        entry = self.index.save(folder)
+        files = list(entry.pop("files"))
         arrays = {"label_ptr": self.label_ptr, "label_ids": self.label_ids}
         if self.rule.centroid_weight > 0:
             assert self.centroids is not None  # __init__ refuses a weight without them
@@ -348,22 +649,24 @@ class KnnMatcher:
         for name, arr in arrays.items():
             np.save(folder / f"knn.{name}.npy", arr, allow_pickle=False)
             files.append(f"knn.{name}.npy")
-        return {"kind": KIND, "files": files, "k": self.rule.k, "power": self.rule.power,
-                "weight": self.rule.weight, "centroid_weight": self.rule.centroid_weight,
-                "n_docs": self.n_docs, "dim": self.dim,
-                "metric": "cos", "dtype": "f32", "search": "exact" if self.exact else "hnsw",
-                "sha256": {INDEX_FILE: sha256_file(folder / INDEX_FILE)},
-                "bytes": sum((folder / f).stat().st_size for f in files)}
+        return {"kind": entry.pop("kind"), "files": files, "k": self.rule.k,
+                "power": self.rule.power, "weight": self.rule.weight,
+                "centroid_weight": self.rule.centroid_weight, "n_docs": self.n_docs,
+                **entry, "bytes": sum((folder / f).stat().st_size for f in files)}
 
     @classmethod
-    def load(cls, folder: Path, entry: dict[str, Any], *, n_labels: int, dim: int,
-             mmap: bool = True) -> KnnMatcher:
+    def load(cls, folder: Path, entry: dict[str, Any], *, n_labels: int, n_features: int,
+             dense_start: int, mmap: bool = True) -> KnnMatcher:
         """The matcher of a manifest ``knn`` entry (from :meth:`save`); every failure a
-        :class:`BundleError` naming the file."""
-        path = folder / INDEX_FILE
-        if entry.get("kind") != KIND:
-            raise BundleError(f"kNN kind is {entry.get('kind')!r}, expected {KIND!r}",
-                              folder / "manifest.json")
+        :class:`BundleError` naming the file. A ``usearch`` part searches the dense block
+        from ``dense_start``, a ``postings`` part the whole rows of ``n_features``."""
+        kind = entry.get("kind")
+        if kind not in (KIND, PostingsIndex.kind):
+            raise BundleError(f"kNN kind is {kind!r}, expected {KIND!r} or "
+                              f"{PostingsIndex.kind!r}", folder / "manifest.json")
+        dim = n_features - dense_start
+        if kind == KIND and dim < 1:
+            raise BundleError("a usearch kNN part needs a dense block", folder / "manifest.json")
         rule = VoteRule(int(entry["k"]), float(entry["power"]), float(entry["weight"]),
                         float(entry.get("centroid_weight", 0.0)))
         names = [*KNN_REQUIRED, *(["label_centroids"] if rule.centroid_weight > 0 else [])]
@@ -381,25 +684,17 @@ class KnnMatcher:
         if centroids is not None and centroids.shape != (n_labels, dim):
             raise BundleError(f"centroids of shape {centroids.shape} where ({n_labels}, "
                               f"{dim}) is expected", folder / "knn.label_centroids.npy")
-        index = _open_index(path, entry, n_docs, dim, view=mmap)
+        index: NeighbourIndex = (
+            UsearchIndex.load(folder, entry, n_docs=n_docs, dim=dim, mmap=mmap)
+            if kind == KIND else
+            PostingsIndex.load(folder, entry, n_docs=n_docs, n_features=n_features, mmap=mmap))
         return cls(index, ptr, ids, n_labels, rule, centroids)
 
 
-def _open_index(path: Path, entry: dict[str, Any], n_docs: int, dim: int, *,
-                view: bool) -> Index:
-    verify_files(path.parent, [path.name], entry, "kNN index")
-    try:
-        meta = Index.metadata(str(path))
-        index = Index.restore(str(path), view=view)
-    except Exception as exc:  # usearch raises RuntimeError / ValueError of its own
-        raise BundleError(f"unreadable kNN index ({exc})", path) from None
-    if index is None or meta is None:
-        raise BundleError("not a usearch index", path)
-    if int(index.ndim) != dim or int(index.size) != n_docs or str(
-            index.metric_kind).split(".")[-1].lower() != "cos":
-        raise BundleError(f"index of {index.size} x {index.ndim} ({index.metric_kind}) where "
-                          f"{n_docs} x {dim} (cos) is expected", path)
-    return index
+def _sorted_csr(Y: sp.csr_matrix) -> sp.csr_matrix:
+    out = sp.csr_matrix(Y)
+    out.sort_indices()
+    return out
 
 
 def _lookup(votes: sp.csr_matrix, row: int, labels: np.ndarray) -> np.ndarray:

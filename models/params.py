@@ -158,13 +158,21 @@ class BuildParams:
         default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
     """Candidate weights of the label centroids (:mod:`models.knn`), chosen with the kNN
     rule; 0: none."""
+    feature_knn_max_postings: int = 100_000
+    """In a bundle without a dense block, a kNN part over the feature rows (the training
+    documents' TF-IDF or given rows, by cosine, in an exact inverted index:
+    :class:`models.knn.PostingsIndex`) is a candidate of the build's choice, with the
+    ``knn_k_grid``, ``knn_power_grid`` and ``knn_weight_grid`` rules, when a query reads on
+    average at most this many postings (each feature's documents: a request's added work,
+    which grows with the training documents); it is kept only when its validation gain
+    exceeds one standard error (:func:`models.builder.choose_reranking`). 0: never."""
     profile_weight_grid: list[float] = field(
         default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0])
     """Candidate weights of the label profiles (:mod:`models.profiles`) in a bundle without a
     dense block: each label's documents' feature rows summed, whose cosine with the query
     re-ranks the trees' top ``profile_pool_size`` labels. The weight and the threshold are
     chosen by (P@1 + P@5) / 2 on the validation split (``validation_share``; one tree
-    trained on the rest, :func:`models.builder.choose_profiles`) and kept only when the gain
+    trained on the rest, :func:`models.builder.choose_reranking`) and kept only when the gain
     over the trees alone exceeds one standard error; a choice of 0, or a grid of only 0,
     stores no profiles (and a grid of only 0 trains no validation tree)."""
     profile_threshold_grid: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05])
@@ -172,9 +180,10 @@ class BuildParams:
     at most 1 / threshold ** 2 entries a label."""
     profile_fit_share: float = 0.5
     """Share of the training documents (from outside the validation split) that the
-    profiles' choice trains its tree and builds its profiles on: its copy of those
-    documents' features and its tree's working set grow with it, and 0.5 keeps them under
-    the memory the bundle's own training takes (benchmarks/RESULTS.md, "Round four")."""
+    choice of the kNN part over the features and of the profiles trains its tree, indexes
+    and builds its profiles on: its copy of those documents' features and its tree's
+    working set grow with it, and 0.5 keeps them under the memory the bundle's own training
+    takes (benchmarks/RESULTS.md, "Round four")."""
     profile_pool_size: int = 5
     """How many of the trees' top labels the profiles re-rank (at least ``top_k`` of a
     request)."""
@@ -238,6 +247,9 @@ class BuildParams:
         if not self.profile_threshold_grid or not all(
                 0 <= t < 1 for t in self.profile_threshold_grid):
             raise InvalidInputError("profile_threshold_grid must list thresholds in 0..1")
+        if self.feature_knn_max_postings < 0:
+            raise InvalidInputError("feature_knn_max_postings must be >= 0 (0: no kNN part "
+                                    "over the features)")
         if not 0 < self.profile_fit_share <= 1 - self.validation_share:
             raise InvalidInputError("profile_fit_share must lie in (0, 1 - validation_share]")
         if self.profile_pool_size < 1:

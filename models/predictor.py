@@ -100,11 +100,11 @@ class Predictor:
         calibration = Calibration.load(folder) if "calibration" in manifest else None
         knn: KnnPart = NO_KNN
         if "knn" in manifest:
-            dim = int(manifest["n_features"]) - int(ensemble.dense_start[0])
-            if not isinstance(manifest["knn"], dict) or dim < 1:
-                raise BundleError("a kNN part needs a dense block", folder / "manifest.json")
+            if not isinstance(manifest["knn"], dict):
+                raise BundleError("the knn entry must be an object", folder / "manifest.json")
             knn = KnnMatcher.load(folder, manifest["knn"], n_labels=ensemble.n_labels,
-                                  dim=dim, mmap=mmap)
+                                  n_features=int(manifest["n_features"]),
+                                  dense_start=int(ensemble.dense_start[0]), mmap=mmap)
         profiles: ProfilePart = NO_PROFILES
         if "profiles" in manifest:
             if not isinstance(manifest["profiles"], dict):

@@ -14,7 +14,7 @@ trained to tell one node's documents apart; the profile compares the query with 
 label's documents at once, and lifts labels whose words the query shares as a whole (on
 validation: P@1 up where labels are topical, down where a document carries many tags and
 the profiles look alike; benchmarks/RESULTS.md, "Round four"). The weight and the threshold
-are chosen on the builder's validation split (:func:`models.builder.choose_profiles`); a
+are chosen on the builder's validation split (:func:`models.builder.choose_reranking`); a
 weight of 0 stores no profiles.
 
 In the bundle: ``profiles.{indptr,indices,data}.npy``, the profiles as CSR rows

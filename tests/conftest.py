@@ -22,10 +22,11 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 def tiny_params(**overrides) -> BuildParams:
     """Small enough to build in seconds, deep enough (3 layers, 3 trees) to exercise the
-    beam; the trees alone (the label profiles are tested in tests/models/test_profiles.py);
+    beam; the trees alone (the label profiles and the kNN part over the features are tested
+    in tests/models/test_profiles.py and tests/models/test_feature_knn.py);
     a fresh object each call, so a test may change it freely."""
     base = dict(n_trees=3, seed=0, cluster=ClusterParams(branching_factor=4, max_leaf_size=6),
-                profile_weight_grid=[0.0])
+                profile_weight_grid=[0.0], feature_knn_max_postings=0)
     return BuildParams(**{**base, **overrides})
 
 

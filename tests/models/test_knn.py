@@ -148,7 +148,7 @@ def test_neighbours_are_the_nearest_with_their_similarity() -> None:
 def test_a_large_index_walks_its_graph_and_finds_nearly_all_neighbours() -> None:
     emb, Y = random_set(5, n=6000, dim=12)
     matcher = KnnMatcher.build(emb, sp.csr_matrix(Y), VoteRule(10, 1.0, 0.5))
-    assert not matcher.exact  # above EXACT_MAX_DOCS
+    assert not matcher.index.exact  # above EXACT_MAX_DOCS
     queries = emb[:200] + 0.1 * np.random.default_rng(6).normal(size=(200, 12))
     got, _ = matcher.neighbours(queries.astype(np.float32), 10)
     a = emb / np.linalg.norm(emb, axis=1, keepdims=True)

@@ -76,7 +76,7 @@ def test_manifest_records_the_profiles(profile_bundle):
     sel = m["build"]["profile_selection"]
     assert sel["chosen"] == {"weight": W, "threshold": T}
     assert [(c["weight"], c["threshold"]) for c in sel["candidates"]] == [(W, T)]
-    assert "profile_choice" in m["build"]["stages"]
+    assert "rerank_choice" in m["build"]["stages"]
     assert "threshold" in m
 
 
@@ -174,7 +174,7 @@ def test_weight_zero_stores_no_profiles(tmp_path, tiny_corpus):
     # only 0 in the grid: no choice at all
     out = build(train, tmp_path / "c", tiny_params(profile_weight_grid=[0.0]))
     m = json.loads((out / "manifest.json").read_text())
-    assert "profiles" not in m and "profile_choice" not in m["build"]["stages"]
+    assert "profiles" not in m and "rerank_choice" not in m["build"]["stages"]
 
 
 def test_a_gain_within_one_standard_error_keeps_the_trees_alone(tmp_path, tiny_corpus):
