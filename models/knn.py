@@ -360,19 +360,36 @@ class Pool:
         centroid) / (1 + centroid_weight)`` per query, as a search returns them (ids, scores,
         counts; -1 pads), ties to the smaller label id."""
         n = self.ptr.shape[0] - 1
-        fused = (1.0 - weight) * self.tree + weight * self.votes
-        if centroid_weight:
-            fused = (fused + centroid_weight * self.centroid) / (1.0 + centroid_weight)
-        row = np.repeat(np.arange(n), np.diff(self.ptr))
-        # sorted by row first, each row's candidates stay where the pointers say
-        order = np.lexsort((self.ids, -fused, row))
-        rank = np.arange(order.shape[0]) - self.ptr[row]
-        kept = rank < top_k
         out_ids = np.full((n, top_k), -1, dtype=np.int64)
         out_scores = np.zeros((n, top_k), dtype=np.float64)
-        out_ids[row[kept], rank[kept]] = self.ids[order[kept]]
-        out_scores[row[kept], rank[kept]] = fused[order[kept]]
-        return out_ids, out_scores, np.minimum(np.diff(self.ptr), top_k)
+        counts = np.minimum(np.diff(self.ptr), top_k)
+        _rank_pool(self.ptr, self.ids, self.tree, self.votes, self.centroid, weight,
+                   centroid_weight, out_ids, out_scores)
+        return out_ids, out_scores, counts
+
+
+@numba.njit(nogil=True, cache=True)
+def _rank_pool(ptr: np.ndarray, ids: np.ndarray, tree: np.ndarray, votes: np.ndarray,
+               centroid: np.ndarray, weight: float, centroid_weight: float,
+               out_ids: np.ndarray, out_scores: np.ndarray) -> None:
+    """:meth:`Pool.rank` into ``out_ids`` / ``out_scores`` (their width is top_k): a
+    selection per row, whose candidates ascend by id, so that the first of equal scores
+    is the smaller id."""
+    top_k = out_ids.shape[1]
+    for d in range(ptr.shape[0] - 1):
+        a, b = ptr[d], ptr[d + 1]
+        fused = (1.0 - weight) * tree[a:b] + weight * votes[a:b]
+        if centroid_weight:
+            fused = (fused + centroid_weight * centroid[a:b]) / (1.0 + centroid_weight)
+        taken = np.zeros(b - a, dtype=np.bool_)
+        for r in range(min(b - a, top_k)):
+            best = -1
+            for j in range(b - a):
+                if not taken[j] and (best < 0 or fused[j] > fused[best]):
+                    best = j
+            taken[best] = True
+            out_ids[d, r] = ids[a + best]
+            out_scores[d, r] = fused[best]
 
 
 @numba.njit(nogil=True, cache=True)

@@ -626,18 +626,30 @@ class Searcher:
         if cand_label.size and (cand_label.min() < 0 or cand_label.max() >= n_labels):
             raise InvalidInputError(f"label ids must lie in 0..{n_labels - 1}")
         out = np.zeros(cand_label.shape[0], dtype=np.float64)
-        scratch = getattr(self._scratch, "label_nodes", None)
-        if scratch is None:
-            scratch = (np.zeros(self._n_nodes), np.zeros(self._n_nodes, dtype=np.bool_),
-                       np.zeros(self._n_nodes, dtype=np.int64))
-            self._scratch.label_nodes = scratch
-        # the ensemble's arrays but tree_root, tree_depth and node_label, in kernel order
-        a = self._arrays
-        args = (np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int32),
-                np.asarray(data, dtype=np.float32), self._xdense(),
-                np.asarray(cand_ptr, dtype=np.int64), cand_label, *a[2:12], a[13], *a[14:],
-                self.post, self.max_children, *scratch, out)
-        score_labels(*args)
+        indptr, cand_ptr = np.asarray(indptr, dtype=np.int64), np.asarray(cand_ptr, np.int64)
+        indices = np.asarray(indices, dtype=np.int32)
+        data = np.asarray(data, dtype=np.float32)
+
+        def run(start: int, stop: int) -> None:  # rows start..stop - 1, on this thread
+            scratch = getattr(self._scratch, "label_nodes", None)
+            if scratch is None:
+                scratch = (np.zeros(self._n_nodes), np.zeros(self._n_nodes, dtype=np.bool_),
+                           np.zeros(self._n_nodes, dtype=np.int64))
+                self._scratch.label_nodes = scratch
+            # the ensemble's arrays but tree_root, tree_depth and node_label, in kernel order
+            a = self._arrays
+            score_labels(indptr[start:stop + 1], indices, data, self._xdense(),
+                         cand_ptr[start:stop + 1], cand_label, *a[2:12], a[13], *a[14:],
+                         self.post, self.max_children, *scratch, out)
+
+        n = indptr.shape[0] - 1
+        if n < PARALLEL_MIN_DOCS or self.threads == 1:
+            run(0, n)
+            return out
+        bounds = np.linspace(0, n, self.threads + 1).astype(int)
+        pool = self._get_pool()
+        for f in [pool.submit(run, int(a), int(b)) for a, b in pairwise(bounds) if b > a]:
+            f.result()
         return out
 
     def close(self) -> None:

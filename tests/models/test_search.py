@@ -179,3 +179,25 @@ def test_ordered_post_processor_ranks_by_margin_where_l3_hinge_ties(tmp_path):
         p = plain[d, ids[d]]  # the l3-hinge scores in the ordered ranking
         assert np.all(p[:-1] >= p[1:])
     assert tied_docs > 0  # the data has such ties, so the check above ran
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_label_scores_are_the_exhaustive_scores(tiny_predictor, tiny_corpus, threads):
+    """Any labels of each row, scored exactly: a batch of more than 64 rows, on one thread
+    and split across two."""
+    _, test = tiny_corpus
+    X = tiny_predictor.encode(test.texts)
+    assert X.shape[0] > 64
+    ref = reference_scores(tiny_predictor, X)
+    rng = np.random.default_rng(0)
+    wanted = [rng.choice(tiny_predictor.n_labels, size=rng.integers(0, 6), replace=False)
+              for _ in range(X.shape[0])]
+    ptr = np.concatenate(([0], np.cumsum([len(w) for w in wanted])))
+    ids = np.concatenate(wanted).astype(np.int64)
+    ens, post = tiny_predictor.ensemble, tiny_predictor._searcher.post
+    lookup = models.feature_lookup.FeatureLookup.build(ens, tiny_predictor.n_features, 128)
+    with models.search.Searcher(ens, tiny_predictor.n_features, post, threads=threads,
+                                lookup=lookup) as searcher:
+        got = searcher.label_scores(X.indptr, X.indices, X.data, ptr, ids)
+    want = np.concatenate([ref[d, w] for d, w in enumerate(wanted)])
+    np.testing.assert_allclose(got, want, atol=1e-6)
