@@ -638,9 +638,10 @@ class Searcher:
                 self._scratch.label_nodes = scratch
             # the ensemble's arrays but tree_root, tree_depth and node_label, in kernel order
             a = self._arrays
-            score_labels(indptr[start:stop + 1], indices, data, self._xdense(),
-                         cand_ptr[start:stop + 1], cand_label, *a[2:12], a[13], *a[14:],
-                         self.post, self.max_children, *scratch, out)
+            args = (indptr[start:stop + 1], indices, data, self._xdense(),
+                    cand_ptr[start:stop + 1], cand_label, *a[2:12], a[13], *a[14:], self.post,
+                    self.max_children, *scratch, out)
+            score_labels(*args)
 
         n = indptr.shape[0] - 1
         if n < PARALLEL_MIN_DOCS or self.threads == 1:
