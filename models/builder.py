@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -44,7 +44,7 @@ from models.knn import (
     knn_search,
     vote,
 )
-from models.metrics import best_threshold, evaluate, micro_prf
+from models.metrics import best_threshold, micro_prf
 from models.params import POST_PROCESSORS, BuildParams
 from models.profiles import (
     NO_PROFILES,
@@ -53,7 +53,7 @@ from models.profiles import (
     ProfileRule,
     rank_fused,
 )
-from models.search import Found, Rows, Searcher, ranked_names, search_matrix
+from models.search import Found, Rows, Searcher, search_matrix
 from models.tree import Ensemble, quantize
 from models.vocab import Vocabulary, write_label_meta
 
@@ -301,6 +301,7 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
     tfidf, X_fit = TfidfEncoder.fit(fit.text_list, params.tfidf, workers=threads)
     X_valid = tfidf.transform(valid.text_list)
     one_tree = dataclasses.replace(params, n_trees=1)
+    truth = HeldOutTruth(names, valid.labels)
     candidates = []
     # with a kNN part the features must keep a dense block for it to read
     for alpha in sorted(a for a in set(params.dense_weight_grid) if a > 0 or not params.knn):
@@ -313,9 +314,8 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
                             params.weight_dtype)
         ids, _, counts = search_matrix(ensemble, Xv, POST_PROCESSORS[params.post_processor], 5,
                                        params.beam_size, threads)
-        m = evaluate(ranked_names(ids, counts, names), valid.labels, ks=(1, 5))
-        candidates.append({"dense_weight": float(alpha), "P@1": round(m["P@1"], 6),
-                           "P@5": round(m["P@5"], 6)})
+        m = truth.p1_p5(ids, counts)
+        candidates.append({"dense_weight": float(alpha), **m})
         log.info("dense_weight %g: validation P@1 %.4f, P@5 %.4f", alpha, m["P@1"], m["P@5"])
     best = max(candidates, key=lambda c: (c["P@1"], c["P@5"], -c["dense_weight"]))
     return best["dense_weight"], {
@@ -364,9 +364,9 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
         trees = searcher.search(*rows, 5, params.beam_size)
         candidates = _knn_candidates(searcher, rows, trees, matcher,
                                      _block_of(X_valid, dense_start, dim), params, threads,
-                                     lambda ids, counts: _p1_p5(ids, counts, names, valid))
+                                     HeldOutTruth(names, valid.labels).p1_p5)
         alone = {"k": 0, "power": 0.0, "weight": 0.0, "centroid_weight": 0.0,
-                 **_p1_p5(trees[0], trees[2], names, valid)}
+                 **HeldOutTruth(names, valid.labels).p1_p5(trees[0], trees[2])}
     if 0 in params.knn_weight_grid and 0 in params.knn_centroid_weight_grid:
         candidates.append(alone)  # the trees alone
     best = max(candidates, key=knn_preference)
@@ -460,6 +460,7 @@ def choose_reranking(train: Corpus, params: BuildParams, threads: int) -> Rerank
     rows = (X_valid.indptr, X_valid.indices, X_valid.data)
     width = ProfileRule(0.0, params.profile_pool_size, 0.0).width(5, len(names))
     choice = Reranking()
+    truth = HeldOutTruth(names, valid.labels)
     lookup = FeatureLookup.build(ensemble, X_fit.shape[1], params.bitmap_mb)
     with Searcher(ensemble, X_fit.shape[1], POST_PROCESSORS[params.post_processor],
                   threads=threads, lookup=lookup) as searcher:
@@ -470,11 +471,10 @@ def choose_reranking(train: Corpus, params: BuildParams, threads: int) -> Rerank
             found, choice.knn, choice.knn_selection = _choose_feature_knn(
                 searcher, rows, found, KnnMatcher.build_postings(
                     X_fit, Y_fit, VoteRule(1, 1.0, 0.0)) if mean_postings <= params.
-                feature_knn_max_postings else None, mean_postings, names, valid, params,
-                threads)
+                feature_knn_max_postings else None, mean_postings, truth, params, threads)
     if max(params.profile_weight_grid) > 0:
         choice.profiles, choice.profile_selection = _choose_profiles(
-            X_fit, Y_fit, rows, found, names, valid, params)
+            X_fit, Y_fit, rows, found, truth, params)
     for selection in (choice.knn_selection, choice.profile_selection):
         if selection is not None:
             selection.update(validation_share=params.validation_share,
@@ -483,8 +483,8 @@ def choose_reranking(train: Corpus, params: BuildParams, threads: int) -> Rerank
 
 
 def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
-                        matcher: KnnMatcher | None, mean_postings: float, names: list[str],
-                        valid: Corpus, params: BuildParams, threads: int,
+                        matcher: KnnMatcher | None, mean_postings: float,
+                        truth: HeldOutTruth, params: BuildParams, threads: int,
                         ) -> tuple[Found, VoteRule | None, dict[str, Any]]:
     """The vote rule of a kNN part over the feature rows (``knn_k_grid`` x
     ``knn_power_grid`` x ``knn_weight_grid``) that :func:`knn_preference` ranks first on the
@@ -502,18 +502,17 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
         return found, None, {**record, "chosen": None}
     width = found[0].shape[1]
     alone = {"k": 0, "power": 0.0, "weight": 0.0, "centroid_weight": 0.0,
-             **_p1_p5(found[0][:, :5], np.minimum(found[2], 5), names, valid)}
+             **truth.p1_p5(found[0], found[2])}
     candidates = _knn_candidates(searcher, rows, found, matcher, rows,
                                  dataclasses.replace(params, knn_centroid_weight_grid=[0.0]),
-                                 threads, lambda ids, counts: _p1_p5(ids, counts, names, valid))
+                                 threads, truth.p1_p5)
     if 0 in params.knn_weight_grid:
         candidates.append(alone)
     best = max(candidates, key=knn_preference)
     rule = VoteRule(int(best["k"]), best["power"], best["weight"]) if best["weight"] else None
     fused = found if rule is None else matcher.with_rule(rule).fuse(
         searcher, found, rows, width, dense_start=0, allowed=lambda: None, threads=threads)
-    gain = (_both_per_doc(fused[0], np.minimum(fused[2], 5), names, valid)
-            - _both_per_doc(found[0], np.minimum(found[2], 5), names, valid))
+    gain = truth.per_doc(fused[0], fused[2]) - truth.per_doc(found[0], found[2])
     standard_error = standard_error_of_mean(gain)
     if rule is not None and 0 in params.knn_weight_grid and gain.mean() <= standard_error:
         rule, fused, best = None, found, alone
@@ -528,7 +527,7 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
 
 
 def _choose_profiles(X_fit: sp.csr_matrix, Y_fit: sp.csr_matrix, rows: Rows, found: Found,
-                     names: list[str], valid: Corpus, params: BuildParams,
+                     truth: HeldOutTruth, params: BuildParams,
                      ) -> tuple[ProfileRule | None, dict[str, Any]]:
     """The weight and threshold of the label profiles (``profile_weight_grid`` x
     ``profile_threshold_grid``, profiles built over the fit documents ``X_fit``, ``Y_fit``)
@@ -548,9 +547,9 @@ def _choose_profiles(X_fit: sp.csr_matrix, Y_fit: sp.csr_matrix, rows: Rows, fou
             cosines = LabelProfiles.build(X_fit, Y_fit, probe, pifa=pifa).cosines(
                 rows, found[0], found[2])
         ids, _, counts = rank_fused(found, cosines, weight, 5)
-        per_doc.append(_both_per_doc(ids, counts, names, valid))
+        per_doc.append(truth.per_doc(ids, counts))
         candidates.append({"weight": weight, "threshold": threshold,
-                           **_p1_p5(ids, counts, names, valid)})
+                           **truth.p1_p5(ids, counts)})
     best = max(range(len(candidates)), key=lambda i: profile_preference(candidates[i]))
     gain = per_doc[best] - per_doc[0]
     standard_error = standard_error_of_mean(gain)
@@ -596,21 +595,41 @@ def _block_of(X: sp.csr_matrix, dense_start: int, dim: int) -> np.ndarray:
     return dense_block(X.indptr, X.indices, X.data, dense_start, dim)
 
 
-def _both_per_doc(ids: np.ndarray, counts: np.ndarray, names: list[str], valid: Corpus,
-                  ) -> np.ndarray:
-    """Per held-out document, (P@1 + P@5) / 2 of its top 5 (``_p1_p5``'s two, unaveraged)."""
-    out = np.zeros(len(valid.labels))
-    for d, (row, c, truth) in enumerate(zip(ids.tolist(), counts.tolist(), valid.labels)):
-        wanted = set(truth)
-        hits = [names[j] in wanted for j in row[: min(c, 5)]]
-        out[d] = (float(bool(hits) and hits[0]) + sum(hits) / 5) / 2
-    return out
+class HeldOutTruth:
+    """The held-out documents' labels as ids of the fit part's label ``names``, to score the
+    top 5 of many candidate rankings without turning ids into names: P@1 and P@5 as
+    :func:`models.metrics.evaluate` counts them (documents without labels left out) and
+    (P@1 + P@5) / 2 per document."""
 
+    def __init__(self, names: list[str], labels: Sequence[list[str]]) -> None:
+        index = {name: j for j, name in enumerate(names)}
+        self.n_labels = len(names)
+        self.labelled = np.array([bool(truth) for truth in labels], dtype=np.bool_)
+        cells = [d * self.n_labels + index[lab] for d, truth in enumerate(labels)
+                 for lab in set(truth) if lab in index]
+        self.cells = np.unique(np.asarray(cells, dtype=np.int64))
 
-def _p1_p5(ids: np.ndarray, counts: np.ndarray, names: list[str], valid: Corpus,
-           ) -> dict[str, float]:
-    m = evaluate(ranked_names(ids, counts, names), valid.labels, ks=(1, 5))
-    return {"P@1": round(float(m["P@1"]), 6), "P@5": round(float(m["P@5"]), 6)}
+    def hits(self, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """bool (n_docs, 5): whether each of a ranking's first 5 labels is right."""
+        top = np.full((ids.shape[0], 5), -1, dtype=np.int64)
+        width = min(ids.shape[1], 5)
+        top[:, :width] = ids[:, :width]
+        ranked = np.arange(5)[None, :] < np.minimum(counts, 5)[:, None]
+        cell = np.arange(ids.shape[0])[:, None] * self.n_labels + top
+        at = np.minimum(np.searchsorted(self.cells, cell), max(self.cells.shape[0] - 1, 0))
+        return ranked & (top >= 0) & (self.cells[at] == cell if self.cells.size else False)
+
+    def per_doc(self, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Per held-out document, (P@1 + P@5) / 2 of its top 5."""
+        hits = self.hits(ids, counts)
+        return (hits[:, 0] + hits.sum(axis=1) / 5) / 2
+
+    def p1_p5(self, ids: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+        hits = self.hits(ids, counts)[self.labelled]
+        if not hits.shape[0]:
+            return {"P@1": 0.0, "P@5": 0.0}
+        return {"P@1": round(float(hits[:, 0].mean()), 6),
+                "P@5": round(float(hits.sum(axis=1).mean() / 5), 6)}
 
 
 @dataclass

@@ -24,6 +24,10 @@
                              manifest then has "knn" (k, power, weight, centroid_weight,
                              bytes, sha256)
     knn.label_centroids.npy  (format 5) the labels' centroids, when centroid_weight is above 0
+    knn.postings_{ptr,docs,values}.npy
+                             (format 7) instead of knn.usearch, a kNN part over the feature
+                             rows chosen by a default build: the training documents' unit
+                             rows by feature (models.knn.PostingsIndex)
 
 Arrays load with ``allow_pickle=False`` and, by default, ``mmap_mode="r"`` so that several
 server processes share one copy. ``version`` is a content hash over arrays, label names,

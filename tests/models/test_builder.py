@@ -161,3 +161,30 @@ def test_cli_print_default_params_reads_back(capsys, tmp_path):
 def test_cli_reports_missing_bundle(capsys, tmp_path):
     assert main(["predict", str(tmp_path / "none"), "x"]) == 2
     assert "no such bundle" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("width", [3, 5, 8])
+def test_held_out_truth_scores_as_evaluate_does(width):
+    """The choices' fast P@1 / P@5 on label ids: models.metrics.evaluate's on the names
+    (documents without labels left out; truth labels the fit part never saw count as
+    misses), and per document (P@1 + P@5) / 2 counted by hand."""
+    from models.builder import HeldOutTruth
+    from models.metrics import evaluate
+    from models.search import ranked_names
+
+    rng = np.random.default_rng(width)
+    names = [f"l{i}" for i in range(40)]
+    labels = [[f"l{j}" for j in rng.choice(45, rng.integers(0, 4), replace=False)]
+              for _ in range(300)]
+    ids = np.array([rng.permutation(40)[:width] for _ in range(300)])
+    counts = rng.integers(0, width + 1, 300)
+    ids[np.arange(width)[None, :] >= counts[:, None]] = -1
+    truth = HeldOutTruth(names, labels)
+    want = evaluate(ranked_names(ids, counts, names), labels, ks=(1, 5))
+    got = truth.p1_p5(ids, counts)
+    assert got["P@1"] == pytest.approx(want["P@1"], abs=1e-6)
+    assert got["P@5"] == pytest.approx(want["P@5"], abs=1e-6)
+    per_doc = truth.per_doc(ids, counts)
+    for d in range(300):
+        hits = [names[j] in set(labels[d]) for j in ids[d, : min(counts[d], 5)]]
+        assert per_doc[d] == pytest.approx((float(bool(hits) and hits[0]) + sum(hits) / 5) / 2)
