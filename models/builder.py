@@ -9,6 +9,7 @@ evaluated into the manifest. Each stage logs its time and the peak memory so far
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -487,9 +488,11 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
                         truth: HeldOutTruth, params: BuildParams, threads: int,
                         ) -> tuple[Found, VoteRule | None, dict[str, Any]]:
     """The vote rule of a kNN part over the feature rows (``knn_k_grid`` x
-    ``knn_power_grid`` x ``knn_weight_grid``) that :func:`knn_preference` ranks first on the
-    held-out ``rows`` over the trees' ``found``, unless within one standard error of the
-    trees alone; ``matcher`` indexes the fit documents (None: a query would read more than
+    ``knn_power_grid`` x ``knn_weight_grid``) that :func:`knn_preference` ranks first on a
+    seeded half of the held-out ``rows`` over the trees' ``found``, unless its gain over the
+    trees alone on the other half is within one standard error there: the best of some
+    forty rules overstates its own gain on the documents that picked it. ``matcher``
+    indexes the fit documents (None: a query would read more than
     ``feature_knn_max_postings`` postings, so no kNN part). Returns the ranking the next
     part re-ranks (``found`` fused with the chosen votes, as wide), the rule (None: the
     trees alone) and the table behind it."""
@@ -501,26 +504,30 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
                  "so none", mean_postings, params.feature_knn_max_postings)
         return found, None, {**record, "chosen": None}
     width = found[0].shape[1]
+    pick = np.less(np.random.default_rng(params.seed).random(found[0].shape[0]), 0.5)
+    picking = truth.only(pick)
     alone = {"k": 0, "power": 0.0, "weight": 0.0, "centroid_weight": 0.0,
-             **truth.p1_p5(found[0], found[2])}
+             **picking.p1_p5(found[0], found[2])}
     candidates = _knn_candidates(searcher, rows, found, matcher, rows,
                                  dataclasses.replace(params, knn_centroid_weight_grid=[0.0]),
-                                 threads, truth.p1_p5)
+                                 threads, picking.p1_p5)
     if 0 in params.knn_weight_grid:
         candidates.append(alone)
     best = max(candidates, key=knn_preference)
     rule = VoteRule(int(best["k"]), best["power"], best["weight"]) if best["weight"] else None
     fused = found if rule is None else matcher.with_rule(rule).fuse(
         searcher, found, rows, width, dense_start=0, allowed=lambda: None, threads=threads)
-    gain = truth.per_doc(fused[0], fused[2]) - truth.per_doc(found[0], found[2])
+    gain = (truth.per_doc(fused[0], fused[2]) - truth.per_doc(found[0], found[2]))[~pick]
     standard_error = standard_error_of_mean(gain)
     if rule is not None and 0 in params.knn_weight_grid and gain.mean() <= standard_error:
         rule, fused, best = None, found, alone
     log.info("knn over the features: k %d, power %g, weight %g: validation P@1 %.4f, P@5 "
-             "%.4f (trees alone %.4f, %.4f; gain %.4f, standard error %.4f)", best["k"],
+             "%.4f on the picking half (trees alone %.4f, %.4f; gain on the other half "
+             "%.4f, standard error %.4f)", best["k"],
              best["power"], best["weight"], best["P@1"], best["P@5"], alone["P@1"],
              alone["P@5"], gain.mean(), standard_error)
-    return fused, rule, {**record, "candidates": candidates,
+    return fused, rule, {**record, "n_picking_docs": int(pick.sum()),
+                         "candidates": candidates,
                          "gain": round(float(gain.mean()), 6),
                          "standard_error": round(standard_error, 6),
                          "chosen": {key: best[key] for key in ("k", "power", "weight")}}
@@ -608,6 +615,14 @@ class HeldOutTruth:
         cells = [d * self.n_labels + index[lab] for d, truth in enumerate(labels)
                  for lab in set(truth) if lab in index]
         self.cells = np.unique(np.asarray(cells, dtype=np.int64))
+
+    def only(self, keep: np.ndarray) -> HeldOutTruth:
+        """The same documents, those outside ``keep`` (bool per document) without labels:
+        :meth:`p1_p5` then scores the kept ones alone."""
+        out = copy.copy(self)
+        out.labelled = self.labelled & keep
+        out.cells = self.cells[keep[self.cells // max(self.n_labels, 1)]]
+        return out
 
     def hits(self, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """bool (n_docs, 5): whether each of a ranking's first 5 labels is right."""
