@@ -438,9 +438,10 @@ def choose_reranking(train: Corpus, params: BuildParams, threads: int) -> Rerank
     searched once): first a kNN part over the feature rows (:func:`_choose_feature_knn`),
     then, over its ranking, the label profiles' weight and threshold
     (:func:`_choose_profiles`). Each is kept only when its gain in (P@1 + P@5) / 2 exceeds
-    one standard error of the per-document differences: a gain that small is as likely the
-    split's noise, and the part would cost a request and bytes for it. A training set too
-    small to hold a split out gets neither."""
+    one standard error of the per-document differences (the kNN part's measured on the half
+    of the split that did not pick its rule): a gain that small is as likely the split's
+    noise, and the part would cost a request and bytes for it. A training set too small to
+    hold a split out gets neither."""
     fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
     # a seeded part of the rest: the choice's copy of the features and its tree's training
     # then stay within the memory the bundle's own training takes

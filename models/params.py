@@ -164,8 +164,9 @@ class BuildParams:
     :class:`models.knn.PostingsIndex`) is a candidate of the build's choice, with the
     ``knn_k_grid``, ``knn_power_grid`` and ``knn_weight_grid`` rules, when a query reads on
     average at most this many postings (each feature's documents: a request's added work,
-    which grows with the training documents); it is kept only when its validation gain
-    exceeds one standard error (:func:`models.builder.choose_reranking`). 0: never."""
+    which grows with the training documents); its rule is picked on one half of the
+    validation split and kept only when its gain on the other half exceeds one standard
+    error there (:func:`models.builder.choose_reranking`). 0: never."""
     profile_weight_grid: list[float] = field(
         default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0])
     """Candidate weights of the label profiles (:mod:`models.profiles`) in a bundle without a
