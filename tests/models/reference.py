@@ -119,3 +119,15 @@ def assert_text_paths_agree(predictor, texts: list[str], top_k: int) -> None:
     for a, b, c in zip(batch, singles, feats):
         assert [lab for lab, _ in a] == [lab for lab, _ in b] == [lab for lab, _ in c]
         np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+
+
+def assert_last_explanation_entry(predictor, X: sp.csr_matrix, term: str,
+                                  shares: np.ndarray, top_k: int = 3) -> None:
+    """Each returned label's explanation ends with ``term``, whose contribution is the
+    oracle's ``shares[d, label]`` (n_docs, n_labels) for row d of X."""
+    index = {name: j for j, name in enumerate(predictor.label_names)}
+    for d, row in enumerate(predictor.predict_features(X, top_k=top_k, explain=True)):
+        for name, _, why in row:
+            assert why[-1]["term"] == term
+            np.testing.assert_allclose(why[-1]["contribution"], shares[d, index[name]],
+                                       atol=1e-6)

@@ -19,6 +19,7 @@ from models.knn import KnnMatcher, PostingsIndex
 from models.params import BuildParams
 from tests.conftest import tiny_params
 from tests.models.reference import (
+    assert_last_explanation_entry,
     assert_ranks_all_labels_as,
     assert_text_paths_agree,
     leaf_scores,
@@ -161,13 +162,8 @@ def test_explanations_name_the_votes_share(knn_bundle, tiny_corpus):
     train, test = tiny_corpus
     predictor = models.load_bundle(knn_bundle)
     X = predictor.encode(test.texts[:8])
-    votes = oracle_votes(predictor, train, X)
-    index = {name: j for j, name in enumerate(predictor.label_names)}
-    for d, row in enumerate(predictor.predict_features(X, top_k=3, explain=True)):
-        for name, _, why in row:
-            assert why[-1]["term"] == KNN_TERM
-            assert why[-1]["contribution"] == pytest.approx(
-                WEIGHT * votes[d, index[name]], abs=1e-6)
+    assert_last_explanation_entry(predictor, X, KNN_TERM,
+                                  WEIGHT * oracle_votes(predictor, train, X))
 
 
 def test_a_label_filter_applies_to_voted_labels(knn_bundle, tiny_corpus):

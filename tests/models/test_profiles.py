@@ -18,6 +18,7 @@ from models.explain import PROFILE_TERM
 from models.params import BuildParams
 from tests.conftest import tiny_params
 from tests.models.reference import (
+    assert_last_explanation_entry,
     assert_ranks_all_labels_as,
     assert_text_paths_agree,
     leaf_scores,
@@ -118,13 +119,8 @@ def test_explanations_name_the_profiles_share(profile_bundle, tiny_corpus):
     train, test = tiny_corpus
     predictor = models.load_bundle(profile_bundle)
     X = predictor.encode(test.texts[:8])
-    cos = oracle_cosines(predictor, train, X)
-    index = {name: j for j, name in enumerate(predictor.label_names)}
-    for d, row in enumerate(predictor.predict_features(X, top_k=3, explain=True)):
-        for name, _, why in row:
-            assert why[-1]["term"] == PROFILE_TERM
-            assert why[-1]["contribution"] == pytest.approx(W * cos[d, index[name]] / (1 + W),
-                                                            abs=1e-6)
+    assert_last_explanation_entry(predictor, X, PROFILE_TERM,
+                                  W * oracle_cosines(predictor, train, X) / (1 + W))
 
 
 def test_a_label_filter_still_holds(profile_bundle, tiny_corpus):
