@@ -520,16 +520,19 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
         searcher, found, rows, width, dense_start=0, allowed=lambda: None, threads=threads)
     gain = (truth.per_doc(fused[0], fused[2]) - truth.per_doc(found[0], found[2]))[~pick]
     standard_error = standard_error_of_mean(gain)
-    if rule is not None and 0 in params.knn_weight_grid and gain.mean() <= standard_error:
+    mean_gain = float(gain.mean()) if gain.size else 0.0
+    # too few documents on the other half to measure a gain: none is confirmed
+    confirmed = gain.size > 1 and mean_gain > standard_error
+    if rule is not None and 0 in params.knn_weight_grid and not confirmed:
         rule, fused, best = None, found, alone
     log.info("knn over the features: k %d, power %g, weight %g: validation P@1 %.4f, P@5 "
              "%.4f on the picking half (trees alone %.4f, %.4f; gain on the other half "
              "%.4f, standard error %.4f)", best["k"],
              best["power"], best["weight"], best["P@1"], best["P@5"], alone["P@1"],
-             alone["P@5"], gain.mean(), standard_error)
+             alone["P@5"], mean_gain, standard_error)
     return fused, rule, {**record, "n_picking_docs": int(pick.sum()),
                          "candidates": candidates,
-                         "gain": round(float(gain.mean()), 6),
+                         "gain": round(mean_gain, 6),
                          "standard_error": round(standard_error, 6),
                          "chosen": {key: best[key] for key in ("k", "power", "weight")}}
 

@@ -270,3 +270,16 @@ def test_a_held_out_half_scores_its_documents_alone():
 def test_a_negative_cost_bound_is_refused():
     with pytest.raises(InvalidInputError, match="feature_knn_max_postings"):
         BuildParams(feature_knn_max_postings=-1).validate()
+
+
+def test_a_split_too_small_to_confirm_the_gain_keeps_the_trees_alone(tmp_path, tiny_corpus):
+    train, _ = tiny_corpus
+    # 3 held-out documents: at most one on the confirming half, no standard error to beat
+    share = 3.5 / train.n_docs
+    out = build(train, tmp_path / "b", knn_params(knn_weight_grid=[0.0, 0.5],
+                                                  validation_share=share))
+    m = json.loads((out / "manifest.json").read_text())
+    sel = m["build"]["knn_selection"]
+    assert sel["n_validation_docs"] - sel["n_picking_docs"] <= 1
+    assert sel["chosen"]["weight"] == 0.0 and "knn" not in m
+    assert np.isfinite(sel["gain"])
