@@ -14,7 +14,7 @@ Ties are broken by the smaller node (label) id, so results are reproducible.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from typing import Any
@@ -601,19 +601,9 @@ class Searcher:
         labels = np.full((n, top_k), -1, dtype=np.int64)
         scores = np.zeros((n, top_k), dtype=np.float64)
         counts = np.zeros(n, dtype=np.int64)
-        if n < PARALLEL_MIN_DOCS or self.threads == 1:
-            self._run(indptr, indices, data, 0, n, top_k, beam_size, node_mask, labels, scores,
-                      counts)
-            return labels, scores, counts
-        pool = self._get_pool()
-        bounds = np.linspace(0, n, self.threads + 1).astype(int)
-        futures = [
-            pool.submit(self._run, indptr, indices, data, int(a), int(b), top_k, beam_size,
-                        node_mask, labels, scores, counts)
-            for a, b in pairwise(bounds) if b > a
-        ]
-        for f in futures:
-            f.result()
+        self._across_threads(n, lambda start, stop: self._run(
+            indptr, indices, data, start, stop, top_k, beam_size, node_mask, labels, scores,
+            counts))
         return labels, scores, counts
 
     def label_scores(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
@@ -643,15 +633,19 @@ class Searcher:
                     self.max_children, *scratch, out)
             score_labels(*args)
 
-        n = indptr.shape[0] - 1
+        self._across_threads(indptr.shape[0] - 1, run)
+        return out
+
+    def _across_threads(self, n: int, run: Callable[[int, int], None]) -> None:
+        """``run(start, stop)`` over rows 0..n - 1: on this thread for a small batch, else
+        one contiguous range per thread of the pool."""
         if n < PARALLEL_MIN_DOCS or self.threads == 1:
             run(0, n)
-            return out
-        bounds = np.linspace(0, n, self.threads + 1).astype(int)
+            return
         pool = self._get_pool()
+        bounds = np.linspace(0, n, self.threads + 1).astype(int)
         for f in [pool.submit(run, int(a), int(b)) for a, b in pairwise(bounds) if b > a]:
             f.result()
-        return out
 
     def close(self) -> None:
         if self._pool is not None:
