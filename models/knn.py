@@ -305,8 +305,8 @@ class PostingsIndex:
                 "nnz": int(self.docs.shape[0])}
 
     @classmethod
-    def load(cls, folder: Path, entry: dict[str, Any], *, n_docs: int, n_features: int,
-             mmap: bool) -> PostingsIndex:
+    def load(cls, folder: Path, *, n_docs: int, n_features: int, mmap: bool,
+             ) -> PostingsIndex:
         arrays = {name: load_npy(folder / f"knn.{name}.npy", mmap=mmap, dtype=KNN_ARRAYS[name])
                   for name in POSTINGS_ARRAYS}
         ptr, docs = arrays["postings_ptr"], arrays["postings_docs"]
@@ -704,7 +704,7 @@ class KnnMatcher:
         index: NeighbourIndex = (
             UsearchIndex.load(folder, entry, n_docs=n_docs, dim=dim, mmap=mmap)
             if kind == KIND else
-            PostingsIndex.load(folder, entry, n_docs=n_docs, n_features=n_features, mmap=mmap))
+            PostingsIndex.load(folder, n_docs=n_docs, n_features=n_features, mmap=mmap))
         return cls(index, ptr, ids, n_labels, rule, centroids)
 
 
