@@ -116,26 +116,25 @@ def build(
                 dense = (emb, float(weight))
             del emb
         engine = engine or LocalEngine()
-        rule, knn_selection = None, None
+        reranking = Reranking()
         if params.knn:
             with stages("knn_choice"):
-                rule, knn_selection = choose_knn(train, dense, params, threads)
-            if not rule.scores:
+                dense_rule, dense_selection = choose_knn(train, dense, params, threads)
+            if not dense_rule.scores:
                 log.info("knn weights 0 won on validation: a bundle without the kNN part")
-                rule = None
-        reranking = Reranking()
-        if dense is None and not params.knn and (
+            reranking = Reranking(dense_rule if dense_rule.scores else None, dense_selection)
+        elif dense is None and (
                 max(params.profile_weight_grid) > 0 or (
                     params.feature_knn_max_postings > 0 and max(params.knn_weight_grid) > 0)):
             with stages("rerank_choice"):
                 reranking = choose_reranking(train, params, threads)
-            rule, knn_selection = reranking.knn, reranking.knn_selection
+        rule, knn_selection = reranking.knn, reranking.knn_selection
         profile_rule = reranking.profiles
         held_out = None
         if params.tune_threshold or params.calibrate:
             with stages("held_out"):
-                held_out = held_out_controls(train, dense, params, threads, engine, rule,
-                                             profile_rule)
+                held_out = held_out_controls(train, dense, params, threads, engine,
+                                             reranking)
         del dense
         Y = label_matrix(train.labels, label_names)
         label_counts = np.asarray(Y.sum(axis=0)).ravel().astype(np.int64)
@@ -171,7 +170,7 @@ def build(
             controls = held_out.save(tmp) if held_out is not None else {}
             encoder_files += controls.get("calibration", {}).get("files", [])
             if rule is not None:
-                controls["knn"] = _knn_matcher(X, Y, rule, dense_start, params).save(tmp)
+                controls["knn"] = _knn_matcher(X, Y, reranking, dense_start, params).save(tmp)
                 encoder_files += controls["knn"]["files"]
             if profiles is not None:
                 controls["profiles"] = profiles.save(tmp)
@@ -182,7 +181,8 @@ def build(
                     knn=rule is not None,
                     centroids=rule is not None and rule.centroid_weight > 0,
                     profiles=profile_rule is not None,
-                    postings=controls.get("knn", {}).get("kind") == PostingsIndex.kind),
+                    postings=controls.get("knn", {}).get("kind") == PostingsIndex.kind,
+                    capped_pool=rule is not None and rule.max_voted > 0),
                 "name": name or out_dir.name,
                 # threads changes how fast, never what is built: not part of the identity
                 "version": bundle_io.content_hash(
@@ -363,11 +363,12 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
                   lookup=lookup) as searcher:
         rows = (X_valid.indptr, X_valid.indices, X_valid.data)
         trees = searcher.search(*rows, 5, params.beam_size)
+        truth = HeldOutTruth(names, valid.labels)
         candidates = _knn_candidates(searcher, rows, trees, matcher,
                                      _block_of(X_valid, dense_start, dim), params, threads,
-                                     HeldOutTruth(names, valid.labels).p1_p5)
+                                     lambda ranked: truth.p1_p5(ranked[0], ranked[2]))
         alone = {"k": 0, "power": 0.0, "weight": 0.0, "centroid_weight": 0.0,
-                 **HeldOutTruth(names, valid.labels).p1_p5(trees[0], trees[2])}
+                 **truth.p1_p5(trees[0], trees[2])}
     if 0 in params.knn_weight_grid and 0 in params.knn_centroid_weight_grid:
         candidates.append(alone)  # the trees alone
     best = max(candidates, key=knn_preference)
@@ -375,17 +376,18 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
              "%.4f (trees alone %.4f, %.4f)", best["k"], best["power"], best["weight"],
              best["centroid_weight"], best["P@1"], best["P@5"], alone["P@1"], alone["P@5"])
     chosen = {key: best[key] for key in ("k", "power", "weight", "centroid_weight")}
-    return VoteRule(int(best["k"]), best["power"], best["weight"], best["centroid_weight"]), {
+    return VoteRule(int(best["k"]), best["power"], best["weight"], best["centroid_weight"],
+                    params.knn_max_voted_labels), {
         "validation_share": params.validation_share, "n_validation_docs": len(valid_rows),
         "n_trees": 1, "candidates": candidates, "chosen": chosen}
 
 
 def _knn_candidates(searcher: Searcher, rows: Rows, trees: Found, matcher: KnnMatcher,
                     queries: Any, params: BuildParams, threads: int,
-                    score: Callable[[np.ndarray, np.ndarray], dict[str, float]],
+                    score: Callable[[Found], dict[str, float]],
                     ) -> list[dict[str, float]]:
-    """Every rule of the grids but the trees alone, with ``score(ids, counts)`` of the top
-    5 it gives the validation ``rows`` (as the matcher's index searches them:
+    """Every rule of the grids but the trees alone, with ``score`` of the top 5 it gives
+    the validation ``rows`` (as the matcher's index searches them:
     ``queries``), over the trees' ranking ``trees``: the neighbours are searched once, the
     pool built once per (k, power). A matcher without centroids takes a centroid grid of
     0 only."""
@@ -398,13 +400,13 @@ def _knn_candidates(searcher: Searcher, rows: Rows, trees: Found, matcher: KnnMa
             votes = vote(keys[:, :k], sims[:, :k], matcher.label_ptr, matcher.label_ids,
                          matcher.n_labels, power)
             pool = candidate_pool(trees, votes, partial(searcher.label_scores, *rows),
-                                  centroids_of)
+                                  centroids_of, max_voted=params.knn_max_voted_labels)
             for w in sorted(set(params.knn_weight_grid)):
                 for c in sorted(set(params.knn_centroid_weight_grid)):
                     if w or c:  # both 0: the trees alone
-                        ids, _, counts = pool.rank(w, c, 5)
                         candidates.append({"k": k, "power": power, "weight": w,
-                                           "centroid_weight": c, **score(ids, counts)})
+                                           "centroid_weight": c,
+                                           **score(pool.rank(w, c, 5))})
     return candidates
 
 
@@ -416,30 +418,33 @@ def knn_preference(candidate: dict[str, float]) -> tuple[float, ...]:
     benchmarks/RESULTS.md)."""
     c = candidate
     return (round(c["P@1"] + c["P@5"], 9), c["P@1"], -c["weight"],
-            -c.get("centroid_weight", 0.0), -c["k"], -c["power"])
+            -c.get("centroid_weight", 0.0), -c["k"], -c["power"], c.get("threshold", 0.0))
 
 
 @dataclass
 class Reranking:
-    """What :func:`choose_reranking` chose for a bundle without a dense block: the vote rule
-    of a kNN part over the feature rows and the label profiles' rule (None: none), with the
-    tables behind each choice for the manifest (None: not considered)."""
+    """What re-ranks the trees' labels in a bundle: a kNN part's vote rule (None: none) and,
+    for one over the feature rows, its index's threshold; the label profiles' rule (None:
+    none); with the tables behind each choice for the manifest (None: not considered)."""
 
     knn: VoteRule | None = None
     knn_selection: dict[str, Any] | None = None
     profiles: ProfileRule | None = None
     profile_selection: dict[str, Any] | None = None
+    knn_threshold: float = 0.0
 
 
 def choose_reranking(train: Corpus, params: BuildParams, threads: int) -> Reranking:
     """The parts that re-rank the trees' labels in a bundle without a dense block, chosen on
     the seeded ``validation_share`` of ``train`` with one tree trained as the bundle's are
     on a seeded ``profile_fit_share`` of the documents outside it (the held-out documents
-    searched once): first a kNN part over the feature rows (:func:`_choose_feature_knn`),
-    then, over its ranking, the label profiles' weight and threshold
-    (:func:`_choose_profiles`). Each is kept only when its gain in (P@1 + P@5) / 2 exceeds
-    one standard error of the per-document differences (the kNN part's measured on the half
-    of the split that did not pick its rule): a gain that small is as likely the split's
+    searched once): the label profiles' weight and threshold over the trees alone
+    (:func:`_choose_profiles`); a kNN part over the feature rows, scored with those profiles
+    re-ranking its ranking as they would the trees' (:func:`_choose_feature_knn`), so that
+    it is chosen for what it adds to them; then, when a kNN part is kept, the profiles again
+    over its ranking. Each is kept only when its gain in (P@1 + P@5) / 2 exceeds one
+    standard error of the per-document differences (the kNN part's measured on the half of
+    the split that did not pick its rule): a gain that small is as likely the split's
     noise, and the part would cost a request and bytes for it. A training set too small to
     hold a split out gets neither."""
     fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
@@ -464,19 +469,25 @@ def choose_reranking(train: Corpus, params: BuildParams, threads: int) -> Rerank
     choice = Reranking()
     truth = HeldOutTruth(names, valid.labels)
     lookup = FeatureLookup.build(ensemble, X_fit.shape[1], params.bitmap_mb)
+    profiles = max(params.profile_weight_grid) > 0
     with Searcher(ensemble, X_fit.shape[1], POST_PROCESSORS[params.post_processor],
                   threads=threads, lookup=lookup) as searcher:
         found = searcher.search(*rows, width, params.beam_size)
-        # the bundle's index holds every training document: its postings grow with them
-        mean_postings = (PostingsIndex.mean_postings(X_fit) * train.n_docs / X_fit.shape[0])
-        if max(params.knn_weight_grid) > 0:
-            found, choice.knn, choice.knn_selection = _choose_feature_knn(
-                searcher, rows, found, KnnMatcher.build_postings(
-                    X_fit, Y_fit, VoteRule(1, 1.0, 0.0)) if mean_postings <= params.
-                feature_knn_max_postings else None, mean_postings, truth, params, threads)
-    if max(params.profile_weight_grid) > 0:
-        choice.profiles, choice.profile_selection = _choose_profiles(
-            X_fit, Y_fit, rows, found, truth, params)
+        if profiles:
+            choice.profiles, choice.profile_selection = _choose_profiles(
+                X_fit, Y_fit, rows, found, truth, params)
+        if params.feature_knn_max_postings > 0 and max(params.knn_weight_grid) > 0:
+            then = (_identity if choice.profiles is None else partial(
+                LabelProfiles.build(X_fit, Y_fit, choice.profiles).rerank, rows=rows,
+                top_k=width))
+            found, knn = _choose_feature_knn(searcher, rows, found, (X_fit, Y_fit),
+                                             train.n_docs, truth, params, threads, then)
+            choice.knn, choice.knn_threshold, choice.knn_selection = knn
+            choice.knn_selection["scored_after_profiles"] = (
+                None if choice.profiles is None else dataclasses.asdict(choice.profiles))
+            if choice.knn is not None and profiles:
+                choice.profiles, choice.profile_selection = _choose_profiles(
+                    X_fit, Y_fit, rows, found, truth, params)
     for selection in (choice.knn_selection, choice.profile_selection):
         if selection is not None:
             selection.update(validation_share=params.validation_share,
@@ -484,57 +495,84 @@ def choose_reranking(train: Corpus, params: BuildParams, threads: int) -> Rerank
     return choice
 
 
+def _identity(found: Found) -> Found:
+    return found
+
+
 def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
-                        matcher: KnnMatcher | None, mean_postings: float,
+                        fit: tuple[sp.csr_matrix, sp.csr_matrix], n_docs: int,
                         truth: HeldOutTruth, params: BuildParams, threads: int,
-                        ) -> tuple[Found, VoteRule | None, dict[str, Any]]:
-    """The vote rule of a kNN part over the feature rows (``knn_k_grid`` x
-    ``knn_power_grid`` x ``knn_weight_grid``) that :func:`knn_preference` ranks first on a
-    seeded half of the held-out ``rows`` over the trees' ``found``, unless its gain over the
-    trees alone on the other half is within one standard error there: the best of some
-    forty rules overstates its own gain on the documents that picked it. ``matcher``
-    indexes the fit documents (None: a query would read more than
-    ``feature_knn_max_postings`` postings, so no kNN part). Returns the ranking the next
-    part re-ranks (``found`` fused with the chosen votes, as wide), the rule (None: the
-    trees alone) and the table behind it."""
+                        then: Callable[[Found], Found],
+                        ) -> tuple[Found, tuple[VoteRule | None, float, dict[str, Any]]]:
+    """The index threshold (``feature_knn_threshold_grid``) and vote rule (``knn_k_grid``
+    x ``knn_power_grid`` x ``knn_weight_grid``) of a kNN part over the feature rows that
+    :func:`knn_preference` ranks first on a seeded half of the held-out ``rows`` over the
+    trees' ``found``, each ranking scored after ``then`` (the re-ranking that follows the
+    part), unless its gain over the trees alone on the other half is within one standard
+    error there: the best of a hundred rules overstates its own gain on the documents that
+    picked it. The indexes hold the ``fit`` documents (features, labels); a threshold whose
+    index a held-out query reads more than ``feature_knn_max_postings`` postings of, once
+    it holds all ``n_docs`` training documents, is not a candidate. Returns the ranking the
+    next part re-ranks (``found`` fused with the chosen votes, as wide), and the rule
+    (None: the trees alone), its threshold and the table behind the choice."""
+    X_fit, Y_fit = fit
     record: dict[str, Any] = {"index": PostingsIndex.kind,
-                              "mean_postings": round(mean_postings, 1),
-                              "max_postings": params.feature_knn_max_postings}
-    if matcher is None:
-        log.info("knn over the features: a query would read %.0f postings (more than %d), "
-                 "so none", mean_postings, params.feature_knn_max_postings)
-        return found, None, {**record, "chosen": None}
-    width = found[0].shape[1]
+                              "max_postings": params.feature_knn_max_postings,
+                              "thresholds": []}
     pick = np.less(np.random.default_rng(params.seed).random(found[0].shape[0]), 0.5)
     picking = truth.only(pick)
-    alone = {"k": 0, "power": 0.0, "weight": 0.0, "centroid_weight": 0.0,
-             **picking.p1_p5(found[0], found[2])}
-    candidates = _knn_candidates(searcher, rows, found, matcher, rows,
-                                 dataclasses.replace(params, knn_centroid_weight_grid=[0.0]),
-                                 threads, picking.p1_p5)
+
+    def score(ranked: Found) -> dict[str, float]:
+        ranked = then(ranked)
+        return picking.p1_p5(ranked[0], ranked[2])
+
+    alone = {"threshold": 0.0, "k": 0, "power": 0.0, "weight": 0.0, "centroid_weight": 0.0,
+             **score(found)}
+    candidates = []
+    knn_params = dataclasses.replace(params, knn_centroid_weight_grid=[0.0])
+    for threshold in sorted(set(params.feature_knn_threshold_grid)):
+        index = PostingsIndex.build(X_fit, threshold)
+        # the bundle's index holds every training document: its postings grow with them
+        reads = index.reads(rows) * n_docs / X_fit.shape[0]
+        admitted = reads <= params.feature_knn_max_postings
+        record["thresholds"].append({"threshold": threshold, "mean_postings": round(reads, 1),
+                                     "admitted": bool(admitted)})
+        if admitted:
+            matcher = KnnMatcher.over_postings(index, Y_fit, VoteRule(1, 1.0, 0.0))
+            candidates += [{"threshold": threshold, **c} for c in _knn_candidates(
+                searcher, rows, found, matcher, rows, knn_params, threads, score)]
+    if not candidates:
+        log.info("knn over the features: a query would read more than %d postings at every "
+                 "threshold (%s), so none", params.feature_knn_max_postings,
+                 record["thresholds"])
+        return found, (None, 0.0, {**record, "chosen": None})
     if 0 in params.knn_weight_grid:
         candidates.append(alone)
     best = max(candidates, key=knn_preference)
-    rule = VoteRule(int(best["k"]), best["power"], best["weight"]) if best["weight"] else None
-    fused = found if rule is None else matcher.with_rule(rule).fuse(
-        searcher, found, rows, width, dense_start=0, allowed=lambda: None, threads=threads)
-    gain = (truth.per_doc(fused[0], fused[2]) - truth.per_doc(found[0], found[2]))[~pick]
+    rule = VoteRule(int(best["k"]), best["power"], best["weight"],
+                    max_voted=params.knn_max_voted_labels) if best["weight"] else None
+    fused = found if rule is None else KnnMatcher.build_postings(
+        X_fit, Y_fit, rule, best["threshold"]).fuse(
+            searcher, found, rows, found[0].shape[1], dense_start=0, allowed=lambda: None,
+            threads=threads)
+    after, before = then(fused), then(found)
+    gain = (truth.per_doc(after[0], after[2]) - truth.per_doc(before[0], before[2]))[~pick]
     standard_error = standard_error_of_mean(gain)
     mean_gain = float(gain.mean()) if gain.size else 0.0
     # too few documents on the other half to measure a gain: none is confirmed
     confirmed = gain.size > 1 and mean_gain > standard_error
     if rule is not None and 0 in params.knn_weight_grid and not confirmed:
         rule, fused, best = None, found, alone
-    log.info("knn over the features: k %d, power %g, weight %g: validation P@1 %.4f, P@5 "
-             "%.4f on the picking half (trees alone %.4f, %.4f; gain on the other half "
-             "%.4f, standard error %.4f)", best["k"],
+    log.info("knn over the features: threshold %g, k %d, power %g, weight %g: validation "
+             "P@1 %.4f, P@5 %.4f on the picking half (trees alone %.4f, %.4f; gain on the "
+             "other half %.4f, standard error %.4f)", best["threshold"], best["k"],
              best["power"], best["weight"], best["P@1"], best["P@5"], alone["P@1"],
              alone["P@5"], mean_gain, standard_error)
-    return fused, rule, {**record, "n_picking_docs": int(pick.sum()),
-                         "candidates": candidates,
-                         "gain": round(mean_gain, 6),
-                         "standard_error": round(standard_error, 6),
-                         "chosen": {key: best[key] for key in ("k", "power", "weight")}}
+    chosen = {key: best[key] for key in ("threshold", "k", "power", "weight")}
+    return fused, (rule, best["threshold"], {
+        **record, "n_picking_docs": int(pick.sum()), "candidates": candidates,
+        "gain": round(mean_gain, 6), "standard_error": round(standard_error, 6),
+        "chosen": chosen})
 
 
 def _choose_profiles(X_fit: sp.csr_matrix, Y_fit: sp.csr_matrix, rows: Rows, found: Found,
@@ -591,15 +629,18 @@ def profile_preference(candidate: dict[str, float]) -> tuple[float, ...]:
     return (round(c["P@1"] + c["P@5"], 9), c["P@1"], -c["weight"], c["threshold"])
 
 
-def _knn_matcher(X: sp.csr_matrix, Y: sp.csr_matrix, rule: VoteRule, dense_start: int | None,
-                 params: BuildParams) -> KnnMatcher:
-    """The kNN part of a model with features ``X`` and labels ``Y``: over the dense block
-    (from ``dense_start``) when ``params.knn`` asked for one, else over the feature rows
-    (a choice of :func:`choose_reranking`)."""
+def _knn_matcher(X: sp.csr_matrix, Y: sp.csr_matrix, reranking: Reranking,
+                 dense_start: int | None, params: BuildParams) -> KnnMatcher:
+    """The kNN part chosen in ``reranking`` (its rule set) of a model with features ``X``
+    and labels ``Y``: over the dense block (from ``dense_start``) when ``params.knn`` asked
+    for one, else over the feature rows at the chosen threshold (a choice of
+    :func:`choose_reranking`)."""
+    assert reranking.knn is not None
     if params.knn:
         assert dense_start is not None  # choose_knn refuses features without a dense block
-        return KnnMatcher.build(_block_of(X, dense_start, X.shape[1] - dense_start), Y, rule)
-    return KnnMatcher.build_postings(X, Y, rule)
+        return KnnMatcher.build(_block_of(X, dense_start, X.shape[1] - dense_start), Y,
+                                reranking.knn)
+    return KnnMatcher.build_postings(X, Y, reranking.knn, reranking.knn_threshold)
 
 
 def _block_of(X: sp.csr_matrix, dense_start: int, dim: int) -> np.ndarray:
@@ -672,16 +713,16 @@ class HeldOut:
 
 def held_out_controls(train: Corpus, dense: tuple[np.ndarray, float] | None,
                       params: BuildParams, threads: int,
-                      engine: TreeEngine | None = None, knn: VoteRule | None = None,
-                      profiles: ProfileRule | None = None) -> HeldOut:
+                      engine: TreeEngine | None = None,
+                      reranking: Reranking | None = None) -> HeldOut:
     """A model trained as the bundle will be (same parameters, all its trees) on train less
     the seeded ``validation_share`` predicts the held-out documents (``top_k``,
     ``beam_size``); on those (label, score) pairs: the isotonic calibration
     (``params.calibrate``), then the threshold maximizing micro-F1 on the scores as they will
     be served (``params.tune_threshold``). ``dense``: the fused block's embeddings of every
-    training document and its weight; ``knn``: the vote rule of a kNN part, whose votes
-    over the fit part are then fused in as the bundle fuses them; ``profiles``: the rule of
-    label profiles, built over the fit part and applied as the bundle applies them."""
+    training document and its weight; ``reranking``: the kNN part and label profiles the
+    bundle takes, built over the fit part and applied as the bundle applies them."""
+    reranking = reranking or Reranking()
     fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
     if not len(valid_rows) or not len(fit_rows):
         raise InvalidInputError(
@@ -696,10 +737,10 @@ def held_out_controls(train: Corpus, dense: tuple[np.ndarray, float] | None,
     trees = _train_trees(X_fit, label_matrix(fit.labels, names), params.resolved(
         fused=dense is not None), threads, StageTimer(verbose=False), dense_start, engine)
     ensemble = Ensemble.concatenate([quantize(t, params.weight_dtype) for t in trees])
-    matcher: KnnPart = NO_KNN if knn is None else _knn_matcher(
-        X_fit, label_matrix(fit.labels, names), knn, dense_start, params)
-    profile_part: ProfilePart = NO_PROFILES if profiles is None else LabelProfiles.build(
-        X_fit, label_matrix(fit.labels, names), profiles)
+    matcher: KnnPart = NO_KNN if reranking.knn is None else _knn_matcher(
+        X_fit, label_matrix(fit.labels, names), reranking, dense_start, params)
+    profile_part: ProfilePart = NO_PROFILES if reranking.profiles is None else (
+        LabelProfiles.build(X_fit, label_matrix(fit.labels, names), reranking.profiles))
     lookup = FeatureLookup.build(ensemble, X_fit.shape[1], params.bitmap_mb)
     with Searcher(ensemble, X_fit.shape[1], POST_PROCESSORS[params.post_processor],
                   threads=threads, lookup=lookup) as searcher:

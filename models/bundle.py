@@ -73,17 +73,22 @@ PROFILE_FORMAT_VERSION = 6
 #: the format of a bundle whose kNN part searches the feature rows in postings
 #: (models.knn.PostingsIndex): a reader of format 6 knows only a usearch index
 POSTINGS_FORMAT_VERSION = 7
+#: a kNN part that lets only the labels of most votes into the pool (``max_voted_labels``):
+#: an older reader would let them all in, and rank otherwise
+CAPPED_POOL_FORMAT_VERSION = 8
 #: versions this build reads: 1 lacks the dense-block arrays (its bundles have none); 1 and 2
 #: store an int64 row pointer and float32 weights (see _load_old_ensemble)
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 MANIFEST = "manifest.json"
 #: files a bundle may have (label_meta.json: see models.vocab)
 OPTIONAL_FILES = ("label_meta.json", *(f"search.{n}.npy" for n in LOOKUP_ARRAYS))
 
 
 def format_version(*, knn: bool, centroids: bool, profiles: bool = False,
-                   postings: bool = False) -> int:
+                   postings: bool = False, capped_pool: bool = False) -> int:
     """The format a new bundle is written in: the oldest that holds what it has."""
+    if capped_pool:
+        return CAPPED_POOL_FORMAT_VERSION
     if postings:
         return POSTINGS_FORMAT_VERSION
     if profiles:

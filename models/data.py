@@ -390,6 +390,23 @@ def normalize_rows(X: sp.csr_matrix) -> sp.csr_matrix:
     return X
 
 
+def drop_below(Z: sp.csr_matrix, threshold: float,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR arrays (int64 pointers, int32 column ids, float32 values) of the unit rows of
+    ``Z`` without their entries of magnitude below ``threshold``, each row scaled to norm 1
+    again (a row that keeps none stays empty). A unit row keeps at most ``1 / threshold **
+    2`` entries: the large ones, which tell a row apart from the others. Only the kept
+    entries are copied."""
+    n_rows = Z.shape[0]
+    keep = np.abs(Z.data) >= threshold
+    rows = np.repeat(np.arange(n_rows, dtype=np.int32), np.diff(Z.indptr))[keep]
+    data = Z.data[keep].astype(np.float32)
+    norms = np.sqrt(np.bincount(rows, weights=np.square(data, dtype=np.float64),
+                                minlength=n_rows))
+    data /= norms[rows].astype(np.float32)  # a kept entry's row has a norm above 0
+    return row_pointers(rows, n_rows), Z.indices[keep].astype(np.int32), data
+
+
 def row_pointers(row_of: np.ndarray, n_rows: int) -> np.ndarray:
     """int64 CSR row pointers (n_rows + 1) of entries whose rows ``row_of`` ascend."""
     indptr = np.zeros(n_rows + 1, dtype=np.int64)

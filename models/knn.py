@@ -58,7 +58,7 @@ import scipy.sparse as sp
 from usearch.index import BatchMatches, Index
 
 from models.bundle import load_npy, sha256_file, verify_files
-from models.data import normalize_rows, row_pointers
+from models.data import drop_below, normalize_rows, row_pointers
 from models.dense import unit_rows
 from models.errors import BundleError, InvalidInputError
 from models.explain import CENTROID_TERM, KNN_TERM
@@ -98,12 +98,15 @@ CandidateScores = Callable[[np.ndarray, np.ndarray], np.ndarray]
 @dataclass(frozen=True)
 class VoteRule:
     """How neighbours vote: the ``k`` nearest, each with weight ``sim ** power``; their votes
-    enter the final score with ``weight``, the labels' centroids with ``centroid_weight``."""
+    enter the final score with ``weight``, the labels' centroids with ``centroid_weight``;
+    of the labels voted for that the trees did not return, the ``max_voted`` of most votes
+    join the pool (0: all)."""
 
     k: int
     power: float
     weight: float
     centroid_weight: float = 0.0
+    max_voted: int = 0
 
     @property
     def scores(self) -> bool:
@@ -246,7 +249,10 @@ class PostingsIndex:
     query's nearest documents by cosine are found exactly, reading the postings of the
     query's features only. For bundles without a dense block, whose documents are sparse
     rows (TF-IDF or given features); the work per query is the summed length of its
-    features' postings (:meth:`mean_postings`), which the builder bounds."""
+    features' postings (:meth:`reads`), which the builder bounds. Built with a threshold,
+    each document keeps only its unit row's entries of at least that much, scaled to norm
+    1 again: the words that tell it apart, where the small entries are the vocabulary all
+    documents share, whose long postings a query would otherwise read."""
 
     kind = "postings"
 
@@ -257,19 +263,21 @@ class PostingsIndex:
         self.n_features = ptr.shape[0] - 1
 
     @classmethod
-    def build(cls, X: sp.csr_matrix) -> PostingsIndex:
-        """The index of the rows of ``X`` (n_docs, n_features; any norm)."""
-        by_feature = normalize_rows(sp.csr_matrix(X, dtype=np.float32)).T.tocsr()
+    def build(cls, X: sp.csr_matrix, threshold: float = 0.0) -> PostingsIndex:
+        """The index of the rows of ``X`` (n_docs, n_features; any norm), each without the
+        entries of its unit row below ``threshold`` (:func:`models.data.drop_below`)."""
+        ptr, ids, values = drop_below(normalize_rows(X), threshold)
+        by_feature = sp.csr_matrix((values, ids, ptr), shape=X.shape).T.tocsr()
         by_feature.sort_indices()
         return cls(by_feature.indptr.astype(np.int64), by_feature.indices.astype(np.int32),
                    by_feature.data.astype(np.float32), X.shape[0])
 
-    @staticmethod
-    def mean_postings(X: sp.csr_matrix) -> float:
-        """How many postings a query drawn like the rows of ``X`` reads on average, in an
-        index of those rows: sum over features of (its document count) ** 2 / n_docs."""
-        df = np.bincount(sp.csr_matrix(X).indices, minlength=X.shape[1]).astype(np.float64)
-        return float((df ** 2).sum() / max(X.shape[0], 1))
+    def reads(self, queries: Rows) -> float:
+        """How many postings a query reads on average, over CSR ``queries``: the postings
+        of each of its features."""
+        ptr, idx, _ = queries
+        df = np.bincount(np.asarray(idx), minlength=self.n_features)
+        return float(df.astype(np.float64) @ np.diff(self.ptr) / max(ptr.shape[0] - 1, 1))
 
     def queries(self, rows: Rows, dense_start: int) -> Rows:
         """A query is its whole feature row."""
@@ -394,12 +402,13 @@ def _rank_pool(ptr: np.ndarray, ids: np.ndarray, tree: np.ndarray, votes: np.nda
 
 @numba.njit(nogil=True, cache=True)
 def _merge_pool(ids: np.ndarray, scores: np.ndarray, counts: np.ndarray, v_ptr: np.ndarray,
-                v_ids: np.ndarray, v_data: np.ndarray, allowed: np.ndarray,
+                v_ids: np.ndarray, v_data: np.ndarray, allowed: np.ndarray, max_voted: int,
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per row, the union of its first ``counts`` tree labels and its voted labels that
-    ``allowed`` lets through (an empty ``allowed``: all), ascending: pointers, ids, the
-    trees' score (0 where the trees did not return the label), the vote (0: none) and
-    whether the trees returned it."""
+    ``allowed`` lets through (an empty ``allowed``: all), of those the trees did not return
+    the ``max_voted`` of most votes (ties: the smaller id; 0: all), ascending: pointers,
+    ids, the trees' score (0 where the trees did not return the label), the vote (0: none)
+    and whether the trees returned it."""
     n = ids.shape[0]
     ptr = np.zeros(n + 1, dtype=np.int64)
     size = 0
@@ -413,7 +422,21 @@ def _merge_pool(ids: np.ndarray, scores: np.ndarray, counts: np.ndarray, v_ptr: 
     for d in range(n):
         c = counts[d]
         order = np.argsort(ids[d, :c])
-        i, j, b = 0, v_ptr[d], v_ptr[d + 1]
+        a, b = v_ptr[d], v_ptr[d + 1]
+        joins = np.ones(b - a, dtype=np.bool_)  # a voted label the trees missed may join
+        if max_voted:
+            left = max_voted
+            # stable: equal votes keep the row's ascending ids
+            for j in np.argsort(-v_data[a:b], kind="mergesort"):
+                lab = v_ids[a + j]
+                returned = False
+                for r in range(c):
+                    returned |= ids[d, r] == lab
+                if returned or (allowed.shape[0] and not allowed[lab]):
+                    continue
+                joins[j] = left > 0
+                left -= 1
+        i, j = 0, a
         while i < c or j < b:
             if j < b and allowed.shape[0] and not allowed[v_ids[j]]:
                 j += 1
@@ -422,6 +445,9 @@ def _merge_pool(ids: np.ndarray, scores: np.ndarray, counts: np.ndarray, v_ptr: 
                 lab, tree, got, vote_of = ids[d, order[i]], scores[d, order[i]], True, 0.0
                 i += 1
             elif i >= c or v_ids[j] < ids[d, order[i]]:
+                if not joins[j - a]:
+                    j += 1
+                    continue
                 lab, tree, got, vote_of = v_ids[j], 0.0, False, v_data[j]
                 j += 1
             else:  # both
@@ -438,18 +464,20 @@ def _merge_pool(ids: np.ndarray, scores: np.ndarray, counts: np.ndarray, v_ptr: 
 
 def candidate_pool(tree: Found, votes: sp.csr_matrix, tree_scores_of: CandidateScores,
                    centroid_scores_of: CandidateScores | None = None,
-                   allowed: np.ndarray | None = None) -> Pool:
+                   allowed: np.ndarray | None = None, max_voted: int = 0) -> Pool:
     """The pool of each row: the trees' labels (``tree``: ids, scores, counts as the search
-    returns them) and every label with a vote that ``allowed`` (bool per label; None: all)
-    lets through. ``tree_scores_of(ptr, ids)`` gives the trees' exact scores of the voted
-    labels the trees did not return, ``centroid_scores_of(ptr, ids)`` the centroid scores
-    of the whole pool (None: zeros), both CSR per row."""
+    returns them) and the labels with a vote that ``allowed`` (bool per label; None: all)
+    lets through, of those the trees did not return the ``max_voted`` of most votes (0:
+    all): each costs the trees' exact score of it, most of a request's kNN time.
+    ``tree_scores_of(ptr, ids)`` gives the trees' exact scores of the voted labels the
+    trees did not return, ``centroid_scores_of(ptr, ids)`` the centroid scores of the whole
+    pool (None: zeros), both CSR per row."""
     ids, scores, counts = tree
     n = ids.shape[0]
     ptr, pool_ids, tree_score, pool_votes, found = _merge_pool(
         np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float64),
         np.asarray(counts, dtype=np.int64), votes.indptr, votes.indices, votes.data,
-        np.zeros(0, dtype=np.bool_) if allowed is None else allowed)
+        np.zeros(0, dtype=np.bool_) if allowed is None else allowed, max_voted)
     extra = ~found
     if extra.any():
         row = np.repeat(np.arange(n), np.diff(ptr))[extra]
@@ -583,15 +611,22 @@ class KnnMatcher:
 
     @classmethod
     def build_postings(cls, X: sp.csr_matrix, Y: sp.csr_matrix, rule: VoteRule,
-                       ) -> KnnMatcher:
+                       threshold: float = 0.0) -> KnnMatcher:
         """Index the sparse rows of ``X`` (n_docs, n_features) in a :class:`PostingsIndex`
-        with the labels of ``Y``; no centroids (``rule`` must give them no weight)."""
-        if X.shape[0] != Y.shape[0] or X.shape[0] == 0:
+        (at ``threshold``) with the labels of ``Y``; no centroids (``rule`` must give them
+        no weight)."""
+        return cls.over_postings(PostingsIndex.build(X, threshold), Y, rule)
+
+    @classmethod
+    def over_postings(cls, index: PostingsIndex, Y: sp.csr_matrix, rule: VoteRule,
+                      ) -> KnnMatcher:
+        """The matcher of a built ``index`` whose documents carry the labels of ``Y``."""
+        if index.n_docs != Y.shape[0] or index.n_docs == 0:
             raise InvalidInputError(
-                f"kNN: {X.shape[0]} feature rows for {Y.shape[0]} labelled documents")
+                f"kNN: {index.n_docs} feature rows for {Y.shape[0]} labelled documents")
         Y = _sorted_csr(Y)
-        return cls(PostingsIndex.build(X), Y.indptr.astype(np.int64),
-                   Y.indices.astype(np.int32), Y.shape[1], rule)
+        return cls(index, Y.indptr.astype(np.int64), Y.indices.astype(np.int32), Y.shape[1],
+                   rule)
 
     def with_rule(self, rule: VoteRule) -> KnnMatcher:
         return KnnMatcher(self.index, self.label_ptr, self.label_ids, self.n_labels, rule,
@@ -625,7 +660,8 @@ class KnnMatcher:
         queries = self.queries(rows, dense_start)
         pool = candidate_pool(found, self.votes(queries, threads),
                               partial(searcher.label_scores, *rows),
-                              self.centroid_scores_of(queries), allowed())
+                              self.centroid_scores_of(queries), allowed(),
+                              self.rule.max_voted)
         return pool.rank(self.rule.weight, self.rule.centroid_weight, top_k)
 
     def centroid_scores_of(self, queries: np.ndarray) -> CandidateScores | None:
@@ -668,7 +704,8 @@ class KnnMatcher:
             files.append(f"knn.{name}.npy")
         return {"kind": entry.pop("kind"), "files": files, "k": self.rule.k,
                 "power": self.rule.power, "weight": self.rule.weight,
-                "centroid_weight": self.rule.centroid_weight, "n_docs": self.n_docs,
+                "centroid_weight": self.rule.centroid_weight,
+                "max_voted_labels": self.rule.max_voted, "n_docs": self.n_docs,
                 **entry, "bytes": sum((folder / f).stat().st_size for f in files)}
 
     @classmethod
@@ -684,8 +721,17 @@ class KnnMatcher:
         dim = n_features - dense_start
         if kind == KIND and dim < 1:
             raise BundleError("a usearch kNN part needs a dense block", folder / "manifest.json")
-        rule = VoteRule(int(entry["k"]), float(entry["power"]), float(entry["weight"]),
-                        float(entry.get("centroid_weight", 0.0)))
+        try:  # a bundle of format 7 or older voted every label into the pool: 0
+            rule = VoteRule(int(entry["k"]), float(entry["power"]), float(entry["weight"]),
+                            float(entry.get("centroid_weight", 0.0)),
+                            int(entry.get("max_voted_labels", 0)))
+        except (KeyError, TypeError, ValueError):
+            raise BundleError("the knn entry needs a k, a power and a weight (numbers)",
+                              folder / "manifest.json") from None
+        if rule.k < 1 or rule.max_voted < 0:
+            raise BundleError(f"knn k {rule.k} and max_voted_labels {rule.max_voted}: k of "
+                              "at least 1 and max_voted_labels of at least 0 are expected",
+                              folder / "manifest.json")
         names = [*KNN_REQUIRED, *(["label_centroids"] if rule.centroid_weight > 0 else [])]
         arrays = {name: load_npy(folder / f"knn.{name}.npy", mmap=mmap, dtype=KNN_ARRAYS[name])
                   for name in names}

@@ -158,6 +158,11 @@ class BuildParams:
         default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
     """Candidate weights of the label centroids (:mod:`models.knn`), chosen with the kNN
     rule; 0: none."""
+    knn_max_voted_labels: int = 10
+    """Of the labels a kNN part's neighbours vote for that the trees did not return, at most
+    this many join the candidate pool, those of most votes (0: all). Each costs the trees'
+    exact score of it, most of a request's kNN time; a label of few votes rarely gains a
+    place in the top k."""
     feature_knn_max_postings: int = 100_000
     """In a bundle without a dense block, a kNN part over the feature rows (the training
     documents' TF-IDF or given rows, by cosine, in an exact inverted index:
@@ -167,6 +172,13 @@ class BuildParams:
     which grows with the training documents); its rule is picked on one half of the
     validation split and kept only when its gain on the other half exceeds one standard
     error there (:func:`models.builder.choose_reranking`). 0: never."""
+    feature_knn_threshold_grid: list[float] = field(
+        default_factory=lambda: [0.0, 0.05, 0.1])
+    """Candidate thresholds of that kNN part's index, chosen with its rule: each document
+    keeps only its unit row's entries of at least this much (:class:`models.knn.
+    PostingsIndex`), so a query skips the long postings of the words every document
+    holds; a threshold whose index a query reads more than ``feature_knn_max_postings``
+    postings of is not a candidate."""
     profile_weight_grid: list[float] = field(
         default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0])
     """Candidate weights of the label profiles (:mod:`models.profiles`) in a bundle without a
@@ -248,6 +260,11 @@ class BuildParams:
         if not self.profile_threshold_grid or not all(
                 0 <= t < 1 for t in self.profile_threshold_grid):
             raise InvalidInputError("profile_threshold_grid must list thresholds in 0..1")
+        if self.knn_max_voted_labels < 0:
+            raise InvalidInputError("knn_max_voted_labels must be >= 0 (0: all)")
+        if not self.feature_knn_threshold_grid or not all(
+                0 <= t < 1 for t in self.feature_knn_threshold_grid):
+            raise InvalidInputError("feature_knn_threshold_grid must list thresholds in 0..1")
         if self.feature_knn_max_postings < 0:
             raise InvalidInputError("feature_knn_max_postings must be >= 0 (0: no kNN part "
                                     "over the features)")

@@ -34,7 +34,7 @@ import scipy.sparse as sp
 
 from models.bundle import load_npy
 from models.cluster import pifa_embeddings
-from models.data import row_pointers
+from models.data import drop_below
 from models.errors import BundleError
 from models.explain import PROFILE_TERM
 from models.search import Found, Rows
@@ -157,16 +157,7 @@ class LabelProfiles:
         whole PIFA matrix is as large as the clustering's, the profiles a fraction of it."""
         Z = pifa_embeddings(X, Y) if pifa is None else pifa
         Z.sort_indices()  # in place; the kernel bisects each row
-        n_labels = Z.shape[0]
-        keep = np.abs(Z.data) >= rule.threshold
-        rows = np.repeat(np.arange(n_labels, dtype=np.int32), np.diff(Z.indptr))[keep]
-        data = Z.data[keep].astype(np.float32)
-        indices = Z.indices[keep].astype(np.int32)
-        indptr = row_pointers(rows, n_labels)
-        norms = np.sqrt(np.bincount(rows, weights=np.square(data, dtype=np.float64),
-                                    minlength=n_labels))
-        data /= norms[rows].astype(np.float32)  # a kept entry's row has a norm above 0
-        return cls(indptr, indices, data, int(X.shape[1]), rule)
+        return cls(*drop_below(Z, rule.threshold), int(X.shape[1]), rule)
 
     def with_rule(self, rule: ProfileRule) -> LabelProfiles:
         return LabelProfiles(self.indptr, self.indices, self.data, self.n_features, rule)

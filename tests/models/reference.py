@@ -131,3 +131,13 @@ def assert_last_explanation_entry(predictor, X: sp.csr_matrix, term: str,
             assert why[-1]["term"] == term
             np.testing.assert_allclose(why[-1]["contribution"], shares[d, index[name]],
                                        atol=1e-6)
+
+
+def oracle_pool(top: list[int], votes: np.ndarray, max_voted: int) -> set[int]:
+    """One document's candidate pool: the trees' ``top`` labels and, of the labels with a
+    vote (``votes``: one per label) outside them, the ``max_voted`` of most votes, ties to
+    the smaller id (0: all)."""
+    returned = {int(j) for j in top}
+    voted = sorted((int(j) for j in np.flatnonzero(votes) if int(j) not in returned),
+                   key=lambda j: (-votes[j], j))
+    return returned | set(voted[:max_voted] if max_voted else voted)

@@ -4,6 +4,7 @@ trees' exhaustive scores from tests.models.reference), and bundles that choose i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -23,6 +24,7 @@ from tests.models.reference import (
     assert_ranks_all_labels_as,
     assert_text_paths_agree,
     leaf_scores,
+    oracle_pool,
 )
 
 #: the kNN rule of the bundle under test (one candidate: the choice keeps it)
@@ -62,7 +64,7 @@ def oracle_votes(predictor, train, X: sp.csr_matrix, k: int = K,
 
 def knn_params(**overrides) -> BuildParams:
     base = dict(feature_knn_max_postings=10**9, knn_k_grid=[K], knn_power_grid=[POWER],
-                knn_weight_grid=[WEIGHT])
+                knn_weight_grid=[WEIGHT], feature_knn_threshold_grid=[0.0])
     return tiny_params(**{**base, **overrides})
 
 
@@ -108,49 +110,82 @@ def test_a_query_without_features_has_no_neighbours_and_a_foreign_feature_is_ref
                           np.ones(1, np.float32)), 3)
 
 
-def test_mean_postings_is_the_expected_work_of_a_query():
-    X = sp.csr_matrix(np.array([[1, 1, 0], [1, 0, 0], [1, 0, 1], [0, 0, 1]], np.float32))
-    # features read by 3, 1 and 2 documents: (9 + 1 + 4) / 4 documents
-    assert PostingsIndex.mean_postings(X) == pytest.approx(14 / 4)
+@pytest.mark.parametrize("threshold", [0.2, 0.4])
+def test_a_threshold_keeps_each_documents_large_entries(threshold):
+    X, Q = random_rows(4, 300), random_rows(5, 30)
+    keys, sims = PostingsIndex.build(X, threshold).neighbours(
+        (Q.indptr, Q.indices, Q.data), 5)
+    train = X.toarray().astype(np.float64)
+    norms = np.linalg.norm(train, axis=1, keepdims=True)
+    train = np.divide(train, norms, out=np.zeros_like(train), where=norms > 0)
+    train[train < threshold] = 0  # the oracle scales the kept entries to norm 1 again
+    assert 0 < np.count_nonzero(train) < X.nnz
+    for q, query in enumerate(Q.toarray().astype(np.float64)):
+        # documents left with one feature tie exactly, which float32 rounding may order
+        # either way: the neighbours must be a best 5 with their true cosines
+        every = dict(oracle_nearest(train, query, train.shape[0]))
+        want = sorted(every.values(), reverse=True)[:5]
+        got = [int(key) for key in keys[q] if key >= 0]
+        assert len(set(got)) == len(got) == len(want)
+        np.testing.assert_allclose(sims[q, : len(got)], want, atol=1e-5)
+        np.testing.assert_allclose([every[i] for i in got], want, atol=1e-5)
+
+
+def test_reads_are_the_postings_of_the_queries_features():
+    X = sp.csr_matrix(np.array([[1, 0.1, 0], [1, 0, 0], [1, 0, 1], [0, 0, 1]], np.float32))
+    rows = (X.indptr, X.indices, X.data)
+    # the rows as queries, features held by 3, 1 and 2 documents: (3 + 1) + 3 + (3 + 2) + 2
+    assert PostingsIndex.build(X).reads(rows) == pytest.approx(14 / 4)
+    # at 0.2 the first document keeps feature 0 alone (its unit entries 0.995 and 0.0995)
+    assert PostingsIndex.build(X, 0.2).reads(rows) == pytest.approx(13 / 4)
 
 
 # ----------------------------------------------------------------- bundles
 def test_manifest_records_the_knn_part_over_the_features(knn_bundle):
     m = json.loads((knn_bundle / "manifest.json").read_text())
-    assert m["format_version"] == 7
+    assert m["format_version"] == 8  # the pool takes the labels of most votes
     entry = m["knn"]
     assert (entry["kind"], entry["k"], entry["power"], entry["weight"],
-            entry["centroid_weight"]) == ("postings", K, POWER, WEIGHT, 0.0)
+            entry["centroid_weight"], entry["max_voted_labels"]) == (
+        "postings", K, POWER, WEIGHT, 0.0, BuildParams().knn_max_voted_labels)
     assert entry["n_docs"] == m["n_train_docs"] and entry["n_features"] == m["n_features"]
     assert entry["bytes"] == sum((knn_bundle / f).stat().st_size for f in entry["files"])
     assert m["build"]["knn_bytes"] == entry["bytes"]
     sel = m["build"]["knn_selection"]
-    assert sel["index"] == "postings" and sel["mean_postings"] > 0
-    assert sel["chosen"] == {"k": K, "power": POWER, "weight": WEIGHT}
+    assert sel["index"] == "postings" and sel["thresholds"][0]["mean_postings"] > 0
+    assert sel["chosen"] == {"threshold": 0.0, "k": K, "power": POWER, "weight": WEIGHT}
     assert "rerank_choice" in m["build"]["stages"] and "threshold" in m
 
 
-def test_fused_scores_match_the_oracle(knn_bundle, tiny_corpus):
+@pytest.mark.parametrize("max_voted", [None, 0, 1])
+def test_fused_scores_match_the_oracle(knn_bundle, tiny_corpus, max_voted):
     train, test = tiny_corpus
     predictor = models.load_bundle(knn_bundle)
     assert isinstance(predictor.knn, KnnMatcher)
+    if max_voted is not None:  # None: the bundle's own
+        predictor.knn = predictor.knn.with_rule(
+            dataclasses.replace(predictor.knn.rule, max_voted=max_voted))
+    cap = predictor.knn.rule.max_voted
     X = predictor.encode(test.texts[:30])
     trees = leaf_scores(predictor.ensemble, X, predictor.manifest["params"]["post_processor"])
     votes = oracle_votes(predictor, train, X)
     assert votes.any()
     want = (1 - WEIGHT) * trees + WEIGHT * votes
     assert_ranks_all_labels_as(predictor, X, want)
-    # the best 5 of the pool: the trees' exact top 5 and every voted label
+    # the best 5 of the pool: the trees' exact top 5 and the voted labels of most votes
     ids, scores, _ = predictor.predict_ids(X, top_k=5, beam_size=predictor.n_labels)
-    moved = 0
+    moved = capped = 0
     for d in range(X.shape[0]):
         top = sorted(range(predictor.n_labels), key=lambda j: (-trees[d, j], j))[:5]
-        pool = set(top) | set(np.flatnonzero(votes[d]).tolist())
+        pool = oracle_pool(top, votes[d], cap)
         best = sorted(pool, key=lambda j: (-want[d, j], j))[:5]
         assert ids[d].tolist() == best
         np.testing.assert_allclose(scores[d], want[d, best], atol=1e-5)
         moved += best != top
+        capped += best != sorted(oracle_pool(top, votes[d], 0),
+                                 key=lambda j: (-want[d, j], j))[:5]
     assert moved > 0  # the votes changed some ranking
+    assert (capped > 0) == (cap == 1)  # one voted label a document is too few here
 
 
 def test_text_single_batch_and_features_agree(knn_bundle, tiny_corpus):
@@ -198,6 +233,18 @@ def test_an_unknown_knn_kind_is_refused(knn_bundle, tmp_path):
         models.load_bundle(copy)
 
 
+@pytest.mark.parametrize(("key", "value"), [("max_voted_labels", -1), ("k", "ten"),
+                                            ("k", None)])
+def test_a_bad_rule_in_the_knn_entry_is_refused(knn_bundle, tmp_path, key, value):
+    copy = tmp_path / "copy"
+    shutil.copytree(knn_bundle, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["knn"][key] = value
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"(?s)k(nn entry)?.*manifest\.json"):
+        models.load_bundle(copy)
+
+
 def test_votes_then_profiles_match_the_oracle(tmp_path, tiny_corpus):
     """Both parts: the pool fused with the votes is cut at the profiles' pool of 4, which
     the profiles re-rank (tests/models/test_profiles.py has the profiles' oracle)."""
@@ -208,7 +255,7 @@ def test_votes_then_profiles_match_the_oracle(tmp_path, tiny_corpus):
     out = build(train, tmp_path / "b", knn_params(
         profile_weight_grid=[w_p], profile_threshold_grid=[t_p], profile_pool_size=4))
     predictor = models.load_bundle(out)
-    assert predictor.manifest["format_version"] == 7 and "profiles" in predictor.manifest
+    assert predictor.manifest["format_version"] == 8 and "profiles" in predictor.manifest
     X = predictor.encode(test.texts[:25])
     n = predictor.n_labels
     trees = leaf_scores(predictor.ensemble, X, predictor.manifest["params"]["post_processor"])
@@ -217,7 +264,8 @@ def test_votes_then_profiles_match_the_oracle(tmp_path, tiny_corpus):
     ids, scores, _ = predictor.predict_ids(X, top_k=2, beam_size=n)
     for d in range(X.shape[0]):
         top = sorted(range(n), key=lambda j: (-trees[d, j], j))[:4]
-        pool = set(top) | set(np.flatnonzero(fused[d] != (1 - WEIGHT) * trees[d]).tolist())
+        pool = oracle_pool(top, fused[d] - (1 - WEIGHT) * trees[d],
+                           predictor.knn.rule.max_voted)
         kept = sorted(pool, key=lambda j: (-fused[d, j], j))[:4]
         final = (fused[d] + w_p * cos[d]) / (1 + w_p)
         best = sorted(kept, key=lambda j: (-final[j], j))[:2]
@@ -233,7 +281,9 @@ def test_a_query_too_costly_builds_no_knn_part(tmp_path, tiny_corpus):
     out = build(train, tmp_path / "b", knn_params(feature_knn_max_postings=1))
     m = json.loads((out / "manifest.json").read_text())
     sel = m["build"]["knn_selection"]
-    assert sel["chosen"] is None and sel["mean_postings"] > 1 and sel["max_postings"] == 1
+    assert sel["chosen"] is None and sel["max_postings"] == 1
+    assert [(t["admitted"], t["mean_postings"] > 1) for t in sel["thresholds"]] == [
+        (False, True)]
     assert "knn" not in m and m["format_version"] == 3 and not list(out.glob("knn.*"))
 
 
@@ -267,9 +317,11 @@ def test_a_held_out_half_scores_its_documents_alone():
     assert truth.only(np.zeros(4, dtype=bool)).p1_p5(ids, counts) == {"P@1": 0.0, "P@5": 0.0}
 
 
-def test_a_negative_cost_bound_is_refused():
+def test_a_negative_cost_bound_and_a_threshold_outside_0_1_are_refused():
     with pytest.raises(InvalidInputError, match="feature_knn_max_postings"):
         BuildParams(feature_knn_max_postings=-1).validate()
+    with pytest.raises(InvalidInputError, match="feature_knn_threshold_grid"):
+        BuildParams(feature_knn_threshold_grid=[0.1, 1.0]).validate()
 
 
 def test_a_split_too_small_to_confirm_the_gain_keeps_the_trees_alone(tmp_path, tiny_corpus):

@@ -24,6 +24,7 @@ from tests.models.reference import (
     assert_ranks_all_labels_as,
     assert_text_paths_agree,
     leaf_scores,
+    oracle_pool,
 )
 from tests.models.tiny_onnx import WORDS, make_tiny_encoder
 
@@ -248,7 +249,7 @@ def oracle_fused(predictor, train, X: sp.csr_matrix) -> np.ndarray:
 
 def test_manifest_records_the_knn_part(knn_bundle):
     m = json.loads((knn_bundle / "manifest.json").read_text())
-    assert m["format_version"] == 5  # with centroids
+    assert m["format_version"] == 8  # the pool takes the voted labels of most votes
     assert m["params"]["knn"] is True
     entry = m["knn"]
     assert (entry["kind"], entry["k"], entry["power"], entry["weight"],
@@ -276,11 +277,13 @@ def test_fused_scores_match_the_oracle(knn_bundle, word_corpus):
     assert (want <= 1).all() and centroids.any()
     n = predictor.n_labels
     assert_ranks_all_labels_as(predictor, X, want)
-    # a narrow top-k over a full beam: the best 5 of the pool, the trees' top 5 and every
-    # voted label (their tree scores computed exactly); the centroids re-rank that pool
+    # a narrow top-k over a full beam: the best 5 of the pool, the trees' top 5 and the
+    # voted labels of most votes (their tree scores computed exactly); the centroids
+    # re-rank that pool
     ids, scores, _ = predictor.predict_ids(X, top_k=5, beam_size=n)
     for d in range(X.shape[0]):
-        pool = set(np.argsort(-trees[d], kind="stable")[:5]) | set(np.flatnonzero(votes[d]))
+        pool = oracle_pool(np.argsort(-trees[d], kind="stable")[:5].tolist(), votes[d],
+                           predictor.knn.rule.max_voted)
         best = sorted(pool, key=lambda j: (-want[d, j], j))[:5]
         assert ids[d].tolist() == best
         np.testing.assert_allclose(scores[d], want[d, ids[d]], atol=1e-5)
@@ -367,7 +370,8 @@ def test_centroid_weight_zero_writes_the_kNN_format_of_before(tmp_path, word_cor
                                                               tiny_model):
     train, _ = word_corpus
     out = build(train, tmp_path / "b", knn_params(tiny_model, n_trees=1,
-                                                 knn_centroid_weight_grid=[0.0]))
+                                                 knn_centroid_weight_grid=[0.0],
+                                                 knn_max_voted_labels=0))
     m = json.loads((out / "manifest.json").read_text())
     assert m["format_version"] == 4 and m["knn"]["centroid_weight"] == 0.0
     assert not (out / "knn.label_centroids.npy").exists()
