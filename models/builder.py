@@ -38,6 +38,7 @@ from models.knn import (
     KnnMatcher,
     KnnPart,
     PostingsIndex,
+    UsearchIndex,
     VoteRule,
     candidate_pool,
     centroid_scores,
@@ -119,10 +120,9 @@ def build(
         reranking = Reranking()
         if params.knn:
             with stages("knn_choice"):
-                dense_rule, dense_selection = choose_knn(train, dense, params, threads)
-            if not dense_rule.scores:
+                reranking = choose_knn(train, dense, params, threads)
+            if reranking.knn is None:
                 log.info("knn weights 0 won on validation: a bundle without the kNN part")
-            reranking = Reranking(dense_rule if dense_rule.scores else None, dense_selection)
         elif dense is None and (
                 max(params.profile_weight_grid) > 0 or (
                     params.feature_knn_max_postings > 0 and max(params.knn_weight_grid) > 0)):
@@ -329,14 +329,16 @@ def choose_dense_weight(train: Corpus, emb: np.ndarray, params: BuildParams,
 
 
 def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: BuildParams,
-               threads: int) -> tuple[VoteRule, dict[str, Any]]:
-    """The kNN vote rule (k, power, the votes' weight and the label centroids') that
-    :func:`knn_preference` ranks first on the seeded ``validation_share`` of ``train``: one
-    tree trained as the bundle's trees are on the rest, a kNN and centroids over the rest,
-    their fusion scored on the held-out documents for every candidate (the tree and the
-    neighbours are computed once).
+               threads: int) -> Reranking:
+    """The kNN index (``knn_indexes``: the dense block's usearch index, or the sparse
+    block's postings at a threshold) and vote rule (k, power, the votes' weight and the
+    label centroids') that :func:`knn_preference` ranks first on the seeded
+    ``validation_share`` of ``train``: one tree trained as the bundle's trees are on the
+    rest, each index over the rest, their fusion scored on the held-out documents for every
+    candidate (the tree and each index's neighbours are computed once).
     ``dense``: the fused block's embeddings and weight, as for :func:`held_out_controls`.
-    Returns the rule and the table behind the choice for the manifest."""
+    Returns the choice (its rule None when the trees alone won) with the table behind it
+    for the manifest."""
     fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
     if not len(valid_rows) or not len(fit_rows):
         raise InvalidInputError(
@@ -355,31 +357,48 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
                                           StageTimer(verbose=False), dense_start)),
                         params.weight_dtype)
     dim = X_fit.shape[1] - dense_start
-    matcher = KnnMatcher.build(_block_of(X_fit, dense_start, dim), Y_fit,
-                               VoteRule(1, 1.0, 0.0))
     post = POST_PROCESSORS[params.post_processor]
     lookup = FeatureLookup.build(ensemble, X_fit.shape[1], params.bitmap_mb)
+    record: dict[str, Any] = {}
     with Searcher(ensemble, X_fit.shape[1], post, threads=threads,
                   lookup=lookup) as searcher:
         rows = (X_valid.indptr, X_valid.indices, X_valid.data)
         trees = searcher.search(*rows, 5, params.beam_size)
         truth = HeldOutTruth(names, valid.labels)
-        candidates = _knn_candidates(searcher, rows, trees, matcher,
-                                     _block_of(X_valid, dense_start, dim), params, threads,
-                                     lambda ranked: truth.p1_p5(ranked[0], ranked[2]))
-        alone = {"k": 0, "power": 0.0, "weight": 0.0, "centroid_weight": 0.0,
-                 **truth.p1_p5(trees[0], trees[2])}
-    if 0 in params.knn_weight_grid and 0 in params.knn_centroid_weight_grid:
+
+        def score(ranked: Found) -> dict[str, float]:
+            return truth.p1_p5(ranked[0], ranked[2])
+
+        candidates: list[dict[str, Any]] = []
+        if UsearchIndex.kind in params.knn_indexes:
+            matcher = KnnMatcher.build(_block_of(X_fit, dense_start, dim), Y_fit,
+                                       VoteRule(1, 1.0, 0.0))
+            candidates += [{"index": UsearchIndex.kind, **c} for c in _knn_candidates(
+                searcher, rows, trees, matcher, _block_of(X_valid, dense_start, dim), params,
+                threads, score)]
+        if PostingsIndex.kind in params.knn_indexes and dense_start > 0:
+            found, record = _postings_candidates(searcher, rows, trees, (
+                X_fit[:, :dense_start], Y_fit), train.n_docs, params, threads, score)
+            candidates += [{"index": PostingsIndex.kind, **c} for c in found]
+        alone: dict[str, Any] = {"index": "", "k": 0, "power": 0.0, "weight": 0.0,
+                                 "centroid_weight": 0.0, **score(trees)}
+    if (0 in params.knn_weight_grid and 0 in params.knn_centroid_weight_grid) or not (
+            candidates):
         candidates.append(alone)  # the trees alone
     best = max(candidates, key=knn_preference)
-    log.info("knn: k %d, power %g, weight %g, centroid weight %g: validation P@1 %.4f, P@5 "
-             "%.4f (trees alone %.4f, %.4f)", best["k"], best["power"], best["weight"],
-             best["centroid_weight"], best["P@1"], best["P@5"], alone["P@1"], alone["P@5"])
-    chosen = {key: best[key] for key in ("k", "power", "weight", "centroid_weight")}
-    return VoteRule(int(best["k"]), best["power"], best["weight"], best["centroid_weight"],
-                    params.knn_max_voted_labels), {
+    log.info("knn: %s index, k %d, power %g, weight %g, centroid weight %g: validation P@1 "
+             "%.4f, P@5 %.4f (trees alone %.4f, %.4f)", best["index"] or "no", best["k"],
+             best["power"], best["weight"], best["centroid_weight"], best["P@1"],
+             best["P@5"], alone["P@1"], alone["P@5"])
+    keys = ("index", "threshold", "k", "power", "weight", "centroid_weight")
+    chosen = {key: best[key] for key in keys if key in best}
+    rule = VoteRule(int(best["k"]), best["power"], best["weight"], best["centroid_weight"],
+                    params.knn_max_voted_labels)
+    return Reranking(rule if rule.scores else None, {
         "validation_share": params.validation_share, "n_validation_docs": len(valid_rows),
-        "n_trees": 1, "candidates": candidates, "chosen": chosen}
+        "n_trees": 1, **record, "candidates": candidates, "chosen": chosen},
+        knn_threshold=best.get("threshold", 0.0),
+        knn_index=best["index"] or UsearchIndex.kind)
 
 
 def _knn_candidates(searcher: Searcher, rows: Rows, trees: Found, matcher: KnnMatcher,
@@ -410,7 +429,7 @@ def _knn_candidates(searcher: Searcher, rows: Rows, trees: Found, matcher: KnnMa
     return candidates
 
 
-def knn_preference(candidate: dict[str, float]) -> tuple[float, ...]:
+def knn_preference(candidate: dict[str, Any]) -> tuple[float, ...]:
     """Sort key of a kNN candidate (``P@1``, ``P@5``, ``weight``, ``centroid_weight``,
     ``k``, ``power``), best largest: (P@1 + P@5) / 2 first, then P@1, then the smaller
     weights, k and power. By P@1 alone the votes' weight was chosen high where it lifted the
@@ -423,15 +442,17 @@ def knn_preference(candidate: dict[str, float]) -> tuple[float, ...]:
 
 @dataclass
 class Reranking:
-    """What re-ranks the trees' labels in a bundle: a kNN part's vote rule (None: none) and,
-    for one over the feature rows, its index's threshold; the label profiles' rule (None:
-    none); with the tables behind each choice for the manifest (None: not considered)."""
+    """What re-ranks the trees' labels in a bundle: a kNN part's vote rule (None: none), its
+    index's kind and, for the postings over the (sparse) feature rows, their threshold; the
+    label profiles' rule (None: none); with the tables behind each choice for the manifest
+    (None: not considered)."""
 
     knn: VoteRule | None = None
     knn_selection: dict[str, Any] | None = None
     profiles: ProfileRule | None = None
     profile_selection: dict[str, Any] | None = None
     knn_threshold: float = 0.0
+    knn_index: str = PostingsIndex.kind
 
 
 def choose_reranking(train: Corpus, params: BuildParams, threads: int) -> Reranking:
@@ -516,9 +537,6 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
     next part re-ranks (``found`` fused with the chosen votes, as wide), and the rule
     (None: the trees alone), its threshold and the table behind the choice."""
     X_fit, Y_fit = fit
-    record: dict[str, Any] = {"index": PostingsIndex.kind,
-                              "max_postings": params.feature_knn_max_postings,
-                              "thresholds": []}
     pick = np.less(np.random.default_rng(params.seed).random(found[0].shape[0]), 0.5)
     picking = truth.only(pick)
 
@@ -528,19 +546,9 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
 
     alone = {"threshold": 0.0, "k": 0, "power": 0.0, "weight": 0.0, "centroid_weight": 0.0,
              **score(found)}
-    candidates = []
-    knn_params = dataclasses.replace(params, knn_centroid_weight_grid=[0.0])
-    for threshold in sorted(set(params.feature_knn_threshold_grid)):
-        index = PostingsIndex.build(X_fit, threshold)
-        # the bundle's index holds every training document: its postings grow with them
-        reads = index.reads(rows) * n_docs / X_fit.shape[0]
-        admitted = reads <= params.feature_knn_max_postings
-        record["thresholds"].append({"threshold": threshold, "mean_postings": round(reads, 1),
-                                     "admitted": bool(admitted)})
-        if admitted:
-            matcher = KnnMatcher.over_postings(index, Y_fit, VoteRule(1, 1.0, 0.0))
-            candidates += [{"threshold": threshold, **c} for c in _knn_candidates(
-                searcher, rows, found, matcher, rows, knn_params, threads, score)]
+    candidates, record = _postings_candidates(searcher, rows, found, fit, n_docs, params,
+                                              threads, score)
+    record = {"index": PostingsIndex.kind, **record}
     if not candidates:
         log.info("knn over the features: a query would read more than %d postings at every "
                  "threshold (%s), so none", params.feature_knn_max_postings,
@@ -573,6 +581,37 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
         **record, "n_picking_docs": int(pick.sum()), "candidates": candidates,
         "gain": round(mean_gain, 6), "standard_error": round(standard_error, 6),
         "chosen": chosen})
+
+
+def _postings_candidates(searcher: Searcher, rows: Rows, found: Found,
+                         fit: tuple[sp.csr_matrix, sp.csr_matrix], n_docs: int,
+                         params: BuildParams, threads: int,
+                         score: Callable[[Found], dict[str, float]],
+                         ) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """The rules of :func:`_knn_candidates` (no centroids) over a postings index of the
+    ``fit`` documents (sparse features, labels) at each threshold of
+    ``feature_knn_threshold_grid``, each tagged with its threshold, scored by ``score``;
+    a threshold whose index a held-out query of ``rows`` reads more than
+    ``feature_knn_max_postings`` postings of, once it holds all ``n_docs`` training
+    documents, is not a candidate. Also the table of the thresholds for the manifest."""
+    X_fit, Y_fit = fit
+    record: dict[str, Any] = {"max_postings": params.feature_knn_max_postings,
+                              "thresholds": []}
+    candidates: list[dict[str, float]] = []
+    knn_params = dataclasses.replace(params, knn_centroid_weight_grid=[0.0])
+    for threshold in sorted(set(params.feature_knn_threshold_grid)):
+        index = PostingsIndex.build(X_fit, threshold)
+        queries = index.queries(rows, X_fit.shape[1])
+        # the bundle's index holds every training document: its postings grow with them
+        reads = index.reads(queries) * n_docs / X_fit.shape[0]
+        admitted = reads <= params.feature_knn_max_postings
+        record["thresholds"].append({"threshold": threshold, "mean_postings": round(reads, 1),
+                                     "admitted": bool(admitted)})
+        if admitted:
+            matcher = KnnMatcher.over_postings(index, Y_fit, VoteRule(1, 1.0, 0.0))
+            candidates += [{"threshold": threshold, **c} for c in _knn_candidates(
+                searcher, rows, found, matcher, queries, knn_params, threads, score)]
+    return candidates, record
 
 
 def _choose_profiles(X_fit: sp.csr_matrix, Y_fit: sp.csr_matrix, rows: Rows, found: Found,
@@ -632,15 +671,16 @@ def profile_preference(candidate: dict[str, float]) -> tuple[float, ...]:
 def _knn_matcher(X: sp.csr_matrix, Y: sp.csr_matrix, reranking: Reranking,
                  dense_start: int | None, params: BuildParams) -> KnnMatcher:
     """The kNN part chosen in ``reranking`` (its rule set) of a model with features ``X``
-    and labels ``Y``: over the dense block (from ``dense_start``) when ``params.knn`` asked
-    for one, else over the feature rows at the chosen threshold (a choice of
-    :func:`choose_reranking`)."""
+    and labels ``Y``: a usearch index over the dense block (from ``dense_start``), or
+    postings over the sparse features (those before ``dense_start``; None: all) at the
+    chosen threshold."""
     assert reranking.knn is not None
-    if params.knn:
+    if reranking.knn_index == UsearchIndex.kind:
         assert dense_start is not None  # choose_knn refuses features without a dense block
         return KnnMatcher.build(_block_of(X, dense_start, X.shape[1] - dense_start), Y,
                                 reranking.knn)
-    return KnnMatcher.build_postings(X, Y, reranking.knn, reranking.knn_threshold)
+    sparse = X if dense_start is None else X[:, :dense_start]
+    return KnnMatcher.build_postings(sparse, Y, reranking.knn, reranking.knn_threshold)
 
 
 def _block_of(X: sp.csr_matrix, dense_start: int, dim: int) -> np.ndarray:

@@ -5,8 +5,9 @@ Every training document is indexed by the dense block of its feature row (the en
 embedding, l2-normalized; a fused row's block is ``alpha * embedding`` over a norm, the same
 direction), in a usearch index over cosine similarity (``--knn``); in a bundle without a
 dense block, by its whole sparse feature row (TF-IDF or given features) in an inverted index
-searched exactly (:class:`PostingsIndex`, chosen at build where it helps and a query's
-search is cheap enough, :func:`models.builder.choose_reranking`). A query's ``k`` nearest
+searched exactly (:class:`PostingsIndex`, each document keeping its unit row's large
+entries; chosen at build where it helps and a query's search is cheap enough,
+:func:`models.builder.choose_reranking`). A query's ``k`` nearest
 training documents vote for their labels::
 
     knn_score(label) = sum of sim_n ** power over the neighbours n having the label
@@ -18,18 +19,20 @@ documents' unit embeddings; ``centroid_score(label) = max(0, cos(query, centroid
 the votes speak for the labels of a few near documents, the centroid speaks for all of a
 label's documents, which lifts the labels the trees rank too low for their few examples.
 
-The predictor scores a pool of candidates, the trees' top labels and every label a neighbour
-voted for (the trees' score of the latter computed exactly, see
-:meth:`models.search.Searcher.label_scores`), each by::
+The predictor scores a pool of candidates, the trees' top labels and, of the labels the
+neighbours voted for that the trees did not return, the ``max_voted`` of most votes (the
+trees' score of those computed exactly, see :meth:`models.search.Searcher.label_scores`: a
+request's largest kNN cost), each by::
 
     ((1 - weight) * tree + weight * knn + centroid_weight * centroid) / (1 + centroid_weight)
 
 (the division keeps scores in 0..1, as thresholds and calibration expect, and changes no
-order). A label outside the pool has no vote and a tree score below the trees' k-th, so with
-``centroid_weight`` 0 it could not enter the top k; the centroids re-rank the pool and do not
-widen it (a search of every centroid would cost a product with the whole label matrix per
-query). ``k``, ``power``, ``weight`` and ``centroid_weight`` are chosen on a validation split
-at build (:func:`models.builder.choose_knn`).
+order). A label outside the pool has a tree score below the trees' k-th and no vote, or fewer
+votes than the ``max_voted`` in it, so with ``centroid_weight`` 0 it could rarely enter the
+top k (0 of ``max_voted`` lets every voted label in: then never); the centroids re-rank the
+pool and do not widen it (a search of every centroid would cost a product with the whole
+label matrix per query). ``k``, ``power``, ``weight`` and ``centroid_weight`` are chosen on
+a validation split at build (:func:`models.builder.choose_knn`).
 
 In the bundle: ``knn.usearch`` (the index, memory-mapped with ``Index.restore(view=True)``,
 never unpickled; its sha256 is checked at load) or the postings arrays, the label lists of
@@ -280,8 +283,15 @@ class PostingsIndex:
         return float(df.astype(np.float64) @ np.diff(self.ptr) / max(ptr.shape[0] - 1, 1))
 
     def queries(self, rows: Rows, dense_start: int) -> Rows:
-        """A query is its whole feature row."""
-        return rows
+        """A query is its row's features the index holds: a whole sparse row, or a fused
+        row's sparse block (an index built over the features before ``dense_start``)."""
+        ptr, idx, val = rows
+        idx = np.asarray(idx)
+        if not idx.size or int(idx.max()) < self.n_features:
+            return rows
+        kept = idx < self.n_features
+        counts = np.concatenate(([0], np.cumsum(kept, dtype=np.int64)))
+        return counts[np.asarray(ptr)], idx[kept], np.asarray(val)[kept]
 
     def neighbours(self, queries: Rows, k: int, threads: int = 1,
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -713,7 +723,8 @@ class KnnMatcher:
              dense_start: int, mmap: bool = True) -> KnnMatcher:
         """The matcher of a manifest ``knn`` entry (from :meth:`save`); every failure a
         :class:`BundleError` naming the file. A ``usearch`` part searches the dense block
-        from ``dense_start``, a ``postings`` part the whole rows of ``n_features``."""
+        from ``dense_start``, a ``postings`` part the sparse features before it (a bundle
+        without a dense block: ``dense_start`` is ``n_features``)."""
         kind = entry.get("kind")
         if kind not in (KIND, PostingsIndex.kind):
             raise BundleError(f"kNN kind is {kind!r}, expected {KIND!r} or "
@@ -750,7 +761,7 @@ class KnnMatcher:
         index: NeighbourIndex = (
             UsearchIndex.load(folder, entry, n_docs=n_docs, dim=dim, mmap=mmap)
             if kind == KIND else
-            PostingsIndex.load(folder, n_docs=n_docs, n_features=n_features, mmap=mmap))
+            PostingsIndex.load(folder, n_docs=n_docs, n_features=dense_start, mmap=mmap))
         return cls(index, ptr, ids, n_labels, rule, centroids)
 
 

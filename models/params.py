@@ -141,11 +141,17 @@ class BuildParams:
     knn: bool = False
     """Add the kNN matcher (:mod:`models.knn`): the training documents nearest a query, by
     cosine similarity of the dense block (the dense encoder's embedding) in a usearch index,
-    vote for their labels, and the votes join the trees' scores as ``(1 - w) * tree + w *
-    knn``. Needs a dense block: ``dense_encoder`` (then alpha 0 is no candidate of
-    ``dense_weight_grid``) or feature input that declares one. ``w``, the neighbours and the
-    vote exponent are chosen on the validation split (``validation_share``) by (P@1 + P@5) /
-    2 (:func:`models.builder.knn_preference`); a choice of ``w = 0`` builds no kNN part."""
+    or of the sparse block (TF-IDF) in an inverted index (``knn_indexes``), vote for their
+    labels, and the votes join the trees' scores as ``(1 - w) * tree + w * knn``. Needs a
+    dense block: ``dense_encoder`` (then alpha 0 is no candidate of ``dense_weight_grid``)
+    or feature input that declares one. The index, ``w``, the neighbours and the vote
+    exponent are chosen on the validation split (``validation_share``) by (P@1 + P@5) / 2
+    (:func:`models.builder.knn_preference`); a choice of ``w = 0`` builds no kNN part."""
+    knn_indexes: list[str] = field(default_factory=lambda: ["usearch", "postings"])
+    """The indexes ``knn`` chooses from: ``usearch`` over the dense block (with the label
+    centroids), ``postings`` over the sparse block (at each threshold of
+    ``feature_knn_threshold_grid`` whose queries read at most ``feature_knn_max_postings``
+    postings)."""
     knn_k_grid: list[int] = field(default_factory=lambda: [10, 30, 50])
     """Candidate numbers of neighbours that vote."""
     knn_power_grid: list[float] = field(default_factory=lambda: [1.0, 4.0])
@@ -260,6 +266,8 @@ class BuildParams:
         if not self.profile_threshold_grid or not all(
                 0 <= t < 1 for t in self.profile_threshold_grid):
             raise InvalidInputError("profile_threshold_grid must list thresholds in 0..1")
+        if not self.knn_indexes or not set(self.knn_indexes) <= {"usearch", "postings"}:
+            raise InvalidInputError("knn_indexes must list 'usearch' and / or 'postings'")
         if self.knn_max_voted_labels < 0:
             raise InvalidInputError("knn_max_voted_labels must be >= 0 (0: all)")
         if not self.feature_knn_threshold_grid or not all(

@@ -43,14 +43,14 @@ def oracle_nearest(train: np.ndarray, query: np.ndarray, k: int) -> list[tuple[i
     return sorted(cos.items(), key=lambda item: (-item[1], item[0]))[:k]
 
 
-def oracle_votes(predictor, train, X: sp.csr_matrix, k: int = K,
-                 power: float = POWER) -> np.ndarray:
+def oracle_votes(predictor, train, X: sp.csr_matrix, k: int = K, power: float = POWER,
+                 n_columns: int | None = None) -> np.ndarray:
     """(n_docs, n_labels): each label's share of the k nearest training documents' weight
-    cos ** power (negative cosines: 0)."""
-    X_train = predictor.encode(train.texts).toarray().astype(np.float64)
+    cos ** power (negative cosines: 0), over the first ``n_columns`` features (None: all)."""
+    X_train = predictor.encode(train.texts)[:, :n_columns].toarray().astype(np.float64)
     index = {name: j for j, name in enumerate(predictor.label_names)}
     out = np.zeros((X.shape[0], predictor.n_labels))
-    for d, query in enumerate(X.toarray().astype(np.float64)):
+    for d, query in enumerate(X[:, :n_columns].toarray().astype(np.float64)):
         nearest = oracle_nearest(X_train, query, k)
         weights = [max(c, 0.0) ** power for _, c in nearest]
         if not sum(weights):

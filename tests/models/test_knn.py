@@ -260,7 +260,8 @@ def test_manifest_records_the_knn_part(knn_bundle):
     assert m["build"]["knn_bytes"] == entry["bytes"]
     assert m["build"]["ensemble_bytes"] > 0
     sel = m["build"]["knn_selection"]
-    assert sel["chosen"] == {"k": 5, "power": 1.0, "weight": 0.4, "centroid_weight": 0.3}
+    assert sel["chosen"] == {"index": "usearch", "k": 5, "power": 1.0, "weight": 0.4,
+                             "centroid_weight": 0.3}
     assert [(c["weight"], c["centroid_weight"]) for c in sel["candidates"]] == [(0.4, 0.3)]
     assert "threshold" in m
 
@@ -292,6 +293,29 @@ def test_fused_scores_match_the_oracle(knn_bundle, word_corpus):
     for d in range(X.shape[0]):
         np.testing.assert_allclose(scores[d, : counts[d]], want[d, ids[d, : counts[d]]],
                                    atol=1e-5)
+
+
+def test_a_fused_bundle_may_vote_by_the_postings_of_its_sparse_block(tmp_path, word_corpus,
+                                                                     tiny_model):
+    from tests.models.test_feature_knn import oracle_votes as oracle_sparse_votes
+
+    train, test = word_corpus
+    out = build(train, tmp_path / "b", knn_params(
+        tiny_model, knn_indexes=["postings"], feature_knn_max_postings=10**9,
+        feature_knn_threshold_grid=[0.0], knn_max_voted_labels=0))
+    predictor = models.load_bundle(out)
+    m = predictor.manifest
+    start = int(predictor.ensemble.dense_start[0])
+    assert (m["knn"]["kind"], m["knn"]["n_features"]) == ("postings", start)
+    assert 0 < start < m["n_features"] and m["knn"]["centroid_weight"] == 0
+    assert m["build"]["knn_selection"]["chosen"]["index"] == "postings"
+    X = predictor.encode(test.texts[:30])
+    trees = leaf_scores(predictor.ensemble, X, m["params"]["post_processor"])
+    votes = oracle_sparse_votes(predictor, train, X, m["knn"]["k"], m["knn"]["power"],
+                                n_columns=start)
+    assert votes.any()
+    assert_ranks_all_labels_as(predictor, X, (1 - m["knn"]["weight"]) * trees
+                               + m["knn"]["weight"] * votes)
 
 
 def test_text_single_batch_and_features_agree(knn_bundle, word_corpus):
