@@ -138,6 +138,16 @@ def build(
         del dense
         Y = label_matrix(train.labels, label_names)
         label_counts = np.asarray(Y.sum(axis=0)).ravel().astype(np.int64)
+        if encoder is None:
+            dense_start = train.dense_start
+        else:
+            dense_start = encoder.n_tfidf if encoder.dense is not None else None
+        knn_entry = None
+        if rule is not None:
+            # before the PIFA and the trees: its copies of the feature rows are freed before
+            # they hold their own working sets
+            with stages("knn_index"):
+                knn_entry = _knn_matcher(X, Y, reranking, dense_start, params).save(tmp)
         pifa, profiles = None, None
         if profile_rule is not None:
             # the clustering's PIFA, computed once: the profiles are its pruned rows
@@ -145,10 +155,6 @@ def build(
                 pifa = pifa_embeddings(X, Y)
             profiles = LabelProfiles.build(X, Y, profile_rule, pifa=pifa)
         cpu_train = time.process_time()
-        if encoder is None:
-            dense_start = train.dense_start
-        else:
-            dense_start = encoder.n_tfidf if encoder.dense is not None else None
         params = params.resolved(fused=dense_start is not None)
         log.info("ranker negatives: %s", params.ranker.negatives)
         writer = bundle_io.ForestWriter(tmp)
@@ -169,9 +175,9 @@ def build(
             encoder_files = [f for e in entries for f in e.get("files", [])]
             controls = held_out.save(tmp) if held_out is not None else {}
             encoder_files += controls.get("calibration", {}).get("files", [])
-            if rule is not None:
-                controls["knn"] = _knn_matcher(X, Y, reranking, dense_start, params).save(tmp)
-                encoder_files += controls["knn"]["files"]
+            if knn_entry is not None:
+                controls["knn"] = knn_entry
+                encoder_files += knn_entry["files"]
             if profiles is not None:
                 controls["profiles"] = profiles.save(tmp)
                 encoder_files += controls["profiles"]["files"]

@@ -390,16 +390,23 @@ def normalize_rows(X: sp.csr_matrix) -> sp.csr_matrix:
     return X
 
 
-def drop_below(Z: sp.csr_matrix, threshold: float,
+def drop_below(Z: sp.csr_matrix, threshold: float, *, unit: bool = True,
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR arrays (int64 pointers, int32 column ids, float32 values) of the unit rows of
-    ``Z`` without their entries of magnitude below ``threshold``, each row scaled to norm 1
-    again (a row that keeps none stays empty). A unit row keeps at most ``1 / threshold **
-    2`` entries: the large ones, which tell a row apart from the others. Only the kept
-    entries are copied."""
+    """CSR arrays (int64 pointers, int32 column ids, float32 values) of the rows of ``Z``
+    scaled to norm 1 (``unit``: they are already) without their entries of magnitude below
+    ``threshold``, each row scaled to norm 1 again (a row that keeps none stays empty). A
+    unit row keeps at most ``1 / threshold ** 2`` entries: the large ones, which tell a row
+    apart from the others. ``Z`` is not copied: only the kept entries are."""
     n_rows = Z.shape[0]
-    keep = np.abs(Z.data) >= threshold
-    rows = np.repeat(np.arange(n_rows, dtype=np.int32), np.diff(Z.indptr))[keep]
+    row_of = np.repeat(np.arange(n_rows, dtype=np.int32), np.diff(Z.indptr))
+    magnitude = np.abs(Z.data, dtype=np.float32)
+    if not unit:
+        norms = np.sqrt(np.bincount(row_of, weights=np.square(Z.data, dtype=np.float64),
+                                    minlength=n_rows)).astype(np.float32)
+        magnitude /= np.where(norms > 0, norms, 1)[row_of]
+    keep = magnitude >= threshold
+    del magnitude
+    rows = row_of[keep]
     data = Z.data[keep].astype(np.float32)
     norms = np.sqrt(np.bincount(rows, weights=np.square(data, dtype=np.float64),
                                 minlength=n_rows))

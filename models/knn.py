@@ -61,7 +61,7 @@ import scipy.sparse as sp
 from usearch.index import BatchMatches, Index
 
 from models.bundle import load_npy, sha256_file, verify_files
-from models.data import drop_below, normalize_rows, row_pointers
+from models.data import drop_below, row_pointers
 from models.dense import unit_rows
 from models.errors import BundleError, InvalidInputError
 from models.explain import CENTROID_TERM, KNN_TERM
@@ -269,11 +269,13 @@ class PostingsIndex:
     def build(cls, X: sp.csr_matrix, threshold: float = 0.0) -> PostingsIndex:
         """The index of the rows of ``X`` (n_docs, n_features; any norm), each without the
         entries of its unit row below ``threshold`` (:func:`models.data.drop_below`)."""
-        ptr, ids, values = drop_below(normalize_rows(X), threshold)
-        by_feature = sp.csr_matrix((values, ids, ptr), shape=X.shape).T.tocsr()
-        by_feature.sort_indices()
-        return cls(by_feature.indptr.astype(np.int64), by_feature.indices.astype(np.int32),
-                   by_feature.data.astype(np.float32), X.shape[0])
+        ptr, ids, values = drop_below(sp.csr_matrix(X), threshold, unit=False)
+        # the columns of the kept rows are the postings: one copy, documents ascending
+        by_feature = sp.csr_matrix((values, ids, ptr), shape=X.shape).tocsc()
+        del ptr, ids, values
+        return cls(by_feature.indptr.astype(np.int64),
+                   by_feature.indices.astype(np.int32, copy=False),
+                   by_feature.data.astype(np.float32, copy=False), X.shape[0])
 
     def reads(self, queries: Rows) -> float:
         """How many postings a query reads on average, over CSR ``queries``: the postings
