@@ -617,6 +617,10 @@ def _postings_candidates(searcher: Searcher, rows: Rows, found: Found,
             matcher = KnnMatcher.over_postings(index, Y_fit, VoteRule(1, 1.0, 0.0))
             candidates += [{"threshold": threshold, **c} for c in _knn_candidates(
                 searcher, rows, found, matcher, queries, knn_params, threads, score)]
+            del matcher
+        del index  # before the next threshold's: one index of the fit part at a time
+    log.info("knn over the features: postings a query reads, by threshold: %s",
+             record["thresholds"])
     return candidates, record
 
 
