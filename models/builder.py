@@ -437,10 +437,10 @@ def _knn_candidates(searcher: Searcher, rows: Rows, trees: Found, matcher: KnnMa
 
 def knn_preference(candidate: dict[str, Any]) -> tuple[float, ...]:
     """Sort key of a kNN candidate (``P@1``, ``P@5``, ``weight``, ``centroid_weight``,
-    ``k``, ``power``), best largest: (P@1 + P@5) / 2 first, then P@1, then the smaller
-    weights, k and power. By P@1 alone the votes' weight was chosen high where it lifted the
-    first label a little and cost the fifth and the tail labels more (cooking:
-    benchmarks/RESULTS.md)."""
+    ``k``, ``power``, ``threshold``), best largest: (P@1 + P@5) / 2 first, then P@1, then
+    the smaller weights, k and power, then the larger threshold (the smaller index). By P@1
+    alone the votes' weight was chosen high where it lifted the first label a little and
+    cost the fifth and the tail labels more (cooking: benchmarks/RESULTS.md)."""
     c = candidate
     return (round(c["P@1"] + c["P@5"], 9), c["P@1"], -c["weight"],
             -c.get("centroid_weight", 0.0), -c["k"], -c["power"], c.get("threshold", 0.0))
