@@ -504,9 +504,9 @@ def choose_reranking(train: Corpus, params: BuildParams, threads: int) -> Rerank
             choice.profiles, choice.profile_selection = _choose_profiles(
                 X_fit, Y_fit, rows, found, truth, params)
         if params.feature_knn_max_postings > 0 and max(params.knn_weight_grid) > 0:
-            then = (_identity if choice.profiles is None else partial(
-                LabelProfiles.build(X_fit, Y_fit, choice.profiles).rerank, rows=rows,
-                top_k=width))
+            first: ProfilePart = NO_PROFILES if choice.profiles is None else (
+                LabelProfiles.build(X_fit, Y_fit, choice.profiles))
+            then = partial(first.rerank, rows=rows, top_k=width)
             found, knn = _choose_feature_knn(searcher, rows, found, (X_fit, Y_fit),
                                              train.n_docs, truth, params, threads, then)
             choice.knn, choice.knn_threshold, choice.knn_selection = knn
@@ -520,10 +520,6 @@ def choose_reranking(train: Corpus, params: BuildParams, threads: int) -> Rerank
             selection.update(validation_share=params.validation_share,
                              n_validation_docs=len(valid_rows), n_trees=1)
     return choice
-
-
-def _identity(found: Found) -> Found:
-    return found
 
 
 def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
