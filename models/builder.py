@@ -423,7 +423,7 @@ def _knn_candidates(searcher: Searcher, rows: Rows, trees: Found, matcher: KnnMa
     for k in sorted(set(params.knn_k_grid)):
         for power in sorted(set(params.knn_power_grid)):
             votes = vote(keys[:, :k], sims[:, :k], matcher.label_ptr, matcher.label_ids,
-                         matcher.n_labels, power)
+                         power)
             pool = candidate_pool(trees, votes, partial(searcher.label_scores, *rows),
                                   centroids_of, max_voted=params.knn_max_voted_labels)
             for w in sorted(set(params.knn_weight_grid)):
@@ -563,8 +563,7 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
                     max_voted=params.knn_max_voted_labels) if best["weight"] else None
     fused = found if rule is None else KnnMatcher.build_postings(
         X_fit, Y_fit, rule, best["threshold"]).fuse(
-            searcher, found, rows, found[0].shape[1], dense_start=0, allowed=lambda: None,
-            threads=threads)
+            searcher, found, rows, found[0].shape[1], dense_start=0, threads=threads)
     after, before = then(fused), then(found)
     gain = (truth.per_doc(after[0], after[2]) - truth.per_doc(before[0], before[2]))[~pick]
     standard_error = standard_error_of_mean(gain)

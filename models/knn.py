@@ -21,8 +21,8 @@ label's documents, which lifts the labels the trees rank too low for their few e
 
 The predictor scores a pool of candidates, the trees' top labels and, of the labels the
 neighbours voted for that the trees did not return, the ``max_voted`` of most votes (the
-trees' score of those computed exactly, see :meth:`models.search.Searcher.label_scores`: a
-request's largest kNN cost), each by::
+trees' score of those computed exactly in the search's own pass, reusing the node scores of
+the clusters the beam opened: :meth:`models.search.Searcher.search_scoring`), each by::
 
     ((1 - weight) * tree + weight * knn + centroid_weight * centroid) / (1 + centroid_weight)
 
@@ -175,31 +175,28 @@ def _vote(keys: np.ndarray, sims: np.ndarray, label_ptr: np.ndarray, label_ids: 
 
 
 def vote(keys: np.ndarray, sims: np.ndarray, label_ptr: np.ndarray, label_ids: np.ndarray,
-         n_labels: int, power: float) -> sp.csr_matrix:
-    """(n, n_labels) float64 CSR (sorted indices) of the votes of neighbours ``keys`` (n, k;
-    -1: none) at similarities ``sims``: per label, the share of the neighbours' weight
-    ``sim ** power`` (sims below 0 count as 0) on the neighbours that carry it."""
-    indptr, ids, data = _vote(np.ascontiguousarray(keys, dtype=np.int64), sims,
-                              np.asarray(label_ptr), np.asarray(label_ids), float(power))
-    votes = sp.csr_matrix((keys.shape[0], n_labels))
-    # the arrays as they are: the constructor's checks cost a request more than the votes
-    votes.indptr, votes.indices, votes.data = indptr, ids, data
-    return votes
+         power: float) -> Rows:
+    """CSR arrays (indptr, label ids ascending within a row, float64 votes) of the votes of
+    neighbours ``keys`` (n, k; -1: none) at similarities ``sims``: per label, the share of
+    the neighbours' weight ``sim ** power`` (sims below 0 count as 0) on the neighbours that
+    carry it. Bare arrays, not a scipy matrix: its constructor costs a request more than
+    the votes."""
+    return _vote(np.ascontiguousarray(keys, dtype=np.int64), sims, np.asarray(label_ptr),
+                 np.asarray(label_ids), float(power))
 
 
 @numba.njit(nogil=True, cache=True)
 def _nearest_by_postings(q_ptr: np.ndarray, q_idx: np.ndarray, q_val: np.ndarray,
                          p_ptr: np.ndarray, p_doc: np.ndarray, p_val: np.ndarray,
-                         n_docs: int, first: int, last: int, keys: np.ndarray,
-                         sims: np.ndarray) -> None:
+                         acc: np.ndarray, seen: np.ndarray, touched: np.ndarray,
+                         first: int, last: int, keys: np.ndarray, sims: np.ndarray) -> None:
     """keys / sims rows ``first..last - 1``: the ``k`` (their width) indexed documents of
     largest cosine with query row d (any norm), best first, ties to the smaller document;
     a document sharing no feature with the query is none (its key stays -1). The postings
-    hold the unit rows of the indexed documents, feature by feature."""
+    hold the unit rows of the indexed documents, feature by feature. ``acc`` (float64),
+    ``seen`` (bool) and ``touched`` (int64), one per indexed document, are the caller's
+    scratch: all zero / False on entry, and left so."""
     k = keys.shape[1]
-    acc = np.zeros(n_docs, dtype=np.float64)
-    seen = np.zeros(n_docs, dtype=np.bool_)
-    touched = np.empty(n_docs, dtype=np.int64)
     for d in range(first, last):
         a, b = q_ptr[d], q_ptr[d + 1]
         norm = 0.0
@@ -264,6 +261,7 @@ class PostingsIndex:
         self.ptr, self.docs, self.values = np.asarray(ptr), np.asarray(docs), np.asarray(values)
         self.n_docs = n_docs
         self.n_features = ptr.shape[0] - 1
+        self._scratch = threading.local()
 
     @classmethod
     def build(cls, X: sp.csr_matrix, threshold: float = 0.0) -> PostingsIndex:
@@ -305,8 +303,11 @@ class PostingsIndex:
         if n and (idx.size and int(idx.max()) >= self.n_features):
             raise InvalidInputError(f"feature id {int(idx.max())} outside the kNN index's "
                                     f"{self.n_features} features")
-        run = partial(_nearest_by_postings, ptr, idx, val, self.ptr, self.docs, self.values,
-                      self.n_docs, keys=keys, sims=sims)
+
+        def run(first: int, last: int) -> None:  # rows first..last - 1, on this thread
+            _nearest_by_postings(ptr, idx, val, self.ptr, self.docs, self.values,
+                                 *self._accumulators(), first, last, keys, sims)
+
         bounds = np.linspace(0, n, min(max(threads, 1), max(n, 1)) + 1).astype(np.int64)
         if bounds.shape[0] <= 2:
             run(0, n)
@@ -314,6 +315,16 @@ class PostingsIndex:
             with ThreadPoolExecutor(bounds.shape[0] - 1) as pool:
                 list(pool.map(run, bounds[:-1].tolist(), bounds[1:].tolist()))
         return keys, sims
+
+    def _accumulators(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This thread's scratch of :func:`_nearest_by_postings`, made once: a request would
+        otherwise allocate (and fault in) three arrays as long as the index's documents."""
+        scratch = getattr(self._scratch, "accumulators", None)
+        if scratch is None:
+            scratch = (np.zeros(self.n_docs), np.zeros(self.n_docs, dtype=np.bool_),
+                       np.zeros(self.n_docs, dtype=np.int64))
+            self._scratch.accumulators = scratch
+        return scratch
 
     def save(self, folder: Path) -> dict[str, Any]:
         files = []
@@ -474,7 +485,7 @@ def _merge_pool(ids: np.ndarray, scores: np.ndarray, counts: np.ndarray, v_ptr: 
             out_found[:filled])
 
 
-def candidate_pool(tree: Found, votes: sp.csr_matrix, tree_scores_of: CandidateScores,
+def candidate_pool(tree: Found, votes: Rows, tree_scores_of: CandidateScores,
                    centroid_scores_of: CandidateScores | None = None,
                    allowed: np.ndarray | None = None, max_voted: int = 0) -> Pool:
     """The pool of each row: the trees' labels (``tree``: ids, scores, counts as the search
@@ -488,7 +499,7 @@ def candidate_pool(tree: Found, votes: sp.csr_matrix, tree_scores_of: CandidateS
     n = ids.shape[0]
     ptr, pool_ids, tree_score, pool_votes, found = _merge_pool(
         np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float64),
-        np.asarray(counts, dtype=np.int64), votes.indptr, votes.indices, votes.data,
+        np.asarray(counts, dtype=np.int64), *votes,
         np.zeros(0, dtype=np.bool_) if allowed is None else allowed, max_voted)
     extra = ~found
     if extra.any():
@@ -497,6 +508,62 @@ def candidate_pool(tree: Found, votes: sp.csr_matrix, tree_scores_of: CandidateS
     centroid = (centroid_scores_of(ptr, pool_ids) if centroid_scores_of is not None
                 else np.zeros(pool_ids.shape[0]))
     return Pool(ptr, pool_ids, tree_score, pool_votes, centroid)
+
+
+@numba.njit(nogil=True, cache=True)
+def most_voted(v_ptr: np.ndarray, v_ids: np.ndarray, v_data: np.ndarray, allowed: np.ndarray,
+                n_keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (pointers, ids ascending) of each row's ``n_keep`` voted labels of most votes
+    that ``allowed`` lets through (empty: all; ties: the smaller id, as :func:`_merge_pool`
+    orders them; ``n_keep`` 0: all of them)."""
+    n = v_ptr.shape[0] - 1
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    out = np.empty(v_ids.shape[0], dtype=np.int64)
+    for d in range(n):
+        a, b = v_ptr[d], v_ptr[d + 1]
+        start = ptr[d]
+        filled = start
+        for j in np.argsort(-v_data[a:b], kind="mergesort"):
+            if n_keep and filled - start >= n_keep:
+                break
+            if allowed.shape[0] == 0 or allowed[v_ids[a + j]]:
+                out[filled] = v_ids[a + j]
+                filled += 1
+        out[start:filled] = np.sort(out[start:filled])
+        ptr[d + 1] = filled
+    return ptr, out[:ptr[n]]
+
+
+@numba.njit(nogil=True, cache=True)
+def _scores_among(ptr: np.ndarray, ids: np.ndarray, s_ptr: np.ndarray, s_ids: np.ndarray,
+                  s_scores: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[c]``: the score of label ``ids[c]`` of row d (c in ``ptr[d]..ptr[d + 1]``)
+    among the row's scored labels (``s_ptr``, ids ascending, ``s_scores``); returns which
+    were there."""
+    there = np.zeros(ids.shape[0], dtype=np.bool_)
+    for d in range(ptr.shape[0] - 1):
+        a, b = s_ptr[d], s_ptr[d + 1]
+        for c in range(ptr[d], ptr[d + 1]):
+            i = a + np.searchsorted(s_ids[a:b], ids[c])
+            if i < b and s_ids[i] == ids[c]:
+                out[c], there[c] = s_scores[i], True
+    return there
+
+
+def scores_among(scored: tuple[np.ndarray, np.ndarray, np.ndarray], exact: CandidateScores,
+                 ptr: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """A :data:`CandidateScores` of the labels already ``scored`` per row (pointers, ids
+    ascending, scores), ``exact`` giving those it lacks."""
+    out = np.zeros(ids.shape[0])
+    there = _scores_among(ptr, ids, *scored, out)
+    if not there.all():
+        row = np.repeat(np.arange(ptr.shape[0] - 1), np.diff(ptr))[~there]
+        out[~there] = exact(row_pointers(row, ptr.shape[0] - 1), ids[~there])
+    return out
+
+
+#: the labels a search without a filter allows: all (an empty mask)
+_ALL_LABELS = np.zeros(0, dtype=np.bool_)
 
 
 class UsearchIndex:
@@ -655,25 +722,48 @@ class KnnMatcher:
         or the whole sparse rows)."""
         return self.index.queries(rows, dense_start)
 
-    def votes(self, queries: Any, threads: int = 1) -> sp.csr_matrix:
-        """(n, n_labels) kNN scores of ``queries`` under this matcher's rule."""
+    def votes(self, queries: Any, threads: int = 1) -> Rows:
+        """The kNN scores of ``queries`` under this matcher's rule (:func:`vote`)."""
         keys, sims = self.neighbours(queries, self.rule.k, threads)
-        return vote(keys, sims, self.label_ptr, self.label_ids, self.n_labels,
-                    self.rule.power)
+        return vote(keys, sims, self.label_ptr, self.label_ids, self.rule.power)
+
+    def search(self, searcher: Searcher, rows: Rows, top_k: int, beam_size: int, *,
+               dense_start: int, node_mask: np.ndarray | None,
+               allowed: Callable[[], np.ndarray | None], threads: int = 1) -> Found:
+        """The trees' search of ``rows`` for ``top_k`` labels re-ranked over the pool of
+        candidates with this matcher's votes and centroids (:class:`Pool`). The votes come
+        first, so that the search scores the voted labels that may join the pool in its own
+        pass (the ``max_voted`` + ``top_k`` of most votes: at most ``top_k`` of them are the
+        trees' own). ``node_mask`` / ``allowed()``: a label filter compiled to nodes /
+        labels (None: all)."""
+        if not self.rule.scores:
+            return searcher.search(*rows, top_k, beam_size, node_mask)
+        queries = self.queries(rows, dense_start)
+        votes = self.votes(queries, threads)
+        labels_ok = allowed()
+        n_keep = self.rule.max_voted + top_k if self.rule.max_voted else 0
+        voted_ptr, voted_ids = most_voted(
+            *votes, _ALL_LABELS if labels_ok is None else labels_ok, n_keep)
+        found, voted_scores = searcher.search_scoring(*rows, top_k, beam_size, node_mask,
+                                                      voted_ptr, voted_ids)
+        return self._ranked(found, votes, partial(
+            scores_among, (voted_ptr, voted_ids, voted_scores),
+            partial(searcher.label_scores, *rows)), queries, labels_ok, top_k)
 
     def fuse(self, searcher: Searcher, found: Found, rows: Rows, top_k: int, *,
-             dense_start: int, allowed: Callable[[], np.ndarray | None],
-             threads: int = 1) -> Found:
-        """The trees' ranking ``found`` of ``rows`` re-ranked over the pool of candidates with
-        this matcher's votes and centroids (:class:`Pool`); ``allowed()`` gives the labels a
-        filter lets through (None: all)."""
+             dense_start: int, threads: int = 1) -> Found:
+        """The trees' ranking ``found`` of ``rows`` re-ranked as :meth:`search` re-ranks
+        its own (the voted labels scored by the trees afterwards): for a ranking at hand."""
         if not self.rule.scores:
             return found
         queries = self.queries(rows, dense_start)
-        pool = candidate_pool(found, self.votes(queries, threads),
-                              partial(searcher.label_scores, *rows),
-                              self.centroid_scores_of(queries), allowed(),
-                              self.rule.max_voted)
+        return self._ranked(found, self.votes(queries, threads),
+                            partial(searcher.label_scores, *rows), queries, None, top_k)
+
+    def _ranked(self, found: Found, votes: Rows, tree_scores_of: CandidateScores,
+                queries: Any, allowed: np.ndarray | None, top_k: int) -> Found:
+        pool = candidate_pool(found, votes, tree_scores_of, self.centroid_scores_of(queries),
+                              allowed, self.rule.max_voted)
         return pool.rank(self.rule.weight, self.rule.centroid_weight, top_k)
 
     def centroid_scores_of(self, queries: np.ndarray) -> CandidateScores | None:
@@ -773,15 +863,16 @@ def _sorted_csr(Y: sp.csr_matrix) -> sp.csr_matrix:
     return out
 
 
-def _lookup(votes: sp.csr_matrix, row: int, labels: np.ndarray) -> np.ndarray:
-    """votes[row, labels], 0 where the row has no vote (its indices are sorted)."""
-    a, b = int(votes.indptr[row]), int(votes.indptr[row + 1])
+def _lookup(votes: Rows, row: int, labels: np.ndarray) -> np.ndarray:
+    """votes[row, labels] of CSR ``votes`` (sorted indices), 0 where the row has no vote."""
+    indptr, indices, data = votes
+    a, b = int(indptr[row]), int(indptr[row + 1])
     out = np.zeros(labels.shape[0])
     if b > a:
-        cols = votes.indices[a:b]
+        cols = indices[a:b]
         pos = np.minimum(np.searchsorted(cols, labels), b - a - 1)
         hit = cols[pos] == labels
-        out[hit] = votes.data[a:b][pos[hit]]
+        out[hit] = data[a:b][pos[hit]]
     return out
 
 
@@ -789,9 +880,9 @@ class KnnPart(Protocol):
     """A bundle's kNN part as the search uses it: a :class:`KnnMatcher`, or :class:`NoKnn`
     for a bundle without one."""
 
-    def fuse(self, searcher: Searcher, found: Found, rows: Rows, top_k: int, *,
-             dense_start: int, allowed: Callable[[], np.ndarray | None],
-             threads: int = 1) -> Found: ...
+    def search(self, searcher: Searcher, rows: Rows, top_k: int, beam_size: int, *,
+               dense_start: int, node_mask: np.ndarray | None,
+               allowed: Callable[[], np.ndarray | None], threads: int = 1) -> Found: ...
 
     def score_shares(self, indices: np.ndarray, values: np.ndarray, labels: list[int], *,
                      dense_start: int) -> dict[str, np.ndarray]: ...
@@ -800,10 +891,10 @@ class KnnPart(Protocol):
 class NoKnn:
     """No kNN part: the trees' ranking stands as it is."""
 
-    def fuse(self, searcher: Searcher, found: Found, rows: Rows, top_k: int, *,
-             dense_start: int, allowed: Callable[[], np.ndarray | None],
-             threads: int = 1) -> Found:
-        return found
+    def search(self, searcher: Searcher, rows: Rows, top_k: int, beam_size: int, *,
+               dense_start: int, node_mask: np.ndarray | None,
+               allowed: Callable[[], np.ndarray | None], threads: int = 1) -> Found:
+        return searcher.search(*rows, top_k, beam_size, node_mask)
 
     def score_shares(self, indices: np.ndarray, values: np.ndarray, labels: list[int], *,
                      dense_start: int) -> dict[str, np.ndarray]:
@@ -819,12 +910,11 @@ def knn_search(searcher: Searcher, part: KnnPart, rows: Rows, top_k: int, beam_s
                allowed: Callable[[], np.ndarray | None] = lambda: None, threads: int = 1,
                profiles: ProfilePart = NO_PROFILES) -> Found:
     """The trees' search of CSR ``rows`` (sorted indices) with the kNN ``part``'s votes fused
-    in (:meth:`KnnMatcher.fuse`), then re-ranked by the label ``profiles``
+    in (:meth:`KnnMatcher.search`), then re-ranked by the label ``profiles``
     (:mod:`models.profiles`: the trees are searched for as many labels as they re-rank).
     ``node_mask`` / ``allowed()``: a label filter compiled to nodes / labels
     (:mod:`models.filters`); the labels are only asked for by a matcher that votes."""
-    width = profiles.width(top_k)
-    found = searcher.search(*rows, width, beam_size, node_mask)
-    found = part.fuse(searcher, found, rows, width, dense_start=dense_start, allowed=allowed,
-                      threads=threads)
+    found = part.search(searcher, rows, profiles.width(top_k), beam_size,
+                        dense_start=dense_start, node_mask=node_mask, allowed=allowed,
+                        threads=threads)
     return profiles.rerank(found, rows, top_k)

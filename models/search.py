@@ -293,8 +293,12 @@ def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_
                  bitmap_off: np.ndarray, bitmap: np.ndarray, dir_off: np.ndarray,
                  dir_rows: np.ndarray, node_ok: np.ndarray, beam_size: int,
                  top_k: int, post: int, max_children: int, block: int, out_label: np.ndarray,
-                 out_score: np.ndarray, out_n: np.ndarray) -> None:
+                 out_score: np.ndarray, out_n: np.ndarray, extra_ptr: np.ndarray,
+                 extra_label: np.ndarray, extra_score: np.ndarray) -> None:
     """Predict rows row_start..row_stop of a CSR matrix (sorted indices) into out_* rows.
+    With ``extra_ptr`` non-empty (CSR pointers over all rows), also the exact ensemble score
+    of each label ``extra_label[c]`` of row d, c in ``extra_ptr[d]..extra_ptr[d + 1]``, into
+    ``extra_score[c]``, reusing the node scores the beam computed (as the merge does).
 
     ``node_ok`` is a label filter compiled to nodes (see :mod:`models.filters`): empty for
     none, else a child with ``node_ok`` False never enters the beam (its score is still kept
@@ -412,6 +416,17 @@ def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_
                                       top_id[d], top_n[d], exp_parent[d], exp_path[d],
                                       exp_off[d], n_exp[d], node_score[d], z, hit,
                                       out_label[row], out_score[row])
+            for c in range(extra_ptr[row] if extra_ptr.shape[0] else 0,
+                           extra_ptr[row + 1] if extra_ptr.shape[0] else 0):
+                total = 0.0
+                for t in range(n_trees):
+                    total += np.exp(_path_log_score(
+                        t, label_node[t, extra_label[c]], xi, xv, xdense, tree_depth,
+                        child_ptr, parent, chunk_ptr, chunk_feat, row_len, row_mark,
+                        entry_child, entry_val, weight_scale, bias, bitmap_off, bitmap, dir_off,
+                        dir_rows, dense_start, dense_ptr, dense_val, post, exp_parent[d],
+                        exp_path[d], exp_off[d], n_exp[d], node_score[d], z, hit))
+                extra_score[c] = total / n_trees
             for i in range(xi.shape[0]):
                 xdense[xi[i]] = 0.0
 
@@ -554,6 +569,8 @@ _BLOCK_BYTES = 32 << 20
 #: read-only like the compiled filters' masks, so both are one compiled signature
 _NO_MASK = np.zeros(0, dtype=np.bool_)
 _NO_MASK.flags.writeable = False
+#: no labels scored beside the search (:meth:`Searcher.search_scoring`): empty pointers
+_NO_EXTRA = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
 
 
 class Searcher:
@@ -590,6 +607,11 @@ class Searcher:
         scores (n, top_k), counts (n,). Large batches are split across the threads.
         ``node_mask`` (bool, n_nodes; see :mod:`models.filters`) keeps the search to the
         labels it allows."""
+        return self._search(indptr, indices, data, top_k, beam_size, node_mask, _NO_EXTRA)
+
+    def _search(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, top_k: int,
+                beam_size: int, node_mask: np.ndarray | None,
+                extra: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Found:
         if node_mask is None:
             node_mask = _NO_MASK
         elif node_mask.shape != (self._n_nodes,) or node_mask.dtype != np.bool_:
@@ -603,18 +625,32 @@ class Searcher:
         counts = np.zeros(n, dtype=np.int64)
         self._across_threads(n, lambda start, stop: self._run(
             indptr, indices, data, start, stop, top_k, beam_size, node_mask, labels, scores,
-            counts))
+            counts, extra))
         return labels, scores, counts
+
+    def search_scoring(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+                       top_k: int, beam_size: int, node_mask: np.ndarray | None,
+                       extra_ptr: np.ndarray, extra_label: np.ndarray,
+                       ) -> tuple[Found, np.ndarray]:
+        """:meth:`search`, and in the same pass the exact ensemble score (as
+        :meth:`label_scores` gives it) of each label ``extra_label[c]`` of row d, c in
+        ``extra_ptr[d]..extra_ptr[d + 1]``: a label in a cluster the beam opened costs
+        next to nothing, where :meth:`label_scores` would score its path anew."""
+        extra_label = self._label_ids(extra_label)
+        extra_ptr = np.asarray(extra_ptr, dtype=np.int64)
+        if extra_ptr.shape != (indptr.shape[0],) or extra_ptr[-1] != extra_label.shape[0]:
+            raise InvalidInputError("extra_ptr must hold one pointer per row and one more")
+        extra_score = np.zeros(extra_label.shape[0], dtype=np.float64)
+        found = self._search(indptr, indices, data, top_k, beam_size, node_mask,
+                             (extra_ptr, extra_label, extra_score))
+        return found, extra_score
 
     def label_scores(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
                      cand_ptr: np.ndarray, cand_label: np.ndarray) -> np.ndarray:
         """float64 per candidate: the exact ensemble score of label ``cand_label[c]`` for
         CSR row d (sorted indices), c in ``cand_ptr[d]..cand_ptr[d + 1]``; whatever a beam
         would have found, as the search's merge scores its labels."""
-        cand_label = np.asarray(cand_label, dtype=np.int64)
-        n_labels = self._arrays[13].shape[1]
-        if cand_label.size and (cand_label.min() < 0 or cand_label.max() >= n_labels):
-            raise InvalidInputError(f"label ids must lie in 0..{n_labels - 1}")
+        cand_label = self._label_ids(cand_label)
         out = np.zeros(cand_label.shape[0], dtype=np.float64)
         indptr, cand_ptr = np.asarray(indptr, dtype=np.int64), np.asarray(cand_ptr, np.int64)
         indices = np.asarray(indices, dtype=np.int32)
@@ -635,6 +671,14 @@ class Searcher:
 
         self._across_threads(indptr.shape[0] - 1, run)
         return out
+
+    def _label_ids(self, labels: np.ndarray) -> np.ndarray:
+        """``labels`` as int64, refused unless each is a label of the ensemble."""
+        labels = np.asarray(labels, dtype=np.int64)
+        n_labels = self._arrays[13].shape[1]
+        if labels.size and (labels.min() < 0 or labels.max() >= n_labels):
+            raise InvalidInputError(f"label ids must lie in 0..{n_labels - 1}")
+        return labels
 
     def _across_threads(self, n: int, run: Callable[[int, int], None]) -> None:
         """``run(start, stop)`` over rows 0..n - 1: on this thread for a small batch, else
@@ -674,10 +718,11 @@ class Searcher:
 
     def _run(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, start: int,
              stop: int, top_k: int, beam_size: int, node_mask: np.ndarray, labels: np.ndarray,
-             scores: np.ndarray, counts: np.ndarray) -> None:
+             scores: np.ndarray, counts: np.ndarray,
+             extra: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         args = (indptr, indices, data, start, stop, self._xdense(), *self._arrays, node_mask,
                 beam_size, top_k, self.post, self.max_children, self._block(beam_size), labels,
-                scores, counts)
+                scores, counts, *extra)
         predict_rows(*args)
 
     def _get_pool(self) -> ThreadPoolExecutor:

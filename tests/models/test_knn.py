@@ -18,7 +18,15 @@ import models
 from models.builder import build, knn_preference
 from models.errors import BundleError, InvalidInputError
 from models.explain import CENTROID_TERM, KNN_TERM
-from models.knn import KnnMatcher, NoKnn, Pool, VoteRule, label_centroids
+from models.knn import (
+    KnnMatcher,
+    NoKnn,
+    Pool,
+    VoteRule,
+    label_centroids,
+    most_voted,
+    scores_among,
+)
 from tests.conftest import corpus_from_docs, tiny_params
 from tests.models.reference import (
     assert_ranks_all_labels_as,
@@ -86,6 +94,13 @@ def test_the_knn_module_and_onnxruntime_import_in_either_order() -> None:
         assert proc.returncode == 0, (code, proc.returncode)
 
 
+def dense_votes(matcher: KnnMatcher, queries: np.ndarray) -> np.ndarray:
+    """(n, n_labels): the matcher's votes for ``queries``, densely."""
+    indptr, ids, votes = matcher.votes(queries)
+    return sp.csr_matrix((votes, ids, indptr),
+                         shape=(queries.shape[0], matcher.n_labels)).toarray()
+
+
 @pytest.mark.parametrize(("k", "power"), [(1, 1.0), (5, 1.0), (10, 0.0), (30, 4.0)])
 def test_votes_match_the_oracle(k: int, power: float) -> None:
     emb, Y = random_set(0)
@@ -93,7 +108,7 @@ def test_votes_match_the_oracle(k: int, power: float) -> None:
     queries = np.vstack([rng.normal(size=(40, emb.shape[1])), emb[:5] * 3.0,
                          np.zeros((1, emb.shape[1]))]).astype(np.float32)
     matcher = KnnMatcher.build(emb, sp.csr_matrix(Y), VoteRule(k, power, 0.5))
-    got = matcher.votes(queries).toarray()
+    got = dense_votes(matcher, queries)
     want = oracle_votes(emb.astype(np.float64), Y, queries.astype(np.float64), k, power)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -163,7 +178,7 @@ def test_more_neighbours_asked_than_indexed() -> None:
     matcher = KnnMatcher.build(emb, sp.csr_matrix(Y), VoteRule(10, 1.0, 0.5))
     keys, _ = matcher.neighbours(emb[:2], 10)
     assert (keys[:, :6] >= 0).all() and (keys[:, 6:] == -1).all()
-    np.testing.assert_allclose(matcher.votes(emb[:2]).toarray(),
+    np.testing.assert_allclose(dense_votes(matcher, emb[:2]),
                                oracle_votes(emb, Y, emb[:2], 10, 1.0), atol=1e-5)
 
 
@@ -481,3 +496,35 @@ def test_cli_knn_flag_sets_the_parameter(tmp_path, tiny_docs, tiny_model):
                  "--knn"]) == 0
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert m["params"]["knn"] is True and m["knn"]["weight"] == 0.3
+
+
+@pytest.mark.parametrize(("n_keep", "filtered"), [(0, False), (3, False), (3, True), (1, True)])
+def test_the_labels_scored_in_the_search_are_those_of_most_votes(n_keep, filtered):
+    """Per row, the ``n_keep`` allowed voted labels of most votes (ties: the smaller id),
+    ascending: the labels the pool may take (tests/models/reference.oracle_pool)."""
+    rng = np.random.default_rng(4)
+    votes = sp.random(30, 40, density=0.2, random_state=5, format="csr")
+    votes.data = np.round(votes.data, 1)  # ties
+    votes.sort_indices()
+    allowed = rng.random(40) < 0.6 if filtered else np.zeros(0, dtype=bool)
+    ptr, ids = most_voted(votes.indptr.astype(np.int64), votes.indices, votes.data,
+                           allowed, n_keep)
+    for d in range(30):
+        row = votes.getrow(d)
+        pairs = sorted((-v, j) for j, v in zip(row.indices, row.data)
+                       if not filtered or allowed[j])
+        want = sorted(j for _, j in (pairs[:n_keep] if n_keep else pairs))
+        assert ids[ptr[d]:ptr[d + 1]].tolist() == want
+
+
+def test_scores_among_asks_only_for_the_labels_not_scored():
+    scored = (np.array([0, 2, 2]), np.array([3, 7]), np.array([0.3, 0.7]))
+    asked = []
+
+    def exact(ptr: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        asked.append((ptr.tolist(), ids.tolist()))
+        return ids / 100.0
+
+    got = scores_among(scored, exact, np.array([0, 2, 3]), np.array([3, 5, 7]))
+    np.testing.assert_allclose(got, [0.3, 0.05, 0.07])
+    assert asked == [([0, 1, 2], [5, 7])]

@@ -181,6 +181,34 @@ def test_ordered_post_processor_ranks_by_margin_where_l3_hinge_ties(tmp_path):
     assert tied_docs > 0  # the data has such ties, so the check above ran
 
 
+@pytest.mark.parametrize(("threads", "beam_size"), [(1, 1), (1, 3), (2, 2)])
+def test_labels_scored_in_the_search_are_the_exhaustive_scores(tiny_predictor, tiny_corpus,
+                                                               threads, beam_size):
+    """Labels scored in the search's own pass, inside the clusters the beam opened or not
+    (a narrow beam opens few): the exhaustive scores, and the search's ranking unchanged."""
+    _, test = tiny_corpus
+    X = tiny_predictor.encode(test.texts)
+    ref = reference_scores(tiny_predictor, X)
+    rng = np.random.default_rng(1)
+    wanted = [np.sort(rng.choice(tiny_predictor.n_labels, size=rng.integers(0, 8),
+                                 replace=False)) for _ in range(X.shape[0])]
+    ptr = np.concatenate(([0], np.cumsum([len(w) for w in wanted])))
+    ids = np.concatenate(wanted).astype(np.int64)
+    ens, post = tiny_predictor.ensemble, tiny_predictor._searcher.post
+    lookup = models.feature_lookup.FeatureLookup.build(ens, tiny_predictor.n_features, 128)
+    with models.search.Searcher(ens, tiny_predictor.n_features, post, threads=threads,
+                                lookup=lookup) as searcher:
+        rows = (X.indptr, X.indices, X.data)
+        found, got = searcher.search_scoring(*rows, 5, beam_size, None, ptr, ids)
+        plain = searcher.search(*rows, 5, beam_size)
+        with pytest.raises(models.InvalidInputError):
+            searcher.search_scoring(*rows, 5, beam_size, None, ptr[:-1], ids[:ptr[-2]])
+    want = np.concatenate([ref[d, w] for d, w in enumerate(wanted)])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    for a, b in zip(found, plain):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_label_scores_are_the_exhaustive_scores(tiny_predictor, tiny_corpus, threads):
     """Any labels of each row, scored exactly: a batch of more than 64 rows, on one thread
