@@ -338,13 +338,14 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
                threads: int) -> Reranking:
     """The kNN index (``knn_indexes``: the dense block's usearch index, or the sparse
     block's postings at a threshold) and vote rule (k, power, the votes' weight and the
-    label centroids') that :func:`knn_preference` ranks first on the seeded
-    ``validation_share`` of ``train``: one tree trained as the bundle's trees are on the
-    rest, each index over the rest, their fusion scored on the held-out documents for every
-    candidate (the tree and each index's neighbours are computed once).
-    ``dense``: the fused block's embeddings and weight, as for :func:`held_out_controls`.
-    Returns the choice (its rule None when the trees alone won) with the table behind it
-    for the manifest."""
+    label centroids') that :func:`knn_preference` ranks first on a seeded half of the
+    seeded ``validation_share`` of ``train``, unless its gain over the trees alone on the
+    other half is within one standard error there (:func:`_confirmed`): one tree trained as
+    the bundle's trees are on the rest, each index over the rest, their fusion scored on
+    the held-out documents for every candidate (the tree and each index's neighbours are
+    computed once). ``dense``: the fused block's embeddings and weight, as for
+    :func:`held_out_controls`. Returns the choice (its rule None when the trees alone won)
+    with the table behind it for the manifest."""
     fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
     if not len(valid_rows) or not len(fit_rows):
         raise InvalidInputError(
@@ -366,21 +367,24 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
     post = POST_PROCESSORS[params.post_processor]
     lookup = FeatureLookup.build(ensemble, X_fit.shape[1], params.bitmap_mb)
     record: dict[str, Any] = {}
+    truth = HeldOutTruth(names, valid.labels)
+    pick = np.less(np.random.default_rng(params.seed).random(len(valid_rows)), 0.5)
+    picking = truth.only(pick)
+
+    def score(ranked: Found) -> dict[str, float]:
+        return picking.p1_p5(ranked[0], ranked[2])
+
     with Searcher(ensemble, X_fit.shape[1], post, threads=threads,
                   lookup=lookup) as searcher:
         rows = (X_valid.indptr, X_valid.indices, X_valid.data)
         trees = searcher.search(*rows, 5, params.beam_size)
-        truth = HeldOutTruth(names, valid.labels)
-
-        def score(ranked: Found) -> dict[str, float]:
-            return truth.p1_p5(ranked[0], ranked[2])
-
         candidates: list[dict[str, Any]] = []
+        usearch: KnnMatcher | None = None
         if UsearchIndex.kind in params.knn_indexes:
-            matcher = KnnMatcher.build(_block_of(X_fit, dense_start, dim), Y_fit,
+            usearch = KnnMatcher.build(_block_of(X_fit, dense_start, dim), Y_fit,
                                        VoteRule(1, 1.0, 0.0))
             candidates += [{"index": UsearchIndex.kind, **c} for c in _knn_candidates(
-                searcher, rows, trees, matcher, _block_of(X_valid, dense_start, dim), params,
+                searcher, rows, trees, usearch, _block_of(X_valid, dense_start, dim), params,
                 threads, score)]
         if PostingsIndex.kind in params.knn_indexes and dense_start > 0:
             found, record = _postings_candidates(searcher, rows, trees, (
@@ -388,23 +392,48 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
             candidates += [{"index": PostingsIndex.kind, **c} for c in found]
         alone: dict[str, Any] = {"index": "", "k": 0, "power": 0.0, "weight": 0.0,
                                  "centroid_weight": 0.0, **score(trees)}
-    if (0 in params.knn_weight_grid and 0 in params.knn_centroid_weight_grid) or not (
-            candidates):
-        candidates.append(alone)  # the trees alone
-    best = max(candidates, key=knn_preference)
+        if (0 in params.knn_weight_grid and 0 in params.knn_centroid_weight_grid) or not (
+                candidates):
+            candidates.append(alone)  # the trees alone
+        best = max(candidates, key=knn_preference)
+        rule = VoteRule(int(best["k"]), best["power"], best["weight"],
+                        best["centroid_weight"], params.knn_max_voted_labels)
+        gain = standard_error = 0.0
+        if rule.scores:
+            matcher = usearch.with_rule(rule) if (
+                usearch is not None and best["index"] == UsearchIndex.kind) else (
+                KnnMatcher.build_postings(X_fit[:, :dense_start], Y_fit, rule,
+                                          best["threshold"]))
+            gain, standard_error, confirmed = _confirmed(truth, pick, matcher.fuse(
+                searcher, trees, rows, 5, dense_start=dense_start, threads=threads), trees)
+            if alone in candidates and not confirmed:
+                best, rule = alone, VoteRule(0, 0.0, 0.0)
     log.info("knn: %s index, k %d, power %g, weight %g, centroid weight %g: validation P@1 "
-             "%.4f, P@5 %.4f (trees alone %.4f, %.4f)", best["index"] or "no", best["k"],
+             "%.4f, P@5 %.4f on the picking half (trees alone %.4f, %.4f; gain on the other "
+             "half %.4f, standard error %.4f)", best["index"] or "no", best["k"],
              best["power"], best["weight"], best["centroid_weight"], best["P@1"],
-             best["P@5"], alone["P@1"], alone["P@5"])
+             best["P@5"], alone["P@1"], alone["P@5"], gain, standard_error)
     keys = ("index", "threshold", "k", "power", "weight", "centroid_weight")
     chosen = {key: best[key] for key in keys if key in best}
-    rule = VoteRule(int(best["k"]), best["power"], best["weight"], best["centroid_weight"],
-                    params.knn_max_voted_labels)
     return Reranking(rule if rule.scores else None, {
         "validation_share": params.validation_share, "n_validation_docs": len(valid_rows),
-        "n_trees": 1, **record, "candidates": candidates, "chosen": chosen},
-        knn_threshold=best.get("threshold", 0.0),
+        "n_trees": 1, **record, "n_picking_docs": int(pick.sum()), "candidates": candidates,
+        "gain": round(gain, 6), "standard_error": round(standard_error, 6),
+        "chosen": chosen}, knn_threshold=best.get("threshold", 0.0),
         knn_index=best["index"] or UsearchIndex.kind)
+
+
+def _confirmed(truth: HeldOutTruth, pick: np.ndarray, after: Found, before: Found,
+               ) -> tuple[float, float, bool]:
+    """The mean gain in (P@1 + P@5) / 2 of the ranking ``after`` over ``before`` on the
+    held-out documents outside ``pick``, its standard error, and whether the gain exceeds
+    it: the best of many rules overstates its own gain on the documents that picked it,
+    and a gain within one standard error is as likely the split's noise (too few documents
+    to measure it: not confirmed)."""
+    gain = (truth.per_doc(after[0], after[2]) - truth.per_doc(before[0], before[2]))[~pick]
+    standard_error = standard_error_of_mean(gain)
+    mean_gain = float(gain.mean()) if gain.size else 0.0
+    return mean_gain, standard_error, gain.size > 1 and mean_gain > standard_error
 
 
 def _knn_candidates(searcher: Searcher, rows: Rows, trees: Found, matcher: KnnMatcher,
@@ -564,12 +593,7 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
     fused = found if rule is None else KnnMatcher.build_postings(
         X_fit, Y_fit, rule, best["threshold"]).fuse(
             searcher, found, rows, found[0].shape[1], dense_start=0, threads=threads)
-    after, before = then(fused), then(found)
-    gain = (truth.per_doc(after[0], after[2]) - truth.per_doc(before[0], before[2]))[~pick]
-    standard_error = standard_error_of_mean(gain)
-    mean_gain = float(gain.mean()) if gain.size else 0.0
-    # too few documents on the other half to measure a gain: none is confirmed
-    confirmed = gain.size > 1 and mean_gain > standard_error
+    mean_gain, standard_error, confirmed = _confirmed(truth, pick, then(fused), then(found))
     if rule is not None and 0 in params.knn_weight_grid and not confirmed:
         rule, fused, best = None, found, alone
     log.info("knn over the features: threshold %g, k %d, power %g, weight %g: validation "

@@ -163,6 +163,29 @@ def test_cli_reports_missing_bundle(capsys, tmp_path):
     assert "no such bundle" in capsys.readouterr().err
 
 
+def test_a_gain_counts_only_where_the_documents_that_did_not_pick_it_show_it():
+    """A re-ranking that puts the right label first on the picking half only is not
+    confirmed; one that does so on every document is, with its gain measured on the other
+    half: (P@1 + P@5) / 2 of one right label in the top 5, first or fifth, differs by 0.5."""
+    from models.builder import HeldOutTruth, _confirmed
+
+    n = 200
+    truth = HeldOutTruth(["a", "b", "c", "d", "e"], [["a"]] * n)
+    pick = np.arange(n) % 2 == 0
+    before = (np.tile([1, 2, 3, 4, 0], (n, 1)), np.zeros((n, 5)), np.full(n, 5))
+    first = np.tile([0, 1, 2, 3, 4], (n, 1))
+    everywhere = (first, before[1], before[2])
+    gain, standard_error, confirmed = _confirmed(truth, pick, everywhere, before)
+    assert confirmed and gain == pytest.approx(0.5) and standard_error == 0.0
+    picking_only = (np.where(pick[:, None], first, before[0]), before[1], before[2])
+    gain, _, confirmed = _confirmed(truth, pick, picking_only, before)
+    assert not confirmed and gain == 0.0
+    some = picking_only[0].copy()
+    some[~pick & (np.arange(n) % 10 == 1)] = first[0]  # a fifth of the other half
+    gain, standard_error, confirmed = _confirmed(truth, pick, (some, *before[1:]), before)
+    assert confirmed and gain == pytest.approx(0.1) and 0 < standard_error < gain
+
+
 @pytest.mark.parametrize("width", [3, 5, 8])
 def test_held_out_truth_scores_as_evaluate_does(width):
     """The choices' fast P@1 / P@5 on label ids: models.metrics.evaluate's on the names
