@@ -392,8 +392,9 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
             candidates += [{"index": PostingsIndex.kind, **c} for c in found]
         alone: dict[str, Any] = {"index": "", "k": 0, "power": 0.0, "weight": 0.0,
                                  "centroid_weight": 0.0, **score(trees)}
-        if (0 in params.knn_weight_grid and 0 in params.knn_centroid_weight_grid) or not (
-                candidates):
+        alone_allowed = (0 in params.knn_weight_grid
+                         and 0 in params.knn_centroid_weight_grid) or not candidates
+        if alone_allowed:
             candidates.append(alone)  # the trees alone
         best = max(candidates, key=knn_preference)
         rule = VoteRule(int(best["k"]), best["power"], best["weight"],
@@ -406,7 +407,7 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
                                           best["threshold"]))
             gain, standard_error, confirmed = _confirmed(truth, pick, matcher.fuse(
                 searcher, trees, rows, 5, dense_start=dense_start, threads=threads), trees)
-            if alone in candidates and not confirmed:
+            if alone_allowed and not confirmed:
                 best, rule = alone, VoteRule(0, 0.0, 0.0)
     log.info("knn: %s index, k %d, power %g, weight %g, centroid weight %g: validation P@1 "
              "%.4f, P@5 %.4f on the picking half (trees alone %.4f, %.4f; gain on the other "
