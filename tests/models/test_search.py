@@ -181,6 +181,25 @@ def test_ordered_post_processor_ranks_by_margin_where_l3_hinge_ties(tmp_path):
     assert tied_docs > 0  # the data has such ties, so the check above ran
 
 
+def some_labels(predictor, n_rows: int, most: int, seed: int,
+                ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Up to ``most`` distinct labels per row in no order, seeded: per row, and as CSR
+    pointers and ids."""
+    rng = np.random.default_rng(seed)
+    wanted = [rng.choice(predictor.n_labels, size=rng.integers(0, most + 1), replace=False)
+              for _ in range(n_rows)]
+    ptr = np.concatenate(([0], np.cumsum([len(w) for w in wanted])))
+    return wanted, ptr, np.concatenate(wanted).astype(np.int64)
+
+
+def fresh_searcher(predictor, threads: int) -> models.search.Searcher:
+    """A searcher of the predictor's ensemble with ``threads`` threads of its own."""
+    ens = predictor.ensemble
+    lookup = models.feature_lookup.FeatureLookup.build(ens, predictor.n_features, 128)
+    return models.search.Searcher(ens, predictor.n_features, predictor._searcher.post,
+                                  threads=threads, lookup=lookup)
+
+
 @pytest.mark.parametrize(("threads", "beam_size"), [(1, 1), (1, 3), (2, 2)])
 def test_labels_scored_in_the_search_are_the_exhaustive_scores(tiny_predictor, tiny_corpus,
                                                                threads, beam_size):
@@ -189,15 +208,8 @@ def test_labels_scored_in_the_search_are_the_exhaustive_scores(tiny_predictor, t
     _, test = tiny_corpus
     X = tiny_predictor.encode(test.texts)
     ref = reference_scores(tiny_predictor, X)
-    rng = np.random.default_rng(1)
-    wanted = [np.sort(rng.choice(tiny_predictor.n_labels, size=rng.integers(0, 8),
-                                 replace=False)) for _ in range(X.shape[0])]
-    ptr = np.concatenate(([0], np.cumsum([len(w) for w in wanted])))
-    ids = np.concatenate(wanted).astype(np.int64)
-    ens, post = tiny_predictor.ensemble, tiny_predictor._searcher.post
-    lookup = models.feature_lookup.FeatureLookup.build(ens, tiny_predictor.n_features, 128)
-    with models.search.Searcher(ens, tiny_predictor.n_features, post, threads=threads,
-                                lookup=lookup) as searcher:
+    wanted, ptr, ids = some_labels(tiny_predictor, X.shape[0], 7, seed=1)
+    with fresh_searcher(tiny_predictor, threads) as searcher:
         rows = (X.indptr, X.indices, X.data)
         found, got = searcher.search_scoring(*rows, 5, beam_size, None, ptr, ids)
         plain = searcher.search(*rows, 5, beam_size)
@@ -217,15 +229,8 @@ def test_label_scores_are_the_exhaustive_scores(tiny_predictor, tiny_corpus, thr
     X = tiny_predictor.encode(test.texts)
     assert X.shape[0] > 64
     ref = reference_scores(tiny_predictor, X)
-    rng = np.random.default_rng(0)
-    wanted = [rng.choice(tiny_predictor.n_labels, size=rng.integers(0, 6), replace=False)
-              for _ in range(X.shape[0])]
-    ptr = np.concatenate(([0], np.cumsum([len(w) for w in wanted])))
-    ids = np.concatenate(wanted).astype(np.int64)
-    ens, post = tiny_predictor.ensemble, tiny_predictor._searcher.post
-    lookup = models.feature_lookup.FeatureLookup.build(ens, tiny_predictor.n_features, 128)
-    with models.search.Searcher(ens, tiny_predictor.n_features, post, threads=threads,
-                                lookup=lookup) as searcher:
+    wanted, ptr, ids = some_labels(tiny_predictor, X.shape[0], 5, seed=0)
+    with fresh_searcher(tiny_predictor, threads) as searcher:
         got = searcher.label_scores(X.indptr, X.indices, X.data, ptr, ids)
     want = np.concatenate([ref[d, w] for d, w in enumerate(wanted)])
     np.testing.assert_allclose(got, want, atol=1e-6)
