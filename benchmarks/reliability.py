@@ -252,6 +252,19 @@ def build_bundle(out: Path, seed: int, n_trees: int) -> Path:
     return out
 
 
+def warm_kernels(bundles: list[Path]) -> None:
+    """Load and warm each bundle once here, so numba's on-disk cache holds every kernel the
+    versions use before a worker loads one. Without it, on a fresh checkout, the first
+    version with a kNN part compiled its kernels during the swap, under the load: tens of
+    seconds on a 2-core machine, which the scenarios would report as swapping time."""
+    from models.predictor import Predictor
+
+    for bundle in bundles:
+        predictor = Predictor.load(bundle)
+        predictor.warm_up()
+        predictor.close()
+
+
 def corrupt(bundle: Path) -> None:
     """Cut the largest array in half: a version that must be refused."""
     largest = max(bundle.glob("*.npy"), key=lambda p: p.stat().st_size)
@@ -600,8 +613,9 @@ def swaps(env: Env) -> Row:
     return summary("model swaps", load.outcomes, "-", checked, ok)
 
 
-async def _refused(svc: Service, deadline_s: float = 30) -> str:
-    """The model's last error once the corrupt version was refused ('' if it never was)."""
+async def _refused(svc: Service, deadline_s: float = 60) -> str:
+    """The model's last error once the corrupt version was refused ('' if it never was); the
+    wait includes loading the version published before it."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         status, body = await asyncio.to_thread(svc.get, "/v1/models")
@@ -692,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
 def make_env(workdir: Path, quick: bool) -> Env:
     n_trees = 1 if quick else 3
     bundles = [build_bundle(workdir / f"bundle-{seed}", seed, n_trees) for seed in (0, 1, 2)]
+    warm_kernels(bundles)
     root = workdir / "repo"
     (root / "cooking").mkdir(parents=True)
     publish(root / "cooking", "1", bundles[0])
