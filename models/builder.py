@@ -338,14 +338,14 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
                threads: int) -> Reranking:
     """The kNN index (``knn_indexes``: the dense block's usearch index, or the sparse
     block's postings at a threshold) and vote rule (k, power, the votes' weight and the
-    label centroids') that :func:`knn_preference` ranks first on a seeded half of the
-    seeded ``validation_share`` of ``train``, unless its gain over the trees alone on the
-    other half is within one standard error there (:func:`_confirmed`): one tree trained as
-    the bundle's trees are on the rest, each index over the rest, their fusion scored on
-    the held-out documents for every candidate (the tree and each index's neighbours are
-    computed once). ``dense``: the fused block's embeddings and weight, as for
-    :func:`held_out_controls`. Returns the choice (its rule None when the trees alone won)
-    with the table behind it for the manifest."""
+    label centroids') that :func:`knn_preference` ranks first on the seeded
+    ``validation_share`` of ``train``, unless its gain over the trees alone is within one
+    standard error when each half of it picks the rule for the other (:class:`Halves`):
+    one tree trained as the bundle's trees are on the rest, each index over the rest,
+    their fusion scored on the held-out documents for every candidate (the tree and each
+    index's neighbours are computed once). ``dense``: the fused block's embeddings and
+    weight, as for :func:`held_out_controls`. Returns the choice (its rule None when the
+    trees alone won) with the table behind it for the manifest."""
     fit_rows, valid_rows = validation_rows(train.n_docs, params.validation_share, params.seed)
     if not len(valid_rows) or not len(fit_rows):
         raise InvalidInputError(
@@ -367,13 +367,7 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
     post = POST_PROCESSORS[params.post_processor]
     lookup = FeatureLookup.build(ensemble, X_fit.shape[1], params.bitmap_mb)
     record: dict[str, Any] = {}
-    truth = HeldOutTruth(names, valid.labels)
-    pick = np.less(np.random.default_rng(params.seed).random(len(valid_rows)), 0.5)
-    picking = truth.only(pick)
-
-    def score(ranked: Found) -> dict[str, float]:
-        return picking.p1_p5(ranked[0], ranked[2])
-
+    halves = Halves(HeldOutTruth(names, valid.labels), params.seed)
     with Searcher(ensemble, X_fit.shape[1], post, threads=threads,
                   lookup=lookup) as searcher:
         rows = (X_valid.indptr, X_valid.indices, X_valid.data)
@@ -385,62 +379,112 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
                                        VoteRule(1, 1.0, 0.0))
             candidates += [{"index": UsearchIndex.kind, **c} for c in _knn_candidates(
                 searcher, rows, trees, usearch, _block_of(X_valid, dense_start, dim), params,
-                threads, score)]
+                threads, halves.score)]
         if PostingsIndex.kind in params.knn_indexes and dense_start > 0:
             found, record = _postings_candidates(searcher, rows, trees, (
-                X_fit[:, :dense_start], Y_fit), train.n_docs, params, threads, score)
+                X_fit[:, :dense_start], Y_fit), train.n_docs, params, threads, halves.score)
             candidates += [{"index": PostingsIndex.kind, **c} for c in found]
-        alone: dict[str, Any] = {"index": "", "k": 0, "power": 0.0, "weight": 0.0,
-                                 "centroid_weight": 0.0, **score(trees)}
-        alone_allowed = (0 in params.knn_weight_grid
-                         and 0 in params.knn_centroid_weight_grid) or not candidates
-        if alone_allowed:
-            candidates.append(alone)  # the trees alone
-        best = max(candidates, key=knn_preference)
-        rule = VoteRule(int(best["k"]), best["power"], best["weight"],
-                        best["centroid_weight"], params.knn_max_voted_labels)
-        gain = standard_error = 0.0
-        if rule.scores:
+        trees_alone = {"index": "", "k": 0, "power": 0.0, "weight": 0.0,
+                       "centroid_weight": 0.0, **halves.score(trees)}
+        alone = trees_alone if (0 in params.knn_weight_grid and 0 in
+                                params.knn_centroid_weight_grid) or not candidates else None
+        candidates += [trees_alone] if alone else []
+
+        def fused_of(candidate: dict[str, Any]) -> Found:
+            rule = _vote_rule(candidate, params)
             matcher = usearch.with_rule(rule) if (
-                usearch is not None and best["index"] == UsearchIndex.kind) else (
+                usearch is not None and candidate["index"] == UsearchIndex.kind) else (
                 KnnMatcher.build_postings(X_fit[:, :dense_start], Y_fit, rule,
-                                          best["threshold"]))
-            gain, standard_error, confirmed = _confirmed(truth, pick, matcher.fuse(
-                searcher, trees, rows, 5, dense_start=dense_start, threads=threads), trees)
-            if alone_allowed and not confirmed:
-                best, rule = alone, VoteRule(0, 0.0, 0.0)
+                                          candidate["threshold"]))
+            return matcher.fuse(searcher, trees, rows, 5, dense_start=dense_start,
+                                threads=threads)
+
+        best, gain, standard_error = halves.choose(candidates, alone, fused_of, trees)
+    rule = _vote_rule(best, params)
     log.info("knn: %s index, k %d, power %g, weight %g, centroid weight %g: validation P@1 "
-             "%.4f, P@5 %.4f on the picking half (trees alone %.4f, %.4f; gain on the other "
-             "half %.4f, standard error %.4f)", best["index"] or "no", best["k"],
-             best["power"], best["weight"], best["centroid_weight"], best["P@1"],
-             best["P@5"], alone["P@1"], alone["P@5"], gain, standard_error)
+             "%.4f, P@5 %.4f (cross-fitted gain over the trees alone %.4f, standard error "
+             "%.4f)", best["index"] or "no", best["k"], best["power"], best["weight"],
+             best["centroid_weight"], best["P@1"], best["P@5"], gain, standard_error)
     keys = ("index", "threshold", "k", "power", "weight", "centroid_weight")
     chosen = {key: best[key] for key in keys if key in best}
     return Reranking(rule if rule.scores else None, {
         "validation_share": params.validation_share, "n_validation_docs": len(valid_rows),
-        "n_trees": 1, **record, "n_picking_docs": int(pick.sum()), "candidates": candidates,
+        "n_trees": 1, **record, **halves.record(), "candidates": candidates,
         "gain": round(gain, 6), "standard_error": round(standard_error, 6),
         "chosen": chosen}, knn_threshold=best.get("threshold", 0.0),
         knn_index=best["index"] or UsearchIndex.kind)
 
 
-def _confirmed(truth: HeldOutTruth, pick: np.ndarray, after: Found, before: Found,
-               ) -> tuple[float, float, bool]:
-    """The mean gain in (P@1 + P@5) / 2 of the ranking ``after`` over ``before`` on the
-    held-out documents outside ``pick``, its standard error, and whether the gain exceeds
-    it: the best of many rules overstates its own gain on the documents that picked it,
-    and a gain within one standard error is as likely the split's noise (too few documents
-    to measure it: not confirmed)."""
-    gain = (truth.per_doc(after[0], after[2]) - truth.per_doc(before[0], before[2]))[~pick]
-    standard_error = standard_error_of_mean(gain)
-    mean_gain = float(gain.mean()) if gain.size else 0.0
-    return mean_gain, standard_error, gain.size > 1 and mean_gain > standard_error
+def _vote_rule(candidate: dict[str, Any], params: BuildParams) -> VoteRule:
+    """The vote rule of a kNN candidate (k 0 and weights 0 for the trees alone)."""
+    return VoteRule(int(candidate["k"]), candidate["power"], candidate["weight"],
+                    candidate.get("centroid_weight", 0.0), params.knn_max_voted_labels)
+
+
+class Halves:
+    """The held-out documents split in two seeded halves, to keep a re-ranking rule only
+    where it earns it. Each candidate rule is scored (after ``then``, the re-ranking that
+    follows it) on the whole split and on each half; the rule :func:`knn_preference` ranks
+    first on the whole split is kept when the rule each half ranks first gains over the
+    trees alone on the other half, the two halves' gains together, by more than their
+    standard error. The best of many rules overstates its own gain on the documents that
+    picked it, and a gain within one standard error is as likely the split's noise; each
+    half picking for the other keeps every document in both the pick and the check."""
+
+    def __init__(self, truth: HeldOutTruth, seed: int,
+                 then: Callable[[Found], Found] = lambda ranked: ranked) -> None:
+        self.truth = truth
+        self.first = np.less(np.random.default_rng(seed).random(truth.labelled.shape[0]), 0.5)
+        self.then = then
+        self._parts = (truth.only(self.first), truth.only(~self.first))
+
+    def score(self, ranked: Found) -> dict[str, Any]:
+        """P@1 and P@5 of ``ranked`` (then re-ranked) on the whole split, and ``halves``:
+        [P@1, P@5] on each half."""
+        ids, _, counts = self.then(ranked)
+        return {**self.truth.p1_p5(ids, counts), "halves": [
+            list(part.p1_p5(ids, counts).values()) for part in self._parts]}
+
+    def choose(self, candidates: list[dict[str, Any]], alone: dict[str, Any] | None,
+               fused_of: Callable[[dict[str, Any]], Found], trees: Found,
+               ) -> tuple[dict[str, Any], float, float]:
+        """The candidate ranked first on the whole split, or ``alone`` (the trees alone, a
+        candidate too; None: not allowed) when the cross-fitted gain is within its standard
+        error; with that gain and its standard error. ``fused_of``: a candidate's ranking
+        of the held-out documents (before ``then``), ``trees`` the trees' own."""
+        best = max(candidates, key=knn_preference)
+        if best is alone:
+            return best, 0.0, 0.0
+        before = self.truth.per_doc(*self.then(trees)[::2])
+        gain = np.zeros(before.shape[0])
+        for h, picked_by in enumerate((self.first, ~self.first)):
+            pick = max(candidates, key=partial(_preference_on_half, h))
+            if pick is not alone:
+                after = self.truth.per_doc(*self.then(fused_of(pick))[::2])
+                gain[~picked_by] = (after - before)[~picked_by]
+        gain = gain[self.truth.labelled]
+        mean_gain = float(gain.mean()) if gain.size else 0.0
+        standard_error = standard_error_of_mean(gain)
+        if alone is not None and not (gain.size > 1 and mean_gain > standard_error):
+            best = alone
+        return best, mean_gain, standard_error
+
+    def record(self) -> dict[str, int]:
+        """The halves' sizes for the manifest."""
+        return {"n_first_half_docs": int(self.first.sum()),
+                "n_second_half_docs": int((~self.first).sum())}
+
+
+def _preference_on_half(half: int, candidate: dict[str, Any]) -> tuple[float, ...]:
+    """:func:`knn_preference` of a candidate scored by :meth:`Halves.score`, on one half."""
+    p1, p5 = candidate["halves"][half]
+    return knn_preference({**candidate, "P@1": p1, "P@5": p5})
 
 
 def _knn_candidates(searcher: Searcher, rows: Rows, trees: Found, matcher: KnnMatcher,
                     queries: Any, params: BuildParams, threads: int,
-                    score: Callable[[Found], dict[str, float]],
-                    ) -> list[dict[str, float]]:
+                    score: Callable[[Found], dict[str, Any]],
+                    ) -> list[dict[str, Any]]:
     """Every rule of the grids but the trees alone, with ``score`` of the top 5 it gives
     the validation ``rows`` (as the matcher's index searches them:
     ``queries``), over the trees' ranking ``trees``: the neighbours are searched once, the
@@ -559,52 +603,45 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
                         ) -> tuple[Found, tuple[VoteRule | None, float, dict[str, Any]]]:
     """The index threshold (``feature_knn_threshold_grid``) and vote rule (``knn_k_grid``
     x ``knn_power_grid`` x ``knn_weight_grid``) of a kNN part over the feature rows that
-    :func:`knn_preference` ranks first on a seeded half of the held-out ``rows`` over the
-    trees' ``found``, each ranking scored after ``then`` (the re-ranking that follows the
-    part), unless its gain over the trees alone on the other half is within one standard
-    error there: the best of a hundred rules overstates its own gain on the documents that
-    picked it. The indexes hold the ``fit`` documents (features, labels); a threshold whose
-    index a held-out query reads more than ``feature_knn_max_postings`` postings of, once
-    it holds all ``n_docs`` training documents, is not a candidate. Returns the ranking the
-    next part re-ranks (``found`` fused with the chosen votes, as wide), and the rule
-    (None: the trees alone), its threshold and the table behind the choice."""
+    :func:`knn_preference` ranks first on the held-out ``rows`` over the trees' ``found``,
+    each ranking scored after ``then`` (the re-ranking that follows the part), unless its
+    gain over the trees alone is within one standard error when each half of the held-out
+    documents picks the rule for the other (:class:`Halves`). The indexes hold the ``fit``
+    documents (features, labels); a threshold whose index a held-out query reads more than
+    ``feature_knn_max_postings`` postings of, once it holds all ``n_docs`` training
+    documents, is not a candidate. Returns the ranking the next part re-ranks (``found``
+    fused with the chosen votes, as wide), and the rule (None: the trees alone), its
+    threshold and the table behind the choice."""
     X_fit, Y_fit = fit
-    pick = np.less(np.random.default_rng(params.seed).random(found[0].shape[0]), 0.5)
-    picking = truth.only(pick)
-
-    def score(ranked: Found) -> dict[str, float]:
-        ranked = then(ranked)
-        return picking.p1_p5(ranked[0], ranked[2])
-
-    alone = {"threshold": 0.0, "k": 0, "power": 0.0, "weight": 0.0, "centroid_weight": 0.0,
-             **score(found)}
+    halves = Halves(truth, params.seed, then)
+    trees_alone = {"threshold": 0.0, "k": 0, "power": 0.0, "weight": 0.0,
+                   "centroid_weight": 0.0, **halves.score(found)}
     candidates, record = _postings_candidates(searcher, rows, found, fit, n_docs, params,
-                                              threads, score)
+                                              threads, halves.score)
     record = {"index": PostingsIndex.kind, **record}
     if not candidates:
         log.info("knn over the features: a query would read more than %d postings at every "
                  "threshold (%s), so none", params.feature_knn_max_postings,
                  record["thresholds"])
         return found, (None, 0.0, {**record, "chosen": None})
-    if 0 in params.knn_weight_grid:
-        candidates.append(alone)
-    best = max(candidates, key=knn_preference)
-    rule = VoteRule(int(best["k"]), best["power"], best["weight"],
-                    max_voted=params.knn_max_voted_labels) if best["weight"] else None
-    fused = found if rule is None else KnnMatcher.build_postings(
-        X_fit, Y_fit, rule, best["threshold"]).fuse(
-            searcher, found, rows, found[0].shape[1], dense_start=0, threads=threads)
-    mean_gain, standard_error, confirmed = _confirmed(truth, pick, then(fused), then(found))
-    if rule is not None and 0 in params.knn_weight_grid and not confirmed:
-        rule, fused, best = None, found, alone
+    alone = trees_alone if 0 in params.knn_weight_grid else None
+    candidates += [trees_alone] if alone else []
+
+    def fused_of(candidate: dict[str, Any]) -> Found:
+        return KnnMatcher.build_postings(
+            X_fit, Y_fit, _vote_rule(candidate, params), candidate["threshold"]).fuse(
+                searcher, found, rows, found[0].shape[1], dense_start=0, threads=threads)
+
+    best, mean_gain, standard_error = halves.choose(candidates, alone, fused_of, found)
+    rule = _vote_rule(best, params) if best["weight"] else None
+    fused = found if rule is None else fused_of(best)
     log.info("knn over the features: threshold %g, k %d, power %g, weight %g: validation "
-             "P@1 %.4f, P@5 %.4f on the picking half (trees alone %.4f, %.4f; gain on the "
-             "other half %.4f, standard error %.4f)", best["threshold"], best["k"],
-             best["power"], best["weight"], best["P@1"], best["P@5"], alone["P@1"],
-             alone["P@5"], mean_gain, standard_error)
+             "P@1 %.4f, P@5 %.4f (cross-fitted gain over the trees alone %.4f, standard "
+             "error %.4f)", best["threshold"], best["k"], best["power"], best["weight"],
+             best["P@1"], best["P@5"], mean_gain, standard_error)
     chosen = {key: best[key] for key in ("threshold", "k", "power", "weight")}
     return fused, (rule, best["threshold"], {
-        **record, "n_picking_docs": int(pick.sum()), "candidates": candidates,
+        **record, **halves.record(), "candidates": candidates,
         "gain": round(mean_gain, 6), "standard_error": round(standard_error, 6),
         "chosen": chosen})
 
@@ -612,8 +649,8 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
 def _postings_candidates(searcher: Searcher, rows: Rows, found: Found,
                          fit: tuple[sp.csr_matrix, sp.csr_matrix], n_docs: int,
                          params: BuildParams, threads: int,
-                         score: Callable[[Found], dict[str, float]],
-                         ) -> tuple[list[dict[str, float]], dict[str, Any]]:
+                         score: Callable[[Found], dict[str, Any]],
+                         ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rules of :func:`_knn_candidates` (no centroids) over a postings index of the
     ``fit`` documents (sparse features, labels) at each threshold of
     ``feature_knn_threshold_grid``, each tagged with its threshold, scored by ``score``;
@@ -623,7 +660,7 @@ def _postings_candidates(searcher: Searcher, rows: Rows, found: Found,
     X_fit, Y_fit = fit
     record: dict[str, Any] = {"max_postings": params.feature_knn_max_postings,
                               "thresholds": []}
-    candidates: list[dict[str, float]] = []
+    candidates: list[dict[str, Any]] = []
     knn_params = dataclasses.replace(params, knn_centroid_weight_grid=[0.0])
     for threshold in sorted(set(params.feature_knn_threshold_grid)):
         index = PostingsIndex.build(X_fit, threshold)

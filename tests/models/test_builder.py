@@ -163,27 +163,46 @@ def test_cli_reports_missing_bundle(capsys, tmp_path):
     assert "no such bundle" in capsys.readouterr().err
 
 
-def test_a_gain_counts_only_where_the_documents_that_did_not_pick_it_show_it():
-    """A re-ranking that puts the right label first on the picking half only is not
-    confirmed; one that does so on every document is, with its gain measured on the other
-    half: (P@1 + P@5) / 2 of one right label in the top 5, first or fifth, differs by 0.5."""
-    from models.builder import HeldOutTruth, _confirmed
+def test_a_rule_is_kept_only_where_each_half_picks_one_that_gains_on_the_other():
+    """Candidates that put the right label first on some documents, and 5th elsewhere
+    ((P@1 + P@5) / 2 differs by 0.5): one that does so everywhere is kept with its gain;
+    one that does so on one half only is picked by that half, gains nothing on the other,
+    and the trees alone stay; one that does so on a fifth of every half is kept, its gain
+    measured with a standard error."""
+    from models.builder import Halves, HeldOutTruth
 
-    n = 200
+    n = 400
     truth = HeldOutTruth(["a", "b", "c", "d", "e"], [["a"]] * n)
-    pick = np.arange(n) % 2 == 0
-    before = (np.tile([1, 2, 3, 4, 0], (n, 1)), np.zeros((n, 5)), np.full(n, 5))
-    first = np.tile([0, 1, 2, 3, 4], (n, 1))
-    everywhere = (first, before[1], before[2])
-    gain, standard_error, confirmed = _confirmed(truth, pick, everywhere, before)
-    assert confirmed and gain == pytest.approx(0.5) and standard_error == 0.0
-    picking_only = (np.where(pick[:, None], first, before[0]), before[1], before[2])
-    gain, _, confirmed = _confirmed(truth, pick, picking_only, before)
-    assert not confirmed and gain == 0.0
-    some = picking_only[0].copy()
-    some[~pick & (np.arange(n) % 10 == 1)] = first[0]  # a fifth of the other half
-    gain, standard_error, confirmed = _confirmed(truth, pick, (some, *before[1:]), before)
-    assert confirmed and gain == pytest.approx(0.1) and 0 < standard_error < gain
+    halves = Halves(truth, seed=3)
+    first = halves.first
+    assert 0 < first.sum() < n
+    trees = (np.tile([1, 2, 3, 4, 0], (n, 1)), np.zeros((n, 5)), np.full(n, 5))
+    right_first = np.tile([0, 1, 2, 3, 4], (n, 1))
+
+    def ranking(where: np.ndarray):
+        return (np.where(where[:, None], right_first, trees[0]), trees[1], trees[2])
+
+    rankings = {0: trees, 1: ranking(np.ones(n, bool)), 2: ranking(first),
+                3: ranking(np.arange(n) % 5 == 0)}
+    cands = {k: {"k": k, "power": 1.0, "weight": 0.5, **halves.score(r)}
+             for k, r in rankings.items()}
+    alone = {**cands[0], "k": 0, "weight": 0.0}
+
+    def choose(*ks):
+        return halves.choose([alone, *(cands[k] for k in ks)], alone,
+                             lambda c: rankings[c["k"]], trees)
+
+    best, gain, standard_error = choose(1)
+    assert best is cands[1] and gain == pytest.approx(0.5) and standard_error == 0.0
+    best, gain, _ = choose(2)
+    assert best is alone and gain == 0.0
+    best, gain, standard_error = choose(3)
+    assert best is cands[3] and gain == pytest.approx(0.1) and 0 < standard_error < gain
+    # the whole split ranks 2 first (it gains on half the documents, 3 on a fifth); the
+    # second half picks 3, which gains on the first half: confirmed, and 2 is kept
+    assert first.mean() > 0.2 and choose(2, 3)[0] is cands[2]
+    # without the trees alone among the candidates, the first is kept whatever its gain
+    assert halves.choose([cands[2]], None, lambda c: rankings[c["k"]], trees)[0] is cands[2]
 
 
 @pytest.mark.parametrize("width", [3, 5, 8])

@@ -287,15 +287,17 @@ def test_a_query_too_costly_builds_no_knn_part(tmp_path, tiny_corpus):
     assert "knn" not in m and m["format_version"] == 3 and not list(out.glob("knn.*"))
 
 
-def test_the_rule_is_picked_on_one_half_and_kept_on_the_others_gain(tmp_path, tiny_corpus):
+def test_the_rule_is_picked_on_the_split_and_kept_on_its_cross_fitted_gain(tmp_path,
+                                                                           tiny_corpus):
     train, _ = tiny_corpus
     out = build(train, tmp_path / "b", knn_params(knn_weight_grid=[0.0, 0.5]))
     m = json.loads((out / "manifest.json").read_text())
     sel = m["build"]["knn_selection"]
-    n_valid = sel["n_validation_docs"]
-    assert 0 < sel["n_picking_docs"] < n_valid
+    assert 0 < sel["n_first_half_docs"] < sel["n_validation_docs"]
+    assert sel["n_first_half_docs"] + sel["n_second_half_docs"] == sel["n_validation_docs"]
     alone = next(c for c in sel["candidates"] if c["weight"] == 0)
     voted = next(c for c in sel["candidates"] if c["weight"] == 0.5)
+    assert len(alone["halves"]) == len(voted["halves"]) == 2
     picked = (voted["P@1"] + voted["P@5"], voted["P@1"]) > (
         alone["P@1"] + alone["P@5"], alone["P@1"])
     kept = picked and sel["gain"] > sel["standard_error"]
@@ -326,12 +328,12 @@ def test_a_negative_cost_bound_and_a_threshold_outside_0_1_are_refused():
 
 def test_a_split_too_small_to_confirm_the_gain_keeps_the_trees_alone(tmp_path, tiny_corpus):
     train, _ = tiny_corpus
-    # 3 held-out documents: at most one on the confirming half, no standard error to beat
-    share = 3.5 / train.n_docs
+    # one held-out document: no standard error to beat
+    share = 1.2 / train.n_docs
     out = build(train, tmp_path / "b", knn_params(knn_weight_grid=[0.0, 0.5],
                                                   validation_share=share))
     m = json.loads((out / "manifest.json").read_text())
     sel = m["build"]["knn_selection"]
-    assert sel["n_validation_docs"] - sel["n_picking_docs"] <= 1
+    assert sel["n_validation_docs"] == 1
     assert sel["chosen"]["weight"] == 0.0 and "knn" not in m
     assert np.isfinite(sel["gain"])

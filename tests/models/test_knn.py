@@ -278,8 +278,9 @@ def test_manifest_records_the_knn_part(knn_bundle):
     assert sel["chosen"] == {"index": "usearch", "k": 5, "power": 1.0, "weight": 0.4,
                              "centroid_weight": 0.3}
     assert [(c["weight"], c["centroid_weight"]) for c in sel["candidates"]] == [(0.4, 0.3)]
-    # scored on a seeded half, its gain measured on the other (kept: no trees-alone rule)
-    assert 0 < sel["n_picking_docs"] < sel["n_validation_docs"]
+    # each half picks for the other to measure the gain (kept: no trees-alone rule)
+    assert 0 < sel["n_first_half_docs"] < sel["n_validation_docs"]
+    assert sel["n_first_half_docs"] + sel["n_second_half_docs"] == sel["n_validation_docs"]
     assert {"gain", "standard_error"} <= set(sel)
     assert "threshold" in m
 
