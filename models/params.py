@@ -175,9 +175,9 @@ class BuildParams:
     :class:`models.knn.PostingsIndex`) is a candidate of the build's choice, with the
     ``knn_k_grid``, ``knn_power_grid`` and ``knn_weight_grid`` rules, when a query reads on
     average at most this many postings (each feature's documents: a request's added work,
-    which grows with the training documents); its rule is picked on one half of the
-    validation split and kept only when its gain on the other half exceeds one standard
-    error there (:func:`models.builder.choose_reranking`). 0: never."""
+    which grows with the training documents); its rule is picked on the validation split
+    and kept only when, each half of the split picking a rule for the other, the gain over
+    the trees alone exceeds one standard error (:class:`models.builder.Halves`). 0: never."""
     feature_knn_threshold_grid: list[float] = field(
         default_factory=lambda: [0.0, 0.05, 0.1])
     """Candidate thresholds of that kNN part's index, chosen with its rule: each document
