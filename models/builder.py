@@ -390,6 +390,7 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
                                 params.knn_centroid_weight_grid) or not candidates else None
         candidates += [trees_alone] if alone else []
 
+        @_once_per_candidate
         def fused_of(candidate: dict[str, Any]) -> Found:
             rule = _vote_rule(candidate, params)
             matcher = usearch.with_rule(rule) if (
@@ -473,6 +474,21 @@ class Halves:
         """The halves' sizes for the manifest."""
         return {"n_first_half_docs": int(self.first.sum()),
                 "n_second_half_docs": int((~self.first).sum())}
+
+
+def _once_per_candidate(fused_of: Callable[[dict[str, Any]], Found],
+                        ) -> Callable[[dict[str, Any]], Found]:
+    """``fused_of`` computed once per candidate (the same dict): both halves often pick the
+    same rule, and the kNN part over the feature rows fuses the chosen one again for the
+    part that follows; each call builds an index or searches the neighbours anew."""
+    rankings: dict[int, Found] = {}
+
+    def once(candidate: dict[str, Any]) -> Found:
+        if id(candidate) not in rankings:
+            rankings[id(candidate)] = fused_of(candidate)
+        return rankings[id(candidate)]
+
+    return once
 
 
 def _preference_on_half(half: int, candidate: dict[str, Any]) -> tuple[float, ...]:
@@ -627,6 +643,7 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
     alone = trees_alone if 0 in params.knn_weight_grid else None
     candidates += [trees_alone] if alone else []
 
+    @_once_per_candidate
     def fused_of(candidate: dict[str, Any]) -> Found:
         return KnnMatcher.build_postings(
             X_fit, Y_fit, _vote_rule(candidate, params), candidate["threshold"]).fuse(
