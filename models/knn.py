@@ -66,7 +66,7 @@ from models.dense import unit_rows
 from models.errors import BundleError, InvalidInputError
 from models.explain import CENTROID_TERM, KNN_TERM
 from models.profiles import NO_PROFILES, ProfilePart
-from models.search import Found, Rows, Searcher
+from models.search import Found, FusionBound, Rows, Searcher
 
 #: array name -> the dtypes it may be stored in (as models.tree.ENSEMBLE_ARRAYS): the label
 #: lists of the indexed training documents, CSR
@@ -744,8 +744,13 @@ class KnnMatcher:
         n_keep = self.rule.max_voted + top_k if self.rule.max_voted else 0
         voted_ptr, voted_ids = most_voted(
             *votes, _ALL_LABELS if labels_ok is None else labels_ok, n_keep)
+        # the pool ranks by ((1 - w) tree + w vote + c centroid) / (1 + c), a centroid
+        # score at most 1 (a float32 unit row's cosine, give or take its rounding): a voted
+        # label that cannot reach the top_k is not scored exactly
+        bound = FusionBound(1.0 - self.rule.weight, self.rule.weight,
+                            self.rule.centroid_weight * (1.0 + 1e-6), votes)
         found, voted_scores = searcher.search_scoring(*rows, top_k, beam_size, node_mask,
-                                                      voted_ptr, voted_ids)
+                                                      voted_ptr, voted_ids, bound)
         return self._ranked(found, votes, partial(
             scores_among, (voted_ptr, voted_ids, voted_scores),
             partial(searcher.label_scores, *rows)), queries, labels_ok, top_k)

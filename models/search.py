@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
@@ -282,6 +283,109 @@ def _insert_top(keep_id: np.ndarray, keep_score: np.ndarray, n_keep: int, cap: i
     return n_keep + 1 if n_keep < cap else cap
 
 
+#: the chunks one document scored off the beam: (parent node per entry, where its
+#: children's log scores start in the third array, those scores, [entries, scores used])
+OffBeamMemo = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+@numba.njit(nogil=True, cache=True)
+def _memo_find(memo: OffBeamMemo, p: int) -> int:
+    """Where the children's log scores of parent ``p`` start in the memo, -1 if not there."""
+    nodes, offs, _, used = memo
+    for i in range(used[0]):
+        if nodes[i] == p:
+            return offs[i]
+    return -1
+
+
+@numba.njit(nogil=True, cache=True)
+def _memo_keep(memo: OffBeamMemo, p: int, z: np.ndarray, nc: int, bias: np.ndarray, c0: int,
+               post: int) -> int:
+    """Keep the log scores of the ``nc`` children of ``p`` (margins ``z``) in the memo;
+    where they start, or -1 when it is full."""
+    nodes, offs, scores, used = memo
+    n, start = used[0], used[1]
+    if n == nodes.shape[0] or start + nc > scores.shape[0]:
+        return -1
+    for j in range(nc):
+        scores[start + j] = _log_post(z[j] + bias[c0 + j], post)
+    nodes[n], offs[n] = p, start
+    used[0], used[1] = n + 1, start + nc
+    return start
+
+
+#: the most log scores one document's memo holds (a bound for very wide trees)
+_MEMO_SCORES = 1 << 16
+
+
+@numba.njit(nogil=True, cache=True)
+def _off_beam_memo(extra_ptr: np.ndarray, b0: int, nb: int, n_trees: int, max_depth: int,
+                   top_k: int, max_children: int) -> OffBeamMemo:
+    """An empty memo for documents b0..b0 + nb - 1: room for every parent on the paths of
+    their trees' top labels and of their most extra labels, in every tree."""
+    most_extra = 0
+    for row in range(b0, b0 + nb if extra_ptr.shape[0] else b0):
+        most_extra = max(most_extra, extra_ptr[row + 1] - extra_ptr[row])
+    n_paths = n_trees * (n_trees * top_k + most_extra)
+    n_parents = n_paths * max_depth
+    return (np.empty(n_parents, dtype=np.int64), np.empty(n_parents, dtype=np.int64),
+            np.empty(min(n_parents * max(max_children, 1), _MEMO_SCORES)),
+            np.zeros(2, dtype=np.int64))
+
+
+@numba.njit(nogil=True, cache=True)
+def _path_log_bound(t: int, node: int, tree_depth: np.ndarray, child_ptr: np.ndarray,
+                    parent: np.ndarray, exp_parent: np.ndarray, exp_path: np.ndarray,
+                    exp_off: np.ndarray, n_exp: np.ndarray, node_score: np.ndarray,
+                    ) -> tuple[float, bool]:
+    """(the log path score of leaf ``node`` of tree t, True) when the beam scored it (it
+    expanded its parent); else (that of the leaf's deepest ancestor the beam scored,
+    False): an upper bound, as every node score is at most 1."""
+    layer = tree_depth[t] - 1
+    leaf = True
+    while layer >= 0:
+        p = parent[node]
+        for b in range(n_exp[t, layer]):
+            if exp_parent[t, layer, b] == p:  # summed as _path_log_score sums it
+                return 0.0 + exp_path[t, layer, b] + node_score[
+                    exp_off[t, layer, b] + node - child_ptr[p]], leaf
+        node = p
+        layer -= 1
+        leaf = False
+    return 0.0, False  # not reached: the beam expands every root
+
+
+@numba.njit(nogil=True, cache=True)
+def _vote_of(v_ptr: np.ndarray, v_ids: np.ndarray, v_data: np.ndarray, row: int,
+             label: int) -> float:
+    """The vote of ``label`` in ``row`` of the votes (CSR, ids ascending); 0 if none."""
+    a, b = v_ptr[row], v_ptr[row + 1]
+    i = a + np.searchsorted(v_ids[a:b], label)
+    return v_data[i] if i < b and v_ids[i] == label else 0.0
+
+
+#: what the fused scores may differ by from the kernel's sums (float rounding), by far
+_FUSION_SLACK = 1e-9
+
+
+@numba.njit(nogil=True, cache=True)
+def _fusion_floor(fusion: np.ndarray, v_ptr: np.ndarray, v_ids: np.ndarray, v_data: np.ndarray,
+                  row: int, labels: np.ndarray, scores: np.ndarray, n: int, top_k: int,
+                  ) -> float:
+    """The least fused score (its parts that are known here) of the trees' top_k labels of
+    ``row``, less a slack: any label whose fused score lies below it is not among the
+    top_k of a pool that holds those. -inf when the trees returned fewer or ``fusion`` is
+    empty."""
+    if fusion.shape[0] == 0 or n < top_k:
+        return -np.inf
+    least = np.inf
+    for j in range(n):
+        fused = fusion[0] * scores[j] + fusion[1] * _vote_of(v_ptr, v_ids, v_data, row,
+                                                             labels[j])
+        least = min(least, fused)
+    return least - _FUSION_SLACK
+
+
 @numba.njit(nogil=True, cache=True)
 def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_start: int,
                  row_stop: int, xdense: np.ndarray, tree_root: np.ndarray, tree_depth: np.ndarray,
@@ -294,11 +398,14 @@ def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_
                  dir_rows: np.ndarray, node_ok: np.ndarray, beam_size: int,
                  top_k: int, post: int, max_children: int, block: int, out_label: np.ndarray,
                  out_score: np.ndarray, out_n: np.ndarray, extra_ptr: np.ndarray,
-                 extra_label: np.ndarray, extra_score: np.ndarray) -> None:
+                 extra_label: np.ndarray, extra_score: np.ndarray, fusion: np.ndarray,
+                 v_ptr: np.ndarray, v_ids: np.ndarray, v_data: np.ndarray) -> None:
     """Predict rows row_start..row_stop of a CSR matrix (sorted indices) into out_* rows.
     With ``extra_ptr`` non-empty (CSR pointers over all rows), also the exact ensemble score
     of each label ``extra_label[c]`` of row d, c in ``extra_ptr[d]..extra_ptr[d + 1]``, into
-    ``extra_score[c]``, reusing the node scores the beam computed (as the merge does).
+    ``extra_score[c]``, reusing the node scores the beam computed (as the merge does). With
+    ``fusion`` non-empty, 0 instead for a label that cannot enter the row's top_k under the
+    fusion it describes (:class:`FusionBound`, its votes ``v_*`` CSR over all rows).
 
     ``node_ok`` is a label filter compiled to nodes (see :mod:`models.filters`): empty for
     none, else a child with ``node_ok`` False never enters the beam (its score is still kept
@@ -402,30 +509,63 @@ def predict_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row_
                         top_n[d, t] = n_next[d]
                     else:
                         n_beam[d] = n_next[d]
+        memo = _off_beam_memo(extra_ptr, b0, nb, n_trees, max_depth, top_k, max_children)
+        tree_score = np.empty(n_trees)
+        tree_exact = np.empty(n_trees, dtype=np.bool_)
         for d in range(nb):
             row = b0 + d
             xi = indices[indptr[row]:indptr[row + 1]]
             xv = data[indptr[row]:indptr[row + 1]]
             for i in range(xi.shape[0]):
                 xdense[xi[i]] = xv[i]
+            memo[3][:] = 0
             out_n[row] = _merge_trees(xi, xv, xdense, tree_depth, child_ptr, parent, chunk_ptr,
                                       chunk_feat, row_len, row_mark, entry_child,
                                       entry_val, weight_scale, bias,
                                       node_label, label_node, bitmap_off, bitmap, dir_off, dir_rows,
                                       dense_start, dense_ptr, dense_val, post, top_k,
                                       top_id[d], top_n[d], exp_parent[d], exp_path[d],
-                                      exp_off[d], n_exp[d], node_score[d], z, hit,
+                                      exp_off[d], n_exp[d], node_score[d], z, hit, memo,
                                       out_label[row], out_score[row])
+            floor = _fusion_floor(fusion, v_ptr, v_ids, v_data, row, out_label[row],
+                                  out_score[row], out_n[row], top_k)
             for c in range(extra_ptr[row] if extra_ptr.shape[0] else 0,
                            extra_ptr[row + 1] if extra_ptr.shape[0] else 0):
+                lab = extra_label[c]
+                # each tree's path score, exact where the beam scored the leaf, else the
+                # score of its deepest ancestor the beam scored: the exact ones are then
+                # computed while the bound still lets the label enter the top_k
+                rest = 0.0
+                if floor > -np.inf:
+                    rest = fusion[1] * _vote_of(v_ptr, v_ids, v_data, row, lab) + fusion[2]
+                bound = 0.0
+                for t in range(n_trees):
+                    log_score, tree_exact[t] = _path_log_bound(
+                        t, label_node[t, lab], tree_depth, child_ptr, parent, exp_parent[d],
+                        exp_path[d], exp_off[d], n_exp[d], node_score[d])
+                    tree_score[t] = np.exp(log_score)
+                    bound += tree_score[t]
+                skipped = False
+                for t in range(n_trees):
+                    if tree_exact[t]:
+                        continue
+                    if floor > -np.inf and fusion[0] * bound / n_trees + rest < floor:
+                        skipped = True
+                        break
+                    exact = np.exp(_path_log_score(
+                        t, label_node[t, lab], xi, xv, xdense, tree_depth, child_ptr, parent,
+                        chunk_ptr, chunk_feat, row_len, row_mark, entry_child, entry_val,
+                        weight_scale, bias, bitmap_off, bitmap, dir_off, dir_rows,
+                        dense_start, dense_ptr, dense_val, post, exp_parent[d], exp_path[d],
+                        exp_off[d], n_exp[d], node_score[d], z, hit, memo))
+                    bound += exact - tree_score[t]
+                    tree_score[t], tree_exact[t] = exact, True
+                if skipped:  # 0, below its exact score: it stays out of the top_k
+                    extra_score[c] = 0.0
+                    continue
                 total = 0.0
                 for t in range(n_trees):
-                    total += np.exp(_path_log_score(
-                        t, label_node[t, extra_label[c]], xi, xv, xdense, tree_depth,
-                        child_ptr, parent, chunk_ptr, chunk_feat, row_len, row_mark,
-                        entry_child, entry_val, weight_scale, bias, bitmap_off, bitmap, dir_off,
-                        dir_rows, dense_start, dense_ptr, dense_val, post, exp_parent[d],
-                        exp_path[d], exp_off[d], n_exp[d], node_score[d], z, hit))
+                    total += tree_score[t]
                 extra_score[c] = total / n_trees
             for i in range(xi.shape[0]):
                 xdense[xi[i]] = 0.0
@@ -442,8 +582,8 @@ def _merge_trees(xi: np.ndarray, xv: np.ndarray, xdense: np.ndarray, tree_depth:
                  dense_ptr: np.ndarray, dense_val: np.ndarray, post: int, top_k: int,
                  top_id: np.ndarray, top_n: np.ndarray, exp_parent: np.ndarray,
                  exp_path: np.ndarray, exp_off: np.ndarray, n_exp: np.ndarray,
-                 node_score: np.ndarray, z: np.ndarray, hit: np.ndarray, out_label: np.ndarray,
-                 out_score: np.ndarray) -> int:
+                 node_score: np.ndarray, z: np.ndarray, hit: np.ndarray, memo: OffBeamMemo,
+                 out_label: np.ndarray, out_score: np.ndarray) -> int:
     """Union of the trees' top labels, each scored exactly in every tree (mean of path
     scores); writes the best top_k into out_*, returns how many."""
     n_trees = top_id.shape[0]
@@ -470,7 +610,7 @@ def _merge_trees(xi: np.ndarray, xv: np.ndarray, xdense: np.ndarray, tree_depth:
                 chunk_ptr, chunk_feat, row_len, row_mark, entry_child, entry_val,
                 weight_scale, bias, bitmap_off, bitmap, dir_off, dir_rows, dense_start,
                 dense_ptr, dense_val,
-                post, exp_parent, exp_path, exp_off, n_exp, node_score, z, hit))
+                post, exp_parent, exp_path, exp_off, n_exp, node_score, z, hit, memo))
         n_out = _insert_top(out_label, out_score, n_out, top_k, lab, total / n_trees)
     return n_out
 
@@ -485,8 +625,9 @@ def _path_log_score(t: int, node: int, xi: np.ndarray, xv: np.ndarray, xdense: n
                     dense_start: int, dense_ptr: np.ndarray,
                     dense_val: np.ndarray, post: int, exp_parent: np.ndarray, exp_path: np.ndarray,
                     exp_off: np.ndarray, n_exp: np.ndarray, node_score: np.ndarray,
-                    z: np.ndarray, hit: np.ndarray) -> float:
-    """Exact log path score of a leaf in tree t, reusing what the beam computed."""
+                    z: np.ndarray, hit: np.ndarray, memo: OffBeamMemo) -> float:
+    """Exact log path score of a leaf in tree t, reusing what the beam computed and the
+    chunks this document scored off the beam before (``memo``)."""
     acc = 0.0
     layer = tree_depth[t] - 1
     while layer >= 0:
@@ -495,13 +636,19 @@ def _path_log_score(t: int, node: int, xi: np.ndarray, xv: np.ndarray, xdense: n
             if exp_parent[t, layer, b] == p:
                 return acc + exp_path[t, layer, b] + node_score[
                     exp_off[t, layer, b] + node - child_ptr[p]]
-        # the beam never expanded p: score this node directly and go up
-        _score_chunk(p, child_ptr[p], xi, xv, xdense, chunk_ptr, chunk_feat, row_len,
-                     row_mark, entry_child, entry_val, weight_scale, bitmap_off, bitmap,
-                     dir_off, dir_rows,
-                     dense_start, dense_ptr, dense_val, z, child_ptr[p + 1] - child_ptr[p],
-                     hit)
-        acc += _log_post(z[node - child_ptr[p]] + bias[node], post)
+        # the beam never expanded p: its children's scores from the memo, or scored now
+        c0 = child_ptr[p]
+        at = _memo_find(memo, p)
+        if at < 0:
+            nc = child_ptr[p + 1] - c0
+            _score_chunk(p, c0, xi, xv, xdense, chunk_ptr, chunk_feat, row_len, row_mark,
+                         entry_child, entry_val, weight_scale, bitmap_off, bitmap, dir_off,
+                         dir_rows, dense_start, dense_ptr, dense_val, z, nc, hit)
+            at = _memo_keep(memo, p, z, nc, bias, c0, post)
+        if at < 0:  # the memo is full
+            acc += _log_post(z[node - c0] + bias[node], post)
+        else:
+            acc += memo[2][at + node - c0]
         node = p
         layer -= 1
     return acc
@@ -569,8 +716,29 @@ _BLOCK_BYTES = 32 << 20
 #: read-only like the compiled filters' masks, so both are one compiled signature
 _NO_MASK = np.zeros(0, dtype=np.bool_)
 _NO_MASK.flags.writeable = False
-#: no labels scored beside the search (:meth:`Searcher.search_scoring`): empty pointers
-_NO_EXTRA = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
+#: no labels scored beside the search (:meth:`Searcher.search_scoring`): empty pointers,
+#: and no fusion bound (empty, as its votes)
+_NO_EXTRA = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0),
+             np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
+
+
+@dataclass(frozen=True)
+class FusionBound:
+    """How a caller of :meth:`Searcher.search_scoring` fuses the scores: a label's final
+    score is at most ``tree_weight * ensemble score + vote_weight * vote + rest`` (``rest``
+    bounds every other part, each at least 0), divided by a constant, and only the best
+    ``top_k`` count. ``votes``: CSR (pointers, label ids ascending, votes) over the rows."""
+
+    tree_weight: float
+    vote_weight: float
+    rest: float
+    votes: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    def kernel_args(self) -> tuple[np.ndarray, ...]:
+        v_ptr, v_ids, v_data = self.votes
+        return (np.array([self.tree_weight, self.vote_weight, self.rest], dtype=np.float64),
+                np.asarray(v_ptr, dtype=np.int64), np.asarray(v_ids, dtype=np.int64),
+                np.asarray(v_data, dtype=np.float64))
 
 
 class Searcher:
@@ -611,7 +779,7 @@ class Searcher:
 
     def _search(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, top_k: int,
                 beam_size: int, node_mask: np.ndarray | None,
-                extra: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Found:
+                extra: tuple[np.ndarray, ...]) -> Found:
         if node_mask is None:
             node_mask = _NO_MASK
         elif node_mask.shape != (self._n_nodes,) or node_mask.dtype != np.bool_:
@@ -631,18 +799,24 @@ class Searcher:
     def search_scoring(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
                        top_k: int, beam_size: int, node_mask: np.ndarray | None,
                        extra_ptr: np.ndarray, extra_label: np.ndarray,
-                       ) -> tuple[Found, np.ndarray]:
+                       bound: FusionBound | None = None) -> tuple[Found, np.ndarray]:
         """:meth:`search`, and in the same pass the exact ensemble score (as
         :meth:`label_scores` gives it) of each label ``extra_label[c]`` of row d, c in
         ``extra_ptr[d]..extra_ptr[d + 1]``: a label in a cluster the beam opened costs
-        next to nothing, where :meth:`label_scores` would score its path anew."""
+        next to nothing, where :meth:`label_scores` would score its path anew. With
+        ``bound``, a label that cannot enter its row's top ``top_k`` under that fusion, the
+        ensemble's labels found here among them, scores 0 (and costs less: an upper bound
+        of its score told so)."""
         extra_label = self._label_ids(extra_label)
         extra_ptr = np.asarray(extra_ptr, dtype=np.int64)
         if extra_ptr.shape != (indptr.shape[0],) or extra_ptr[-1] != extra_label.shape[0]:
             raise InvalidInputError("extra_ptr must hold one pointer per row and one more")
         extra_score = np.zeros(extra_label.shape[0], dtype=np.float64)
+        fusion = _NO_EXTRA[3:] if bound is None else bound.kernel_args()
+        if fusion[1].shape != extra_ptr.shape and bound is not None:
+            raise InvalidInputError("the bound's votes must hold one pointer per row and one more")
         found = self._search(indptr, indices, data, top_k, beam_size, node_mask,
-                             (extra_ptr, extra_label, extra_score))
+                             (extra_ptr, extra_label, extra_score, *fusion))
         return found, extra_score
 
     def label_scores(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
@@ -718,8 +892,7 @@ class Searcher:
 
     def _run(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, start: int,
              stop: int, top_k: int, beam_size: int, node_mask: np.ndarray, labels: np.ndarray,
-             scores: np.ndarray, counts: np.ndarray,
-             extra: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+             scores: np.ndarray, counts: np.ndarray, extra: tuple[np.ndarray, ...]) -> None:
         args = (indptr, indices, data, start, stop, self._xdense(), *self._arrays, node_mask,
                 beam_size, top_k, self.post, self.max_children, self._block(beam_size), labels,
                 scores, counts, *extra)

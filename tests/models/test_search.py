@@ -221,6 +221,44 @@ def test_labels_scored_in_the_search_are_the_exhaustive_scores(tiny_predictor, t
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize(("beam_size", "weight"), [(1, 0.0), (1, 0.1), (2, 0.5)])
+def test_labels_a_fusion_bound_leaves_out_could_not_enter_the_top_k(
+        tiny_predictor, tiny_corpus, beam_size, weight):
+    """With a fusion bound, each label scored beside the search gets its exhaustive score,
+    or 0 when even that score, fused with its vote and the most the rest may add, stays
+    below the fused score of every label the search returned: it could not have entered the
+    top 5 of any pool holding those. Narrow beams leave some out."""
+    _, test = tiny_corpus
+    X = tiny_predictor.encode(test.texts)
+    ref = reference_scores(tiny_predictor, X)
+    wanted, ptr, ids = some_labels(tiny_predictor, X.shape[0], 7, seed=2)
+    rng = np.random.default_rng(3)
+    voted = [np.sort(w) for w in wanted]
+    vote_values = [rng.random(len(w)) for w in wanted]
+    vote_of = [dict(zip(v.tolist(), x.tolist())) for v, x in zip(voted, vote_values)]
+    rest = 0.05
+    bound = models.search.FusionBound(1.0 - weight, weight, rest,
+                                      (ptr, np.concatenate(voted), np.concatenate(vote_values)))
+    with fresh_searcher(tiny_predictor, 1) as searcher:
+        rows = (X.indptr, X.indices, X.data)
+        (top, top_scores, counts), got = searcher.search_scoring(*rows, 5, beam_size, None,
+                                                                 ptr, ids, bound)
+    n_left_out = 0
+    for d, labels in enumerate(wanted):
+        floor = -np.inf
+        if counts[d] == 5:
+            floor = min((1.0 - weight) * top_scores[d, j] + weight * vote_of[d].get(top[d, j], 0.0)
+                        for j in range(5))
+        for c, label in zip(range(ptr[d], ptr[d + 1]), labels.tolist()):
+            exact = ref[d, label]
+            if got[c] == 0.0 and exact > 0.0:
+                n_left_out += 1
+                assert (1.0 - weight) * exact + weight * vote_of[d][label] + rest < floor
+            else:
+                assert got[c] == pytest.approx(exact, abs=1e-6)
+    assert n_left_out > 0
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_label_scores_are_the_exhaustive_scores(tiny_predictor, tiny_corpus, threads):
     """Any labels of each row, scored exactly: a batch of more than 64 rows, on one thread
