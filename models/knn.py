@@ -426,12 +426,14 @@ def _rank_pool(ptr: np.ndarray, ids: np.ndarray, tree: np.ndarray, votes: np.nda
 @numba.njit(nogil=True, cache=True)
 def _merge_pool(ids: np.ndarray, scores: np.ndarray, counts: np.ndarray, v_ptr: np.ndarray,
                 v_ids: np.ndarray, v_data: np.ndarray, allowed: np.ndarray, max_voted: int,
+                s_ptr: np.ndarray, s_ids: np.ndarray, s_scores: np.ndarray,
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per row, the union of its first ``counts`` tree labels and its voted labels that
     ``allowed`` lets through (an empty ``allowed``: all), of those the trees did not return
     the ``max_voted`` of most votes (ties: the smaller id; 0: all), ascending: pointers,
-    ids, the trees' score (0 where the trees did not return the label), the vote (0: none)
-    and whether the trees returned it."""
+    ids, the trees' score, the vote (0: none) and whether that score is known: the trees
+    returned the label, or it is among the row's scored labels (``s_*``: CSR, ids
+    ascending; empty pointers: none); else its score is 0 here."""
     n = ids.shape[0]
     ptr = np.zeros(n + 1, dtype=np.int64)
     size = 0
@@ -472,6 +474,11 @@ def _merge_pool(ids: np.ndarray, scores: np.ndarray, counts: np.ndarray, v_ptr: 
                     j += 1
                     continue
                 lab, tree, got, vote_of = v_ids[j], 0.0, False, v_data[j]
+                if s_ptr.shape[0]:
+                    s_a, s_b = s_ptr[d], s_ptr[d + 1]
+                    at = s_a + np.searchsorted(s_ids[s_a:s_b], lab)
+                    if at < s_b and s_ids[at] == lab:
+                        tree, got = s_scores[at], True
                 j += 1
             else:  # both
                 lab, tree, got, vote_of = v_ids[j], scores[d, order[i]], True, v_data[j]
@@ -485,22 +492,29 @@ def _merge_pool(ids: np.ndarray, scores: np.ndarray, counts: np.ndarray, v_ptr: 
             out_found[:filled])
 
 
+#: no labels scored before the pool is made (:func:`candidate_pool`): empty pointers
+_NONE_SCORED = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
+
+
 def candidate_pool(tree: Found, votes: Rows, tree_scores_of: CandidateScores,
                    centroid_scores_of: CandidateScores | None = None,
-                   allowed: np.ndarray | None = None, max_voted: int = 0) -> Pool:
+                   allowed: np.ndarray | None = None, max_voted: int = 0,
+                   scored: Rows | None = None) -> Pool:
     """The pool of each row: the trees' labels (``tree``: ids, scores, counts as the search
     returns them) and the labels with a vote that ``allowed`` (bool per label; None: all)
     lets through, of those the trees did not return the ``max_voted`` of most votes (0:
     all): each costs the trees' exact score of it, most of a request's kNN time.
-    ``tree_scores_of(ptr, ids)`` gives the trees' exact scores of the voted labels the
-    trees did not return, ``centroid_scores_of(ptr, ids)`` the centroid scores of the whole
+    ``scored`` (CSR per row: pointers, ids ascending, scores) holds such scores computed
+    already; ``tree_scores_of(ptr, ids)`` gives those of the other voted labels the trees
+    did not return, ``centroid_scores_of(ptr, ids)`` the centroid scores of the whole
     pool (None: zeros), both CSR per row."""
     ids, scores, counts = tree
     n = ids.shape[0]
     ptr, pool_ids, tree_score, pool_votes, found = _merge_pool(
         np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float64),
         np.asarray(counts, dtype=np.int64), *votes,
-        np.zeros(0, dtype=np.bool_) if allowed is None else allowed, max_voted)
+        np.zeros(0, dtype=np.bool_) if allowed is None else allowed, max_voted,
+        *(_NONE_SCORED if scored is None else scored))
     extra = ~found
     if extra.any():
         row = np.repeat(np.arange(n), np.diff(ptr))[extra]
@@ -532,34 +546,6 @@ def most_voted(v_ptr: np.ndarray, v_ids: np.ndarray, v_data: np.ndarray, allowed
         out[start:filled] = np.sort(out[start:filled])
         ptr[d + 1] = filled
     return ptr, out[:ptr[n]]
-
-
-@numba.njit(nogil=True, cache=True)
-def _scores_among(ptr: np.ndarray, ids: np.ndarray, s_ptr: np.ndarray, s_ids: np.ndarray,
-                  s_scores: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``out[c]``: the score of label ``ids[c]`` of row d (c in ``ptr[d]..ptr[d + 1]``)
-    among the row's scored labels (``s_ptr``, ids ascending, ``s_scores``); returns which
-    were there."""
-    there = np.zeros(ids.shape[0], dtype=np.bool_)
-    for d in range(ptr.shape[0] - 1):
-        a, b = s_ptr[d], s_ptr[d + 1]
-        for c in range(ptr[d], ptr[d + 1]):
-            i = a + np.searchsorted(s_ids[a:b], ids[c])
-            if i < b and s_ids[i] == ids[c]:
-                out[c], there[c] = s_scores[i], True
-    return there
-
-
-def scores_among(scored: tuple[np.ndarray, np.ndarray, np.ndarray], exact: CandidateScores,
-                 ptr: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """A :data:`CandidateScores` of the labels already ``scored`` per row (pointers, ids
-    ascending, scores), ``exact`` giving those it lacks."""
-    out = np.zeros(ids.shape[0])
-    there = _scores_among(ptr, ids, *scored, out)
-    if not there.all():
-        row = np.repeat(np.arange(ptr.shape[0] - 1), np.diff(ptr))[~there]
-        out[~there] = exact(row_pointers(row, ptr.shape[0] - 1), ids[~there])
-    return out
 
 
 #: the labels a search without a filter allows: all (an empty mask)
@@ -751,9 +737,8 @@ class KnnMatcher:
                             self.rule.centroid_weight * (1.0 + 1e-6), votes)
         found, voted_scores = searcher.search_scoring(*rows, top_k, beam_size, node_mask,
                                                       voted_ptr, voted_ids, bound)
-        return self._ranked(found, votes, partial(
-            scores_among, (voted_ptr, voted_ids, voted_scores),
-            partial(searcher.label_scores, *rows)), queries, labels_ok, top_k)
+        return self._ranked(found, votes, partial(searcher.label_scores, *rows), queries,
+                            labels_ok, top_k, (voted_ptr, voted_ids, voted_scores))
 
     def fuse(self, searcher: Searcher, found: Found, rows: Rows, top_k: int, *,
              dense_start: int, threads: int = 1) -> Found:
@@ -766,9 +751,10 @@ class KnnMatcher:
                             partial(searcher.label_scores, *rows), queries, None, top_k)
 
     def _ranked(self, found: Found, votes: Rows, tree_scores_of: CandidateScores,
-                queries: Any, allowed: np.ndarray | None, top_k: int) -> Found:
+                queries: Any, allowed: np.ndarray | None, top_k: int,
+                scored: Rows | None = None) -> Found:
         pool = candidate_pool(found, votes, tree_scores_of, self.centroid_scores_of(queries),
-                              allowed, self.rule.max_voted)
+                              allowed, self.rule.max_voted, scored)
         return pool.rank(self.rule.weight, self.rule.centroid_weight, top_k)
 
     def centroid_scores_of(self, queries: np.ndarray) -> CandidateScores | None:

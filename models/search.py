@@ -315,7 +315,7 @@ def _memo_keep(memo: OffBeamMemo, p: int, z: np.ndarray, nc: int, bias: np.ndarr
 
 
 #: the most log scores one document's memo holds (a bound for very wide trees)
-_MEMO_SCORES = 1 << 16
+_MEMO_SCORES = 1 << 13
 
 
 @numba.njit(nogil=True, cache=True)

@@ -23,9 +23,9 @@ from models.knn import (
     NoKnn,
     Pool,
     VoteRule,
+    candidate_pool,
     label_centroids,
     most_voted,
-    scores_among,
 )
 from tests.conftest import corpus_from_docs, tiny_params
 from tests.models.reference import (
@@ -521,14 +521,22 @@ def test_the_labels_scored_in_the_search_are_those_of_most_votes(n_keep, filtere
         assert ids[ptr[d]:ptr[d + 1]].tolist() == want
 
 
-def test_scores_among_asks_only_for_the_labels_not_scored():
-    scored = (np.array([0, 2, 2]), np.array([3, 7]), np.array([0.3, 0.7]))
+def test_the_pool_asks_only_for_the_scores_not_given():
+    """A voted label joining the pool takes its trees' score from ``scored`` when that
+    holds it; only the others are asked for."""
+    tree = (np.array([[1, -1], [4, 2]]), np.array([[0.9, 0.0], [0.8, 0.6]]), np.array([1, 2]))
+    votes = (np.array([0, 2, 4]), np.array([3, 5, 2, 7], dtype=np.int32),
+             np.array([0.5, 0.5, 0.4, 0.6]))
+    scored = (np.array([0, 1, 1]), np.array([3]), np.array([0.3]))
     asked = []
 
     def exact(ptr: np.ndarray, ids: np.ndarray) -> np.ndarray:
         asked.append((ptr.tolist(), ids.tolist()))
         return ids / 100.0
 
-    got = scores_among(scored, exact, np.array([0, 2, 3]), np.array([3, 5, 7]))
-    np.testing.assert_allclose(got, [0.3, 0.05, 0.07])
+    pool = candidate_pool(tree, votes, exact, scored=scored)
+    assert pool.ptr.tolist() == [0, 3, 6]
+    assert pool.ids.tolist() == [1, 3, 5, 2, 4, 7]
+    np.testing.assert_allclose(pool.tree, [0.9, 0.3, 0.05, 0.6, 0.8, 0.07])
+    np.testing.assert_allclose(pool.votes, [0.0, 0.5, 0.5, 0.4, 0.0, 0.6])
     assert asked == [([0, 1, 2], [5, 7])]
