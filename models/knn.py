@@ -188,25 +188,41 @@ def vote(keys: np.ndarray, sims: np.ndarray, label_ptr: np.ndarray, label_ids: n
 @numba.njit(nogil=True, cache=True)
 def _nearest_by_postings(q_ptr: np.ndarray, q_idx: np.ndarray, q_val: np.ndarray,
                          p_ptr: np.ndarray, p_doc: np.ndarray, p_val: np.ndarray,
-                         acc: np.ndarray, seen: np.ndarray, touched: np.ndarray,
-                         first: int, last: int, keys: np.ndarray, sims: np.ndarray) -> None:
+                         positive: bool, acc: np.ndarray, seen: np.ndarray,
+                         touched: np.ndarray, first: int, last: int, keys: np.ndarray,
+                         sims: np.ndarray) -> None:
     """keys / sims rows ``first..last - 1``: the ``k`` (their width) indexed documents of
     largest cosine with query row d (any norm), best first, ties to the smaller document;
     a document sharing no feature with the query is none (its key stays -1). The postings
-    hold the unit rows of the indexed documents, feature by feature. ``acc`` (float64),
-    ``seen`` (bool) and ``touched`` (int64), one per indexed document, are the caller's
-    scratch: all zero / False on entry, and left so."""
+    hold the unit rows of the indexed documents, feature by feature; ``positive``: all
+    their values are above 0. ``acc`` (float64), ``seen`` (bool) and ``touched`` (int64),
+    one per indexed document, are the caller's scratch: all zero / False on entry, and
+    left so."""
     k = keys.shape[1]
     for d in range(first, last):
         a, b = q_ptr[d], q_ptr[d + 1]
         norm = 0.0
+        all_positive = positive
         for i in range(a, b):
             norm += float(q_val[i]) * float(q_val[i])
+            all_positive &= q_val[i] > 0
         if norm == 0:
             continue
         n_touched = 0
         for i in range(a, b):
             f, v = q_idx[i], float(q_val[i])
+            if all_positive:
+                # every product is above 0 (float32 factors: a float64 product never
+                # underflows), so an accumulator at 0 is a document not touched yet: one
+                # random access a posting instead of two (TF-IDF rows are all positive)
+                for j in range(p_ptr[f], p_ptr[f + 1]):
+                    doc = p_doc[j]
+                    before = acc[doc]
+                    if before == 0.0:
+                        touched[n_touched] = doc
+                        n_touched += 1
+                    acc[doc] = before + v * float(p_val[j])
+                continue
             for j in range(p_ptr[f], p_ptr[f + 1]):
                 doc = p_doc[j]
                 if not seen[doc]:
@@ -222,7 +238,8 @@ def _nearest_by_postings(q_ptr: np.ndarray, q_idx: np.ndarray, q_val: np.ndarray
             doc = touched[t]
             s = acc[doc]
             acc[doc] = 0.0
-            seen[doc] = False
+            if not all_positive:
+                seen[doc] = False
             if filled < k:
                 best_doc[filled], best_sim[filled] = doc, s
                 filled += 1
@@ -260,6 +277,8 @@ class PostingsIndex:
                  n_docs: int) -> None:
         self.ptr, self.docs, self.values = np.asarray(ptr), np.asarray(docs), np.asarray(values)
         self.n_docs = n_docs
+        # NaN compares False: such an index takes the general path
+        self.positive = bool(self.values.size == 0 or self.values.min() > 0)
         self.n_features = ptr.shape[0] - 1
         self._scratch = threading.local()
 
@@ -306,7 +325,8 @@ class PostingsIndex:
 
         def run(first: int, last: int) -> None:  # rows first..last - 1, on this thread
             _nearest_by_postings(ptr, idx, val, self.ptr, self.docs, self.values,
-                                 *self._accumulators(), first, last, keys, sims)
+                                 self.positive, *self._accumulators(), first, last, keys,
+                                 sims)
 
         bounds = np.linspace(0, n, min(max(threads, 1), max(n, 1)) + 1).astype(np.int64)
         if bounds.shape[0] <= 2:

@@ -99,6 +99,30 @@ def test_postings_find_the_nearest_with_their_cosine(threads):
         assert (keys[q, len(got):] == -1).all() and (sims[q, len(got):] == 0).all()
 
 
+@pytest.mark.parametrize("negative", ["index", "query"])
+def test_postings_with_values_below_zero_find_the_nearest(negative):
+    """Rows of any sign (given features may have them): a document is found once, with
+    its cosine, whether the index (then every query) or only the query has such values."""
+    X, Q = random_rows(6, 300), random_rows(7, 30)
+    (X if negative == "index" else Q).data[::3] *= -1.0
+    index = PostingsIndex.build(X)
+    assert index.positive == (negative == "query")
+    keys, sims = index.neighbours((Q.indptr, Q.indices, Q.data), 7)
+    train, queries = X.toarray().astype(np.float64), Q.toarray().astype(np.float64)
+    for q in range(Q.shape[0]):
+        want = oracle_nearest(train, queries[q], 7)
+        got = [int(key) for key in keys[q] if key >= 0]
+        assert got == [i for i, _ in want]
+        np.testing.assert_allclose(sims[q, : len(got)], [c for _, c in want], atol=1e-5)
+
+
+def test_a_document_whose_partial_sum_cancels_to_zero_is_found_once():
+    X = sp.csr_matrix(np.array([[0.5, 0.5, 0.25, 0.0], [0.0, 0.0, 0.0, 1.0]], np.float32))
+    Q = sp.csr_matrix(np.array([[1.0, -1.0, 1.0, 0.5]], np.float32))
+    keys, _ = PostingsIndex.build(X).neighbours((Q.indptr, Q.indices, Q.data), 3)
+    assert keys[0].tolist() == [1, 0, -1]
+
+
 def test_a_query_without_features_has_no_neighbours_and_a_foreign_feature_is_refused():
     X = random_rows(3, 50)
     index = PostingsIndex.build(X)
