@@ -940,7 +940,7 @@ def _dense_encoder(params: BuildParams, folder: Path, train: Corpus, stages: Sta
 
         static = distill_minilm_static(folder / "_export")
         return StaticTextEncoder(np.load(static["embeddings_path"], allow_pickle=False),
-                                 static["tokenizer_path"])
+                                 static["tokenizer_path"], max_length=params.static_max_length)
     if spec == "minilm" and params.fine_tune_epochs > 0:
         from models.finetune import fine_tune_minilm
 

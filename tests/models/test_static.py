@@ -95,10 +95,12 @@ def test_a_build_with_minilm_static_fuses_it_and_serves_it(static, tmp_path, tin
     monkeypatch.setattr("models.export.distill_minilm_static", fake_distill)
     train, test = tiny_corpus
     out = build(train, tmp_path / "b", tiny_params(n_trees=1, dense_encoder="minilm-static",
-                                                   dense_weight=1.0))
+                                                   dense_weight=1.0, static_max_length=3))
     p = models.load_bundle(out)
     kinds = [e["kind"] for e in p.manifest["encoders"]]
     assert kinds == ["tfidf", "static"]
+    # the documents' first 3 tokens, as built and as served
+    assert p.manifest["encoders"][1]["max_length"] == 3 and p.encoder.dense.max_length == 3
     assert p.n_features == p.encoder.n_tfidf + 6
     ranked = p.predict(test.texts[:3], top_k=3)
     assert all(len(r) == 3 for r in ranked)
