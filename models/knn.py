@@ -185,6 +185,11 @@ def vote(keys: np.ndarray, sims: np.ndarray, label_ptr: np.ndarray, label_ids: n
                  np.asarray(label_ids), float(power))
 
 
+#: a query value at least this, times a positive float32 value (1.4e-45 or more), gives a
+#: float64 product above 0
+_LEAST_QUERY_VALUE = 1e-250
+
+
 @numba.njit(nogil=True, cache=True)
 def _nearest_by_postings(q_ptr: np.ndarray, q_idx: np.ndarray, q_val: np.ndarray,
                          p_ptr: np.ndarray, p_doc: np.ndarray, p_val: np.ndarray,
@@ -205,16 +210,17 @@ def _nearest_by_postings(q_ptr: np.ndarray, q_idx: np.ndarray, q_val: np.ndarray
         all_positive = positive
         for i in range(a, b):
             norm += float(q_val[i]) * float(q_val[i])
-            all_positive &= q_val[i] > 0
+            all_positive &= q_val[i] >= _LEAST_QUERY_VALUE
         if norm == 0:
             continue
         n_touched = 0
         for i in range(a, b):
             f, v = q_idx[i], float(q_val[i])
             if all_positive:
-                # every product is above 0 (float32 factors: a float64 product never
-                # underflows), so an accumulator at 0 is a document not touched yet: one
-                # random access a posting instead of two (TF-IDF rows are all positive)
+                # every product is above 0 (the postings' float32 values times at least
+                # _LEAST_QUERY_VALUE: no float64 underflow), so an accumulator at 0 is a
+                # document not touched yet: one random access a posting instead of two
+                # (TF-IDF rows are all positive)
                 for j in range(p_ptr[f], p_ptr[f + 1]):
                     doc = p_doc[j]
                     before = acc[doc]
