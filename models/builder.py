@@ -386,9 +386,11 @@ def choose_knn(train: Corpus, dense: tuple[np.ndarray, float] | None, params: Bu
             candidates += [{"index": PostingsIndex.kind, **c} for c in found]
         trees_alone = {"index": "", "k": 0, "power": 0.0, "weight": 0.0,
                        "centroid_weight": 0.0, **halves.score(trees)}
-        alone = trees_alone if (0 in params.knn_weight_grid and 0 in
-                                params.knn_centroid_weight_grid) or not candidates else None
-        candidates += [trees_alone] if alone else []
+        alone = None
+        if ((0 in params.knn_weight_grid and 0 in params.knn_centroid_weight_grid)
+                or not candidates):
+            alone = trees_alone
+            candidates.append(alone)
 
         @_once_per_candidate
         def fused_of(candidate: dict[str, Any]) -> Found:
@@ -640,8 +642,10 @@ def _choose_feature_knn(searcher: Searcher, rows: Rows, found: Found,
                  "threshold (%s), so none", params.feature_knn_max_postings,
                  record["thresholds"])
         return found, (None, 0.0, {**record, "chosen": None})
-    alone = trees_alone if 0 in params.knn_weight_grid else None
-    candidates += [trees_alone] if alone else []
+    alone = None
+    if 0 in params.knn_weight_grid:
+        alone = trees_alone
+        candidates.append(alone)
 
     @_once_per_candidate
     def fused_of(candidate: dict[str, Any]) -> Found:

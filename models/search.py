@@ -813,7 +813,7 @@ class Searcher:
             raise InvalidInputError("extra_ptr must hold one pointer per row and one more")
         extra_score = np.zeros(extra_label.shape[0], dtype=np.float64)
         fusion = _NO_EXTRA[3:] if bound is None else bound.kernel_args()
-        if fusion[1].shape != extra_ptr.shape and bound is not None:
+        if bound is not None and fusion[1].shape != extra_ptr.shape:
             raise InvalidInputError("the bound's votes must hold one pointer per row and one more")
         found = self._search(indptr, indices, data, top_k, beam_size, node_mask,
                              (extra_ptr, extra_label, extra_score, *fusion))
